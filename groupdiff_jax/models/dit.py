@@ -1,0 +1,234 @@
+"""DiT / SiT backbone (one architecture) with GroupDiff's group attention.
+
+Exactly the official DiT architecture: patchify conv, fixed 2-D sin-cos
+position embedding, 256-frequency timestep MLP, label table with a null
+class, adaLN-Zero blocks (zero-initialised modulation and final layer),
+optional learned sigma. GroupDiff adds two things: attention over the group
+(models/group_attention.py) and the sample embedding
+(models/embeddings.py). SiT is the same network trained with a different
+objective (transport.py), so `SiT-XL/2` and `DiT-XL/2` name the same shape.
+
+Layout is NHWC: images/latents are `[B, H, W, C]` with B = G*N, the N
+members of each group contiguous.
+
+Parameter tree -> official state-dict keys (the importer maps them 1:1):
+  x_embedder/proj                 x_embedder.proj
+  t_embedder/mlp_0, mlp_2         t_embedder.mlp.0, .2
+  y_embedder/embedding_table      y_embedder.embedding_table
+  sample_embedder/embedding_table sample_embedder.embedding_table
+  blocks_{i}/attn/qkv, attn/proj  blocks.{i}.attn.qkv, .proj
+  blocks_{i}/mlp/fc1, mlp/fc2     blocks.{i}.mlp.fc1, .fc2
+  blocks_{i}/adaLN_modulation_1   blocks.{i}.adaLN_modulation.1
+  final_layer/linear, adaLN_modulation_1
+`pos_embed` is a fixed constant here, not a parameter.
+"""
+
+import dataclasses
+import re
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from groupdiff_jax.models import embeddings
+from groupdiff_jax.models.group_attention import GroupAttention
+
+# Official DiT sizes: name -> (depth, hidden_size, num_heads).
+MODEL_SIZES = {
+    'S': (12, 384, 6),
+    'B': (12, 768, 12),
+    'L': (24, 1024, 16),
+    'XL': (28, 1152, 16),
+}
+PATCH_SIZES = (2, 4, 8)
+
+
+def parse_variant(name):
+  """'SiT-XL/2' or 'DiT-B/4' -> dict(depth, hidden_size, num_heads, patch_size)."""
+  match = re.fullmatch(r'(?:DiT|SiT)-(S|B|L|XL)/(\d+)', name)
+  if not match or int(match.group(2)) not in PATCH_SIZES:
+    raise ValueError(f'Unknown model variant {name!r}: expected "SiT-<S|B|L|XL>/<2|4|8>" '
+                     '(or DiT-...), e.g. "SiT-XL/2".')
+  depth, hidden_size, num_heads = MODEL_SIZES[match.group(1)]
+  return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(match.group(2)))
+
+
+def modulate(x, shift, scale):
+  """adaLN: x [B, L, C], shift/scale [B, C]."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _layer_norm():
+  # No affine parameters (adaLN supplies them); computed in float32 so that
+  # bf16 activations do not lose the statistics.
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32)
+
+
+def _xavier_dense(features, name, dtype, zero=False):
+  init = nn.initializers.zeros if zero else nn.initializers.xavier_uniform()
+  return nn.Dense(features, kernel_init=init, dtype=dtype, name=name)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches -> tokens, a strided conv as in timm."""
+  hidden_size: int
+  patch_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [B, H, W, C_in] -> [B, (H/p)*(W/p), hidden_size], row-major."""
+    p = self.patch_size
+    # Initialised like a Linear on the flattened patch, as the official code.
+    init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=-1)
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', kernel_init=init,
+                dtype=self.dtype, name='proj')(x)
+    return x.reshape(x.shape[0], -1, self.hidden_size)
+
+
+class Mlp(nn.Module):
+  """fc1 -> GELU(tanh) -> fc2, per token."""
+  hidden_features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.gelu(_xavier_dense(self.hidden_features, 'fc1', self.dtype)(x), approximate=True)
+    return _xavier_dense(width, 'fc2', self.dtype)(x)
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero transformer block whose attention spans the group."""
+
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  attention_impl: str = 'xla'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c, group_size):
+    """x: [G*N, L, C] tokens, c: [G*N, C] conditioning -> [G*N, L, C]."""
+    modulation = _xavier_dense(6 * self.hidden_size, 'adaLN_modulation_1', self.dtype, zero=True)(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
+    h = modulate(_layer_norm()(x), shift_msa, scale_msa).astype(self.dtype)
+    h = GroupAttention(self.num_heads, self.attention_impl, self.dtype, name='attn')(h, group_size)
+    x = x + gate_msa[:, None] * h
+    h = modulate(_layer_norm()(x), shift_mlp, scale_mlp).astype(self.dtype)
+    h = Mlp(int(self.hidden_size * self.mlp_ratio), self.dtype, name='mlp')(h)
+    return x + gate_mlp[:, None] * h
+
+
+class FinalLayer(nn.Module):
+  patch_size: int
+  out_channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    """x: [B, L, C], c: [B, C] -> [B, L, p*p*out_channels]."""
+    modulation = _xavier_dense(2 * x.shape[-1], 'adaLN_modulation_1', self.dtype, zero=True)(nn.silu(c))
+    shift, scale = jnp.split(modulation, 2, axis=-1)
+    x = modulate(_layer_norm()(x), shift, scale).astype(self.dtype)
+    return _xavier_dense(self.patch_size**2 * self.out_channels, 'linear', self.dtype, zero=True)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupAttentionSwitch:
+  """Which blocks attend across the group: blocks [start, stop) (None = all)."""
+  start: int = 0
+  stop: Optional[int] = None
+
+  def __contains__(self, layer):
+    return layer >= self.start and (self.stop is None or layer < self.stop)
+
+
+class DiT(nn.Module):
+  """DiT/SiT denoiser with group attention and a sample embedding.
+
+  Attributes:
+    input_size: latent height = width (32 for 256px SD-VAE latents).
+    in_channels: latent channels (4).
+    patch_size, hidden_size, depth, num_heads, mlp_ratio: the architecture.
+    num_classes: class count; label `num_classes` is the null class.
+    learn_sigma: output 2*in_channels (epsilon and variance values).
+    max_group_size: rows of the sample embedding table; 0 removes it.
+    group_layers: (start, stop) block range with group attention; None = all.
+    attention_impl: key of group_attention.ATTENTION_IMPLEMENTATIONS.
+    dtype: compute dtype (parameters stay float32).
+  """
+
+  input_size: int = 32
+  in_channels: int = 4
+  patch_size: int = 2
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  learn_sigma: bool = True
+  max_group_size: int = 4
+  group_layers: Optional[Tuple[int, Optional[int]]] = None
+  attention_impl: str = 'xla'
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def out_channels(self):
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  @nn.compact
+  def __call__(self, x, t, y, sample_ids=None, *, group_size=1, group_attention=True):
+    """Predict the model output for every member of every group.
+
+    Args:
+      x: [G*N, H, W, in_channels] noisy inputs, members of a group contiguous.
+      t: [G*N] timesteps (each member may have its own).
+      y: [G*N] int labels, `num_classes` for the null class.
+      sample_ids: [G*N] int member ids in [0, max_group_size); required when
+        max_group_size > 0, ignored otherwise.
+      group_size: N, static. 1 gives the baseline DiT/SiT.
+      group_attention: static switch; False attends per image in every block
+        (a sampler turns it off for part of the trajectory).
+
+    Returns:
+      [G*N, H, W, out_channels].
+    """
+    batch, height, width, _ = x.shape
+    p = self.patch_size
+    if height != self.input_size or width != self.input_size:
+      raise ValueError(f'Input is {height}x{width}, model.input_size is {self.input_size}.')
+    tokens = PatchEmbed(self.hidden_size, p, self.dtype, name='x_embedder')(x)  # [B, L, C]
+    grid = self.input_size // p
+    tokens = tokens + embeddings.sincos_2d_position_embedding(self.hidden_size, grid)[None]
+
+    c = embeddings.TimestepEmbedder(self.hidden_size, dtype=self.dtype, name='t_embedder')(t)
+    c = c + embeddings.LabelEmbedder(self.num_classes, self.hidden_size, self.dtype, name='y_embedder')(y)
+    if self.max_group_size > 0:
+      if sample_ids is None:
+        raise ValueError('model.max_group_size > 0 needs sample_ids (see embeddings.draw_sample_ids).')
+      c = c + embeddings.SampleEmbedder(self.max_group_size, self.hidden_size, self.dtype,
+                                        name='sample_embedder')(sample_ids)  # [B, C]
+
+    switch = GroupAttentionSwitch(*(self.group_layers or (0, None)))
+    for layer in range(self.depth):
+      block_group_size = group_size if (group_attention and layer in switch) else 1
+      tokens = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.attention_impl, self.dtype,
+                        name=f'blocks_{layer}')(tokens, c, block_group_size)
+    out = FinalLayer(p, self.out_channels, self.dtype, name='final_layer')(tokens, c)  # [B, L, p*p*out]
+    out = out.reshape(batch, grid, grid, p, p, self.out_channels)
+    out = out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * p, grid * p, self.out_channels)
+    return out.astype(jnp.float32)
+
+
+def model_from_config(config):
+  """Build a DiT from the `model` section of a config (ml_collections)."""
+  arch = parse_variant(config.variant)
+  overrides = {k: config[k] for k in ('depth', 'hidden_size', 'num_heads') if config.get(k)}
+  arch.update(overrides)
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.get('dtype', 'float32')]
+  group_layers = tuple(config.group_layers) if config.get('group_layers') else None
+  return DiT(input_size=config.input_size, in_channels=config.in_channels, num_classes=config.num_classes,
+             learn_sigma=config.learn_sigma, max_group_size=config.max_group_size, group_layers=group_layers,
+             attention_impl=config.get('attention_impl', 'xla'), mlp_ratio=config.get('mlp_ratio', 4.0),
+             dtype=dtype, **arch)

@@ -1,0 +1,96 @@
+"""Which kind of batch each training step holds (GroupDiff-l / -f).
+
+Official GroupDiff-l: every step is either a *singles* step (group size 1,
+labels kept) or an *unconditional group* step (B/N groups of N, every label
+the null class), with the same number of images either way; about
+`group_ratio` of the images go to group steps, which are the CFG dropout.
+GroupDiff-f (paper): the conditional images are grouped too. Mixed steps
+(our option) hold both kinds in every step as two sub-batches.
+
+Each kind is a tuple of `SubBatch`es: hashable, so the jitted train step
+takes it as a static argument and compiles once per kind. The plan is a
+pure function of (seed, step): every host computes the same kind without
+communicating, and a resumed run sees the kinds an uninterrupted run would.
+"""
+
+import dataclasses
+
+import numpy as np
+
+SINGLES = 'singles'
+GROUPS = 'groups'
+MIXED = 'mixed'
+
+
+@dataclasses.dataclass(frozen=True)
+class SubBatch:
+  """A part of a step's batch with one static shape.
+
+  num_images: images in this part (a multiple of group_size).
+  group_size: N members per group; 1 for singles.
+  conditional: labels kept; False replaces every label by the null class.
+  """
+  num_images: int
+  group_size: int
+  conditional: bool
+
+  @property
+  def num_groups(self):
+    return self.num_images // self.group_size
+
+
+def step_kinds(batch_size, group_size, group_ratio, mode='groupdiff_l', mixed_steps=False):
+  """The step kinds of a run: name -> tuple of SubBatch.
+
+  Args:
+    batch_size: images per step (global).
+    group_size: N of the unconditional groups (and of conditional groups in
+      GroupDiff-f).
+    group_ratio: fraction of the images that are in unconditional groups.
+    mode: 'groupdiff_l' (conditional singles) or 'groupdiff_f' (conditional
+      groups of N as well).
+    mixed_steps: hold both parts in every step instead of alternating.
+  """
+  if mode not in ('groupdiff_l', 'groupdiff_f'):
+    raise ValueError(f"Unknown train.mode={mode!r}; use 'groupdiff_l' or 'groupdiff_f'.")
+  if not 0.0 <= group_ratio <= 1.0:
+    raise ValueError(f'train.group_ratio={group_ratio} must be in [0, 1].')
+  if group_ratio > 0 and batch_size % group_size:
+    raise ValueError(f'train.batch_size={batch_size} is not divisible by train.group_size={group_size}.')
+  cond_group_size = group_size if mode == 'groupdiff_f' else 1
+  if cond_group_size > 1 and batch_size % cond_group_size:
+    raise ValueError(f'train.batch_size={batch_size} is not divisible by train.group_size={group_size}.')
+  conditional = SubBatch(batch_size, cond_group_size, True)
+  if group_ratio == 0:
+    return {SINGLES: (conditional,)}
+  if mixed_steps:
+    group_images = int(round(group_ratio * batch_size / group_size)) * group_size
+    if not 0 < group_images < batch_size:
+      raise ValueError(f'Mixed steps of {batch_size} images at group_ratio={group_ratio} leave no room for '
+                       f'both parts (groups of {group_size}); change batch_size or group_ratio.')
+    cond_images = batch_size - group_images
+    if cond_images % cond_group_size:
+      raise ValueError(f'{cond_images} conditional images per mixed step are not whole groups of {cond_group_size}.')
+    return {MIXED: (SubBatch(cond_images, cond_group_size, True), SubBatch(group_images, group_size, False))}
+  return {SINGLES: (conditional,), GROUPS: (SubBatch(batch_size, group_size, False),)}
+
+
+def group_steps_per_block(group_ratio, block_length):
+  return int(round(group_ratio * block_length))
+
+
+def step_kind_name(seed, step, kinds, group_ratio, block_length=100):
+  """The kind of step `step`: a key of `kinds`, the same on every host.
+
+  When steps alternate between singles and groups, each block of
+  `block_length` consecutive steps holds exactly
+  round(group_ratio * block_length) group steps at positions drawn from
+  (seed, block), so the ratio is exact over every block, not only on
+  average.
+  """
+  if len(kinds) == 1:
+    return next(iter(kinds))
+  block, position = divmod(int(step), block_length)
+  order = np.random.default_rng([int(seed), block, 0x9D]).permutation(block_length)
+  is_group = order[position] < group_steps_per_block(group_ratio, block_length)
+  return GROUPS if is_group else SINGLES

@@ -1,0 +1,37 @@
+"""groupdiff_jax: Group Diffusion (GroupDiff) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='groupdiff_jax',
+    version='0.1.0',
+    description='Group Diffusion (GroupDiff, CVPR 2026): DiT/SiT with group attention in JAX/Flax.',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    packages=setuptools.find_packages(include=['groupdiff_jax', 'groupdiff_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'ml_collections>=1.1.0',
+        'clu>=0.0.12',
+        'numpy>=2.0',
+        'tensorflow-cpu==2.20.*',  # tf.data/TFDS only; scann 1.4.2 fails against TF 2.21
+        'tensorflow-datasets>=4.9.10',
+        'importlib_resources',  # needed by TFDS when preparing datasets
+        'scann==1.4.2',
+        'scipy',
+        'scikit-learn',  # the embedded demo's digits
+        'safetensors>=0.8.0',
+        'pillow',
+        'tqdm',
+        'absl-py',
+    ],
+    extras_require={
+        'test': ['pytest>=8'],
+        'cuda12': ['jax[cuda12]>=0.10.2'],
+        'tpu': ['jax[tpu]>=0.10.2'],
+    },
+)

@@ -1,0 +1,126 @@
+"""SiT ODE samplers, classifier-free guidance and group inference."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from groupdiff_jax import sample, samplers
+from groupdiff_jax.models import dit
+
+MEAN, STD = 1.5, 0.5
+
+
+def gaussian_velocity(x, t, rng):
+  """Exact velocity E[x1 - x0 | x_t] for data N(MEAN, STD^2), noise N(0, 1)."""
+  var = t**2 * STD**2 + (1 - t)**2
+  centred = x - t * MEAN
+  return MEAN + (t * STD**2 - (1 - t)) / var * centred
+
+
+def flow_error(method, steps):
+  noise = jnp.linspace(-2, 2, 9).reshape(9, 1, 1, 1)
+  out = samplers.integrate_ode(gaussian_velocity, noise, jax.random.PRNGKey(0), steps, method)
+  return float(jnp.abs(out - (MEAN + STD * noise)).max())  # the exact flow map is affine
+
+
+def test_euler_and_heun_converge_to_the_exact_flow_at_their_orders():
+  euler = [flow_error('euler', n) for n in (20, 40, 80)]
+  heun = [flow_error('heun', n) for n in (20, 40, 80)]
+  assert euler[2] < 0.02 and heun[2] < 1e-4
+  np.testing.assert_allclose(euler[0] / euler[1], 2.0, rtol=0.25)  # first order
+  np.testing.assert_allclose(heun[0] / heun[1], 4.0, rtol=0.25)  # second order
+  assert heun[0] < euler[0] / 5
+
+
+def test_nfe_counts():
+  assert samplers.number_of_function_evaluations(125, 'heun') == 250
+  assert samplers.number_of_function_evaluations(250, 'euler') == 250
+  with pytest.raises(ValueError, match='rk4'):
+    samplers.integrate_ode(gaussian_velocity, jnp.zeros((1, 1, 1, 1)), jax.random.PRNGKey(0), 2, 'rk4')
+
+
+def test_combine_guidance_all_or_first_channels():
+  cond = jnp.full((1, 1, 1, 4), 2.0)
+  uncond = jnp.zeros((1, 1, 1, 4))
+  np.testing.assert_array_equal(samplers.combine_guidance(cond, uncond, 1.5), jnp.full((1, 1, 1, 4), 3.0))
+  legacy = samplers.combine_guidance(cond, uncond, 1.5, guided_channels=3)
+  np.testing.assert_array_equal(legacy[0, 0, 0], [3.0, 3.0, 3.0, 2.0])  # 4th channel: conditional only
+
+
+NULL = 10
+
+
+def probe_apply(variables, x, t, y, ids, group_size=1, group_attention=True):
+  """A fake model whose output encodes how it was called."""
+  code = jnp.where(y == NULL, 1000.0, 0.0) + 10.0 * group_size + 1.0 * group_attention
+  return jnp.zeros_like(x) + code[:, None, None, None]
+
+
+def velocity_at(t, **guidance):
+  labels = jnp.array([3, 3, 3, 3], jnp.int32)
+  fn = samplers.make_velocity_fn(probe_apply, {}, labels, samplers.GuidanceConfig(**guidance), null_class=NULL,
+                                 max_group_size=4, data_channels=1)
+  return float(jax.jit(fn)(jnp.zeros((4, 1, 1, 1)), t, jax.random.PRNGKey(0))[0, 0, 0, 0])
+
+
+def test_groupdiff_l_inference_branches():
+  # cond: per image (10*1 + 1); uncond: null class, group of 4 (1000 + 40 + 1)
+  cond, uncond, s = 11.0, 1041.0, 2.0
+  kw = dict(cfg_scale=s, cond_group_size=1, uncond_group_size=4)
+  assert velocity_at(0.5, **kw) == pytest.approx(uncond + s * (cond - uncond))
+  # outside the guidance interval: the conditional branch alone
+  assert velocity_at(0.1, guidance_low=0.25, guidance_high=0.75, **kw) == cond
+  assert velocity_at(0.3, guidance_low=0.25, guidance_high=0.75, **kw) == pytest.approx(uncond + s * (cond - uncond))
+  # scale 1: no unconditional branch at all
+  assert velocity_at(0.5, cfg_scale=1.0, cond_group_size=1, uncond_group_size=4) == cond
+
+
+def test_groupdiff_f_and_stage_window():
+  kw = dict(cfg_scale=3.0, cond_group_size=4, uncond_group_size=4, group_stage_fraction=0.4)
+  early_cond, early_uncond = 41.0, 1041.0  # group attention on
+  late_cond, late_uncond = 40.0, 1040.0  # switched off after 40% of the trajectory
+  assert velocity_at(0.2, **kw) == pytest.approx(early_uncond + 3.0 * (early_cond - early_uncond))
+  assert velocity_at(0.6, **kw) == pytest.approx(late_uncond + 3.0 * (late_cond - late_uncond))
+
+
+def test_images_must_be_whole_groups_of_both_branches():
+  with pytest.raises(ValueError, match='multiple of both group sizes'):
+    samplers.make_velocity_fn(probe_apply, {}, jnp.zeros(6, jnp.int32), samplers.GuidanceConfig(uncond_group_size=4),
+                              null_class=NULL, max_group_size=4, data_channels=1)
+
+
+def sample_config(**kw):
+  base = dict(sampler='euler', num_steps=4, num_groups=2, images_per_group=4, cond_group_size=1,
+              uncond_group_size=4, cfg_scale=2.0, guidance_low=0.0, guidance_high=1.0, guided_channels=0,
+              group_stage_fraction=1.0, fixed_sample_ids=True, use_ema=True)
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def test_a_group_is_generated_jointly_and_groups_stay_apart():
+  model_config = ml_collections.ConfigDict(dict(input_size=8, in_channels=1, num_classes=10, max_group_size=4))
+  model = dit.DiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                  learn_sigma=True, max_group_size=4)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1, jnp.int32),
+                      jnp.zeros(1, jnp.int32))['params']
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+  labels = sample.group_labels(2, 4, 10)
+  np.testing.assert_array_equal(labels, [0, 0, 0, 0, 1, 1, 1, 1])
+  guidance = samplers.guidance_from_config(sample_config())
+
+  def final(noise, guidance):
+    fn = samplers.make_velocity_fn(model.apply, params, labels, guidance, null_class=10, max_group_size=4,
+                                   data_channels=1)
+    return np.asarray(samplers.integrate_ode(fn, noise, jax.random.PRNGKey(2), 4, 'euler'))
+
+  noise = jax.random.normal(jax.random.PRNGKey(3), (8, 8, 8, 1))
+  moved = noise.at[1].add(1.0)  # change member 1 of group 0
+  base, changed = final(noise, guidance), final(moved, guidance)
+  assert np.abs(base[0] - changed[0]).max() > 1e-6  # member 0 sees member 1 (unconditional group of 4)
+  np.testing.assert_array_equal(base[4:], changed[4:])  # group 1 does not
+  alone = samplers.GuidanceConfig(cfg_scale=2.0, cond_group_size=1, uncond_group_size=1, fixed_sample_ids=True)
+  np.testing.assert_array_equal(final(noise, alone)[0], final(moved, alone)[0])  # baseline: independent
+  images = sample.generate(model, params, jax.random.PRNGKey(0), sample_config(), model_config)
+  assert images.shape == (8, 8, 8, 1) and np.isfinite(np.asarray(images)).all()

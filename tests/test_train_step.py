@@ -1,0 +1,154 @@
+"""The jitted group train step, its optimizer and EMA."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from configs import digits
+from groupdiff_jax import sharding, step_plan
+from groupdiff_jax import train_step as ts
+from groupdiff_jax.models import dit
+
+
+def tiny_config(**train):
+  config = digits.get_config()
+  config.model.depth = 2
+  config.model.hidden_size = 32
+  config.model.num_heads = 2
+  config.model.input_size = 8
+  config.model.variant = 'SiT-S/2'
+  config.train.batch_size = 16
+  config.train.update(train)
+  return config
+
+
+def make_state(config, seed=0):
+  model = dit.model_from_config(config.model)
+  return model, ts.create_train_state(model, config, jax.random.PRNGKey(seed))
+
+
+def fake_batch(kind, seed=0, num_classes=10):
+  rng = np.random.default_rng(seed)
+  return tuple({'images': rng.standard_normal((s.num_images, 8, 8, 1)).astype(np.float32),
+                'labels': rng.integers(0, num_classes, s.num_images).astype(np.int32)} for s in kind)
+
+
+def test_weight_decay_only_on_weight_matrices():
+  config = tiny_config()
+  _, state = make_state(config)
+  mask = ts.decay_mask(state.params)
+  flat = dict(jax.tree_util.tree_flatten_with_path(mask)[0])
+  paths = {'/'.join(k.key for k in path): v for path, v in flat.items()}
+  assert paths['blocks_0/attn/qkv/kernel'] and paths['x_embedder/proj/kernel']
+  assert not paths['blocks_0/attn/qkv/bias']
+  assert not paths['y_embedder/embedding_table/embedding']
+  assert not paths['sample_embedder/embedding_table/embedding']
+  assert not paths['t_embedder/mlp_0/bias']
+  # The optimizer really leaves non-decayed leaves alone under zero gradients.
+  tx = ts.make_optimizer(ml_collections.ConfigDict(dict(lr=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.5,
+                                                        grad_clip=3.0)))
+  params = jax.tree.map(jnp.ones_like, state.params)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert float(new['y_embedder']['embedding_table']['embedding'][0, 0]) == 1.0
+  assert float(new['blocks_0']['attn']['qkv']['bias'][0]) == 1.0
+  np.testing.assert_allclose(float(new['blocks_0']['attn']['qkv']['kernel'][0, 0]), 1.0 - 0.1 * 0.5, rtol=1e-6)
+
+
+def test_gradient_clipping_at_global_norm():
+  optim = ml_collections.ConfigDict(dict(lr=1.0, b1=0.0, b2=0.0, eps=0.0, weight_decay=0.0, grad_clip=3.0))
+  tx = ts.make_optimizer(optim)
+  params = {'w': {'kernel': jnp.zeros(4)}}
+  grads = {'w': {'kernel': jnp.array([30.0, 40.0, 0.0, 0.0])}}  # norm 50
+  clipped, _ = optax.clip_by_global_norm(3.0).update(grads, optax.clip_by_global_norm(3.0).init(params))
+  np.testing.assert_allclose(np.asarray(clipped['w']['kernel']), [1.8, 2.4, 0, 0], rtol=1e-6)
+  assert tx.init(params) is not None
+
+
+def test_ema_update_formula():
+  ema = {'a': jnp.array(1.0)}
+  new = ts.ema_update(ema, {'a': jnp.array(3.0)}, 0.9)
+  np.testing.assert_allclose(float(new['a']), 0.9 * 1.0 + 0.1 * 3.0)
+
+
+def test_step_loss_is_mean_of_per_image_sit_losses():
+  """The step's loss equals an explicit recomputation from the same keys."""
+  config = tiny_config(group_ratio=0.25)
+  kinds = step_plan.step_kinds(16, 4, 0.25, mixed_steps=True)
+  kind = kinds['mixed']
+  model, state = make_state(config)
+  batch = fake_batch(kind)
+  _, metrics = ts.train_step(state, batch, kind, config.train, config.optim, 4, 10)
+  rng = jax.random.fold_in(state.rng, state.step)
+  losses = [ts._sub_batch_loss(state.params, state.apply_fn, sub, part['images'], part['labels'],
+                               jax.random.fold_in(rng, i), config.train, 4, 10)
+            for i, (sub, part) in enumerate(zip(kind, batch))]
+  assert [l.shape for l in losses] == [(12,), (4,)]
+  np.testing.assert_allclose(float(metrics['loss']), float(jnp.concatenate(losses).mean()), rtol=1e-6)
+
+
+def test_unconditional_groups_use_the_null_class_and_singles_keep_labels():
+  config = tiny_config()
+  model, state = make_state(config)
+  seen = []
+
+  def spy_apply(variables, x, t, y, ids, group_size=1, group_attention=True):
+    seen.append((np.asarray(y), group_size, np.asarray(ids)))
+    return jnp.zeros(x.shape[:-1] + (2,))
+
+  spy_state = state.replace(apply_fn=spy_apply)
+  kinds = step_plan.step_kinds(16, 4, 0.1)
+  for name in ('singles', 'groups'):
+    batch = fake_batch(kinds[name])
+    with jax.disable_jit():
+      ts._sub_batch_loss(state.params, spy_apply, kinds[name][0], batch[0]['images'], batch[0]['labels'],
+                         jax.random.PRNGKey(0), config.train, 4, 10)
+  (y_single, n_single, ids_single), (y_group, n_group, ids_group) = seen
+  assert n_single == 1 and n_group == 4
+  np.testing.assert_array_equal(y_single, fake_batch(kinds['singles'])[0]['labels'])  # no label dropout
+  assert (y_group == 10).all()
+  assert all(sorted(row) == [0, 1, 2, 3] for row in ids_group.reshape(4, 4))
+  del spy_state
+
+
+def test_plain_training_drops_labels_at_the_configured_rate():
+  config = tiny_config(group_ratio=0.0, label_dropout=0.1)
+  seen = []
+
+  def spy_apply(variables, x, t, y, ids, group_size=1, group_attention=True):
+    seen.append(np.asarray(y))
+    return jnp.zeros_like(x)
+
+  sub = step_plan.SubBatch(4000, 1, True)
+  labels = np.zeros(4000, np.int32)
+  ts._sub_batch_loss({}, spy_apply, sub, jnp.zeros((4000, 1, 1, 1)), labels, jax.random.PRNGKey(0),
+                     config.train, 0, 10)
+  assert abs((seen[0] == 10).mean() - 0.1) < 0.02
+
+
+def test_jitted_step_on_a_mesh_matches_the_plain_step_and_lowers_the_loss():
+  config = tiny_config()
+  config.optim.lr = 3e-3
+  kinds = step_plan.step_kinds(16, 4, 0.25)
+  model, state = make_state(config)
+  mesh = sharding.make_mesh()
+  run = ts.make_jitted_train_step(config, mesh, sharding.replicated(mesh))
+  batch = fake_batch(kinds['groups'])
+  plain_state, plain_metrics = jax.jit(functools.partial(
+      ts.train_step, kind=kinds['groups'], train_config=config.train, optim_config=config.optim,
+      max_group_size=4, null_class=10))(state, batch)
+  jit_state, jit_metrics = run(make_state(config)[1], batch, kinds['groups'])
+  np.testing.assert_allclose(float(plain_metrics['loss']), float(jit_metrics['loss']), rtol=1e-6)
+  assert int(jit_state.step) == 1
+  # Constant images: the velocity is learnable, so a few dozen steps must
+  # lower the loss (averaged over 5 steps to smooth the random times).
+  data = ({'images': np.full((16, 8, 8, 1), 0.5, np.float32), 'labels': np.zeros(16, np.int32)},)
+  losses = []
+  for _ in range(40):
+    jit_state, metrics = run(jit_state, data, kinds['singles'])
+    losses.append(float(metrics['loss']))
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
