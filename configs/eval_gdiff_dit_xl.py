@@ -1,0 +1,41 @@
+"""Evaluate the released GroupDiff-l-4 DiT-XL/2 checkpoint (official FID-50K settings).
+
+  python -m groupdiff_jax.convert --source=released_model/gdiff-l-4-dit-xl-2-resume.pth \
+      --output=/ckpt/gdiff-l-4-dit-xl-2 --variant=DiT-XL/2
+  python -m groupdiff_jax.main --config=configs/eval_gdiff_dit_xl.py --workdir=/ckpt/gdiff-l-4-dit-xl-2 \
+      --mode=sample
+
+(`.pth` needs torch for the conversion only; see groupdiff_jax/convert.py for
+the safetensors route.) Settings as the official README's evaluation of this
+checkpoint (METHOD.md section 3): DDPM ancestral over 250 respaced steps,
+CFG 1.65 on all 4 channels, guidance interval [0, 1], conditional branch per
+image (group 1), unconditional branch over the group of 4, EMA weights,
+float32 sampling (FID is sensitive to bf16). Expected: FID-50K 1.66 with the
+ADM evaluator against VIRTUAL_imagenet256_labeled.npz (paper, 800 epochs).
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.variant = 'DiT-XL/2'
+  config.model.objective = 'dit'  # DiT's Gaussian diffusion (field added by the DiT-objective work)
+  config.model.learn_sigma = True  # the file has 2 * 4 output channels (converted.json records it)
+  config.model.max_group_size = 4  # sample_embedder.embedding_table of the file: [4, 1152]
+  config.model.dtype = 'float32'
+
+  config.sample.sampler = 'ddpm'  # ancestral DDPM (field value added by the DiT-objective work)
+  config.sample.num_steps = 250  # respaced steps
+  config.sample.cfg_scale = 1.65
+  config.sample.guidance_low = 0.0
+  config.sample.guidance_high = 1.0
+  config.sample.guided_channels = 0  # all 4 channels
+  config.sample.cond_group_size = 1
+  config.sample.uncond_group_size = 4
+  config.sample.images_per_group = 4  # same-class images generated together
+  config.sample.num_groups = 12_500  # 50,000 images = 50 per class
+  config.sample.group_stage_fraction = 1.0
+  config.sample.fixed_sample_ids = False  # random member ids, as the official sampler
+  config.sample.use_ema = True
+  return config

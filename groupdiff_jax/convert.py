@@ -1,0 +1,535 @@
+"""Official DiT / SiT / REPA-SiT / GroupDiff PyTorch weights -> Flax params of `models.dit.DiT`.
+
+Command (the output directory becomes a workdir that `--mode=sample` reads):
+
+  python -m groupdiff_jax.convert --source=released_model/gdiff-l-4-sit-xl-2-repa-resume.pth \\
+      --output=/ckpt/gdiff-sit-xl --variant=SiT-XL/2
+  python -m groupdiff_jax.main --config=configs/eval_gdiff_sit_xl.py --workdir=/ckpt/gdiff-sit-xl --mode=sample
+
+Sources (all the same tensors, PyTorch layout):
+  * official DiT-XL-2-256x256.pt / SiT-XL-2-256x256.pt: a plain state dict;
+  * official GroupDiff `gdiff-l-4-{dit-xl-2,sit-xl-2-repa}-resume.pth`: a dict
+    with `model` and `model_ema` state dicts whose keys sit under `denoiser.`
+    (plus optimizer state etc., which is skipped); DiT/REPA training
+    checkpoints use `model` / `ema`;
+  * `.safetensors` or `.npz` holding either a plain state dict or the
+    containers flattened as `model_ema.denoiser.blocks.0...`. These need no
+    torch. To make one from a `.pth` on a machine with torch:
+      python -c "import torch, safetensors.torch as st; c = torch.load('in.pth', map_location='cpu');
+      st.save_file({f'{n}.{k}': v.float().clone() for n in ('model', 'model_ema') for k, v in c[n].items()},
+      'out.safetensors')"
+  Reading `.pt`/`.pth` needs torch (an optional dependency, imported only
+  then); `weights_only=True` unless `--allow_pickle` (only for trusted files,
+  e.g. DiT/REPA training checkpoints that pickle their argparse namespace).
+
+Which weights: `--use_ema` (default) takes `model_ema` (or `ema`), else
+`model`; a plain state dict is taken as it is. Prefixes `module.` (DDP),
+`_orig_mod.` (torch.compile) and `denoiser.` (GroupDiff) are stripped.
+
+The mapping is one declarative table, `RENAME_TABLE` (official module ->
+our module, layout), with per-layout leaf rules `LEAF_RULES`: Linear
+[out, in] -> Dense kernel [in, out]; the patch conv OIHW -> HWIO; embedding
+tables as they are. The expected tree and shapes come from `jax.eval_shape`
+of the model's init. Every key of the file is either mapped (to a distinct
+leaf, with its shape checked) or matched by `IGNORED_KEYS` (REPA's
+projector heads; `pos_embed`, which is compared with our fixed sin-cos
+embedding and then dropped); `UNSUPPORTED_KEYS` name layouts our model does
+not implement. All problems are reported together in one `ConversionError`
+naming the keys, expected and found shapes.
+
+"From pretrained" (the paper's 1400+100 epoch runs): a plain DiT/SiT state
+dict imported into a model with `max_group_size > 0` has no
+`sample_embedder`; its table is initialised fresh (normal, std 0.02, from
+`--seed`), as the official init, and the report says so.
+
+Output (documented format): an orbax checkpoint at `<output>/checkpoints/0`
+holding `{'params': P, 'ema_params': P}` (the selected weights under both
+names, so `checkpoint.load_params(<output>)` works whatever
+`sample.use_ema` says), and `<output>/converted.json`, the conversion record
+(source, selected weights, inferred architecture, ignored keys, fresh
+params). `load_converted_params(<output>)` returns P. Fine-tuning from it
+needs the train loop to initialise from these params (not to resume).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from groupdiff_jax import checkpoint
+from groupdiff_jax.models import dit, embeddings
+
+# ------------------------------------------------------------------------------------------ the declarative mapping
+
+# Official module (state-dict key without its leaf; `{i}` = block index) -> our module path, layout.
+RENAME_TABLE = (
+    ('x_embedder.proj', 'x_embedder/proj', 'conv'),
+    ('t_embedder.mlp.0', 't_embedder/mlp_0', 'linear'),
+    ('t_embedder.mlp.2', 't_embedder/mlp_2', 'linear'),
+    ('y_embedder.embedding_table', 'y_embedder/embedding_table', 'embedding'),
+    ('sample_embedder.embedding_table', 'sample_embedder/embedding_table', 'embedding'),
+    ('blocks.{i}.attn.qkv', 'blocks_{i}/attn/qkv', 'linear'),
+    ('blocks.{i}.attn.proj', 'blocks_{i}/attn/proj', 'linear'),
+    ('blocks.{i}.mlp.fc1', 'blocks_{i}/mlp/fc1', 'linear'),
+    ('blocks.{i}.mlp.fc2', 'blocks_{i}/mlp/fc2', 'linear'),
+    ('blocks.{i}.adaLN_modulation.1', 'blocks_{i}/adaLN_modulation_1', 'linear'),
+    ('final_layer.linear', 'final_layer/linear', 'linear'),
+    ('final_layer.adaLN_modulation.1', 'final_layer/adaLN_modulation_1', 'linear'),
+)
+
+
+def _linear_to_flax(w):
+  return np.transpose(w)  # [out, in] -> [in, out]
+
+
+def _linear_shape(kernel):
+  return tuple(reversed(kernel))
+
+
+def _conv_to_flax(w):
+  return np.transpose(w, (2, 3, 1, 0))  # [O, I, kh, kw] -> [kh, kw, I, O]
+
+
+def _conv_shape(kernel):
+  kh, kw, cin, cout = kernel
+  return (cout, cin, kh, kw)
+
+
+def _identity(w):
+  return w
+
+
+def _same_shape(shape):
+  return tuple(shape)
+
+
+# (layout, official leaf) -> (our leaf, our shape -> official shape, official array -> ours)
+LEAF_RULES: dict[tuple[str, str], tuple[str, Callable, Callable]] = {
+    ('linear', 'weight'): ('kernel', _linear_shape, _linear_to_flax),
+    ('linear', 'bias'): ('bias', _same_shape, _identity),
+    ('conv', 'weight'): ('kernel', _conv_shape, _conv_to_flax),
+    ('conv', 'bias'): ('bias', _same_shape, _identity),
+    ('embedding', 'weight'): ('embedding', _same_shape, _identity),
+}
+
+# Keys that are consumed without becoming params (regex on the key after prefix stripping) -> why.
+IGNORED_KEYS = (
+    (r'pos_embed', 'fixed 2-D sin-cos buffer: checked against ours, then dropped'),
+    (r'projectors\.\d+\.[024]\.(weight|bias)', 'REPA alignment projector head (training only)'),
+)
+# Layouts of related models that ours does not implement (regex -> why the file cannot be imported).
+UNSUPPORTED_KEYS = (
+    (r'blocks\.\d+\.attn\.[qk]_norm\..*', 'qk-norm attention (REPA --qk-norm); our attention has no qk-norm'),
+    (r'(blocks\.\d+\.(cross_attn|norm_cross)|context_proj|image_proj|image_norm)\..*',
+     'cross-attention conditioning of an extended Denoiser; not in our model'),
+)
+
+PREFIXES = ('module.', '_orig_mod.', 'denoiser.')  # stripped from the front of every key, in any order
+EMA_CONTAINERS = ('model_ema', 'ema')  # GroupDiff / DiT, SiT, REPA training checkpoints
+RAW_CONTAINERS = ('model', 'state_dict')
+# pos_embed values are in [-1, 1]: bf16 storage rounds them by < 4e-3; a different embedding (axes swapped,
+# another grid or base) differs by O(1) somewhere.
+POS_EMBED_ATOL = 1e-2
+SAMPLE_EMBED_INIT_STD = 0.02  # official GroupDiff init of sample_embedder.embedding_table
+
+
+def _template_regex(template):
+  return re.compile(re.escape(template).replace(re.escape('{i}'), r'(?P<i>\d+)') + '$')
+
+
+_RULES = [(_template_regex(official), official, ours, layout) for official, ours, layout in RENAME_TABLE]
+_OURS_RULES = [(_template_regex(ours), official, ours, layout) for official, ours, layout in RENAME_TABLE]
+
+
+class ConversionError(ValueError):
+  """A state dict that does not match the configured DiT."""
+
+
+def our_path(key: str):
+  """Official key (prefixes stripped) -> (our param path tuple, leaf rule). KeyError if outside the table."""
+  module, _, leaf = key.rpartition('.')
+  for regex, _, ours, layout in _RULES:
+    match = regex.match(module)
+    if match and (layout, leaf) in LEAF_RULES:
+      rule = LEAF_RULES[(layout, leaf)]
+      return tuple(ours.format(**match.groupdict()).split('/')) + (rule[0],), rule
+  raise KeyError(key)
+
+
+def official_key(path: tuple[str, ...]) -> str:
+  """Our param path -> its official state-dict key (to name what is missing)."""
+  module, leaf = '/'.join(path[:-1]), path[-1]
+  for regex, official, _, layout in _OURS_RULES:
+    match = regex.match(module)
+    if match:
+      for (rule_layout, official_leaf), (ours_leaf, _, _) in LEAF_RULES.items():
+        if rule_layout == layout and ours_leaf == leaf:
+          return f'{official.format(**match.groupdict())}.{official_leaf}'
+  raise KeyError(path)
+
+
+def expected_param_shapes(model: dit.DiT) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flat {path: shape} of the model's params from `jax.eval_shape` of its init (no memory used)."""
+  side = model.input_size
+  x = jax.ShapeDtypeStruct((1, side, side, model.in_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1,), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, ids, ids)
+  flat = jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+  return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+# ------------------------------------------------------------------------------------------ reading files
+
+
+def _to_numpy(tensor):
+  """A torch tensor or array -> numpy (bf16/fp16 tensors become float32: numpy has no bf16)."""
+  if hasattr(tensor, 'detach'):
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+      tensor = tensor.float()
+    return tensor.numpy()
+  return np.asarray(tensor)
+
+
+def _is_array(value):
+  return hasattr(value, 'shape') and hasattr(value, 'dtype')
+
+
+def flatten_checkpoint(obj: Mapping) -> tuple[dict[str, Any], list[str]]:
+  """A loaded checkpoint object -> (flat {key: array}, skipped top-level entries).
+
+  A mapping of arrays is a plain state dict. Otherwise the entries named in
+  EMA_CONTAINERS / RAW_CONTAINERS that are mappings of arrays are flattened as
+  `<container>.<key>`; every other entry (optimizer, epoch, args ...) is
+  skipped and named.
+  """
+  if all(_is_array(v) for v in obj.values()):
+    return dict(obj), []
+  flat, skipped = {}, []
+  for name, value in obj.items():
+    if name in EMA_CONTAINERS + RAW_CONTAINERS and isinstance(value, Mapping):
+      flat.update({f'{name}.{k}': v for k, v in value.items()})
+    else:
+      skipped.append(str(name))
+  return flat, skipped
+
+
+def _read_torch(path, allow_pickle):
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError(
+        f'Reading {path!r} needs PyTorch, which is optional here: `pip install torch` (the CPU build is '
+        'enough), or convert the file to .safetensors on a machine with torch (see `python -m '
+        'groupdiff_jax.convert --help` / this module\'s docstring) and pass that instead.') from error
+  try:
+    return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
+  except Exception as error:  # torch raises UnpicklingError subclasses that vary by version
+    if allow_pickle:
+      raise
+    raise ConversionError(f'{path!r} holds pickled Python objects besides tensors (e.g. argparse args), which '
+                          f'weights_only loading refuses ({error}). If you trust the file, pass '
+                          '--allow_pickle.') from error
+
+
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Read `.safetensors`, `.npz` (NumPy only) or `.pt`/`.pth` (torch) -> (flat {key: array}, skipped entries)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No checkpoint file at {path!r}.')
+  if path.endswith('.safetensors'):
+    import safetensors.numpy  # pylint: disable=import-outside-toplevel
+    return safetensors.numpy.load_file(path), []
+  if path.endswith('.npz'):
+    with np.load(path, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}, []
+  if path.endswith(('.pt', '.pth', '.bin')):
+    obj = _read_torch(path, allow_pickle)
+    if not isinstance(obj, Mapping):
+      raise ConversionError(f'{path!r} holds a {type(obj).__name__}, not a state dict or checkpoint dict.')
+    flat, skipped = flatten_checkpoint(obj)
+    return {k: _to_numpy(v) for k, v in flat.items()}, skipped
+  raise ConversionError(f'Unknown checkpoint format of {path!r}: expected .safetensors, .npz, .pt or .pth.')
+
+
+def select_weights(flat: Mapping[str, Any], use_ema: bool = True) -> tuple[dict[str, Any], str]:
+  """Pick one state dict out of flat keys and strip PREFIXES -> ({key: array}, name of the chosen set).
+
+  Keys `<container>.<key>` (container in EMA_CONTAINERS / RAW_CONTAINERS)
+  hold several sets: use_ema takes the first EMA container present, else the
+  raw one. Keys without a container are a plain state dict ('plain').
+  """
+  containers = EMA_CONTAINERS + RAW_CONTAINERS
+  present = sorted({k.split('.', 1)[0] for k in flat if k.split('.', 1)[0] in containers})
+  if present:
+    plain = [k for k in flat if k.split('.', 1)[0] not in containers]
+    if plain:
+      raise ConversionError(f'Keys both inside containers {present} and outside any: {plain[:5]}.')
+    wanted = EMA_CONTAINERS if use_ema else RAW_CONTAINERS
+    chosen = next((name for name in wanted if name in present), None)
+    if chosen is None:
+      raise ConversionError(f'No {"EMA" if use_ema else "raw"} weights ({" or ".join(wanted)}) in the file; it '
+                            f'holds {present}. Use {"--nouse_ema" if use_ema else "--use_ema"}.')
+    state = {k.split('.', 1)[1]: v for k, v in flat.items() if k.split('.', 1)[0] == chosen}
+  else:
+    chosen, state = 'plain', dict(flat)
+
+  stripped = {}
+  for key, value in state.items():
+    short = key
+    while short.startswith(PREFIXES):
+      short = short[next(len(p) for p in PREFIXES if short.startswith(p)):]
+    if short in stripped:
+      raise ConversionError(f'{key} collides with another key after stripping prefixes {PREFIXES}: {short}.')
+    stripped[short] = value
+  return stripped, chosen
+
+
+# ------------------------------------------------------------------------------------------ conversion
+
+
+@dataclasses.dataclass
+class ConversionReport:
+  """What a conversion did, written beside the params as converted.json."""
+  weights: str = 'plain'  # the chosen set: model_ema | ema | model | state_dict | plain
+  mapped: int = 0  # keys that became params
+  ignored: dict = dataclasses.field(default_factory=dict)  # key -> why
+  skipped_entries: list = dataclasses.field(default_factory=list)  # top-level checkpoint entries, not weights
+  fresh: dict = dataclasses.field(default_factory=dict)  # param path -> how it was initialised
+  architecture: dict = dataclasses.field(default_factory=dict)
+
+
+def _problems(title, lines, limit=20):
+  shown = [f'  {line}' for line in lines[:limit]]
+  if len(lines) > limit:
+    shown.append(f'  ... and {len(lines) - limit} more')
+  return [f'{title} ({len(lines)}):'] + shown
+
+
+def _check_pos_embed(key, value, model, problems):
+  grid = model.input_size // model.patch_size
+  expected = (1, grid * grid, model.hidden_size)
+  if tuple(value.shape) not in (expected, expected[1:]):
+    problems.append(f'{key}: expected {expected} (input_size {model.input_size}, patch {model.patch_size}), '
+                    f'found {tuple(value.shape)}')
+    return
+  ours = embeddings.sincos_2d_position_embedding(model.hidden_size, grid)
+  atol = POS_EMBED_ATOL
+  error = float(np.abs(np.asarray(value, np.float64).reshape(ours.shape) - ours).max())
+  if error > atol:
+    problems.append(f'{key}: differs from our fixed sin-cos embedding by {error:.3g} (> {atol}); the model would '
+                    'see other positions')
+
+
+def convert_state_dict(state: Mapping[str, Any], model: dit.DiT, seed: int = 0) -> tuple[dict, ConversionReport]:
+  """Official-layout state dict (prefixes already stripped) -> (params of `model`, report).
+
+  Raises:
+    ConversionError naming every unknown, unsupported, wrongly
+    shaped or missing key (shapes in the PyTorch layout).
+  """
+  expected = expected_param_shapes(model)
+  report = ConversionReport()
+  unknown, unsupported, bad_shapes, other = [], [], [], []
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  for key in sorted(state):
+    value = state[key]
+    reason = next((why for pattern, why in IGNORED_KEYS if re.fullmatch(pattern, key)), None)
+    if reason is not None:
+      if key == 'pos_embed':
+        _check_pos_embed(key, np.asarray(value), model, other)
+      report.ignored[key] = reason
+      continue
+    reason = next((why for pattern, why in UNSUPPORTED_KEYS if re.fullmatch(pattern, key)), None)
+    if reason is not None:
+      unsupported.append(f'{key}: {reason}')
+      continue
+    try:
+      path, (_, official_shape, to_flax) = our_path(key)
+    except KeyError:
+      unknown.append(key)
+      continue
+    if path not in expected:
+      hint = ' (the model has max_group_size=0: pass --max_group_size)' if path[0] == 'sample_embedder' else ''
+      unknown.append(f'{key} -> {"/".join(path)}, not a param of this model{hint}')
+      continue
+    want = official_shape(expected[path])
+    if tuple(value.shape) != want:
+      bad_shapes.append(f'{key}: expected {want}, found {tuple(value.shape)}')
+      continue
+    flat[path] = to_flax(np.asarray(value, np.float32))
+
+  missing = [path for path in sorted(expected) if path not in flat]
+  rng = np.random.default_rng(seed)
+  from_pretrained = not any(key.startswith('sample_embedder.') for key in state)  # a plain DiT/SiT file
+  for path in list(missing):
+    if path[0] == 'sample_embedder' and from_pretrained:
+      flat[path] = (SAMPLE_EMBED_INIT_STD * rng.standard_normal(expected[path])).astype(np.float32)
+      report.fresh['/'.join(path)] = f'normal(std={SAMPLE_EMBED_INIT_STD}, seed={seed}): from-pretrained import'
+      missing.remove(path)
+  already_reported = {line.split(':')[0] for line in bad_shapes}
+  missing_keys = [f'{official_key(p)}: expected {_official_shape(p, expected)} (our {"/".join(p)})'
+                  for p in missing if official_key(p) not in already_reported]
+  if unknown or unsupported or bad_shapes or missing_keys or other:
+    lines = [f'State dict does not match {_describe(model)}:']
+    if unsupported:
+      lines += _problems('unsupported layout', unsupported)
+    if unknown:
+      lines += _problems('unknown keys', unknown)
+    if bad_shapes:
+      lines += _problems('wrong shapes (PyTorch layout)', bad_shapes)
+    if missing_keys:
+      lines += _problems('missing keys (expected PyTorch shape)', missing_keys)
+    if other:
+      lines += _problems('other problems', other)
+    raise ConversionError('\n'.join(lines))
+
+  report.mapped = len(flat) - len(report.fresh)
+  report.architecture = _architecture(model)
+  params: dict = {}
+  for path, value in flat.items():
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = jnp.asarray(value)
+  return params, report
+
+
+def _official_shape(path, expected):
+  layout_leaf = our_path(official_key(path))[1]
+  return layout_leaf[1](expected[path])
+
+
+def _architecture(model):
+  fields = ('input_size', 'in_channels', 'patch_size', 'hidden_size', 'depth', 'num_heads', 'mlp_ratio',
+            'num_classes', 'learn_sigma', 'max_group_size')
+  return {name: getattr(model, name) for name in fields}
+
+
+def _describe(model):
+  return 'DiT(' + ', '.join(f'{k}={v}' for k, v in _architecture(model).items()) + ')'
+
+
+def infer_architecture(state: Mapping[str, Any], patch_size: int, in_channels: int) -> dict:
+  """What the file says about the settings that differ between releases: learn_sigma, max_group_size.
+
+  learn_sigma: final_layer.linear has p*p*2*in_channels outputs (DiT, SiT)
+  or p*p*in_channels (REPA SiT, GroupDiff SiT). max_group_size: rows of the
+  sample table, 0 without one. A setting the file does not decide is left out.
+  """
+  found = {}
+  final = state.get('final_layer.linear.weight')
+  if final is not None:
+    outputs = patch_size * patch_size * in_channels
+    if final.shape[0] in (outputs, 2 * outputs):
+      found['learn_sigma'] = final.shape[0] == 2 * outputs
+  table = state.get('sample_embedder.embedding_table.weight')
+  found['max_group_size'] = int(table.shape[0]) if table is not None else 0
+  return found
+
+
+# ------------------------------------------------------------------------------------------ files in, files out
+
+
+def convert_checkpoint(source, output, variant, *, use_ema=True, max_group_size=None, learn_sigma=None,
+                       input_size=32, in_channels=4, num_classes=1000, seed=0, allow_pickle=False,
+                       model_overrides=None):
+  """Read `source`, convert, and write the params to `output` (see the module docstring). Returns the report.
+
+  max_group_size / learn_sigma None: taken from the file (`infer_architecture`).
+  model_overrides: extra `dit.DiT` fields (tests use a tiny depth/hidden size).
+  """
+  flat, skipped = read_checkpoint(source, allow_pickle)
+  state, chosen = select_weights(flat, use_ema)
+  del flat  # the unselected set (raw or EMA) need not stay in memory
+  arch = dit.parse_variant(variant)
+  arch.update(model_overrides or {})
+  inferred = infer_architecture(state, arch['patch_size'], in_channels)
+  if max_group_size is None:
+    max_group_size = inferred['max_group_size']
+  if learn_sigma is None:
+    learn_sigma = inferred.get('learn_sigma', True)
+  model = dit.DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma,
+                  max_group_size=max_group_size, **arch)
+  params, report = convert_state_dict(state, model, seed)
+  report.weights, report.skipped_entries = chosen, skipped
+  for path, how in report.fresh.items():
+    logging.warning('%s is not in %s: initialised fresh, %s.', path, source, how)
+  save_converted_params(output, params, report, source, variant)
+  return report
+
+
+def save_converted_params(output, params, report, source='', variant=''):
+  """Write `<output>/checkpoints/0` (orbax: params and ema_params) and `<output>/converted.json`."""
+  manager = checkpoint.checkpoint_manager(output, max_to_keep=1)
+  if manager.latest_step() is not None:
+    raise FileExistsError(f'{manager.directory} already holds a checkpoint; choose a new --output.')
+  manager.save(0, args=ocp.args.StandardSave({'params': params, 'ema_params': params}))
+  manager.wait_until_finished()
+  record = dict(dataclasses.asdict(report), source=os.fspath(source), variant=variant)
+  with open(os.path.join(output, 'converted.json'), 'w') as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+
+
+def load_converted_params(path) -> dict:
+  """The params written by `convert_checkpoint` to directory `path` (nested dict of jax arrays)."""
+  params, _ = checkpoint.load_params(path, use_ema=True)
+  return params
+
+
+def read_conversion_record(path) -> dict:
+  with open(os.path.join(path, 'converted.json')) as f:
+    return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  del argv
+  f = flags.FLAGS
+  report = convert_checkpoint(
+      f.source, f.output, f.variant, use_ema=f.use_ema, max_group_size=f.max_group_size,
+      learn_sigma=None if f.learn_sigma == 'auto' else f.learn_sigma == 'true', input_size=f.input_size,
+      in_channels=f.in_channels, num_classes=f.num_classes, seed=f.seed, allow_pickle=f.allow_pickle)
+  print(f'Converted {report.mapped} tensors ({report.weights} weights) of {f.source} into {f.output}.')
+  print(f'Architecture: {report.architecture}')
+  for key, why in report.ignored.items():
+    print(f'  ignored {key}: {why}')
+  for path, how in report.fresh.items():
+    print(f'  fresh {path}: {how}')
+  if report.skipped_entries:
+    print(f'  skipped checkpoint entries (not weights): {", ".join(report.skipped_entries)}')
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('source', None, '.pt/.pth (needs torch), .safetensors or .npz of official weights.')
+  flags.DEFINE_string('output', None, 'New directory for the orbax checkpoint and converted.json.')
+  flags.DEFINE_string('variant', None, 'Our architecture name, e.g. SiT-XL/2 or DiT-XL/2.')
+  flags.DEFINE_bool('use_ema', True, 'Take model_ema/ema from a training checkpoint (else model).')
+  flags.DEFINE_integer('max_group_size', None, 'Sample-embedding rows; default: as in the file (0 if none). '
+                       '>0 with a plain DiT/SiT file initialises a fresh table (from pretrained).')
+  flags.DEFINE_enum('learn_sigma', 'auto', ['auto', 'true', 'false'], 'Default: from final_layer.linear.')
+  flags.DEFINE_integer('input_size', 32, 'Latent side (256 px / 8).')
+  flags.DEFINE_integer('in_channels', 4, 'Latent channels.')
+  flags.DEFINE_integer('num_classes', 1000, 'Classes (the file holds one more row, the null class).')
+  flags.DEFINE_integer('seed', 0, 'Seed of freshly initialised params (the sample embedding).')
+  flags.DEFINE_bool('allow_pickle', False, 'torch.load with weights_only=False (trusted files only).')
+  flags.mark_flags_as_required(['source', 'output', 'variant'])
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=import-outside-toplevel
+  _define_flags()
+  app.run(main)
