@@ -23,6 +23,7 @@ setuptools.setup(
         'importlib_resources',  # needed by TFDS when preparing datasets
         'scann==1.4.2',
         'scipy',
+        'diffrax>=0.7.2',  # the adaptive dopri5 sampler
         'scikit-learn',  # the embedded demo's digits
         'safetensors>=0.8.0',
         'pillow',

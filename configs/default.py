@@ -18,6 +18,10 @@ def get_config():
 
   config.model = ml_collections.ConfigDict()
   config.model.variant = 'SiT-XL/2'  # {SiT,DiT}-{S,B,L,XL}/{2,4,8}
+  config.model.objective = 'sit'  # 'sit' (transport) | 'dit' (DDPM, learned sigma, hybrid loss)
+  config.model.path = 'linear'  # SiT path: 'linear' | 'gvp' | 'vp'
+  config.model.prediction = 'velocity'  # SiT prediction: 'velocity' | 'noise' | 'score'
+  config.model.loss_weight = ''  # SiT noise/score loss weight: '' | 'velocity' | 'likelihood'
   config.model.depth = 0  # 0: from the variant; >0 overrides it
   config.model.hidden_size = 0
   config.model.num_heads = 0
@@ -27,8 +31,19 @@ def get_config():
   config.model.learn_sigma = True  # as official SiT/DiT; SiT uses the first half only
   config.model.max_group_size = 4  # rows of the sample embedding; 0 removes it
   config.model.group_layers = ()  # (start, stop) blocks with group attention; () = all
-  config.model.attention_impl = 'xla'  # 'xla' | 'cudnn' | 'auto'
+  config.model.attention_impl = 'xla'  # 'xla' | 'cudnn' | 'splash' | 'auto' (by backend)
   config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16'
+  config.model.remat = 'none'  # activation rematerialisation per block: 'none' | 'full' | 'dots_saveable'
+
+  # Device mesh (sharding.py): sizes of the `data` and `fsdp` axes, one may
+  # be -1 (= the rest); dcn_* is the across-slice/host part of each axis
+  # (with dcn_* > 1, data and fsdp are the sizes inside one slice/host).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.dcn_data = 1
+  config.mesh.dcn_fsdp = 1
+  config.mesh.min_sharded_size = 2**14  # smaller parameter leaves stay replicated
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # images per step, global
@@ -45,6 +60,8 @@ def get_config():
   config.train.log_every = 100
   config.train.checkpoint_every = 10_000
   config.train.max_checkpoints = 3
+  config.train.max_nonfinite_steps = 10  # stop after this many skipped (NaN/inf) steps in a row
+  config.train.poison_step = -1  # tests: this step's images become NaN (-1: never)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-4
@@ -59,8 +76,15 @@ def get_config():
   config.data.name = 'imagenet_latents'
 
   config.sample = ml_collections.ConfigDict()
-  config.sample.sampler = 'heun'  # 'euler' | 'heun'
-  config.sample.num_steps = 125
+  config.sample.sampler = 'heun'  # SiT: 'euler' | 'heun' | 'sde' | 'dopri5'; DiT: 'ddpm' | 'ddim'
+  config.sample.num_steps = 125  # fixed-step samplers; DiT: respaced steps unless timestep_respacing
+  config.sample.timestep_respacing = ''  # DiT: e.g. '250' or 'ddim50' ('' = str(num_steps))
+  config.sample.sde_diffusion_form = 'SBDM'  # SiT SDE: 'SBDM' | 'sigma' | 'constant'
+  config.sample.sde_diffusion_norm = 1.0
+  config.sample.sde_last_step = 'Mean'  # 'Mean' | 'Euler' | 'Tweedie' | 'none'
+  config.sample.sde_last_step_size = 0.04
+  config.sample.ode_atol = 1e-6  # dopri5
+  config.sample.ode_rtol = 1e-3
   config.sample.num_groups = 8
   config.sample.images_per_group = 4  # images generated jointly (same class)
   config.sample.cond_group_size = 1  # GroupDiff-l: conditional branch per image
@@ -69,7 +93,7 @@ def get_config():
   config.sample.guidance_low = 0.0
   config.sample.guidance_high = 1.0
   config.sample.guided_channels = 0  # 0: all channels; 3: first three (official "legacy")
-  config.sample.group_stage_fraction = 1.0  # group attention while t < this
+  config.sample.group_stage_fraction = 1.0  # group attention for this first (noisiest) fraction of the trajectory
   config.sample.fixed_sample_ids = False
   config.sample.use_ema = True
   return config

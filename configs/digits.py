@@ -19,6 +19,9 @@ def get_config():
   config.model.input_size = 16
   config.model.in_channels = 1
   config.model.num_classes = 10
+  # 'sit' (velocity, ODE samplers) | 'dit' (DDPM with learned sigma): run DiT with
+  # --config.model.objective=dit --config.sample.sampler=ddpm (or ddim)
+  config.model.objective = 'sit'
 
   config.train.batch_size = 64
   config.train.num_steps = 2000

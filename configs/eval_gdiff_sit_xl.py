@@ -16,6 +16,11 @@ learn_sigma: GroupDiff's SiT wrapper and REPA's SiT have no learned sigma
 (final layer p*p*4 outputs), so False here; the converter reads it from the
 file and writes it to `<workdir>/converted.json` (architecture.learn_sigma):
 if that says true, pass --config.model.learn_sigma=True.
+
+Known gap: the official GroupDiff SiT code (from DeTok) runs time the other
+way (its t = 1 is noise) and its network predicts noise - data. Sampling the
+imported weights needs t -> 1 - t at the model input and a negated output;
+that adapter is not written yet, so this config does not reproduce the FID.
 """
 
 from configs import default
@@ -29,10 +34,9 @@ def get_config():
   config.model.max_group_size = 4
   config.model.dtype = 'float32'
 
-  # The SDE Euler-Maruyama sampler of issue 13 item 1; the value is the name
-  # it is expected to get in samplers.py (official SiT: diffusion form SBDM,
-  # norm 1, last step "Mean" of size 0.04).
-  config.sample.sampler = 'sde_euler'
+  # SDE Euler-Maruyama (samplers.integrate_sde; official: diffusion form
+  # SBDM, norm 1, last step "Mean" of size 0.04, the defaults).
+  config.sample.sampler = 'sde'
   config.sample.num_steps = 250
   config.sample.cfg_scale = 2.585
   config.sample.guidance_low = 0.25

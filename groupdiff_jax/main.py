@@ -7,6 +7,11 @@ Modes:
   train         train (resuming from the workdir's latest checkpoint), then
                 write a sample grid when the data are images (the demo)
   sample        load the latest checkpoint of the workdir and write a grid
+  describe      print parameters, FLOPs per step, mesh, batch and memory per
+                device for the config, without training (describe.py)
+Multi-host: `jax.distributed` is initialised from the environment (TPU pod,
+Slurm, JAX_COORDINATOR_ADDRESS...) or from --coordinator_address,
+--num_processes, --process_id (distributed.py).
 Config fields are overridden with e.g. `--config.train.num_steps=100`.
 """
 
@@ -16,13 +21,17 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from groupdiff_jax import sample, train
+from groupdiff_jax import distributed, sample, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module), e.g. configs/digits.py.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard metrics and samples.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'describe'], 'What to run.')
+flags.DEFINE_bool('describe_xla_check', True, 'describe: also compile small steps for XLA\'s FLOP count.')
+flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0 (default: environment).')
+flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s rank.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -40,12 +49,18 @@ def main(argv):
   for handler in logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
   config = FLAGS.config
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX %s on %d %s device(s).', jax.__version__, jax.device_count(), jax.default_backend())
   if FLAGS.mode == 'train':
     state = train.train_and_evaluate(config, FLAGS.workdir)
+    if int(jax.device_get(state.step)) < config.train.num_steps:
+      return  # preempted: the checkpoint is saved; rerun the same command to resume
     if config.model.in_channels in (1, 3):
       params = state.ema_params if config.sample.use_ema else state.params
       sample.sample_and_save(config, FLAGS.workdir, params)
+  elif FLAGS.mode == 'describe':
+    from groupdiff_jax import describe
+    print(describe.format_description(describe.describe(config, cost_analysis=FLAGS.describe_xla_check)))
   else:
     sample.sample_and_save(config, FLAGS.workdir)
 

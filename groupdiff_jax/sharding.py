@@ -1,40 +1,223 @@
-"""Device mesh and shardings.
+"""Device mesh, parameter sharding rules and the group-wise batch sharding.
 
-One named mesh axis, `data`, over every device: the train state is
-replicated and the batch is split along its leading (image) axis. Groups are
-never split across devices: a sub-batch of G groups of N is laid out
-`[G*N, ...]` with members contiguous, and G must be a multiple of the
-number of devices, so each device holds whole groups and group attention
-stays device-local. One device is a mesh of one.
+Mesh: two named axes, `data` (pure data parallelism: every device of a
+`data` row holds a full copy of what is not split over `fsdp`) and `fsdp`
+(parameters, EMA and optimizer state split over it, gathered per layer by
+XLA). Sizes come from `config.mesh` (one of them may be -1 = the rest); an
+optional `dcn_data`/`dcn_fsdp` split puts the slower across-slice /
+across-host links on the outer dimension (MaxText / lm1b style).
+
+Parameters are sharded by rules matched on their path (big_vision style):
+the model code holds no sharding annotations. The default rules put a
+weight matrix's largest dimension that the `fsdp` axis divides over `fsdp`
+and replicate biases, norms, small tables and scalars. Optimizer state
+(Adam's mu and nu) has the parameters' paths inside it, so the same rules
+shard it like the parameters.
+
+The batch is split over (data, fsdp) *by group*: a sub-batch of G groups of
+N images is laid out `[G*N, ...]` with the members of a group contiguous,
+and G must be a multiple of data*fsdp, so each device holds whole groups
+and group attention (a reshape `[G*N, L, C] -> [G, N*L, C]`) never crosses
+devices. `check_groups_fit_mesh` enforces it.
 """
+
+import math
+import re
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+# The batch (leading, image) axis of every input and activation.
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+
+# Logical axis names -> mesh axes, for activations (flax
+# `nn.logical_axis_rules` format). Activations are split by batch only:
+# sequence and channels stay whole so group attention stays local.
+ACTIVATION_RULES = (
+    ('batch', BATCH_AXES),
+    ('length', None),
+    ('embed', None),
+    ('heads', None),
+    ('mlp', None),
+)
+
+# Parameter rules: (regex searched in the '/'-joined path, rule). The first
+# match wins. Rules: 'fsdp' = the largest dimension divisible by the fsdp
+# size goes over `fsdp` (replicated if none is, or if the leaf is small);
+# 'replicate'. Paths include the optimizer-state prefix (e.g.
+# 'opt_state/1/0/mu/blocks_0/attn/qkv/kernel'), hence `search`.
+PARAM_RULES = (
+    (r'(^|/)(kernel|embedding)$', 'fsdp'),
+    (r'.*', 'replicate'),
+)
+# Leaves with fewer elements stay replicated: splitting them saves little
+# memory and costs a collective per use.
+MIN_SHARDED_SIZE = 2**14
 
 
-def make_mesh(devices=None):
-  """A 1-D mesh named ('data',) over `devices` (default: all devices)."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1), (DATA_AXIS,))
+# --- Mesh --------------------------------------------------------------------
+def mesh_shape(num_devices, data=-1, fsdp=1):
+  """(data, fsdp) sizes whose product is num_devices; one may be -1."""
+  sizes = [data, fsdp]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'At most one of mesh.data={data}, mesh.fsdp={fsdp} may be -1.')
+  known = math.prod(s for s in sizes if s != -1)
+  if known <= 0 or num_devices % known:
+    raise ValueError(f'mesh.data={data} x mesh.fsdp={fsdp} does not divide the {num_devices} devices.')
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh.data={data} x mesh.fsdp={fsdp} = {math.prod(sizes)} != {num_devices} devices.')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config=None, devices=None):
+  """A ('data', 'fsdp') mesh over `devices` (default: all devices).
+
+  mesh_config: the config's `mesh` section (fields data, fsdp and optional
+  dcn_data, dcn_fsdp: the across-slice/host part of each axis; with a DCN
+  part, data and fsdp are the sizes inside one slice/host and the mesh is
+  (data*dcn_data, fsdp*dcn_fsdp)). None: all devices on `data` (pure data
+  parallelism), fsdp of 1.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  get = (lambda k, d: mesh_config.get(k, d)) if mesh_config is not None else (lambda k, d: d)
+  dcn = (get('dcn_data', 1), get('dcn_fsdp', 1))
+  num_slices = math.prod(dcn)
+  if num_slices > 1:
+    # Slices (TPU) or hosts (GPU): the DCN part is the outer dimension.
+    per_slice = mesh_shape(len(devices) // num_slices, get('data', -1), get('fsdp', 1))
+    # TPU: the granule is a slice (ICI inside, DCN between); GPU: a host.
+    grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices,
+                                                process_is_granule=devices[0].platform != 'tpu')
+    return Mesh(grid, MESH_AXES)
+  shape = mesh_shape(len(devices), get('data', -1), get('fsdp', 1))
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
 
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
+def num_batch_shards(mesh):
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def logical_spec(logical_axes, rules=ACTIVATION_RULES):
+  """PartitionSpec of an activation from its logical axis names, e.g. ('batch', 'length', 'embed')."""
+  table = dict(rules)
+  return P(*(table[name] for name in logical_axes))
+
+
 def batch_sharding(mesh):
-  """Leading axis split over `data`; whole groups per device (see module doc)."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (image) axis split over (data, fsdp); whole groups per device."""
+  return NamedSharding(mesh, logical_spec(('batch',)))
 
 
 def check_groups_fit_mesh(sub_batches, mesh):
-  """Raise unless every sub-batch's groups divide evenly over the data axis."""
-  devices = mesh.shape[DATA_AXIS]
+  """Raise unless every sub-batch's groups divide evenly over the batch axes."""
+  devices = num_batch_shards(mesh)
   for sub in sub_batches:
     if sub.num_groups % devices:
       raise ValueError(f'{sub.num_groups} groups of {sub.group_size} images cannot be split evenly over '
                        f'{devices} devices without splitting a group; make the batch a multiple of '
                        f'{devices * sub.group_size} images.')
+
+
+# --- Parameter and state sharding --------------------------------------------
+def path_string(path):
+  """A jax key path -> 'a/b/0/c'."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def param_spec(path, shape, fsdp_size, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE):
+  """PartitionSpec of one leaf from the first rule matching its path."""
+  for pattern, rule in rules:
+    if re.search(pattern, path):
+      break
+  else:
+    rule = 'replicate'
+  if rule == 'replicate' or fsdp_size == 1 or math.prod(shape) < min_size:
+    return P()
+  if rule != 'fsdp':
+    raise ValueError(f'Unknown sharding rule {rule!r} for {path}.')
+  # Largest dimension first; ties go to the later (output) dimension.
+  for dim in sorted(range(len(shape)), key=lambda d: (shape[d], d), reverse=True):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = FSDP_AXIS
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(tree, mesh, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE):
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+  fsdp_size = mesh.shape[FSDP_AXIS]
+
+  def one(path, leaf):
+    return NamedSharding(mesh, param_spec(path_string(path), tuple(np.shape(leaf)), fsdp_size, rules, min_size))
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def state_shardings(abstract_state, mesh, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE):
+  """Shardings for a whole TrainState (params, EMA, optimizer state alike)."""
+  return tree_shardings(abstract_state, mesh, rules, min_size)
+
+
+def bytes_per_device(tree, shardings):
+  """Bytes each device holds of `tree` under `shardings` (evenly split)."""
+  total = 0
+  for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    split = math.prod(sh.mesh.shape[a] for entry in sh.spec if entry for a in
+                      (entry if isinstance(entry, tuple) else (entry,)))
+    total += np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape) // split
+  return total
+
+
+# --- Multi-host input --------------------------------------------------------
+def host_batch_slice(mesh, num_images):
+  """The rows [start, stop) of a global batch of `num_images` this process feeds.
+
+  With the batch sharded over (data, fsdp), the devices of one process hold
+  one contiguous block of rows when the process is the outer mesh dimension
+  (which make_mesh arranges); raise if not.
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((num_images,))
+  rows = sorted({(s[0].start or 0, num_images if s[0].stop is None else s[0].stop) for s in index_map.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  covered = sum(b - a for a, b in rows)
+  if covered != stop - start:
+    raise ValueError(f'This process\'s devices hold non-contiguous rows {rows} of the batch; '
+                     'build the mesh with make_mesh (processes as the outer dimension).')
+  return start, stop
+
+
+def global_batch(local_parts, mesh, global_sizes):
+  """Global arrays from this process's rows of every sub-batch.
+
+  local_parts: tuple of dicts of numpy arrays (this host's rows, whole
+  groups); global_sizes: images per sub-batch, globally.
+  """
+  sharding = batch_sharding(mesh)
+  out = []
+  for part, size in zip(local_parts, global_sizes):
+    out.append({k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (size,) + np.shape(v)[1:])
+                for k, v in part.items()})
+  return tuple(out)

@@ -1,5 +1,6 @@
 """The training loop: data, model, jitted group steps, metrics, checkpoints."""
 
+import inspect
 import logging
 import os
 import time
@@ -9,7 +10,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from tqdm import tqdm
 
-from groupdiff_jax import checkpoint, sharding, step_plan
+from groupdiff_jax import checkpoint, preemption, sharding, step_plan, validation
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
@@ -24,38 +25,98 @@ def make_batches(config):
     with data_config.unlocked():
       data_config.batch_size = config.train.batch_size
     return DigitsBatches(data_config, config.seed)
+  if config.data.name in ('latents', 'imagenet_latents'):
+    from groupdiff_jax.data import pipeline
+    # Single host: batches are placed on the devices ahead of time. Several
+    # hosts: each assembles only its slice, made global by the pipeline.
+    batch_sharding = sharding.batch_sharding(sharding.make_mesh())
+    return pipeline.from_config(config, jax.process_index(), jax.process_count(), batch_sharding)
   raise ValueError(f'config.data.name={config.data.name!r} has no input pipeline in this version; '
-                   f'available: {DATASETS}. (The ImageNet latent-store pipeline is a separate job: see README.)')
+                   f'available: {DATASETS + ("latents",)}.')
+
+
+LATENT_HELP = """Produce them with the data jobs (README, "Data"):
+  python -m groupdiff_jax.data.extract_latents_job --vae_path=.../sd-vae-ft-ema/diffusion_pytorch_model.safetensors \\
+      --manual_dir=DIR_WITH_ILSVRC2012_TARS --output_dir={latent_dir}
+  python -m groupdiff_jax.data.embeddings_job --encoder=dinov2_l14 --weights=.../dinov2-large --output_dir=EMB_DIR
+  python -m groupdiff_jax.data.neighbors_job --embeddings_dir=EMB_DIR --output_dir={neighbors_dir} --k=100
+then pass --config.data.latent_dir=... --config.data.neighbors_dir=..."""
+
+
+def check_data(config):
+  """Fail fast (before the mesh, model or compile) when the data are missing."""
+  if config.data.name not in ('latents', 'imagenet_latents'):
+    return
+  data = config.data
+  latent_dir, neighbors_dir = data.get('latent_dir', ''), data.get('neighbors_dir', '')
+  missing = [os.path.join(latent_dir, f) for f in ('latents.npy', 'labels.npy')
+             if not os.path.exists(os.path.join(latent_dir, f))]
+  if data.get('grouping', 'official_plan') in ('official_plan', 'tau_random'):
+    path = os.path.join(neighbors_dir, 'neighbors.npy')
+    missing += [] if os.path.exists(path) else [path]
+  if missing:
+    raise FileNotFoundError(f'config.data.name={data.name!r} needs the ImageNet latent store and neighbour lists: '
+                            f'{", ".join(missing)} not found.\n'
+                            + LATENT_HELP.format(latent_dir=latent_dir or 'LATENT_DIR',
+                                                 neighbors_dir=neighbors_dir or 'NEIGHBORS_DIR'))
+
+
+def host_batch(batches, step, kind, mesh):
+  """Step `step`'s batch as this process feeds it.
+
+  One process: the batch source's numpy batch (the jitted step shards it).
+  Several: each process reads only its own rows, whole groups (see
+  sharding.host_batch_slice), and the global arrays are assembled with
+  `jax.make_array_from_process_local_data`. A source built for this host
+  (attribute `process_count`, e.g. data/pipeline.py) returns them itself; one
+  whose `batch(step, kind, process_index=, process_count=)` takes the process
+  reads only the groups [i*G/n, (i+1)*G/n) of each sub-batch; one without
+  it (the digits demo) draws the global batch and keeps this host's rows.
+  """
+  count = jax.process_count()
+  if count == 1 or getattr(batches, 'process_count', None) == count:
+    return batches.batch(step, kind)  # one host, or a source that already reads only its slice
+  rows = [sharding.host_batch_slice(mesh, sub.num_images) for sub in kind]
+  if 'process_index' in inspect.signature(batches.batch).parameters:
+    index = jax.process_index()
+    expected = [(index * sub.num_images // count, (index + 1) * sub.num_images // count) for sub in kind]
+    if rows != expected:
+      raise ValueError(f'Process {index} feeds rows {rows} of the batch but the batch source reads {expected}.')
+    local = batches.batch(step, kind, process_index=index, process_count=count)
+  else:
+    local = tuple({k: v[start:stop] for k, v in part.items()}
+                  for part, (start, stop) in zip(batches.batch(step, kind), rows))
+  return sharding.global_batch(local, mesh, [sub.num_images for sub in kind])
 
 
 def train_and_evaluate(config, workdir):
   """Train per `config`, writing metrics and checkpoints to `workdir`.
 
-  Returns the final TrainState.
+  Returns the final TrainState; on preemption (SIGTERM) it saves and returns
+  early, with state.step < config.train.num_steps.
   """
-  os.makedirs(workdir, exist_ok=True)
+  check_data(config)
   is_main = jax.process_index() == 0
 
   # --- Mesh and input --------------------------------------------------------
-  mesh = sharding.make_mesh()
-  kinds = step_plan.step_kinds(config.train.batch_size, config.train.group_size, config.train.group_ratio,
-                               config.train.mode, config.train.mixed_steps)
-  for kind in kinds.values():
-    sharding.check_groups_fit_mesh(kind, mesh)
-  if config.train.group_size > config.model.max_group_size > 0:
-    raise ValueError(f'train.group_size={config.train.group_size} exceeds model.max_group_size='
-                     f'{config.model.max_group_size} (one sample-embedding row per member).')
+  mesh = sharding.make_mesh(config.get('mesh'))
+  logging.info('Mesh %s over %d process(es); batch split by group over %s.', dict(mesh.shape), jax.process_count(),
+               sharding.BATCH_AXES)
+  kinds = validation.check_before_training(config, workdir, mesh)
   batches = make_batches(config)
 
   # --- Model, state and sharding ---------------------------------------------
   model = model_from_config(config.model)
-  state_sharding = sharding.replicated(mesh)
-  create = jax.jit(lambda key: train_step_lib.create_train_state(model, config, key), out_shardings=state_sharding)
-  state = create(jax.random.PRNGKey(config.seed))
+  state, state_sharding = train_step_lib.create_sharded_train_state(model, config, mesh,
+                                                                     jax.random.PRNGKey(config.seed))
   param_count = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model %s: %s parameters.', config.model.variant, f'{param_count:,}')
 
   # --- Checkpoint ------------------------------------------------------------
+  # The newest checkpoint that restores (unreadable ones are moved aside with
+  # a warning): params, EMA, optimizer state, step and base PRNG key. Batches
+  # and step kinds are pure functions of (seed, step), so the resumed run is
+  # bit-identical to an uninterrupted one.
   manager = checkpoint.checkpoint_manager(workdir, config.train.max_checkpoints)
   state = checkpoint.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
@@ -69,28 +130,92 @@ def train_and_evaluate(config, workdir):
                                            every_steps=config.train.log_every)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+  guard = NonfiniteGuard(config.train.max_nonfinite_steps)
   pending = []
   progress = tqdm(range(start_step, config.train.num_steps), initial=start_step, total=config.train.num_steps,
                   desc='train', disable=not is_main, unit='step')
   last_log = time.time()
-  for step in progress:
-    name = step_plan.step_kind_name(config.seed, step, kinds, config.train.group_ratio)
-    batch = batches.batch(step, kinds[name])
-    state, metrics = run_step(state, batch, kinds[name])
-    pending.append(metrics)
-    report(step + 1)
-    if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.num_steps:
-      summary = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-      summary['steps_per_sec'] = len(pending) / max(time.time() - last_log, 1e-9)
-      if not np.isfinite(summary['loss']):
-        raise FloatingPointError(f'Loss is {summary["loss"]} at step {step + 1}; lower optim.lr or check the data.')
-      writer.write_scalars(step + 1, summary)
-      progress.set_postfix(loss=f'{summary["loss"]:.4f}')
-      pending, last_log = [], time.time()
-    if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == config.train.num_steps:
-      checkpoint.save(manager, state)
+  with preemption.PreemptionWatch(manager) as watch:
+    for step in progress:
+      name = step_plan.step_kind_name(config.seed, step, kinds, config.train.group_ratio)
+      batch = host_batch(batches, step, kinds[name], mesh)
+      if step == config.train.poison_step:
+        batch = poisoned(batch)
+      state, metrics = run_step(state, batch, kinds[name])
+      guard.push(step + 1, metrics['nonfinite'])
+      pending.append(metrics)
+      report(step + 1)
+      if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.num_steps:
+        summary = summarize(pending)
+        summary['steps_per_sec'] = len(pending) / max(time.time() - last_log, 1e-9)
+        writer.write_scalars(step + 1, summary)
+        progress.set_postfix(loss=f'{summary["loss"]:.4f}')
+        pending, last_log = [], time.time()
+      if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == config.train.num_steps:
+        checkpoint.save(manager, state)
+      if watch.stop_at(step + 1):
+        checkpoint.save(manager, state, force=True)
+        logging.warning('Preempted after step %d: its checkpoint is saved in %s; rerun the same command to '
+                        'resume.', step + 1, manager.directory)
+        break
+    guard.flush()
+  progress.close()
   manager.wait_until_finished()
   writer.flush()
   if is_main:
     print(f'Metrics (TensorBoard): {os.path.abspath(workdir)}\nCheckpoints: {manager.directory}')
   return state
+
+
+def poisoned(batch):
+  """`batch` with NaN images (config.train.poison_step: tests the non-finite guard)."""
+  return tuple({k: v * np.float32(np.nan) if k == 'images' else v for k, v in part.items()} for part in batch)
+
+
+def summarize(metrics):
+  """Means of a window of step metrics; loss and grad_norm over the finite steps only.
+
+  `nonfinite_steps` counts the window's skipped steps.
+  """
+  values = {k: np.array([jax.device_get(m[k]) for m in metrics]) for k in metrics[0]}
+  skipped = values.pop('nonfinite')
+  finite = skipped == 0
+  summary = {k: float(v[finite].mean()) if finite.any() else float('nan') for k, v in values.items()}
+  summary['nonfinite_steps'] = int(skipped.sum())
+  return summary
+
+
+class NonfiniteGuard:
+  """Stops training after `limit` skipped (non-finite) steps in a row.
+
+  Each step's flag is read one step late, when the next step is already
+  dispatched, so the check costs no host-device sync in the loop.
+  """
+
+  def __init__(self, limit):
+    self.limit = limit
+    self.in_a_row = 0
+    self._last = None
+
+  def push(self, step, nonfinite):
+    last, self._last = self._last, (step, nonfinite)
+    if last is not None:
+      self._check(*last)
+
+  def flush(self):
+    last, self._last = self._last, None
+    if last is not None:
+      self._check(*last)
+
+  def _check(self, step, nonfinite):
+    if not int(jax.device_get(nonfinite)):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    logging.warning('Step %d: the loss or gradient norm is not finite; its update was skipped (%d in a row).',
+                    step, self.in_a_row)
+    if self.in_a_row >= self.limit:
+      raise FloatingPointError(
+          f'{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient norm (updates '
+          f'skipped; train.max_nonfinite_steps={self.limit}). Lower optim.lr, check the data, or resume from an '
+          f'earlier checkpoint.')

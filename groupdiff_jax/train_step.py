@@ -70,12 +70,71 @@ def create_train_state(model, config, rng):
                     rng=step_rng, apply_fn=model.apply, tx=tx)
 
 
+def create_sharded_train_state(model, config, mesh, rng):
+  """Shape-first initialisation: the state is created already sharded.
+
+  `jax.eval_shape` gives the state's shapes without computing it, the rules
+  in sharding.py turn them into shardings, and `jax.jit(..., out_shardings=)`
+  creates every leaf directly on its devices, so a full unsharded copy of
+  the parameters never exists on one device.
+
+  Returns:
+    (state, state_shardings): the TrainState and a matching tree of
+    NamedShardings (the jitted step's in/out shardings).
+  """
+  create = functools.partial(create_train_state, model, config)
+  abstract = jax.eval_shape(create, rng)
+  mesh_config = config.get('mesh')
+  min_size = mesh_config.get('min_sharded_size', sharding.MIN_SHARDED_SIZE) if mesh_config else sharding.MIN_SHARDED_SIZE
+  shardings = sharding.state_shardings(abstract, mesh, min_size=min_size)
+  state = jax.jit(create, out_shardings=shardings)(rng)
+  return state, shardings
+
+
 def ema_update(ema_params, params, decay):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
-def _sub_batch_loss(params, apply_fn, sub, images, labels, rng, train_config, max_group_size, null_class):
-  """Per-image SiT losses [num_images] of one sub-batch."""
+OBJECTIVES = ('sit', 'dit')
+
+
+def _dit_losses(model_fn, images, time_rng, noise_rng, sub, timestep_jitter):
+  """Per-image DiT hybrid losses (mse + vb) [num_images] of one sub-batch.
+
+  Integer timesteps with the official intra-group variance
+  (int(timestep_jitter * 1000) steps around a base step per group), DDPM
+  with 1000 linear-beta steps; the model sees the integer timestep and must
+  output [B, H, W, 2C] (learned sigma).
+  """
+  from groupdiff_jax import diffusion as gd  # kept local: this block is the DiT objective only
+  schedule = gd.create_schedule('')
+  t = gd.sample_group_timesteps(time_rng, sub.num_groups, sub.group_size, schedule.num_timesteps, timestep_jitter)
+  noise = jax.random.normal(noise_rng, images.shape, jnp.float32)
+
+  def checked_model_fn(x_t, t_model):
+    out = model_fn(x_t, t_model)
+    if out.shape[-1] != 2 * images.shape[-1]:
+      raise ValueError(f'model.objective=dit needs model.learn_sigma=True (a {2 * images.shape[-1]}-channel '
+                       f'output of eps and variance values); the model outputs {out.shape[-1]} channels.')
+    return out
+
+  return gd.training_losses(checked_model_fn, images, t, noise, schedule)
+
+
+def _sub_batch_loss(params, apply_fn, sub, images, labels, rng, train_config, max_group_size, null_class,
+                    model_config=None):
+  """Per-image losses [num_images] of one sub-batch.
+
+  model_config: the config's `model` section (None: SiT defaults). Its
+  optional `objective` picks the loss: 'sit' (transport.py: the model's
+  `path`, `prediction`, `loss_weight`; default linear velocity MSE at
+  uniform t) or 'dit' (DDPM hybrid loss at integer t, _dit_losses). The
+  step takes the plain mean over images either way, as the official code.
+  """
+  model_config = model_config if model_config is not None else {}
+  objective = model_config.get('objective', 'sit')
+  if objective not in OBJECTIVES:
+    raise ValueError(f'Unknown model.objective={objective!r}; use one of {OBJECTIVES}.')
   time_rng, noise_rng, id_rng, drop_rng = jax.random.split(rng, 4)
   if not sub.conditional:
     labels = jnp.full_like(labels, null_class)
@@ -84,8 +143,6 @@ def _sub_batch_loss(params, apply_fn, sub, images, labels, rng, train_config, ma
     # are the dropout and conditional images keep their labels (official).
     drop = jax.random.bernoulli(drop_rng, train_config.label_dropout, labels.shape)
     labels = jnp.where(drop, null_class, labels)
-  t = transport.sample_group_times(time_rng, sub.num_groups, sub.group_size, train_config.timestep_jitter)
-  noise = jax.random.normal(noise_rng, images.shape, images.dtype)
   ids = None
   if max_group_size > 0:
     ids = draw_sample_ids(id_rng, sub.num_groups, sub.group_size, max_group_size, train_config.fixed_sample_ids)
@@ -93,10 +150,14 @@ def _sub_batch_loss(params, apply_fn, sub, images, labels, rng, train_config, ma
   def model_fn(x_t, t):
     return apply_fn({'params': params}, x_t, t, labels, ids, group_size=sub.group_size)
 
-  return transport.training_loss(model_fn, images, noise, t)
+  if objective == 'dit':
+    return _dit_losses(model_fn, images, time_rng, noise_rng, sub, train_config.timestep_jitter)
+  t = transport.sample_group_times(time_rng, sub.num_groups, sub.group_size, train_config.timestep_jitter)
+  noise = jax.random.normal(noise_rng, images.shape, images.dtype)
+  return transport.training_loss(model_fn, images, noise, t, transport.transport_from_config(model_config))
 
 
-def train_step(state, batch, kind, train_config, optim_config, max_group_size, null_class):
+def train_step(state, batch, kind, train_config, optim_config, max_group_size, null_class, model_config=None):
   """One optimizer step on a batch of one kind.
 
   Args:
@@ -108,26 +169,39 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
     train_config, optim_config: the config's `train` and `optim` sections.
     max_group_size: the model's sample-table size (0: no sample embedding).
     null_class: the label of the unconditional class.
+    model_config: the config's `model` section (objective, transport); None
+      means the SiT defaults.
 
   Returns:
-    (new state, metrics dict of scalars).
+    (new state, metrics dict of scalars: loss, grad_norm, and nonfinite,
+    1 when the step was skipped because the loss or gradients were not
+    finite).
   """
   rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
     losses = [
         _sub_batch_loss(params, state.apply_fn, sub, part['images'], part['labels'], jax.random.fold_in(rng, i),
-                        train_config, max_group_size, null_class)
+                        train_config, max_group_size, null_class, model_config)
         for i, (sub, part) in enumerate(zip(kind, batch))
     ]
     return jnp.mean(jnp.concatenate(losses))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            ema_params=ema_update(state.ema_params, params, optim_config.ema_decay))
-  return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+  ema_params = ema_update(state.ema_params, params, optim_config.ema_decay)
+  # Non-finite guard: a step whose loss or gradient norm is NaN/inf keeps
+  # params, optimizer state and EMA as they were; the step count still
+  # advances (the next step draws the next batch and key) and the step is
+  # counted in `nonfinite` (train.py stops after too many in a row).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state),
+                            ema_params=keep(ema_params, state.ema_params))
+  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'nonfinite': 1 - finite.astype(jnp.int32)}
 
 
 def make_jitted_train_step(config, mesh, state_sharding):
@@ -136,7 +210,8 @@ def make_jitted_train_step(config, mesh, state_sharding):
   The train state is donated. Each step kind compiles once.
   """
   step = functools.partial(train_step, train_config=config.train, optim_config=config.optim,
-                           max_group_size=config.model.max_group_size, null_class=config.model.num_classes)
+                           max_group_size=config.model.max_group_size, null_class=config.model.num_classes,
+                           model_config=config.model)
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = {}
 

@@ -67,3 +67,74 @@ def test_model_sees_the_interpolated_input():
   loss = transport.training_loss(model_fn, data, noise, jnp.array([0.75]))
   assert float(seen['x'].squeeze()) == 1.5 and float(seen['t'][0]) == 0.75
   assert float(loss[0]) == 4.0  # target velocity 2, prediction 0
+
+
+# --- paths and predictions against Gaussian closed forms -------------------
+
+DATA_MEAN, DATA_STD = 1.5, 0.5
+
+
+@pytest.mark.parametrize('path', transport.PATHS)
+def test_path_velocity_is_the_time_derivative_and_ends_are_noise_and_data(path):
+  x1, x0 = jnp.full((3, 1, 1, 1), 2.0), jnp.full((3, 1, 1, 1), -1.0)
+  t = jnp.array([0.2, 0.5, 0.9])
+  x_of_t = lambda t: transport.interpolate(x1, x0, t, path)[0]
+  _, derivative = jax.jvp(x_of_t, (t,), (jnp.ones_like(t),))
+  np.testing.assert_allclose(transport.interpolate(x1, x0, t, path)[1], derivative, rtol=1e-4)
+  alpha, _, sigma, _ = transport.path_coefficients(path, jnp.array([0.0, 1.0]))
+  np.testing.assert_allclose(alpha[1], 1.0, atol=1e-6)
+  np.testing.assert_allclose(sigma[1], 0.0, atol=1e-6)
+  assert alpha[0] < 1e-2 and sigma[0] > 0.99  # VP: alpha(0) = exp(-5.05), not exactly 0
+  if path != 'linear':  # variance preserving
+    np.testing.assert_allclose(alpha**2 + sigma**2, 1.0, rtol=1e-6)
+
+
+def gaussian_posterior(x, t, path):
+  """Exact E[noise | x_t], velocity and score for data N(DATA_MEAN, DATA_STD^2)."""
+  alpha, d_alpha, sigma, d_sigma = transport.path_coefficients(path, jnp.asarray(t))
+  variance = alpha**2 * DATA_STD**2 + sigma**2
+  centred = x - alpha * DATA_MEAN
+  data = DATA_MEAN + alpha * DATA_STD**2 / variance * centred
+  noise = sigma / variance * centred
+  return noise, d_alpha * data + d_sigma * noise, -centred / variance
+
+
+@pytest.mark.parametrize('path', transport.PATHS)
+@pytest.mark.parametrize('t', [0.3, 0.8])
+def test_every_prediction_converts_to_the_exact_velocity_and_score(path, t):
+  x = jnp.linspace(-2.0, 3.0, 7).reshape(7, 1, 1, 1)
+  noise, velocity, score = gaussian_posterior(x, t, path)
+  for prediction, value in (('velocity', velocity), ('noise', noise), ('score', score)):
+    v, s = transport.velocity_and_score(value, x, t, transport.Transport(path, prediction))
+    np.testing.assert_allclose(v, velocity, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s, score, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('prediction', ['noise', 'score'])
+@pytest.mark.parametrize('weight', [None, 'velocity', 'likelihood'])
+def test_noise_and_score_losses_vanish_at_their_targets_inside_the_training_interval(prediction, weight):
+  spec = transport.Transport('linear', prediction, weight)
+  data = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 1))
+  noise = jax.random.normal(jax.random.PRNGKey(1), (4, 2, 2, 1))
+  seen = {}
+
+  def perfect(x_t, t):
+    seen['t'] = t
+    sigma = transport.path_coefficients('linear', t)[2][:, None, None, None]
+    return noise if prediction == 'noise' else -noise / sigma
+
+  loss = transport.training_loss(perfect, data, noise, jnp.array([0.0, 0.3, 0.7, 1.0]), spec)
+  np.testing.assert_allclose(loss, 0.0, atol=1e-8)
+  np.testing.assert_allclose(seen['t'], [1e-3, 1e-3 + 0.3 * 0.998, 1e-3 + 0.7 * 0.998, 1 - 1e-3], rtol=1e-6)
+  wrong = transport.training_loss(lambda x_t, t: jnp.zeros_like(x_t), data, noise, jnp.array([0.5] * 4), spec)
+  assert (wrong > 0).all()
+
+
+def test_default_transport_keeps_the_linear_velocity_loss():
+  data, noise, t = jnp.ones((2, 1, 1, 1)), jnp.zeros((2, 1, 1, 1)), jnp.array([0.0, 1.0])
+  model_fn = lambda x_t, t: jnp.zeros_like(x_t)
+  np.testing.assert_allclose(transport.training_loss(model_fn, data, noise, t), [1.0, 1.0])
+  assert transport.time_interval(transport.Transport()) == (0.0, 1.0)
+  assert transport.time_interval(transport.Transport(), sde=True, last_step_size=0.04, sampling=True) == (0.0, 0.96)
+  with pytest.raises(ValueError, match='model.path'):
+    transport.Transport(path='cosine')

@@ -47,13 +47,23 @@ def build_searcher(database, num_neighbors, params):
           .reorder(params['reorder']).build())
 
 
-def nearest_neighbors(embeddings, num_neighbors, params=None, batch_size=4096):
+def _drop_self(found, found_scores, query_rows, num_neighbors):
+  """Remove each query's own row from [b, K+1] results (or the last one if self is absent): [b, K]."""
+  drop = found == query_rows[:, None]
+  drop[:, -1] |= ~drop.any(1)
+  keep = np.argsort(drop, axis=1, kind='stable')[:, :num_neighbors]
+  return np.take_along_axis(found, keep, 1), np.take_along_axis(found_scores, keep, 1)
+
+
+def nearest_neighbors(embeddings, num_neighbors, params=None, batch_size=4096, progress=None):
   """Top-K neighbours of every row among the other rows.
 
   Args:
     embeddings: [M, D] L2-normalised rows.
     num_neighbors: K (self excluded).
     params: index parameters (default: `scann_params(M, K)`).
+    batch_size: queries per ScaNN call.
+    progress: optional callable(rows_done, rows_total).
 
   Returns:
     neighbors int32 [M, K] (best first), scores float32 [M, K] cosine
@@ -70,9 +80,67 @@ def nearest_neighbors(embeddings, num_neighbors, params=None, batch_size=4096):
   for start in range(0, num_rows, batch_size):
     queries = embeddings[start:start + batch_size]
     found, found_scores = searcher.search_batched(queries, final_num_neighbors=num_neighbors + 1)
-    for row, (ids, sims) in enumerate(zip(found, found_scores)):
-      keep = ids != start + row  # drop self wherever it ranks
-      neighbors[start + row] = ids[keep][:num_neighbors]
-      scores[start + row] = sims[keep][:num_neighbors]
+    rows = np.arange(start, start + len(queries))
+    neighbors[rows], scores[rows] = _drop_self(np.asarray(found), np.asarray(found_scores), rows, num_neighbors)
+    if progress is not None:
+      progress(start + len(queries), num_rows)
   logging.info('Found %d neighbours for %d rows (%s).', num_neighbors, num_rows, params['kind'])
   return neighbors, scores, params
+
+
+def exact_neighbors(embeddings, num_neighbors, query_rows=None, batch_size=1024, progress=None):
+  """Exact top-K by cosine with JAX (matmul + top_k), self excluded: the recall reference.
+
+  The database is split by rows over all devices (mesh axis 'data'); each
+  batch of queries is scored against it and reduced with lax.top_k. Runs on
+  CPU too (slowly for large M).
+
+  Args:
+    embeddings: [M, D] L2-normalised rows.
+    num_neighbors: K.
+    query_rows: int [Q] rows to search for (default: all rows).
+    batch_size: queries per jitted call.
+    progress: optional callable(rows_done, rows_total).
+
+  Returns:
+    neighbors int32 [Q, K] (best first), scores float32 [Q, K].
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  embeddings = np.asarray(embeddings, np.float32)
+  num_rows = len(embeddings)
+  if num_neighbors >= num_rows:
+    raise ValueError(f'num_neighbors={num_neighbors} needs more than {num_neighbors} rows; got {num_rows}.')
+  query_rows = np.arange(num_rows) if query_rows is None else np.asarray(query_rows)
+  devices = jax.devices()
+  mesh = Mesh(np.asarray(devices), ('data',))
+  padded = -(-num_rows // len(devices)) * len(devices)
+  database = jax.device_put(np.pad(embeddings, ((0, padded - num_rows), (0, 0))), NamedSharding(mesh, P('data')))
+
+  @jax.jit
+  def search(queries, rows, database):
+    sims = jnp.einsum('qd,md->qm', queries, database, precision=jax.lax.Precision.HIGHEST)  # [b, M]
+    column = jnp.arange(padded)[None, :]
+    sims = jnp.where((column == rows[:, None]) | (column >= num_rows), -jnp.inf, sims)
+    return jax.lax.top_k(sims, num_neighbors)
+
+  neighbors = np.empty((len(query_rows), num_neighbors), np.int32)
+  scores = np.empty((len(query_rows), num_neighbors), np.float32)
+  for start in range(0, len(query_rows), batch_size):
+    rows = query_rows[start:start + batch_size]
+    pad = batch_size - len(rows) if len(query_rows) > batch_size else 0  # one compiled shape
+    padded_rows = np.pad(rows, (0, pad))
+    found_scores, found = search(embeddings[padded_rows], padded_rows, database)
+    scores[start:start + len(rows)] = np.asarray(found_scores)[:len(rows)]
+    neighbors[start:start + len(rows)] = np.asarray(found)[:len(rows)]
+    if progress is not None:
+      progress(start + len(rows), len(query_rows))
+  return neighbors, scores
+
+
+def recall_at_k(found, exact):
+  """Mean fraction of the exact top-K found: found, exact int [Q, K]."""
+  hits = [len(np.intersect1d(a, b)) for a, b in zip(found, exact)]
+  return float(np.mean(hits)) / exact.shape[1]

@@ -1,7 +1,7 @@
 """DiT's Gaussian diffusion (DDPM): schedules, losses, samplers."""
 
 from groupdiff_jax.diffusion.gaussian_diffusion import (
-    DiffusionSchedule, ModelPosterior, approx_standard_normal_cdf, ddim_sample,
+    NUM_TIMESTEPS, DiffusionSchedule, ModelPosterior, approx_standard_normal_cdf, ddim_sample,
     ddim_step, ddpm_sample, discretized_gaussian_log_likelihood,
     linear_beta_schedule, make_schedule, mean_flat, normal_kl, p_mean_variance,
     p_sample_step, predict_eps_from_x0, predict_x0_from_eps,

@@ -45,7 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def linear_beta_schedule(num_timesteps=1000):
+NUM_TIMESTEPS = 1000  # DiT's training diffusion steps T; the model sees t in [0, T)
+
+
+def linear_beta_schedule(num_timesteps=NUM_TIMESTEPS):
   """DiT's 'linear' betas, scaled by 1000 / T: float64 [T]."""
   scale = 1000.0 / num_timesteps
   return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)

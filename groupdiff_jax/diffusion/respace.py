@@ -58,7 +58,7 @@ def respaced_betas(betas, kept_timesteps):
   return 1.0 - kept_cumprod / previous_cumprod, timestep_map
 
 
-def create_schedule(timestep_respacing='', num_timesteps=1000, noise_schedule='linear'):
+def create_schedule(timestep_respacing='', num_timesteps=gaussian_diffusion.NUM_TIMESTEPS, noise_schedule='linear'):
   """DiT's `create_diffusion` defaults as a DiffusionSchedule.
 
   timestep_respacing: '' or None for all T steps (training); e.g. '250' or

@@ -28,6 +28,7 @@ import re
 from typing import Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from groupdiff_jax.models import embeddings
@@ -134,6 +135,28 @@ class FinalLayer(nn.Module):
     return _xavier_dense(self.patch_size**2 * self.out_channels, 'linear', self.dtype, zero=True)(x)
 
 
+# Activation rematerialisation of each block (`model.remat`): what the
+# backward pass keeps from the forward. 'none': everything (fastest, most
+# memory); 'full': only the block inputs, the block is recomputed (about one
+# extra forward, least memory); 'dots_saveable': matmul outputs kept,
+# element-wise ops recomputed (a middle ground).
+REMAT_POLICIES = {
+    'none': None,
+    'full': lambda: None,
+    'dots_saveable': lambda: jax.checkpoint_policies.dots_saveable,
+}
+
+
+def block_class(remat):
+  """DiTBlock, wrapped in nn.remat per `remat` (parameter names unchanged)."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'Unknown model.remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}.')
+  if remat == 'none':
+    return DiTBlock
+  # static_argnums counts `self`: (self, x, c, group_size) -> group_size is 3.
+  return nn.remat(DiTBlock, policy=REMAT_POLICIES[remat](), static_argnums=(3,))
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupAttentionSwitch:
   """Which blocks attend across the group: blocks [start, stop) (None = all)."""
@@ -155,8 +178,9 @@ class DiT(nn.Module):
     learn_sigma: output 2*in_channels (epsilon and variance values).
     max_group_size: rows of the sample embedding table; 0 removes it.
     group_layers: (start, stop) block range with group attention; None = all.
-    attention_impl: key of group_attention.ATTENTION_IMPLEMENTATIONS.
+    attention_impl: one of group_attention.ATTENTION_IMPLEMENTATIONS.
     dtype: compute dtype (parameters stay float32).
+    remat: a key of REMAT_POLICIES.
   """
 
   input_size: int = 32
@@ -172,6 +196,7 @@ class DiT(nn.Module):
   group_layers: Optional[Tuple[int, Optional[int]]] = None
   attention_impl: str = 'xla'
   dtype: jnp.dtype = jnp.float32
+  remat: str = 'none'
 
   @property
   def out_channels(self):
@@ -211,9 +236,10 @@ class DiT(nn.Module):
                                         name='sample_embedder')(sample_ids)  # [B, C]
 
     switch = GroupAttentionSwitch(*(self.group_layers or (0, None)))
+    block = block_class(self.remat)
     for layer in range(self.depth):
       block_group_size = group_size if (group_attention and layer in switch) else 1
-      tokens = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.attention_impl, self.dtype,
+      tokens = block(self.hidden_size, self.num_heads, self.mlp_ratio, self.attention_impl, self.dtype,
                         name=f'blocks_{layer}')(tokens, c, block_group_size)
     out = FinalLayer(p, self.out_channels, self.dtype, name='final_layer')(tokens, c)  # [B, L, p*p*out]
     out = out.reshape(batch, grid, grid, p, p, self.out_channels)
@@ -231,4 +257,4 @@ def model_from_config(config):
   return DiT(input_size=config.input_size, in_channels=config.in_channels, num_classes=config.num_classes,
              learn_sigma=config.learn_sigma, max_group_size=config.max_group_size, group_layers=group_layers,
              attention_impl=config.get('attention_impl', 'xla'), mlp_ratio=config.get('mlp_ratio', 4.0),
-             dtype=dtype, **arch)
+             dtype=dtype, remat=config.get('remat', 'none'), **arch)

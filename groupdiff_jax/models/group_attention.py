@@ -16,19 +16,78 @@ Parameter names follow timm's `Attention` as used by DiT:
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-# Kernels for jax.nn.dot_product_attention by config name. 'auto' lets JAX
-# choose (cuDNN flash attention on GPU where it applies); 'xla' materialises
-# the [T, T] score matrix and is what runs on CPU.
-ATTENTION_IMPLEMENTATIONS = {'auto': None, 'xla': 'xla', 'cudnn': 'cudnn'}
+# Attention kernels by config name (`model.attention_impl`):
+#   'xla'    jax.nn.dot_product_attention in plain XLA: materialises the
+#            [T, T] scores (memory ~ T^2). What runs on CPU.
+#   'cudnn'  cuDNN flash attention (GPU, bf16/fp16 only): no [T, T] matrix.
+#   'splash' Pallas splash attention (TPU; on other backends it runs in the
+#            Pallas interpreter, slowly, which is how it is tested on CPU).
+#   'auto'   by backend: cuDNN on GPU for bf16/fp16 compute (XLA for fp32,
+#            which cuDNN does not take), splash on TPU, XLA on CPU.
+# With N=16 a group is 4096 tokens: on accelerators use 'auto' (or the
+# named kernel), never 'xla'.
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
+SPLASH_MAX_BLOCK = 512
+
+
+def resolve_implementation(implementation, dtype, backend=None):
+  """The concrete kernel name for `implementation` on `backend` (default: JAX's)."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'Unknown model.attention_impl={implementation!r}; '
+                     f'choose one of {sorted(ATTENTION_IMPLEMENTATIONS)}.')
+  if implementation != 'auto':
+    return implementation
+  backend = backend or jax.default_backend()
+  if backend in ('gpu', 'cuda', 'rocm'):
+    return 'cudnn' if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else 'xla'
+  if backend == 'tpu':
+    return 'splash'
+  return 'xla'
+
+
+def splash_attention(q, k, v, interpret=None):
+  """Pallas splash attention, full (non-causal) mask. q, k, v: [B, T, H, D].
+
+  The kernel works per example on [H, T, D] in blocks of a multiple of 128
+  tokens, and does not scale the logits: q is scaled by 1/sqrt(D) here. A
+  length that is not a multiple of 128 (only tiny test models: SiT/2 groups
+  are 256*N tokens) is padded with keys masked out. Head dims that are not
+  a multiple of 128 (SiT-XL: 72) are zero-padded for the TPU kernel, which
+  changes neither scores nor outputs.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  if interpret is None:
+    interpret = jax.default_backend() != 'tpu'
+  batch, length, heads, head_dim = q.shape
+  q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+  padded_length = -(-length // 128) * 128
+  padded_dim = head_dim if interpret or head_dim % 128 == 0 else -(-head_dim // 128) * 128
+  pad = ((0, 0), (0, 0), (0, padded_length - length), (0, padded_dim - head_dim))
+  to_heads = lambda a: jnp.pad(a.swapaxes(1, 2), pad)  # [B, H, T', D']
+  block = SPLASH_MAX_BLOCK
+  while padded_length % block:
+    block //= 2
+  sizes = kernels.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  if padded_length == length:
+    head_mask = masks.FullMask((length, length))
+  else:
+    head_mask = masks.NumpyMask(np.broadcast_to(np.arange(padded_length) < length, (padded_length,) * 2).copy())
+  kernel = kernels.make_splash_mha(masks.MultiHeadMask([head_mask] * heads), block_sizes=sizes, head_shards=1,
+                                   q_seq_shards=1, interpret=interpret)
+  out = jax.vmap(kernel)(to_heads(q), to_heads(k), to_heads(v))  # [B, H, T', D']
+  return out[:, :, :length, :head_dim].swapaxes(1, 2)
 
 
 def dot_product_attention(q, k, v, implementation='xla'):
   """Softmax attention. q, k, v: [B, T, H, D] -> [B, T, H, D]."""
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f'Unknown model.attention_impl={implementation!r}; '
-                     f'choose one of {sorted(ATTENTION_IMPLEMENTATIONS)}.')
-  return jax.nn.dot_product_attention(q, k, v, implementation=ATTENTION_IMPLEMENTATIONS[implementation])
+  implementation = resolve_implementation(implementation, q.dtype)
+  if implementation == 'splash':
+    return splash_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 def to_groups(x, group_size):
@@ -51,7 +110,7 @@ def group_attention(q, k, v, group_size, implementation='xla'):
   Args:
     q, k, v: [G*N, L, H, D], members of a group contiguous.
     group_size: N; 1 gives per-image attention.
-    implementation: a key of ATTENTION_IMPLEMENTATIONS.
+    implementation: one of ATTENTION_IMPLEMENTATIONS.
 
   Returns:
     [G*N, L, H, D].

@@ -1,0 +1,203 @@
+"""The latent store and neighbour lists of METHOD.md section 6: write, read, validate.
+
+Latent store (one directory):
+  latents.npy  float16 or bfloat16, [M, 32, 32, 4], or [M, 2, 32, 32, 4]
+               where [:, 1] is the latent of the horizontally flipped image
+  labels.npy   int32 [M]
+  meta.json    source, vae, scale, resolution, count, checksum (+ free fields)
+
+Neighbour lists (one directory):
+  neighbors.npy  int32 [M, K], row i = nearest neighbours of i, best first,
+                 self excluded
+  scores.npy     float16 [M, K] cosine similarities
+  meta.json      tau, K, index parameters, measured recall
+
+Arrays are memory-mapped for reading. NumPy writes bfloat16 (ml_dtypes) as
+the opaque type '<V2'; reading views it back as bfloat16. Every check fails
+with a message that names the file, the value found and what to do.
+"""
+
+import hashlib
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+
+LATENTS, LABELS, META = 'latents.npy', 'labels.npy', 'meta.json'
+NEIGHBORS, SCORES = 'neighbors.npy', 'scores.npy'
+LATENT_DTYPES = ('float16', 'bfloat16')
+LATENT_SHAPE = (32, 32, 4)  # 256 px / 8, SD-VAE channels
+
+
+class StoreError(ValueError):
+  """A store file that does not follow METHOD.md section 6."""
+
+
+def _dtype_name(array):
+  if array.dtype == np.dtype('V2') or array.dtype == ml_dtypes.bfloat16:
+    return 'bfloat16'
+  return array.dtype.name
+
+
+def _as_bfloat16(array):
+  return array.view(ml_dtypes.bfloat16) if array.dtype == np.dtype('V2') else array
+
+
+def _load(path, what):
+  if not os.path.exists(path):
+    raise StoreError(f'{path}: missing ({what}). Write it with the job named in the module docstring of '
+                     f'groupdiff_jax/data/latent_store.py.')
+  try:
+    return np.load(path, mmap_mode='r')
+  except ValueError as e:
+    raise StoreError(f'{path}: not a readable .npy file ({e}); rewrite it.') from e
+
+
+def read_meta(directory):
+  path = os.path.join(directory, META)
+  if not os.path.exists(path):
+    raise StoreError(f'{path}: missing meta.json; rewrite the store with its job.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_meta(directory, meta):
+  tmp = os.path.join(directory, META + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(directory, META))
+
+
+# ---------------------------------------------------------------- latent store
+
+
+def checksum(paths, chunk_bytes=1 << 24):
+  """sha256 over the raw bytes of `paths`, in order (streamed)."""
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, 'rb') as f:
+      while chunk := f.read(chunk_bytes):
+        digest.update(chunk)
+  return 'sha256:' + digest.hexdigest()
+
+
+def store_checksum(directory):
+  return checksum([os.path.join(directory, LATENTS), os.path.join(directory, LABELS)])
+
+
+def write_latent_store(directory, latents, labels, meta=None):
+  """Write a whole (small) store: latents [M, 32, 32, 4] or [M, 2, ...], labels [M].
+
+  `latents` must already be float16 or bfloat16 (the caller picks the
+  precision). meta gets count and checksum filled in. Returns the path.
+  """
+  latents = np.asarray(latents)
+  labels = np.asarray(labels)
+  if _dtype_name(latents) not in LATENT_DTYPES:
+    raise StoreError(f'latents dtype {latents.dtype} is not one of {LATENT_DTYPES}; cast before writing.')
+  os.makedirs(directory, exist_ok=True)
+  np.save(os.path.join(directory, LATENTS), latents)
+  np.save(os.path.join(directory, LABELS), labels.astype(np.int32))
+  meta = dict(meta or {})
+  meta.update(count=int(len(latents)), checksum=store_checksum(directory), dtype=_dtype_name(latents),
+              flipped=bool(latents.ndim == 5))
+  write_meta(directory, meta)
+  return directory
+
+
+class LatentStore:
+  """A read-only, memory-mapped latent store.
+
+  Attributes:
+    latents: memmap [M, 32, 32, 4] or [M, 2, 32, 32, 4] (float16/bfloat16).
+    labels: int32 [M] (in memory).
+    meta: the meta.json dict.
+    has_flips: whether latents hold a flipped copy.
+  """
+
+  def __init__(self, directory, verify_checksum=False):
+    self.directory = directory
+    if not os.path.isdir(directory):
+      raise StoreError(f'{directory}: no latent store here (config.data.latent_dir). Run the latent extraction '
+                       f'job: python -m groupdiff_jax.data.extract_latents_job --output_dir={directory} ...')
+    self.meta = read_meta(directory)
+    latents_path, labels_path = os.path.join(directory, LATENTS), os.path.join(directory, LABELS)
+    self.latents = _as_bfloat16(_load(latents_path, 'latents float16/bfloat16 [M, 32, 32, 4]'))
+    self.labels = np.asarray(_load(labels_path, 'labels int32 [M]'))
+    validate_latents(self.latents, self.labels, self.meta, latents_path, labels_path)
+    self.has_flips = self.latents.ndim == 5
+    if verify_checksum and self.meta.get('checksum'):
+      found = store_checksum(directory)
+      if found != self.meta['checksum']:
+        raise StoreError(f'{directory}: checksum {found} does not match meta.json {self.meta["checksum"]}; '
+                         f'the files changed after writing: re-run the extraction job.')
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def validate_latents(latents, labels, meta, latents_path='latents.npy', labels_path='labels.npy'):
+  """Raise StoreError unless latents/labels/meta follow the format."""
+  name = _dtype_name(latents)
+  if name not in LATENT_DTYPES:
+    raise StoreError(f'{latents_path}: dtype {latents.dtype} is not float16 or bfloat16; rewrite the store.')
+  if latents.shape[1:] not in (LATENT_SHAPE, (2,) + LATENT_SHAPE):
+    raise StoreError(f'{latents_path}: shape {latents.shape}; expected [M, 32, 32, 4] or [M, 2, 32, 32, 4] '
+                     f'(256 px images through SD-VAE).')
+  if labels.dtype != np.int32 or labels.ndim != 1:
+    raise StoreError(f'{labels_path}: dtype {labels.dtype} shape {labels.shape}; expected int32 [M].')
+  if len(labels) != len(latents):
+    raise StoreError(f'{labels_path}: {len(labels)} labels for {len(latents)} latent rows in {latents_path}; '
+                     f'the store is incomplete: finish or re-run the extraction job.')
+  if len(labels) and labels.min() < 0:
+    raise StoreError(f'{labels_path}: negative label {labels.min()}.')
+  count = meta.get('count')
+  if count is not None and count != len(labels):
+    raise StoreError(f'meta.json count={count} but {latents_path} has {len(latents)} rows.')
+
+
+# ---------------------------------------------------------------- neighbour lists
+
+
+def write_neighbors(directory, neighbors, scores, meta=None):
+  """neighbors int [M, K] and scores [M, K] (stored float16) plus meta.json."""
+  os.makedirs(directory, exist_ok=True)
+  np.save(os.path.join(directory, NEIGHBORS), np.asarray(neighbors, np.int32))
+  np.save(os.path.join(directory, SCORES), np.asarray(scores, np.float16))
+  meta = dict(meta or {})
+  meta.update(count=int(len(neighbors)), K=int(np.shape(neighbors)[1]))
+  write_meta(directory, meta)
+  return directory
+
+
+def read_neighbors(directory, num_rows=None, min_neighbors=1):
+  """Memory-mapped (neighbors int32 [M, K], scores float16 [M, K], meta), validated.
+
+  Args:
+    num_rows: M of the latent store the lists must match (None: not checked).
+    min_neighbors: the least K that works (N-1 for groups of N).
+  """
+  if not os.path.isdir(directory):
+    raise StoreError(f'{directory}: no neighbour lists here (config.data.neighbors_dir). Run '
+                     f'python -m groupdiff_jax.data.neighbors_job --embeddings_dir=... --output_dir={directory}.')
+  path, scores_path = os.path.join(directory, NEIGHBORS), os.path.join(directory, SCORES)
+  neighbors = _load(path, 'int32 [M, K]')
+  scores = _load(scores_path, 'float16 [M, K]')
+  meta = read_meta(directory)
+  if neighbors.dtype != np.int32 or neighbors.ndim != 2:
+    raise StoreError(f'{path}: dtype {neighbors.dtype} shape {neighbors.shape}; expected int32 [M, K].')
+  if scores.shape != neighbors.shape or scores.dtype not in (np.float16, np.float32):
+    raise StoreError(f'{scores_path}: dtype {scores.dtype} shape {scores.shape}; expected float16 '
+                     f'{neighbors.shape} like {path}.')
+  if num_rows is not None and len(neighbors) != num_rows:
+    raise StoreError(f'{path}: {len(neighbors)} rows but the latent store has {num_rows}; the lists were built '
+                     f'for other data: re-run the neighbour job on this store\'s embeddings.')
+  if neighbors.shape[1] < min_neighbors:
+    raise StoreError(f'{path}: K={neighbors.shape[1]} neighbours per row; groups need at least {min_neighbors}.')
+  if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= len(neighbors)):
+    raise StoreError(f'{path}: ids in [{neighbors.min()}, {neighbors.max()}] outside [0, {len(neighbors)}).')
+  sample = np.arange(0, len(neighbors), max(1, len(neighbors) // 1000))
+  if (neighbors[sample] == sample[:, None]).any():
+    raise StoreError(f'{path}: a row lists itself as a neighbour; the format excludes self.')
+  return neighbors, scores, meta

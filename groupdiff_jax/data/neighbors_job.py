@@ -1,0 +1,143 @@
+"""Neighbour job: top-K cosine neighbours of every embedding (METHOD.md section 6).
+
+  python -m groupdiff_jax.data.neighbors_job --embeddings_dir=/data/in256_dinov2_l14 \
+      --output_dir=/data/in256_neighbors --k=100
+
+Reads `embeddings.npy` (float32/float16 [M, D], L2-normalised, the latent
+store's row order) and writes `neighbors.npy` (int32 [M, K], best first,
+self excluded), `scores.npy` (float16 [M, K] cosine) and `meta.json` (tau,
+K, index parameters, recall@K measured against exact search on a sample of
+queries, timings, and how many anchors have at least N-1 neighbours scoring
+>= tau).
+
+--method=scann (default): ScaNN with parameters chosen from the data size
+(exact brute force up to 20k rows; above, a tree with ~sqrt(M) leaves,
+asymmetric hashing and exact re-ordering; retrieval.scann_params).
+--method=exact: brute force with JAX on the accelerators (sharded matmul +
+top_k); it is also the recall reference.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from groupdiff_jax.data import latent_store, pipeline, retrieval
+from groupdiff_jax.data.progress import Progress
+
+EMBEDDINGS = 'embeddings.npy'
+NORM_TOLERANCE = 1e-2
+
+
+class JobInputError(ValueError):
+  """An input of a data job that cannot be used; the message says what to do."""
+
+
+def load_embeddings(directory):
+  """Memory-mapped embeddings [M, D] and their meta (dict, may be empty), validated."""
+  path = os.path.join(directory, EMBEDDINGS)
+  if not os.path.exists(path):
+    raise JobInputError(f'{path}: missing. Write it with python -m groupdiff_jax.data.embeddings_job '
+                        f'(L2-normalised float32/float16 [M, D] in the latent store\'s row order).')
+  embeddings = np.load(path, mmap_mode='r')
+  if embeddings.ndim != 2 or embeddings.dtype not in (np.float32, np.float16):
+    raise JobInputError(f'{path}: dtype {embeddings.dtype} shape {embeddings.shape}; expected float32 or float16 '
+                        f'[M, D].')
+  sample = np.asarray(embeddings[::max(1, len(embeddings) // 1000)], np.float32)
+  norms = np.linalg.norm(sample, axis=1)
+  if not np.all(np.abs(norms - 1) < NORM_TOLERANCE):
+    bad = int(np.argmax(np.abs(norms - 1)))
+    raise JobInputError(f'{path}: rows are not L2-normalised (a sampled row has norm {norms[bad]:.4f}); '
+                        f'the embedding job writes unit rows: normalise them (retrieval.l2_normalize) and rewrite.')
+  meta_path = os.path.join(directory, 'meta.json')
+  meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+  return embeddings, meta
+
+
+def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_queries=1000, tau=0.7,
+        group_sizes=(2, 4, 8, 16), latent_dir=None, overwrite=False, seed=0):
+  """The job; returns the meta dict it wrote. Arguments as the flags."""
+  if method not in ('scann', 'exact'):
+    raise JobInputError(f"--method={method!r}; use 'scann' or 'exact'.")
+  if os.path.exists(os.path.join(output_dir, latent_store.NEIGHBORS)) and not overwrite:
+    raise JobInputError(f'{output_dir} already holds neighbors.npy; pass --overwrite to replace it.')
+  embeddings, embeddings_meta = load_embeddings(embeddings_dir)
+  num_rows = len(embeddings)
+  if k >= num_rows:
+    raise JobInputError(f'--k={k} needs more than {k} rows; {embeddings_dir}/{EMBEDDINGS} has {num_rows}.')
+  if latent_dir:
+    store = latent_store.LatentStore(latent_dir)
+    if len(store) != num_rows:
+      raise JobInputError(f'{embeddings_dir}/{EMBEDDINGS} has {num_rows} rows but the latent store {latent_dir} has '
+                          f'{len(store)}: the embeddings must follow the store\'s rows; re-run the embedding job.')
+  print(f'Neighbour job: {num_rows:,} embeddings of dimension {embeddings.shape[1]}, K={k}, method={method}.',
+        flush=True)
+  embeddings = np.asarray(embeddings, np.float32)
+  progress = Progress('search', num_rows)
+  start = time.time()
+  if method == 'scann':
+    params = retrieval.scann_params(num_rows, k)
+    if index == 'tree_ah' and params['kind'] == 'brute_force':
+      params = retrieval.scann_params(retrieval.BRUTE_FORCE_MAX_ROWS + 1, k)
+      leaves = max(2, int(np.sqrt(num_rows)))
+      params.update(num_leaves=leaves, num_leaves_to_search=max(1, leaves // 20),
+                    training_sample_size=num_rows)
+    elif index == 'brute_force':
+      params = {'kind': 'brute_force'}
+    neighbors, scores, params = retrieval.nearest_neighbors(embeddings, k, params, progress=progress)
+  else:
+    params = {'kind': 'exact_jax'}
+    neighbors, scores = retrieval.exact_neighbors(embeddings, k, progress=progress)
+  search_s = time.time() - start
+
+  # Recall@K against exact search on a sample of queries.
+  rng = np.random.default_rng(seed)
+  queries = np.sort(rng.choice(num_rows, min(recall_queries, num_rows), replace=False))
+  if method == 'exact':
+    recall = 1.0
+  else:
+    exact, _ = retrieval.exact_neighbors(embeddings, k, queries)
+    recall = retrieval.recall_at_k(neighbors[queries], exact)
+  coverage = {str(n): pipeline.tau_coverage(scores, tau, n) for n in group_sizes}
+  meta = {'K': k, 'tau': tau, 'method': method, 'index': params, 'recall': recall,
+          'recall_queries': int(len(queries)), 'search_seconds': round(search_s, 2),
+          'anchors_with_n_minus_1_above_tau': coverage, 'embeddings_dir': os.path.abspath(embeddings_dir),
+          'encoder': embeddings_meta.get('encoder'), 'count': num_rows}
+  latent_store.write_neighbors(output_dir, neighbors, scores, meta)
+  print(f'Wrote {output_dir}: recall@{k} {recall:.4f} on {len(queries)} queries, search {search_s:.1f} s.')
+  for n, fraction in coverage.items():
+    print(f'  groups of {n}: {100 * fraction:.1f}% of anchors have >= {int(n) - 1} neighbours with score >= {tau}')
+  return latent_store.read_meta(output_dir)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The job's flags (defined only when run as a program, so importing the module defines none)."""
+  flags.DEFINE_string('embeddings_dir', None, 'Directory with embeddings.npy (+ meta.json).')
+  flags.DEFINE_string('output_dir', None, 'Where neighbors.npy, scores.npy and meta.json go.')
+  flags.DEFINE_integer('k', 100, 'Neighbours per row (self excluded); official: 100.')
+  flags.DEFINE_enum('method', 'scann', ['scann', 'exact'], 'ScaNN, or exact brute force with JAX.')
+  flags.DEFINE_enum('index', 'auto', ['auto', 'brute_force', 'tree_ah'], 'ScaNN index; auto: from the data size.')
+  flags.DEFINE_integer('recall_queries', 1000, 'Queries whose recall@K is measured against exact search.')
+  flags.DEFINE_float('tau', 0.7, 'Similarity threshold reported (and used by tau_random grouping).')
+  flags.DEFINE_string('latent_dir', None, 'Optional latent store whose row count the embeddings must match.')
+  flags.DEFINE_bool('overwrite', False, 'Replace existing neighbour lists.')
+
+
+def main(argv):
+  del argv
+  try:
+    run(FLAGS.embeddings_dir, FLAGS.output_dir, FLAGS.k, FLAGS.method, FLAGS.index, FLAGS.recall_queries,
+        FLAGS.tau, latent_dir=FLAGS.latent_dir, overwrite=FLAGS.overwrite)
+  except (JobInputError, latent_store.StoreError) as e:
+    raise SystemExit(f'neighbors_job: {e}') from None
+
+
+if __name__ == '__main__':
+  define_flags()
+  flags.mark_flags_as_required(['embeddings_dir', 'output_dir'])
+  app.run(main)

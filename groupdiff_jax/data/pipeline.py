@@ -1,0 +1,325 @@
+"""The group pipeline: batches of the trainer's step kinds from a latent store.
+
+`GroupPipeline.batch(step, kind)` has the interface of
+`DigitsBatches.batch`: one dict per `step_plan.SubBatch` of `kind`, each
+{'images': float32 [n, 32, 32, 4], 'labels': int32 [n]}, the members of a
+group contiguous (`[G*N, ...]`, group g = rows g*N .. g*N+N-1).
+
+Streams. Every SubBatch position of every step kind is a stream of images:
+singles read rows from a per-epoch permutation of the store, in order;
+groups read groups from the configured grouping (METHOD.md section 2):
+
+  official_plan  once per epoch, anchors in shuffled order take their first
+                 N-1 unused neighbours in rank order (grouping.official_epoch_plan);
+                 groups are disjoint within the epoch; served in plan order
+  tau_random     the paper: anchors from a per-epoch permutation; N-1 members
+                 drawn at random among the anchor's neighbours with score
+                 >= tau; a shortfall is filled with the nearest below tau
+                 and counted (`stats['fallback_members']`)
+  class          disjoint groups within one class, per epoch
+  random         disjoint random groups, per epoch
+
+How many images a stream has served before step s follows from the step
+kind plan (step_plan.step_kind_name, exact per block of steps), so every
+batch is a pure function of (seed, step): a run resumed at step k sees
+exactly the batches an uninterrupted run would, and every host computes the
+same global batch and keeps only its slice (`process_index` of
+`process_count`: whole groups, contiguous). With `random_flip` and a store
+holding flipped copies ([M, 2, ...]) each image's copy is drawn per step.
+
+Batches are assembled by vectorised index arithmetic and one gather from
+the memory-mapped store per sub-batch (no per-sample Python), `prefetch`
+steps ahead in a background thread, optionally placed on devices.
+"""
+
+import concurrent.futures
+import functools
+import logging
+import threading
+
+import numpy as np
+
+from groupdiff_jax import step_plan
+from groupdiff_jax.data import grouping, latent_store
+
+GROUPINGS = ('official_plan', 'tau_random', 'class', 'random')
+# Seeds of the independent random streams (mixed into numpy SeedSequences).
+_SINGLES, _GROUPS, _ANCHORS, _MEMBERS, _FLIPS, _RESHUFFLE = 11, 12, 13, 14, 15, 16
+
+
+def tau_random_groups(anchors, neighbors, scores, group_size, tau, rng):
+  """Groups of the paper's grouping: anchor + N-1 random members with score >= tau.
+
+  Args:
+    anchors: int [G] anchor rows.
+    neighbors, scores: [M, K] neighbour lists (best first).
+    group_size: N.
+    tau: cosine threshold.
+    rng: numpy Generator.
+
+  Returns:
+    (int32 [G, N] groups, anchor first; int [G] members below tau per group).
+    Members above tau come first in random order, then the shortfall filled
+    from the nearest neighbours below tau (our reading of the paper).
+  """
+  cand = np.asarray(neighbors[anchors])  # [G, K]
+  passes = np.asarray(scores[anchors]).astype(np.float32) >= tau  # [G, K]
+  num_k = cand.shape[1]
+  # Sort key: random in [0, 1) for candidates above tau, 1 + rank below it.
+  key = np.where(passes, rng.random(cand.shape), 1.0 + np.arange(num_k) / num_k)
+  pick = np.argsort(key, axis=1, kind='stable')[:, :group_size - 1]  # [G, N-1]
+  members = np.take_along_axis(cand, pick, 1)
+  fallbacks = np.maximum(0, group_size - 1 - passes.sum(1))
+  return np.concatenate([np.asarray(anchors)[:, None], members], 1).astype(np.int32), fallbacks
+
+
+def tau_coverage(scores, tau, group_size, chunk=1 << 16):
+  """Fraction of anchors with at least N-1 neighbours scoring >= tau."""
+  count = 0
+  for start in range(0, len(scores), chunk):
+    count += int(((np.asarray(scores[start:start + chunk]) >= tau).sum(1) >= group_size - 1).sum())
+  return count / max(1, len(scores))
+
+
+class GroupPipeline:
+  """Batches of the step kinds of a run, served from a latent store.
+
+  Args:
+    store: latent_store.LatentStore (or anything with `latents`, `labels`,
+      `has_flips`).
+    kinds: step_plan.step_kinds(...) of the run (name -> tuple of SubBatch,
+      global sizes).
+    seed: the run's seed (the same as the step-kind plan's).
+    group_ratio: as in step_plan (to follow the trainer's step-kind plan).
+    grouping: one of GROUPINGS.
+    neighbors, scores: [M, K] lists for 'official_plan' / 'tau_random'.
+    tau: threshold of 'tau_random'.
+    random_flip: draw the flipped copy at random (needs a store [M, 2, ...]).
+    process_index, process_count: this host's slice of every global batch.
+    prefetch: steps assembled ahead in a background thread (0: none).
+    sharding: optional jax Sharding of the global batch; batches are then
+      placed on devices (multi-host: jax.make_array_from_process_local_data).
+    block_length: the step-kind plan's block (step_plan default).
+  """
+
+  def __init__(self, store, kinds, *, seed, group_ratio, grouping='official_plan', neighbors=None, scores=None,
+               tau=0.7, random_flip=False, process_index=0, process_count=1, prefetch=2, sharding=None,
+               block_length=100):
+    if grouping not in GROUPINGS:
+      raise ValueError(f'Unknown data.grouping={grouping!r}; use one of {GROUPINGS}.')
+    if grouping in ('official_plan', 'tau_random') and neighbors is None:
+      raise ValueError(f"data.grouping={grouping!r} needs neighbour lists (config.data.neighbors_dir); "
+                       f"'class' and 'random' do not.")
+    if random_flip and not store.has_flips:
+      raise ValueError('data.random_flip=True but the latent store has no flipped copies (latents [M, 32, 32, 4]); '
+                       're-run the extraction job with --flip, or set data.random_flip=False.')
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count}).')
+    self.store, self.kinds, self.seed, self.group_ratio = store, kinds, int(seed), group_ratio
+    self.grouping, self.neighbors, self.scores, self.tau = grouping, neighbors, scores, tau
+    self.random_flip = random_flip
+    self.process_index, self.process_count = process_index, process_count
+    self.block_length, self.sharding = block_length, sharding
+    self.num_rows = len(store.labels)
+    self.labels = np.asarray(store.labels)
+    batch_size = sum(sub.num_images for sub in next(iter(kinds.values())))
+    if batch_size > self.num_rows:
+      raise ValueError(f'Batches of {batch_size} images need at least as many rows; the store has {self.num_rows}.')
+    self.steps_per_epoch = max(1, self.num_rows // batch_size)
+    for name, kind in kinds.items():
+      for sub in kind:
+        if sub.num_groups % process_count:
+          raise ValueError(f'{sub.num_groups} groups of {sub.group_size} per {name} step cannot be split evenly '
+                           f'over {process_count} hosts; make the batch a multiple of {process_count * sub.group_size}.')
+    self.stats = {'group_members': 0, 'fallback_members': 0}
+    self._lock = threading.Lock()
+    self._prefetch = prefetch
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, 'group-pipeline') if prefetch else None
+    self._pending = {}  # step -> (kind, future)
+
+  # ---------------------------------------------------------------- the plan
+
+  @functools.lru_cache(maxsize=8)
+  def _block_counts(self, block):
+    """int [block_length + 1]: group steps among the first i steps of `block`."""
+    start = block * self.block_length
+    is_group = [step_plan.step_kind_name(self.seed, start + i, self.kinds, self.group_ratio, self.block_length)
+                == step_plan.GROUPS for i in range(self.block_length)]
+    return np.concatenate([[0], np.cumsum(is_group)])
+
+  def steps_of_kind_before(self, name, step):
+    """How many steps of kind `name` precede `step` (a pure function of the plan)."""
+    if len(self.kinds) == 1:
+      return step
+    block, position = divmod(step, self.block_length)
+    groups = block * step_plan.group_steps_per_block(self.group_ratio, self.block_length)
+    groups += int(self._block_counts(block)[position])
+    return groups if name == step_plan.GROUPS else step - groups
+
+  def kind_name(self, step):
+    return step_plan.step_kind_name(self.seed, step, self.kinds, self.group_ratio, self.block_length)
+
+  @functools.lru_cache(maxsize=4)
+  def _permutation(self, tag, part, epoch):
+    return np.random.default_rng([self.seed, tag, part, epoch]).permutation(self.num_rows)
+
+  def _stream_rows(self, tag, part, start, count):
+    """Rows at positions [start, start+count) of an endless stream of per-epoch permutations."""
+    positions = np.arange(start, start + count, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, self.num_rows)
+    rows = np.empty(count, np.int64)
+    for epoch in np.unique(epochs):
+      mask = epochs == epoch
+      rows[mask] = self._permutation(tag, part, int(epoch))[offsets[mask]]
+    return rows
+
+  @functools.lru_cache(maxsize=2)
+  def epoch_groups(self, epoch, group_size):
+    """The epoch's disjoint groups int32 [num_groups, N] (official_plan, class, random)."""
+    rng = np.random.default_rng([self.seed, _GROUPS, epoch, group_size])
+    if self.grouping == 'official_plan':
+      groups = grouping.official_epoch_plan(self.neighbors, group_size, rng)
+    elif self.grouping == 'class':
+      groups = grouping.class_groups(self.labels, group_size, rng)
+    else:
+      groups = grouping.random_groups(self.num_rows, group_size, rng)
+    if not len(groups):
+      raise ValueError(f'The {self.grouping} grouping made no group of {group_size} in epoch {epoch}; '
+                       f'check the neighbour lists / labels.')
+    return groups
+
+  def _planned_groups(self, name, part, sub, step):
+    """Global groups [G, N] of a planned grouping for this step."""
+    epoch = step // self.steps_per_epoch
+    before = self.steps_of_kind_before(name, step) - self.steps_of_kind_before(name, epoch * self.steps_per_epoch)
+    groups = self.epoch_groups(epoch, sub.group_size)
+    positions = before * sub.num_groups + np.arange(sub.num_groups)
+    laps, positions = np.divmod(positions, len(groups))
+    out = np.empty((sub.num_groups, sub.group_size), np.int32)
+    for lap in np.unique(laps):  # more group steps than the plan has groups: reshuffle it
+      mask = laps == lap
+      order = (np.arange(len(groups)) if lap == 0 else
+               np.random.default_rng([self.seed, _RESHUFFLE, epoch, part, int(lap)]).permutation(len(groups)))
+      out[mask] = groups[order[positions[mask]]]
+    return out
+
+  def indices(self, step, kind, name=None):
+    """Per SubBatch: (rows int [n_local], flip int [n_local] or None, fallbacks) for this host."""
+    name = name or self.kind_name(step)
+    out = []
+    for part, sub in enumerate(kind):
+      consumed = self.steps_of_kind_before(name, step) * sub.num_images
+      fallbacks = 0
+      if sub.group_size == 1:
+        rows = self._stream_rows(_SINGLES, part, consumed, sub.num_images)
+      elif self.grouping == 'tau_random':
+        anchors = self._stream_rows(_ANCHORS, part, consumed // sub.group_size, sub.num_groups)
+        rng = np.random.default_rng([self.seed, _MEMBERS, step, part])
+        groups, short = tau_random_groups(anchors, self.neighbors, self.scores, sub.group_size, self.tau, rng)
+        rows = groups.reshape(-1)
+      else:
+        rows = self._planned_groups(name, part, sub, step).reshape(-1)
+      flips = None
+      if self.random_flip:
+        flips = np.random.default_rng([self.seed, _FLIPS, step, part]).integers(0, 2, sub.num_images)
+      per_host = sub.num_images // self.process_count
+      local = slice(self.process_index * per_host, (self.process_index + 1) * per_host)
+      if sub.group_size > 1 and self.grouping == 'tau_random':
+        fallbacks = int(short.reshape(self.process_count, -1)[self.process_index].sum())
+      out.append((rows[local], None if flips is None else flips[local], fallbacks))
+    return out
+
+  # ---------------------------------------------------------------- assembly
+
+  def _gather(self, rows, flips):
+    latents = self.store.latents
+    order = np.argsort(rows, kind='stable')  # sequential reads from the memory map
+    if latents.ndim == 5:
+      picked = latents[rows[order], 0 if flips is None else flips[order]]
+    else:
+      picked = latents[rows[order]]
+    images = np.empty(picked.shape, np.float32)
+    images[order] = picked
+    return images
+
+  def _assemble(self, step, kind, name):
+    parts, fallbacks = [], 0
+    for (rows, flips, short), sub in zip(self.indices(step, kind, name), kind):
+      parts.append({'images': self._gather(rows, flips), 'labels': self.labels[rows].astype(np.int32)})
+      fallbacks += short
+    parts = tuple(parts)
+    if self.sharding is not None:
+      parts = self._to_devices(parts)
+    members = sum(sub.num_images // self.process_count for sub in kind if sub.group_size > 1)
+    return parts, members, fallbacks
+
+  def _to_devices(self, parts):
+    import jax
+    if self.process_count == 1:
+      return jax.device_put(parts, self.sharding)
+    return tuple({k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in p.items()} for p in parts)
+
+  def batch(self, step, kind):
+    """One dict per SubBatch of `kind` (this host's slice): images float32 [n, 32, 32, 4], labels int32 [n]."""
+    step = int(step)
+    name = self.kind_name(step)
+    if tuple(kind) != tuple(self.kinds[name]):
+      raise ValueError(f'Step {step} is a {name!r} step in the plan of this pipeline ({self.kinds[name]}), '
+                       f'but the trainer asked for {kind}: the pipeline was built with other train settings.')
+    pending = self._pending.pop(step, None)
+    for old in [s for s in self._pending if s < step]:  # a jump (resume): drop stale work
+      self._pending.pop(old)[1].cancel()
+    if pending is not None:
+      parts, members, fallbacks = pending[1].result()
+    else:
+      parts, members, fallbacks = self._assemble(step, kind, name)
+    with self._lock:
+      self.stats['group_members'] += members
+      self.stats['fallback_members'] += fallbacks
+    if self._pool is not None:
+      for ahead in range(step + 1, step + 1 + self._prefetch):
+        if ahead not in self._pending:
+          ahead_name = self.kind_name(ahead)
+          self._pending[ahead] = (ahead_name, self._pool.submit(self._assemble, ahead, self.kinds[ahead_name],
+                                                                ahead_name))
+    return parts
+
+  def close(self):
+    for _, future in self._pending.values():
+      future.cancel()
+    self._pending.clear()
+    if self._pool is not None:
+      self._pool.shutdown(wait=True)
+
+
+def from_config(config, process_index=0, process_count=1, sharding=None):
+  """The pipeline of a run: config.data.{latent_dir, neighbors_dir, grouping, tau, random_flip, prefetch}."""
+  data, train = config.data, config.train
+  kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
+  if not data.get('latent_dir'):
+    raise ValueError('config.data.latent_dir is not set: point it at a latent store (configs/imagenet_latents.py; '
+                     'written by python -m groupdiff_jax.data.extract_latents_job).')
+  store = latent_store.LatentStore(data.latent_dir)
+  grouping_name = data.get('grouping', 'official_plan')
+  neighbors = scores = None
+  if grouping_name in ('official_plan', 'tau_random'):
+    if not data.get('neighbors_dir'):
+      raise ValueError(f"config.data.grouping={grouping_name!r} needs config.data.neighbors_dir (written by python -m "
+                       f"groupdiff_jax.data.neighbors_job); 'class' and 'random' need none.")
+    neighbors, scores, meta = latent_store.read_neighbors(data.neighbors_dir, len(store), train.group_size - 1)
+    if grouping_name == 'official_plan':
+      neighbors = np.asarray(neighbors)  # the epoch plan reads every row: load once
+    tau = data.get('tau', 0.7)
+    logging.info('Neighbour lists %s: K=%d, recall %s; %.1f%% of anchors have >= %d neighbours with score >= %.2f.',
+                 data.neighbors_dir, neighbors.shape[1], meta.get('recall'),
+                 100 * tau_coverage(scores, tau, train.group_size), train.group_size - 1, tau)
+  random_flip = data.get('random_flip', False)
+  if random_flip and not store.has_flips:
+    logging.warning('data.random_flip is set but %s has no flipped copies; training without flips.', data.latent_dir)
+    random_flip = False
+  logging.info('Latent store %s: %d rows%s; grouping %s.', data.latent_dir, len(store),
+               ' with flips' if store.has_flips else '', grouping_name)
+  return GroupPipeline(store, kinds, seed=config.seed, group_ratio=train.group_ratio, grouping=grouping_name,
+                       neighbors=neighbors, scores=scores, tau=data.get('tau', 0.7),
+                       random_flip=random_flip, process_index=process_index,
+                       process_count=process_count, prefetch=data.get('prefetch', 2), sharding=sharding)

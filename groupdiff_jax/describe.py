@@ -1,0 +1,231 @@
+"""`--mode=describe`: what a config will cost, without training.
+
+Prints the parameter count, FLOPs per train step (forward + backward,
+group attention included) computed analytically and cross-checked with
+XLA's cost analysis of the compiled step, the mesh, the global and
+per-host batch in images and groups, and an estimate of the per-device
+memory for parameters, EMA, optimizer state, gradients and activations.
+
+FLOPs count a multiply-add as 2. (The DiT paper's "119 GFLOPs" for
+DiT-XL/2 counts multiply-adds, i.e. 238 GFLOPs here.) A train step is
+forward + backward = 3x the forward; with `model.remat='full'` the hardware
+does one more forward (reported separately: MFU uses the model FLOPs).
+"""
+
+import dataclasses
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+
+from groupdiff_jax import sharding, step_plan
+from groupdiff_jax import train_step as train_step_lib
+from groupdiff_jax.models.dit import model_from_config, parse_variant
+
+TIMESTEP_FREQUENCIES = 256  # TimestepEmbedder's sinusoid width (DiT)
+ADAM_BUFFERS = 2  # mu and nu
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """The shape of a DiT/SiT, as the FLOP count needs it."""
+  depth: int
+  hidden_size: int
+  num_heads: int
+  patch_size: int
+  input_size: int
+  in_channels: int
+  out_channels: int
+  mlp_ratio: float = 4.0
+  group_layers: tuple = (0, None)
+
+  @property
+  def tokens(self):
+    return (self.input_size // self.patch_size)**2
+
+  def num_group_layers(self):
+    start, stop = self.group_layers
+    return len(range(self.depth)[start:stop])
+
+
+def arch_from_config(model_config):
+  arch = parse_variant(model_config.variant)
+  arch.update({k: model_config[k] for k in ('depth', 'hidden_size', 'num_heads') if model_config.get(k)})
+  return Arch(input_size=model_config.input_size, in_channels=model_config.in_channels,
+              out_channels=model_config.in_channels * (2 if model_config.learn_sigma else 1),
+              mlp_ratio=model_config.get('mlp_ratio', 4.0),
+              group_layers=tuple(model_config.group_layers) if model_config.get('group_layers') else (0, None), **arch)
+
+
+def forward_flops(arch, group_size=1):
+  """FLOPs of one image's forward pass when it is in a group of `group_size`.
+
+  Returns a dict: 'matmul' (dense layers, patch embedding), 'attention'
+  (scores and weighted values: each query attends to group_size * L keys
+  in the blocks with group attention) and 'total'.
+  """
+  L, C, p = arch.tokens, arch.hidden_size, arch.patch_size
+  mlp = int(C * arch.mlp_ratio)
+  per_block = 2 * C * 6 * C + 2 * L * C * 3 * C + 2 * L * C * C + 2 * 2 * L * C * mlp  # adaLN, qkv, proj, mlp
+  matmul = (2 * L * p * p * arch.in_channels * C  # patch embedding
+            + 2 * (TIMESTEP_FREQUENCIES * C + C * C)  # timestep MLP
+            + arch.depth * per_block
+            + 2 * C * 2 * C + 2 * L * C * p * p * arch.out_channels)  # final layer
+  group_layers = arch.num_group_layers()
+  keys = [group_size * L] * group_layers + [L] * (arch.depth - group_layers)
+  attention = sum(2 * 2 * L * k * C for k in keys)  # q.k^T and p.v over all heads
+  return {'matmul': matmul, 'attention': attention, 'total': matmul + attention}
+
+
+def step_flops(arch, kind, remat='none'):
+  """Model FLOPs of one train step of `kind` (3x forward) and hardware FLOPs (with remat)."""
+  forward = sum(sub.num_images * forward_flops(arch, sub.group_size)['total'] for sub in kind)
+  extra = forward if remat == 'full' else 0
+  return {'model': 3 * forward, 'hardware': 3 * forward + extra}
+
+
+def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention_impl):
+  """Rough bytes kept for the backward pass per image (all blocks).
+
+  Per token and block, without remat: ~20 C values (norms, modulations,
+  q/k/v, attention output, MLP hidden before and after GELU, residuals),
+  plus the [H, T] softmax probabilities of each query when the kernel is
+  XLA's (flash kernels keep one log-sum-exp per head). 'dots_saveable'
+  keeps the matmul outputs (~10 C + scores); 'full' keeps only each block's
+  input (C, float32) plus one block recomputed at a time.
+  """
+  L, C, H, depth = arch.tokens, arch.hidden_size, arch.num_heads, arch.depth
+  keys = group_size * L
+  scores = H * keys if attention_impl == 'xla' else H
+  full_block = L * (20 * C + scores) * compute_bytes
+  if remat == 'full':
+    return depth * L * C * 4 + full_block
+  if remat == 'dots_saveable':
+    return depth * L * (10 * C + scores) * compute_bytes
+  return depth * full_block
+
+
+def xla_step_flops(config, model, kind):
+  """XLA's cost analysis of the compiled train step of `kind` (None if unavailable)."""
+  create = functools.partial(train_step_lib.create_train_state, model, config)
+  abstract_state = jax.eval_shape(create, jax.random.PRNGKey(0))
+  shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
+  batch = tuple({'images': jax.ShapeDtypeStruct((sub.num_images, *shape), jnp.float32),
+                 'labels': jax.ShapeDtypeStruct((sub.num_images,), jnp.int32)} for sub in kind)
+  step = functools.partial(train_step_lib.train_step, kind=kind, train_config=config.train, optim_config=config.optim,
+                           max_group_size=config.model.max_group_size, null_class=config.model.num_classes)
+  try:
+    cost = jax.jit(step).lower(abstract_state, batch).compile().cost_analysis()
+  except Exception as error:  # pylint: disable=broad-except
+    logging.warning('No XLA cost analysis: %s', error)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
+  """The description of `config` as a dict (see the module docstring)."""
+  model = model_from_config(config.model)
+  arch = arch_from_config(config.model)
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.get('mesh'))
+  train = config.train
+  kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
+  remat = config.model.get('remat', 'none')
+
+  abstract = jax.eval_shape(lambda key: train_step_lib.create_train_state(model, config, key), jax.random.PRNGKey(0))
+  min_size = config.mesh.get('min_sharded_size', sharding.MIN_SHARDED_SIZE) if config.get('mesh') else \
+      sharding.MIN_SHARDED_SIZE
+  shardings = sharding.state_shardings(abstract, mesh, min_size=min_size)
+  param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+  params_bytes = sharding.bytes_per_device(abstract.params, shardings.params)
+  opt_bytes = sharding.bytes_per_device(abstract.opt_state, shardings.opt_state)
+
+  shards = sharding.num_batch_shards(mesh)
+  processes = jax.process_count()
+  compute_bytes = 2 if config.model.get('dtype', 'float32') == 'bfloat16' else 4
+  impl = config.model.get('attention_impl', 'xla')
+  if impl == 'auto':
+    from groupdiff_jax.models.group_attention import resolve_implementation
+    impl = resolve_implementation(impl, jnp.bfloat16 if compute_bytes == 2 else jnp.float32)
+  out = {
+      'variant': config.model.variant,
+      'param_count': param_count,
+      'forward_flops_per_image': {n: forward_flops(arch, n)['total'] for n in sorted({1, train.group_size})},
+      'mesh': dict(mesh.shape),
+      'devices': mesh.size,
+      'processes': processes,
+      'group_ratio': train.group_ratio,
+      'kinds': {},
+  }
+  for name, kind in kinds.items():
+    flops = step_flops(arch, kind, remat)
+    per_device_images = [sub.num_images // shards for sub in kind]
+    activations = sum(n * activation_bytes_per_image(arch, sub.group_size, remat, compute_bytes, impl)
+                      for n, sub in zip(per_device_images, kind))
+    out['kinds'][name] = {
+        'sub_batches': [dataclasses.asdict(sub) | {'num_groups': sub.num_groups} for sub in kind],
+        'global_images': sum(sub.num_images for sub in kind),
+        'global_groups': sum(sub.num_groups for sub in kind),
+        'per_host_images': sum(sub.num_images for sub in kind) // processes,
+        'per_host_groups': sum(sub.num_groups for sub in kind) // processes,
+        'per_device_images': sum(per_device_images),
+        'model_flops': flops['model'],
+        'hardware_flops': flops['hardware'],
+        'activation_bytes_per_device': activations,
+    }
+  out['memory_bytes_per_device'] = {
+      'params': params_bytes, 'ema_params': params_bytes, 'opt_state': opt_bytes, 'grads': params_bytes,
+      'activations (largest kind)': max(k['activation_bytes_per_device'] for k in out['kinds'].values()),
+  }
+  out['memory_bytes_per_device']['total'] = sum(out['memory_bytes_per_device'].values())
+
+  if cost_analysis:
+    # The step's FLOPs are linear in the images (plus a constant: optimizer,
+    # EMA): compile the step of the most-grouped kind with k and 2k whole
+    # groups and compare the per-image slope with the analytic count.
+    name, kind = max(kinds.items(), key=lambda item: max(sub.group_size for sub in item[1]))
+    sub = max(kind, key=lambda s: s.group_size)
+    images = max_check_images or sub.group_size
+    counts = [xla_step_flops(config, model, (step_plan.SubBatch(n, sub.group_size, sub.conditional),))
+              for n in (images, 2 * images)]
+    analytic = step_flops(arch, (step_plan.SubBatch(images, sub.group_size, sub.conditional),), 'none')['model']
+    xla = (counts[1] - counts[0]) if None not in counts else None
+    out['xla_check'] = {'kind': name, 'images': images, 'group_size': sub.group_size, 'analytic_flops': analytic,
+                        'xla_flops': xla, 'ratio': (xla / analytic) if xla else None}
+  return out
+
+
+def _human(value, unit=''):
+  for suffix, scale in (('P', 1e15), ('T', 1e12), ('G', 1e9), ('M', 1e6), ('k', 1e3)):
+    if abs(value) >= scale:
+      return f'{value / scale:.2f} {suffix}{unit}'
+  return f'{value:.0f} {unit}'
+
+
+def format_description(d):
+  lines = [f"Model {d['variant']}: {d['param_count']:,} parameters."]
+  for n, flops in d['forward_flops_per_image'].items():
+    lines.append(f'Forward per image in a group of {n}: {_human(flops, "FLOPs")} ({_human(flops / 2, "MACs")}).')
+  lines.append(f"Mesh {d['mesh']} on {d['devices']} device(s), {d['processes']} process(es); "
+               f'batch split by group over {sharding.BATCH_AXES}.')
+  for name, k in d['kinds'].items():
+    parts = ', '.join(f"{s['num_groups']} groups of {s['group_size']} ({'cond' if s['conditional'] else 'uncond'})"
+                      for s in k['sub_batches'])
+    lines.append(f"Step kind '{name}': {parts}; global {k['global_images']} images / {k['global_groups']} groups, "
+                 f"per host {k['per_host_images']} / {k['per_host_groups']}, per device {k['per_device_images']} "
+                 f"images; {_human(k['model_flops'], 'FLOPs')} per step (model; hardware with remat "
+                 f"{_human(k['hardware_flops'], 'FLOPs')}).")
+  lines.append('Per-device memory (estimate): ' + ', '.join(
+      f'{k} {_human(v, "B")}' for k, v in d['memory_bytes_per_device'].items()))
+  check = d.get('xla_check')
+  if check:
+    if check['xla_flops']:
+      lines.append(f"XLA cost analysis, {check['images']} more images in groups of {check['group_size']}: "
+                   f"{_human(check['xla_flops'], 'FLOPs')} vs analytic {_human(check['analytic_flops'], 'FLOPs')} "
+                   f"(ratio {check['ratio']:.3f}; XLA also counts element-wise ops).")
+    else:
+      lines.append('XLA cost analysis: not available on this backend.')
+  return '\n'.join(lines)

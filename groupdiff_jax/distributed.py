@@ -1,0 +1,85 @@
+"""Multi-host start-up: `jax.distributed.initialize` from flags or the environment.
+
+Call `initialize()` once, before anything touches a device. Then
+`jax.devices()` lists every device of every process, the mesh spans them
+all (sharding.make_mesh), each process feeds only its own groups
+(train.host_batch) and orbax writes checkpoints cooperatively.
+
+Where the cluster comes from, in order:
+  1. explicit arguments (`--coordinator_address`, `--num_processes`,
+     `--process_id`: local multi-process tests, any hand-made cluster);
+  2. the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+     JAX_PROCESS_ID (what launch/ scripts export on plain multi-node GPU);
+  3. a cluster JAX detects by itself: a Cloud TPU pod slice (TPU VM
+     metadata), Slurm (more than one task), Open MPI; we then call
+     `jax.distributed.initialize()` with no arguments. JAX_DISTRIBUTED_AUTO=1
+     forces that call (launch/tpu_pod.sh sets it: not every TPU VM image
+     exports TPU_WORKER_HOSTNAMES).
+  4. otherwise one process: nothing to do.
+"""
+
+import logging
+import os
+
+import jax
+
+ENV_ADDRESS = 'JAX_COORDINATOR_ADDRESS'
+ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
+ENV_PROCESS_ID = 'JAX_PROCESS_ID'
+
+
+ENV_AUTO = 'JAX_DISTRIBUTED_AUTO'  # '1': call jax.distributed.initialize() and let JAX find the cluster
+
+
+def _detected_cluster():
+  """The name of an auto-detectable multi-process environment, or None."""
+  if os.environ.get(ENV_AUTO) == '1':
+    return 'environment (JAX_DISTRIBUTED_AUTO=1)'
+  if int(os.environ.get('SLURM_NTASKS', os.environ.get('SLURM_NPROCS', '1'))) > 1:
+    return 'slurm'
+  if int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'openmpi'
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  if len([h for h in hosts.split(',') if h]) > 1:
+    return 'tpu_pod'
+  if os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    return 'tpu_multislice'
+  return None
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None, local_device_ids=None):
+  """Join the cluster, if there is one. Returns (process_index, process_count).
+
+  Args:
+    coordinator_address: 'host:port' of process 0's coordinator service.
+    num_processes, process_id: this cluster's size and this process's rank.
+    local_device_ids: devices this process uses (e.g. one GPU per process).
+  """
+  coordinator_address = coordinator_address or os.environ.get(ENV_ADDRESS)
+  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and os.environ.get(ENV_PROCESS_ID):
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError('A coordinator address needs num_processes and process_id '
+                       f'(flags or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}).')
+    if os.environ.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu':
+      # CPU collectives across processes (tests, CPU clusters). Asking
+      # jax.default_backend() here would start the backend too early.
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids)
+  else:
+    cluster = _detected_cluster()
+    if cluster is None:
+      return 0, 1
+    logging.info('Joining the %s cluster (auto-detected).', cluster)
+    jax.distributed.initialize(local_device_ids=local_device_ids)
+  logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  return jax.process_index(), jax.process_count()
+
+
+def is_main_process():
+  """True on the process that writes logs, summaries and sample grids."""
+  return jax.process_index() == 0

@@ -1,0 +1,93 @@
+"""--mode=describe: parameter count, analytic FLOPs (checked by hand and by XLA), batch, memory."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from configs import default, digits
+from groupdiff_jax import describe
+from groupdiff_jax.models.dit import model_from_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_dit_xl_2_forward_is_119_gmacs_as_the_dit_readme_says():
+  arch = describe.arch_from_config(default.get_config().model)
+  assert arch.tokens == 256 and arch.hidden_size == 1152 and arch.depth == 28
+  gmacs = describe.forward_flops(arch, 1)['total'] / 2 / 1e9
+  assert abs(gmacs - 118.6) < 0.5, gmacs  # DiT README: 118.6 Gflops (multiply-adds)
+
+
+def test_analytic_flops_match_a_hand_count_for_a_tiny_model():
+  arch = describe.Arch(depth=2, hidden_size=8, num_heads=2, patch_size=2, input_size=4, in_channels=1,
+                       out_channels=2, mlp_ratio=4.0)
+  L, C = 4, 8  # (4/2)^2 tokens
+  block = 2 * (C * 6 * C) + 2 * L * (C * 3 * C + C * C + C * 4 * C + 4 * C * C)
+  matmul = 2 * L * 4 * 1 * C + 2 * (256 * C + C * C) + 2 * block + 2 * (C * 2 * C) + 2 * L * C * 4 * 2
+  for n in (1, 4):
+    attention = 2 * 2 * (2 * L * (n * L) * C)  # 2 blocks x (scores + values)
+    assert describe.forward_flops(arch, n) == {'matmul': matmul, 'attention': attention,
+                                               'total': matmul + attention}
+  # Group attention only in block 0: block 1 attends per image.
+  half = describe.Arch(**{**arch.__dict__, 'group_layers': (0, 1)})
+  assert describe.forward_flops(half, 4)['attention'] == 2 * (2 * L * 4 * L * C) + 2 * (2 * L * L * C)
+
+
+def test_step_flops_are_three_forwards_and_full_remat_adds_one():
+  arch = describe.arch_from_config(digits.get_config().model)
+  from groupdiff_jax import step_plan
+  kind = (step_plan.SubBatch(8, 1, True), step_plan.SubBatch(8, 4, False))
+  forward = 8 * describe.forward_flops(arch, 1)['total'] + 8 * describe.forward_flops(arch, 4)['total']
+  assert describe.step_flops(arch, kind) == {'model': 3 * forward, 'hardware': 3 * forward}
+  assert describe.step_flops(arch, kind, 'full')['hardware'] == 4 * forward
+
+
+def test_sit_xl_2_parameter_count():
+  d = describe.describe(default.get_config(), cost_analysis=False)
+  # DiT-XL/2's 675,129,632 minus the fixed position embedding (a constant
+  # here) plus GroupDiff's 4-row sample table.
+  assert d['param_count'] == 675_129_632 - 256 * 1152 + 4 * 1152
+  groups = d['kinds']['groups']
+  assert groups['global_images'] == 256 and groups['global_groups'] == 64
+  assert d['memory_bytes_per_device']['params'] == 4 * d['param_count']
+  assert d['memory_bytes_per_device']['opt_state'] >= 2 * 4 * d['param_count']
+
+
+def test_describe_agrees_with_the_model_and_with_xla_cost_analysis():
+  config = digits.get_config()
+  config.model.update(depth=1, hidden_size=64, num_heads=2)
+  d = describe.describe(config)
+  model = model_from_config(config.model)
+  x = np.zeros((1, 16, 16, 1), np.float32)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, np.zeros(1), np.zeros(1, np.int32),
+                                             np.zeros(1, np.int32)))['params']
+  assert d['param_count'] == sum(p.size for p in jax.tree.leaves(params))
+  check = d['xla_check']
+  assert check['group_size'] == 4 and check['xla_flops'] is not None
+  assert 0.9 < check['ratio'] < 1.1, check  # XLA adds element-wise ops (norms, GELU, softmax)
+  assert d['kinds']['groups']['per_host_groups'] == 16 and d['kinds']['singles']['per_device_images'] == 64
+
+
+def test_main_describe_mode_prints_without_training(tmp_path):
+  cmd = [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/sit_xl.py', f'--workdir={tmp_path}',
+         '--mode=describe', '--describe_xla_check=false']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'SiT-XL/2: 674,839,328 parameters' in proc.stdout and 'FLOPs per step' in proc.stdout
+  assert not os.listdir(tmp_path)  # nothing trained or written
+
+
+def test_imagenet_configs_follow_the_recipe_and_fail_fast_without_latents(tmp_path):
+  from configs import sit_b, sit_s, sit_xl
+  xl = sit_xl.get_config()
+  assert (xl.model.variant, xl.model.dtype, xl.train.batch_size, xl.train.group_size) == ('SiT-XL/2', 'bfloat16', 256, 4)
+  assert (xl.optim.lr, xl.optim.b2, xl.optim.grad_clip, xl.optim.ema_decay) == (1e-4, 0.95, 3.0, 0.9999)
+  assert xl.data.name == 'latents' and xl.train.num_steps == 800 * 1_281_167 // 256
+  assert sit_b.get_config().model.variant == 'SiT-B/2' and sit_s.get_config().model.variant == 'SiT-S/2'
+  cmd = [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/sit_xl.py', f'--workdir={tmp_path}',
+         f'--config.data.latent_dir={tmp_path}/none']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and 'extract_latents_job' in proc.stderr and 'neighbors_job' in proc.stderr

@@ -1,0 +1,108 @@
+"""The DiT objective in the group train step and the DiT configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import digits, dit_b, dit_xl
+from groupdiff_jax import step_plan
+from groupdiff_jax import train_step as ts
+from groupdiff_jax.data.digits import load_digits
+from groupdiff_jax.models import dit
+
+
+def tiny_dit_config(**model):
+  config = digits.get_config()
+  config.model.update(dict(variant='DiT-S/2', objective='dit', depth=2, hidden_size=32, num_heads=2, input_size=8))
+  config.model.update(model)
+  return config
+
+
+def test_configs_select_the_dit_objective_and_the_official_sampling_recipe():
+  for config, variant in ((dit_xl.get_config(), 'DiT-XL/2'), (dit_b.get_config(), 'DiT-B/2')):
+    assert config.model.variant == variant and config.model.objective == 'dit' and config.model.learn_sigma
+    s = config.sample
+    assert (s.sampler, s.num_steps, s.cfg_scale, s.guidance_low, s.guidance_high) == ('ddpm', 250, 1.65, 0.0, 1.0)
+    assert (s.cond_group_size, s.uncond_group_size, s.guided_channels) == (1, 4, 0)
+    assert config.data.name == 'imagenet_latents' and config.train.group_ratio == 0.1
+  assert digits.get_config().model.objective == 'sit'
+
+
+def test_dit_step_feeds_integer_timesteps_shared_within_a_group():
+  seen = {}
+
+  def spy_apply(variables, x, t, y, ids, group_size=1, group_attention=True):
+    seen.update(t=np.asarray(t), y=np.asarray(y), group_size=group_size)
+    return jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],))
+
+  config = tiny_dit_config()
+  sub = step_plan.SubBatch(32, 4, False)
+  with jax.disable_jit():
+    losses = ts._sub_batch_loss({}, spy_apply, sub, jnp.zeros((32, 2, 2, 1)), jnp.zeros(32, jnp.int32),
+                                jax.random.PRNGKey(0), config.train, 0, 10, config.model)
+  t = seen['t'].reshape(8, 4)
+  assert seen['t'].dtype == np.int32 and t.min() >= 0 and t.max() <= 999 and t.max() > 100
+  assert (t == t[:, :1]).all()  # timestep_jitter 0: one timestep per group
+  assert (seen['y'] == 10).all() and seen['group_size'] == 4
+  assert losses.shape == (32,) and np.isfinite(np.asarray(losses)).all()
+
+
+def test_dit_objective_needs_learned_sigma():
+  config = tiny_dit_config()
+
+  def no_sigma_apply(variables, x, t, y, ids, group_size=1, group_attention=True):
+    return jnp.zeros_like(x)  # what a learn_sigma=False model outputs: eps only
+
+  with pytest.raises(ValueError, match='learn_sigma=True'):
+    jax.jit(lambda x: ts._sub_batch_loss({}, no_sigma_apply, step_plan.SubBatch(4, 1, True), x,
+                                         jnp.zeros(4, jnp.int32), jax.random.PRNGKey(0), config.train,
+                                         0, 10, config.model))(jnp.zeros((4, 2, 2, 1)))
+
+
+def test_a_few_dit_steps_on_digits_lower_the_loss():
+  config = tiny_dit_config(depth=1)
+  model = dit.model_from_config(config.model)
+  params = jax.jit(lambda key: ts.init_params(model, key, 8, 1))(jax.random.PRNGKey(0))
+  images, labels = load_digits(8)
+  images, labels = jnp.asarray(images[:32]), jnp.asarray(labels[:32])
+  sub = step_plan.SubBatch(32, 1, True)
+  tx = optax.adam(3e-3)
+
+  def loss_fn(params, rng):
+    return jnp.mean(ts._sub_batch_loss(params, model.apply, sub, images, labels, rng, config.train, 4, 10,
+                                       config.model))
+
+  def held_out_loss(params):  # the same 4 keys before and after training
+    return jnp.mean(jax.vmap(lambda k: loss_fn(params, jax.random.PRNGKey(1000 + k)))(jnp.arange(4)))
+
+  @jax.jit
+  def train(params):
+    def step(carry, i):
+      params, opt_state = carry
+      grads = jax.grad(loss_fn)(params, jax.random.PRNGKey(i))
+      updates, opt_state = tx.update(grads, opt_state)
+      return (optax.apply_updates(params, updates), opt_state), None
+    (trained, _), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(25))
+    return held_out_loss(params), held_out_loss(trained)
+
+  before, after = (float(v) for v in train(params))
+  assert np.isfinite(after) and after < 0.8 * before, (before, after)
+
+
+def test_sit_path_and_prediction_reach_the_loss_from_the_model_config():
+  seen = {}
+
+  def spy_apply(variables, x, t, y, ids, group_size=1, group_attention=True):
+    seen['t'] = np.asarray(t)
+    return jnp.zeros_like(x)
+
+  config = tiny_dit_config(objective='sit')
+  with config.model.unlocked():
+    config.model.path, config.model.prediction = 'gvp', 'noise'
+  losses = ts._sub_batch_loss({}, spy_apply, step_plan.SubBatch(256, 1, True), jnp.zeros((256, 2, 2, 1)),
+                              jnp.zeros(256, jnp.int32), jax.random.PRNGKey(0), config.train, 0, 10, config.model)
+  assert seen['t'].min() >= 1e-3 and seen['t'].max() <= 1 - 1e-3  # SiT's train_eps for noise models
+  # zero noise prediction on zero data: the loss is the noise's second moment
+  assert abs(float(losses.mean()) - 1.0) < 0.15

@@ -1,0 +1,82 @@
+"""The neighbour job: exact JAX search, ScaNN lists equal to exact search, recall and tau report in meta.json."""
+
+import os
+
+import numpy as np
+import pytest
+
+from groupdiff_jax.data import latent_store, neighbors_job, retrieval
+
+
+def clustered(m, d=16, clusters=20, noise=0.5, seed=0):
+  rng = np.random.default_rng(seed)
+  centres = rng.standard_normal((clusters, d))
+  return retrieval.l2_normalize(centres[rng.integers(0, clusters, m)] + noise * rng.standard_normal((m, d)))
+
+
+def numpy_exact(emb, k):
+  sims = emb @ emb.T
+  np.fill_diagonal(sims, -np.inf)
+  order = np.argsort(-sims, axis=1)[:, :k]
+  return order, np.take_along_axis(sims, order, 1)
+
+
+def test_exact_jax_search_equals_numpy_and_excludes_self():
+  emb = clustered(300)
+  found, scores = retrieval.exact_neighbors(emb, 7, batch_size=128)
+  order, sims = numpy_exact(emb, 7)
+  np.testing.assert_array_equal(found, order)
+  np.testing.assert_allclose(scores, sims, atol=1e-5)
+  sub, _ = retrieval.exact_neighbors(emb, 7, query_rows=np.array([5, 17]))
+  np.testing.assert_array_equal(sub, order[[5, 17]])
+  assert retrieval.recall_at_k(found, order) == 1.0
+
+
+def test_drop_self_keeps_rank_order():
+  found = np.array([[3, 0, 4], [1, 2, 5]])
+  kept, sc = retrieval._drop_self(found, found * 1.0, np.array([0, 9]), 2)
+  np.testing.assert_array_equal(kept, [[3, 4], [1, 2]])
+
+
+@pytest.fixture(scope='module')
+def embeddings_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('emb')
+  np.save(root / 'embeddings.npy', clustered(1500).astype(np.float16))
+  latent_store.write_meta(str(root), {'encoder': 'test', 'D': 16})
+  return str(root)
+
+
+def test_job_writes_lists_equal_to_exact_search(embeddings_dir, tmp_path):
+  meta = neighbors_job.run(embeddings_dir, str(tmp_path), k=10, recall_queries=200, group_sizes=(4,))
+  neighbors, scores, _ = latent_store.read_neighbors(str(tmp_path), num_rows=1500, min_neighbors=3)
+  emb = np.load(os.path.join(embeddings_dir, 'embeddings.npy')).astype(np.float32)
+  order, sims = numpy_exact(emb, 10)
+  # Equal to exact search up to ties in float16 data: compare the scores, and most ids.
+  np.testing.assert_allclose(scores.astype(np.float32), sims, atol=2e-3)
+  assert (neighbors == order).mean() > 0.99
+  assert meta['recall'] > 0.99 and meta['K'] == 10 and meta['index']['kind'] == 'brute_force'
+  coverage = meta['anchors_with_n_minus_1_above_tau']['4']
+  assert coverage == pytest.approx(((sims >= 0.7).sum(1) >= 3).mean(), abs=0.01)
+  with pytest.raises(neighbors_job.JobInputError, match='--overwrite'):
+    neighbors_job.run(embeddings_dir, str(tmp_path), k=10)
+
+
+def test_partitioned_index_reports_measured_recall(embeddings_dir, tmp_path):
+  meta = neighbors_job.run(embeddings_dir, str(tmp_path), k=10, index='tree_ah', recall_queries=300)
+  assert meta['index']['kind'] == 'tree_ah' and meta['index']['num_leaves'] == 38
+  neighbors, _, _ = latent_store.read_neighbors(str(tmp_path))
+  emb = np.load(os.path.join(embeddings_dir, 'embeddings.npy')).astype(np.float32)
+  exact, _ = numpy_exact(emb, 10)
+  assert 0 < meta['recall'] <= 1
+  assert abs(meta['recall'] - retrieval.recall_at_k(neighbors, exact)) < 0.1  # the sample estimates the whole
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+  with pytest.raises(neighbors_job.JobInputError, match='embeddings.npy: missing'):
+    neighbors_job.run(str(tmp_path), str(tmp_path / 'out'))
+  np.save(tmp_path / 'embeddings.npy', np.full((50, 4), 3.0, np.float32))
+  with pytest.raises(neighbors_job.JobInputError, match='not L2-normalised'):
+    neighbors_job.run(str(tmp_path), str(tmp_path / 'out'))
+  np.save(tmp_path / 'embeddings.npy', np.eye(4, dtype=np.float32))
+  with pytest.raises(neighbors_job.JobInputError, match='--k=100 needs more than 100 rows'):
+    neighbors_job.run(str(tmp_path), str(tmp_path / 'out'))
