@@ -26,7 +26,8 @@ def test_configs_select_the_dit_objective_and_the_official_sampling_recipe():
     s = config.sample
     assert (s.sampler, s.num_steps, s.cfg_scale, s.guidance_low, s.guidance_high) == ('ddpm', 250, 1.65, 0.0, 1.0)
     assert (s.cond_group_size, s.uncond_group_size, s.guided_channels) == (1, 4, 0)
-    assert config.data.name == 'imagenet_latents' and config.train.group_ratio == 0.1
+    assert config.data.name == 'latents' and config.data.latent_dir and config.train.group_ratio == 0.1
+    assert config.model.dtype == 'bfloat16'  # the SiT-XL recipe's precision and data settings
   assert digits.get_config().model.objective == 'sit'
 
 
@@ -106,3 +107,29 @@ def test_sit_path_and_prediction_reach_the_loss_from_the_model_config():
   assert seen['t'].min() >= 1e-3 and seen['t'].max() <= 1 - 1e-3  # SiT's train_eps for noise models
   # zero noise prediction on zero data: the loss is the noise's second moment
   assert abs(float(losses.mean()) - 1.0) < 0.15
+
+
+def test_the_jitted_train_step_of_the_trainer_uses_the_configured_objective():
+  """make_jitted_train_step (what train.py runs) passes the model config down."""
+  from groupdiff_jax import sharding
+  config = tiny_dit_config()
+  config.train.batch_size = 8
+  kind = step_plan.step_kinds(8, 4, 0.25)['groups']
+  model = dit.model_from_config(config.model)
+  state = ts.create_train_state(model, config, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  batch = ({'images': rng.standard_normal((8, 8, 8, 1)).astype(np.float32),
+            'labels': rng.integers(0, 10, 8).astype(np.int32)},)
+  step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0), 0)
+
+  def loss_with(model_config):
+    return float(jax.jit(lambda params: ts._sub_batch_loss(
+        params, state.apply_fn, kind[0], batch[0]['images'], batch[0]['labels'], step_rng, config.train,
+        config.model.max_group_size, 10, model_config).mean())(state.params))
+
+  dit_loss, sit_loss = loss_with(config.model), loss_with(None)
+  mesh = sharding.make_mesh()
+  run = ts.make_jitted_train_step(config, mesh, sharding.replicated(mesh))
+  _, metrics = run(state, batch, kind)
+  np.testing.assert_allclose(float(metrics['loss']), dit_loss, rtol=1e-5)
+  assert abs(dit_loss - sit_loss) > 1e-3

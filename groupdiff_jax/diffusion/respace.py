@@ -65,7 +65,7 @@ def create_schedule(timestep_respacing='', num_timesteps=gaussian_diffusion.NUM_
   'ddim50' for sampling (see space_timesteps).
   """
   if noise_schedule != 'linear':
-    raise NotImplementedError(f'noise schedule {noise_schedule!r}: only DiT\'s default "linear"')
+    raise ValueError(f'noise schedule {noise_schedule!r} is not supported: only DiT\'s default "linear".')
   betas = gaussian_diffusion.linear_beta_schedule(num_timesteps)
   if timestep_respacing is None or timestep_respacing == '':
     return gaussian_diffusion.make_schedule(betas)
