@@ -160,6 +160,8 @@ def train_and_evaluate(config, workdir):
         break
     guard.flush()
   progress.close()
+  if hasattr(batches, 'close'):
+    batches.close()  # the latent pipeline's prefetch threads
   manager.wait_until_finished()
   writer.flush()
   if is_main:
