@@ -99,6 +99,8 @@ def make_mesh(mesh_config=None, devices=None):
   try:
     grid = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, NotImplementedError, AssertionError):
+    # No topology-aware layout for these devices (e.g. forced CPU devices):
+    # plain row-major order.
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
 
