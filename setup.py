@@ -31,7 +31,8 @@ setuptools.setup(
         'absl-py',
     ],
     extras_require={
-        'test': ['pytest>=8'],
+        # transformers: the last release with Flax DINOv2/CLIP, the encoders' independent reference.
+        'test': ['pytest>=8', 'pytest-xdist>=3.8', 'transformers==4.57.6'],
         'cuda12': ['jax[cuda12]>=0.10.2'],
         'tpu': ['jax[tpu]>=0.10.2'],
     },

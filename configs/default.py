@@ -10,6 +10,7 @@ weight decay 0.01 on weight matrices, clipping at global norm 3.0, EMA
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -34,6 +35,9 @@ def get_config():
   config.model.attention_impl = 'xla'  # 'xla' | 'cudnn' | 'splash' | 'auto' (by backend)
   config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16'
   config.model.remat = 'none'  # activation rematerialisation per block: 'none' | 'full' | 'dots_saveable'
+  # 'sit': our time (0 = noise) and velocity (data - noise); 'groupdiff_official': imported official
+  # GroupDiff/REPA SiT weights (their t = 1 is noise, velocity noise - data), see models/dit.py
+  config.model.time_convention = 'sit'
 
   # Device mesh (sharding.py): sizes of the `data` and `fsdp` axes, one may
   # be -1 (= the rest); dcn_* is the across-slice/host part of each axis
@@ -62,6 +66,9 @@ def get_config():
   config.train.max_checkpoints = 3
   config.train.max_nonfinite_steps = 10  # stop after this many skipped (NaN/inf) steps in a row
   config.train.poison_step = -1  # tests: this step's images become NaN (-1: never)
+  # Start a new run (step 0, fresh optimizer) from the weights of another workdir or of convert.py's
+  # output: its EMA params become params and EMA. Ignored once the workdir has a checkpoint (resume).
+  config.train.init_from = ml_collections.config_dict.placeholder(str)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-4
@@ -96,4 +103,17 @@ def get_config():
   config.sample.group_stage_fraction = 1.0  # group attention for this first (noisiest) fraction of the trajectory
   config.sample.fixed_sample_ids = False
   config.sample.use_ema = True
+  # The sample job (sample_job.py): chunks, decoding, outputs.
+  config.sample.groups_per_batch = 32  # groups per chunk (one jitted call), split over the local devices by group
+  config.sample.vae_path = config_dict.placeholder(str)  # latent models: SD-VAE diffusion_pytorch_model.safetensors
+  config.sample.decode_batch_size = 64  # latents per VAE decode call (bounds memory)
+  config.sample.grid_groups = 10  # groups (rows) in samples.png
+  config.sample.s_cross = False  # measure S_cross (METHOD.md section 4) on the first s_cross_groups groups
+  config.sample.s_cross_stages = (0.25, 0.5, 0.75)  # fractions of the trajectory done (from the noise end)
+  config.sample.s_cross_groups = 8
+
+  # --mode=eval: the ADM evaluator on <workdir>/samples/samples_*.npz.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.reference_batch = config_dict.placeholder(str)  # e.g. VIRTUAL_imagenet256_labeled.npz (guided-diffusion)
+  config.eval.inception_graph = config_dict.placeholder(str)  # classify_image_graph_def.pb (guided-diffusion)
   return config

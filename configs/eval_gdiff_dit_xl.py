@@ -3,7 +3,20 @@
   python -m groupdiff_jax.convert --source=released_model/gdiff-l-4-dit-xl-2-resume.pth \
       --output=/ckpt/gdiff-l-4-dit-xl-2 --variant=DiT-XL/2
   python -m groupdiff_jax.main --config=configs/eval_gdiff_dit_xl.py --workdir=/ckpt/gdiff-l-4-dit-xl-2 \
-      --mode=sample
+      --mode=sample --config.sample.vae_path=/weights/sd-vae-ft-mse/diffusion_pytorch_model.safetensors
+  python -m groupdiff_jax.main --config=configs/eval_gdiff_dit_xl.py --workdir=/ckpt/gdiff-l-4-dit-xl-2 \
+      --mode=eval --config.eval.reference_batch=/data/VIRTUAL_imagenet256_labeled.npz \
+      --config.eval.inception_graph=/data/classify_image_graph_def.pb
+
+The sample job (groupdiff_jax/sample_job.py) writes 12,500 groups of 4 in
+chunks of sample.groups_per_batch groups to /ckpt/gdiff-l-4-dit-xl-2/samples/, over
+every host and device (rerun the same command after a preemption: finished
+chunks are kept), decodes the latents with the SD-VAE (sd-vae-ft-mse, as the
+official sampler: `huggingface-cli download stabilityai/sd-vae-ft-mse
+diffusion_pytorch_model.safetensors --local-dir /weights/sd-vae-ft-mse`) and
+assembles samples_50000x256x256x3.npz; --mode=eval runs the ADM evaluator on
+it (reference batch and Inception graph from openai/guided-diffusion's
+evaluations/README.md) and writes samples_50000x256x256x3.eval.json.
 
 (`.pth` needs torch for the conversion only; see groupdiff_jax/convert.py for
 the safetensors route.) Settings as the official README's evaluation of this

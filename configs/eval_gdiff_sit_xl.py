@@ -3,7 +3,20 @@
   python -m groupdiff_jax.convert --source=released_model/gdiff-l-4-sit-xl-2-repa-resume.pth \
       --output=/ckpt/gdiff-l-4-sit-xl-2 --variant=SiT-XL/2
   python -m groupdiff_jax.main --config=configs/eval_gdiff_sit_xl.py --workdir=/ckpt/gdiff-l-4-sit-xl-2 \
-      --mode=sample
+      --mode=sample --config.sample.vae_path=/weights/sd-vae-ft-mse/diffusion_pytorch_model.safetensors
+  python -m groupdiff_jax.main --config=configs/eval_gdiff_sit_xl.py --workdir=/ckpt/gdiff-l-4-sit-xl-2 \
+      --mode=eval --config.eval.reference_batch=/data/VIRTUAL_imagenet256_labeled.npz \
+      --config.eval.inception_graph=/data/classify_image_graph_def.pb
+
+The sample job (groupdiff_jax/sample_job.py) writes 12,500 groups of 4 in
+chunks of sample.groups_per_batch groups to /ckpt/gdiff-l-4-sit-xl-2/samples/, over
+every host and device (rerun the same command after a preemption: finished
+chunks are kept), decodes the latents with the SD-VAE (sd-vae-ft-mse, as the
+official sampler: `huggingface-cli download stabilityai/sd-vae-ft-mse
+diffusion_pytorch_model.safetensors --local-dir /weights/sd-vae-ft-mse`) and
+assembles samples_50000x256x256x3.npz; --mode=eval runs the ADM evaluator on
+it (reference batch and Inception graph from openai/guided-diffusion's
+evaluations/README.md) and writes samples_50000x256x256x3.eval.json.
 
 Settings as the official README's evaluation of this checkpoint (METHOD.md
 section 3): SDE Euler-Maruyama over 250 steps, CFG 2.585 inside the interval
@@ -17,10 +30,12 @@ learn_sigma: GroupDiff's SiT wrapper and REPA's SiT have no learned sigma
 file and writes it to `<workdir>/converted.json` (architecture.learn_sigma):
 if that says true, pass --config.model.learn_sigma=True.
 
-Known gap: the official GroupDiff SiT code (from DeTok) runs time the other
-way (its t = 1 is noise) and its network predicts noise - data. Sampling the
-imported weights needs t -> 1 - t at the model input and a negated output;
-that adapter is not written yet, so this config does not reproduce the FID.
+time_convention: the official GroupDiff SiT (transport/path.py: x_t =
+(1 - t) data + t noise) runs time the other way from ours and its network
+predicts noise - data; 'groupdiff_official' makes the model feed it 1 - t
+and negate its prediction (models/dit.py), so our SDE sampler, guidance
+interval and channels apply unchanged. converted.json records the
+convention the converter inferred (architecture.time_convention).
 """
 
 from configs import default
@@ -32,6 +47,7 @@ def get_config():
   config.model.objective = 'sit'
   config.model.learn_sigma = False  # see the docstring
   config.model.max_group_size = 4
+  config.model.time_convention = 'groupdiff_official'  # see the docstring
   config.model.dtype = 'float32'
 
   # SDE Euler-Maruyama (samplers.integrate_sde; official: diffusion form

@@ -47,8 +47,17 @@ holding `{'params': P, 'ema_params': P}` (the selected weights under both
 names, so `checkpoint.load_params(<output>)` works whatever
 `sample.use_ema` says), and `<output>/converted.json`, the conversion record
 (source, selected weights, inferred architecture, ignored keys, fresh
-params). `load_converted_params(<output>)` returns P. Fine-tuning from it
-needs the train loop to initialise from these params (not to resume).
+params). `load_converted_params(<output>)` returns P. Fine-tune from it
+with `--config.train.init_from=<output>` in a new workdir (step 0, fresh
+optimizer; train.py checks the config against converted.json).
+
+Time convention: the official GroupDiff SiT and REPA's SiT (files without
+learned sigma) run time the other way from ours (their t = 1 is noise) and
+predict noise - data. The converter records `time_convention:
+groupdiff_official` for them (`--time_convention` overrides) and the config
+must set `model.time_convention` to it: the model then feeds the network
+1 - t and negates its prediction (models/dit.py), so our samplers and
+trainer work unchanged. The weights themselves are not changed.
 """
 
 import dataclasses
@@ -64,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from groupdiff_jax import checkpoint
+from groupdiff_jax import checkpoint, weights_io
 from groupdiff_jax.models import dit, embeddings
 
 # ------------------------------------------------------------------------------------------ the declarative mapping
@@ -245,13 +254,10 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
   """Read `.safetensors`, `.npz` (NumPy only) or `.pt`/`.pth` (torch) -> (flat {key: array}, skipped entries)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No checkpoint file at {path!r}.')
-  if path.endswith('.safetensors'):
-    import safetensors.numpy  # pylint: disable=import-outside-toplevel
-    return safetensors.numpy.load_file(path), []
-  if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}, []
+    raise FileNotFoundError(f'No checkpoint file at {path!r} (--source): pass the official .pth, or a '
+                            '.safetensors/.npz made from it.')
+  if path.endswith(weights_io.FORMATS):
+    return weights_io.read_arrays(path), []
   if path.endswith(('.pt', '.pth', '.bin')):
     obj = _read_torch(path, allow_pickle)
     if not isinstance(obj, Mapping):
@@ -308,13 +314,6 @@ class ConversionReport:
   architecture: dict = dataclasses.field(default_factory=dict)
 
 
-def _problems(title, lines, limit=20):
-  shown = [f'  {line}' for line in lines[:limit]]
-  if len(lines) > limit:
-    shown.append(f'  ... and {len(lines) - limit} more')
-  return [f'{title} ({len(lines)}):'] + shown
-
-
 def _check_pos_embed(key, value, model, problems):
   grid = model.input_size // model.patch_size
   expected = (1, grid * grid, model.hidden_size)
@@ -330,11 +329,14 @@ def _check_pos_embed(key, value, model, problems):
                     'see other positions')
 
 
-def convert_state_dict(state: Mapping[str, Any], model: dit.DiT, seed: int = 0) -> tuple[dict, ConversionReport]:
+def convert_state_dict(state: Mapping[str, Any], model: dit.DiT, seed: int = 0,
+                       source: str | os.PathLike = '') -> tuple[dict, ConversionReport]:
   """Official-layout state dict (prefixes already stripped) -> (params of `model`, report).
 
+  source: the file the state dict came from, named in errors ('' for none).
+
   Raises:
-    ConversionError naming every unknown, unsupported, wrongly
+    ConversionError naming the file and every unknown, unsupported, wrongly
     shaped or missing key (shapes in the PyTorch layout).
   """
   expected = expected_param_shapes(model)
@@ -380,28 +382,14 @@ def convert_state_dict(state: Mapping[str, Any], model: dit.DiT, seed: int = 0) 
   missing_keys = [f'{official_key(p)}: expected {_official_shape(p, expected)} (our {"/".join(p)})'
                   for p in missing if official_key(p) not in already_reported]
   if unknown or unsupported or bad_shapes or missing_keys or other:
-    lines = [f'State dict does not match {_describe(model)}:']
-    if unsupported:
-      lines += _problems('unsupported layout', unsupported)
-    if unknown:
-      lines += _problems('unknown keys', unknown)
-    if bad_shapes:
-      lines += _problems('wrong shapes (PyTorch layout)', bad_shapes)
-    if missing_keys:
-      lines += _problems('missing keys (expected PyTorch shape)', missing_keys)
-    if other:
-      lines += _problems('other problems', other)
-    raise ConversionError('\n'.join(lines))
+    raise ConversionError(weights_io.mismatch_message(
+        f'State dict{weights_io.source_label(source)} does not match {_describe(model)}:',
+        [('unsupported layout', unsupported), ('unknown keys', unknown), ('wrong shapes (PyTorch layout)', bad_shapes),
+         ('missing keys (expected PyTorch shape)', missing_keys), ('other problems', other)]))
 
   report.mapped = len(flat) - len(report.fresh)
   report.architecture = _architecture(model)
-  params: dict = {}
-  for path, value in flat.items():
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = jnp.asarray(value)
-  return params, report
+  return weights_io.unflatten(flat), report
 
 
 def _official_shape(path, expected):
@@ -411,7 +399,7 @@ def _official_shape(path, expected):
 
 def _architecture(model):
   fields = ('input_size', 'in_channels', 'patch_size', 'hidden_size', 'depth', 'num_heads', 'mlp_ratio',
-            'num_classes', 'learn_sigma', 'max_group_size')
+            'num_classes', 'learn_sigma', 'max_group_size', 'time_convention')
   return {name: getattr(model, name) for name in fields}
 
 
@@ -420,11 +408,17 @@ def _describe(model):
 
 
 def infer_architecture(state: Mapping[str, Any], patch_size: int, in_channels: int) -> dict:
-  """What the file says about the settings that differ between releases: learn_sigma, max_group_size.
+  """What the file says about the settings that differ between releases.
 
   learn_sigma: final_layer.linear has p*p*2*in_channels outputs (DiT, SiT)
   or p*p*in_channels (REPA SiT, GroupDiff SiT). max_group_size: rows of the
-  sample table, 0 without one. A setting the file does not decide is left out.
+  sample table, 0 without one. time_convention follows learn_sigma: the
+  releases without learned sigma (REPA's SiT and the GroupDiff SiT resumed
+  from it) are trained with t = 1 as noise and predict noise - data
+  ('groupdiff_official': official GroupDiff transport/path.py ICPlan and
+  REPA loss.py, alpha_t = 1 - t on the data); those with it (DiT, willisma
+  SiT) are ours ('sit', also DiT's, whose integer timesteps need no
+  adapter). A setting the file does not decide is left out.
   """
   found = {}
   final = state.get('final_layer.linear.weight')
@@ -432,20 +426,50 @@ def infer_architecture(state: Mapping[str, Any], patch_size: int, in_channels: i
     outputs = patch_size * patch_size * in_channels
     if final.shape[0] in (outputs, 2 * outputs):
       found['learn_sigma'] = final.shape[0] == 2 * outputs
+      found['time_convention'] = 'sit' if found['learn_sigma'] else 'groupdiff_official'
   table = state.get('sample_embedder.embedding_table.weight')
   found['max_group_size'] = int(table.shape[0]) if table is not None else 0
   return found
+
+
+# The settings converted.json records that shapes alone cannot check (time_convention) or that a config
+# must repeat (eval configs set them by hand).
+RECORDED_MODEL_FIELDS = ('learn_sigma', 'max_group_size', 'time_convention')
+
+
+def check_model_config(path, model_config) -> None:
+  """Raise when `model_config` disagrees with the conversion record in directory `path`.
+
+  Does nothing when `path` has no converted.json (a training workdir).
+  The time convention matters most: a wrong one gives a model that loads
+  and runs but samples noise.
+
+  Raises:
+    ValueError naming each field, both values and the override to pass.
+  """
+  record_path = os.path.join(os.fspath(path), 'converted.json')
+  if not os.path.isfile(record_path):
+    return
+  architecture = read_conversion_record(path).get('architecture', {})
+  configured = {name: model_config.get(name, dit.DiT.__dataclass_fields__[name].default)
+                for name in RECORDED_MODEL_FIELDS}
+  wrong = [f'model.{name}: the config has {configured[name]!r}, {record_path} says {architecture[name]!r} '
+           f'(pass --config.model.{name}={architecture[name]})'
+           for name in RECORDED_MODEL_FIELDS if name in architecture and configured[name] != architecture[name]]
+  if wrong:
+    raise ValueError('The model config does not match the converted weights:\n  ' + '\n  '.join(wrong))
 
 
 # ------------------------------------------------------------------------------------------ files in, files out
 
 
 def convert_checkpoint(source, output, variant, *, use_ema=True, max_group_size=None, learn_sigma=None,
-                       input_size=32, in_channels=4, num_classes=1000, seed=0, allow_pickle=False,
-                       model_overrides=None):
+                       time_convention=None, input_size=32, in_channels=4, num_classes=1000, seed=0,
+                       allow_pickle=False, model_overrides=None):
   """Read `source`, convert, and write the params to `output` (see the module docstring). Returns the report.
 
-  max_group_size / learn_sigma None: taken from the file (`infer_architecture`).
+  max_group_size / learn_sigma / time_convention None: taken from the file
+  (`infer_architecture`; 'sit' when the file does not say).
   model_overrides: extra `dit.DiT` fields (tests use a tiny depth/hidden size).
   """
   flat, skipped = read_checkpoint(source, allow_pickle)
@@ -458,9 +482,11 @@ def convert_checkpoint(source, output, variant, *, use_ema=True, max_group_size=
     max_group_size = inferred['max_group_size']
   if learn_sigma is None:
     learn_sigma = inferred.get('learn_sigma', True)
+  if time_convention is None:
+    time_convention = inferred.get('time_convention', 'sit')
   model = dit.DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma,
-                  max_group_size=max_group_size, **arch)
-  params, report = convert_state_dict(state, model, seed)
+                  max_group_size=max_group_size, time_convention=time_convention, **arch)
+  params, report = convert_state_dict(state, model, seed, source)
   report.weights, report.skipped_entries = chosen, skipped
   for path, how in report.fresh.items():
     logging.warning('%s is not in %s: initialised fresh, %s.', path, source, how)
@@ -500,10 +526,11 @@ def main(argv):
   f = flags.FLAGS
   report = convert_checkpoint(
       f.source, f.output, f.variant, use_ema=f.use_ema, max_group_size=f.max_group_size,
-      learn_sigma=None if f.learn_sigma == 'auto' else f.learn_sigma == 'true', input_size=f.input_size,
+      learn_sigma=None if f.learn_sigma == 'auto' else f.learn_sigma == 'true',
+      time_convention=None if f.time_convention == 'auto' else f.time_convention, input_size=f.input_size,
       in_channels=f.in_channels, num_classes=f.num_classes, seed=f.seed, allow_pickle=f.allow_pickle)
   print(f'Converted {report.mapped} tensors ({report.weights} weights) of {f.source} into {f.output}.')
-  print(f'Architecture: {report.architecture}')
+  print(f'Architecture: {report.architecture} (set these model.* fields in the config)')
   for key, why in report.ignored.items():
     print(f'  ignored {key}: {why}')
   for path, how in report.fresh.items():
@@ -521,6 +548,10 @@ def _define_flags():
   flags.DEFINE_integer('max_group_size', None, 'Sample-embedding rows; default: as in the file (0 if none). '
                        '>0 with a plain DiT/SiT file initialises a fresh table (from pretrained).')
   flags.DEFINE_enum('learn_sigma', 'auto', ['auto', 'true', 'false'], 'Default: from final_layer.linear.')
+  flags.DEFINE_enum('time_convention', 'auto', ['auto', *dit.TIME_CONVENTIONS],
+                    'Time direction the weights were trained with (recorded in converted.json; the config\'s '
+                    'model.time_convention must match). auto: groupdiff_official for files without learned sigma '
+                    '(GroupDiff/REPA SiT: t = 1 is noise, velocity noise - data), else sit.')
   flags.DEFINE_integer('input_size', 32, 'Latent side (256 px / 8).')
   flags.DEFINE_integer('in_channels', 4, 'Latent channels.')
   flags.DEFINE_integer('num_classes', 1000, 'Classes (the file holds one more row, the null class).')

@@ -1,12 +1,18 @@
 """Entry point: `python -m groupdiff_jax.main --config=configs/<name>.py --workdir=DIR`.
 
 Only flags and dispatch live here; the logic is in importable modules
-(train.py, sample.py) so that tests drive it directly.
+(train.py, sample_job.py, describe.py) so that tests drive it directly.
 
 Modes:
   train         train (resuming from the workdir's latest checkpoint), then
-                write a sample grid when the data are images (the demo)
-  sample        load the latest checkpoint of the workdir and write a grid
+                sample when the data are images (the demo's samples.png)
+  sample        the sample job from the workdir's latest checkpoint:
+                sample.num_groups groups in chunks over all hosts and devices,
+                resumable, into <workdir>/samples/ (samples_*.npz for the
+                evaluator, samples.png, sample_settings.json; sample_job.py)
+  eval          the ADM evaluator (FID, sFID, IS, precision, recall) on
+                <workdir>/samples/samples_*.npz against config.eval
+                .reference_batch with config.eval.inception_graph
   describe      print parameters, FLOPs per step, mesh, batch and memory per
                 device for the config, without training (describe.py)
 Multi-host: `jax.distributed` is initialised from the environment (TPU pod,
@@ -21,13 +27,13 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from groupdiff_jax import distributed, sample, train
+from groupdiff_jax import distributed, sample_job, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module), e.g. configs/digits.py.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard metrics and samples.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'describe'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'describe'], 'What to run.')
 flags.DEFINE_bool('describe_xla_check', True, 'describe: also compile small steps for XLA\'s FLOP count.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0 (default: environment).')
 flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
@@ -55,14 +61,17 @@ def main(argv):
     state = train.train_and_evaluate(config, FLAGS.workdir)
     if int(jax.device_get(state.step)) < config.train.num_steps:
       return  # preempted: the checkpoint is saved; rerun the same command to resume
-    if config.model.in_channels in (1, 3):
+    if not sample_job.is_latent(config.model):
       params = state.ema_params if config.sample.use_ema else state.params
-      sample.sample_and_save(config, FLAGS.workdir, params)
+      sample_job.sample_and_save(config, FLAGS.workdir, params, int(jax.device_get(state.step)))
   elif FLAGS.mode == 'describe':
     from groupdiff_jax import describe
     print(describe.format_description(describe.describe(config, cost_analysis=FLAGS.describe_xla_check)))
+  elif FLAGS.mode == 'eval':
+    if distributed.is_main_process():
+      sample_job.evaluate_samples(config, FLAGS.workdir)
   else:
-    sample.sample_and_save(config, FLAGS.workdir)
+    sample_job.sample_and_save(config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

@@ -1,17 +1,19 @@
-"""The sample job: groups of same-class images generated jointly, as a grid."""
+"""Generating groups of same-class images jointly, and grids of them.
 
-import json
-import os
+The pieces the sample job (sample_job.py) and the tests use: which class
+each group has (`group_labels`), one jitted sampler for a batch of groups
+(`make_sampler`, both objectives, optionally sharded over a mesh by whole
+groups), the uint8 conversion and the PNG grid.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from groupdiff_jax import checkpoint, samplers
 from groupdiff_jax import diffusion as gd
+from groupdiff_jax import samplers, sharding
 from groupdiff_jax import transport as transport_lib
-from groupdiff_jax.models.dit import model_from_config
 
 
 def group_labels(num_groups, images_per_group, num_classes):
@@ -40,18 +42,8 @@ def generate(model, params, rng, sample_config, model_config):
   return generate_with_nfe(model, params, rng, sample_config, model_config)[0]
 
 
-def generate_with_nfe(model, params, rng, sample_config, model_config):
-  """(images [G*N, H, W, C], model evaluations per branch) for G groups of N.
-
-  Dispatches on model.objective. 'sit': sample.sampler 'euler' | 'heun'
-  (fixed-step ODE), 'sde' (Euler-Maruyama, SiT's last step) or 'dopri5'
-  (adaptive ODE; its NFE is the one it used), with the model's path and
-  prediction (transport.py). 'dit': DiT's DDPM ancestral or DDIM sampler
-  ('ddpm' | 'ddim') over sample.num_steps respaced steps. All of them use
-  samplers.make_guided_model_fn for CFG and groups.
-  """
-  objective = model_config.get('objective', 'sit')
-  check_sampler(objective, sample_config.sampler)
+def check_group_sizes(sample_config, model_config):
+  """Raise unless both branches' group sizes fit the groups and the model."""
   per_group = sample_config.images_per_group
   for size in (sample_config.cond_group_size, sample_config.uncond_group_size):
     if per_group % size:
@@ -59,55 +51,102 @@ def generate_with_nfe(model, params, rng, sample_config, model_config):
                        'so that a branch never groups images of different classes.')
   if max(sample_config.cond_group_size, sample_config.uncond_group_size) > model_config.max_group_size > 0:
     raise ValueError(f'Sampling group sizes exceed model.max_group_size={model_config.max_group_size}.')
-  labels = group_labels(sample_config.num_groups, per_group, model_config.num_classes)
-  noise_rng, step_rng, id_rng = jax.random.split(rng, 3)
-  shape = (labels.shape[0], model_config.input_size, model_config.input_size, model_config.in_channels)
+
+
+def make_sampler(model, sample_config, model_config, mesh=None):
+  """A jitted run(params, labels, rng) -> (x [B, H, W, C] model space, NFE per branch).
+
+  labels: int32 [B], whole groups of sample.images_per_group, members
+  contiguous. rng is split into (noise, step, sample-id) keys; the noise
+  x_T [B, H, W, C] is drawn inside. Dispatches on model.objective. 'sit':
+  sample.sampler 'euler' | 'heun' (fixed-step ODE), 'sde' (Euler-Maruyama,
+  SiT's last step) or 'dopri5' (adaptive ODE; its NFE is the one it used),
+  with the model's path and prediction (transport.py). 'dit': DiT's DDPM
+  ancestral or DDIM sampler ('ddpm' | 'ddim') over sample.num_steps respaced
+  steps. All of them use samplers.make_guided_model_fn for CFG and groups.
+
+  mesh: None runs on the default device; a sharding.make_mesh mesh splits
+  the batch over its (data, fsdp) axes (params replicated): the caller makes
+  B / images_per_group a multiple of the mesh size, so that every device
+  holds whole groups. The values do not depend on the mesh (the keys and
+  shapes are those of the whole batch).
+  """
+  objective = model_config.get('objective', 'sit')
+  check_sampler(objective, sample_config.sampler)
+  check_group_sizes(sample_config, model_config)
   guidance = samplers.guidance_from_config(sample_config)
   common = dict(null_class=model_config.num_classes, max_group_size=model_config.max_group_size,
                 data_channels=model_config.in_channels)
   method, num_steps = sample_config.sampler, sample_config.num_steps
+  side, channels = model_config.input_size, model_config.in_channels
+  if objective == 'dit' and not model_config.learn_sigma:
+    raise ValueError('model.objective=dit needs model.learn_sigma=True (DiT\'s learned-range variance).')
+  schedule = gd.create_schedule(timestep_respacing(sample_config)) if objective == 'dit' else None
+  transport = transport_lib.transport_from_config(model_config)
+  batch = None if mesh is None else sharding.batch_sharding(mesh)
+  constrain = (lambda x: x) if batch is None else (lambda x: jax.lax.with_sharding_constraint(x, batch))
 
-  if objective == 'dit':
-    if not model_config.learn_sigma:
-      raise ValueError('model.objective=dit needs model.learn_sigma=True (DiT\'s learned-range variance).')
-    schedule = gd.create_schedule(timestep_respacing(sample_config))
-
-    @jax.jit
-    def run(params, noise, key):
+  def run(params, labels, rng):
+    noise_rng, step_rng, id_rng = jax.random.split(rng, 3)
+    noise = constrain(jax.random.normal(noise_rng, (labels.shape[0], side, side, channels)))  # x_T [B, H, W, C]
+    if objective == 'dit':
       denoise = samplers.make_denoise_fn(model.apply, params, labels, guidance, id_rng, **common)
-      return samplers.sample_diffusion(denoise, noise, key, schedule, method), schedule.num_timesteps
-  else:
-    transport = transport_lib.transport_from_config(model_config)
+      return samplers.sample_diffusion(denoise, noise, step_rng, schedule, method), schedule.num_timesteps
+    if method == 'sde':
+      predict = samplers.make_prediction_fn(model.apply, params, labels, guidance, **common)
+      last_step = sample_config.get('sde_last_step', 'Mean')
+      last_step = None if last_step in (None, '', 'none', 'None') else last_step
+      images = samplers.integrate_sde(
+          predict, noise, step_rng, num_steps, transport, sample_config.get('sde_diffusion_form', 'SBDM'),
+          sample_config.get('sde_diffusion_norm', 1.0), last_step, sample_config.get('sde_last_step_size', 0.04))
+      return images, num_steps if last_step is not None else num_steps - 1
+    velocity = samplers.make_velocity_fn(model.apply, params, labels, guidance, transport=transport, **common)
+    if method == 'dopri5':
+      return samplers.integrate_adaptive(velocity, noise, step_rng, transport, sample_config.get('ode_atol', 1e-6),
+                                         sample_config.get('ode_rtol', 1e-3))
+    t0, t1 = transport_lib.time_interval(transport, sampling=True)
+    images = samplers.integrate_ode(velocity, noise, step_rng, num_steps, method, t0, t1)
+    return images, samplers.number_of_function_evaluations(num_steps, method)
 
-    @jax.jit
-    def run(params, noise, key):
-      if method == 'sde':
-        predict = samplers.make_prediction_fn(model.apply, params, labels, guidance, **common)
-        last_step = sample_config.get('sde_last_step', 'Mean')
-        last_step = None if last_step in (None, '', 'none', 'None') else last_step
-        images = samplers.integrate_sde(
-            predict, noise, key, num_steps, transport, sample_config.get('sde_diffusion_form', 'SBDM'),
-            sample_config.get('sde_diffusion_norm', 1.0), last_step, sample_config.get('sde_last_step_size', 0.04))
-        return images, num_steps if last_step is not None else num_steps - 1
-      velocity = samplers.make_velocity_fn(model.apply, params, labels, guidance, transport=transport, **common)
-      if method == 'dopri5':
-        return samplers.integrate_adaptive(velocity, noise, key, transport, sample_config.get('ode_atol', 1e-6),
-                                           sample_config.get('ode_rtol', 1e-3))
-      t0, t1 = transport_lib.time_interval(transport, sampling=True)
-      images = samplers.integrate_ode(velocity, noise, key, num_steps, method, t0, t1)
-      return images, samplers.number_of_function_evaluations(num_steps, method)
+  if mesh is None:
+    return jax.jit(run)
+  replicated = sharding.replicated(mesh)
+  jitted = jax.jit(run, in_shardings=(replicated, batch, replicated), out_shardings=(batch, replicated))
 
-  images, nfe = run(params, jax.random.normal(noise_rng, shape), step_rng)
+  def run_on_mesh(params, labels, rng):
+    with jax.set_mesh(mesh):  # Pallas attention runs per device (group_attention.shard_over_batch)
+      return jitted(params, labels, rng)
+
+  return run_on_mesh
+
+
+def generate_with_nfe(model, params, rng, sample_config, model_config):
+  """(images [G*N, H, W, C] model space, model evaluations per branch) for
+  G = sample.num_groups groups of N = sample.images_per_group, in one batch
+  on the default device (make_sampler says what runs)."""
+  labels = group_labels(sample_config.num_groups, sample_config.images_per_group, model_config.num_classes)
+  images, nfe = make_sampler(model, sample_config, model_config)(params, labels, rng)
   return images, int(nfe)
+
+
+def quantize(images):
+  """[-1, 1] floats -> uint8 (jnp; jit-friendly): round((x + 1) * 127.5), clipped,
+  as DiT's sample.py (clamp(127.5 x + 128, 0, 255) then a truncating cast)."""
+  return jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(jnp.uint8)
 
 
 def to_uint8(images):
   """[-1, 1] floats -> uint8, greyscale kept as one channel."""
-  return np.asarray(jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
+  return np.asarray(quantize(jnp.asarray(images)))
+
+
+def grid_scale(image_side, target_side=64):
+  """Nearest-neighbour upscaling that shows small images at about target_side px (16 px -> 4x; 256 px -> 1x)."""
+  return max(1, target_side // image_side)
 
 
 def save_grid(images, images_per_row, path, scale=4):
-  """Write uint8 [B, H, W, C] as a PNG grid whose rows hold `images_per_row`."""
+  """Write uint8 [B, H, W, C] as a PNG grid whose rows hold `images_per_row`, upscaled `scale` times."""
   count, height, width, channels = images.shape
   rows = count // images_per_row
   pad = 1
@@ -120,30 +159,4 @@ def save_grid(images, images_per_row, path, scale=4):
   picture = Image.fromarray(grid)
   picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
   picture.save(path)
-  return path
-
-
-def sample_and_save(config, workdir, params=None):
-  """Generate `config.sample` groups and write samples.png / samples.npy.
-
-  Without `params`, loads the latest checkpoint of workdir (EMA weights when
-  sample.use_ema). Returns the PNG path.
-  """
-  if config.model.in_channels not in (1, 3):
-    raise ValueError(f'model.in_channels={config.model.in_channels}: latents need the VAE decoder to become '
-                     'images, which this sample job does not run yet; use an image-space config such as '
-                     'configs/digits.py.')
-  model = model_from_config(config.model)
-  if params is None:
-    params, step = checkpoint.load_params(workdir, config.sample.use_ema)
-    print(f'Sampling from the checkpoint of step {step}.')
-  images, nfe = generate_with_nfe(model, params, jax.random.PRNGKey(config.seed + 1), config.sample, config.model)
-  images = to_uint8(images)
-  os.makedirs(workdir, exist_ok=True)
-  np.save(os.path.join(workdir, 'samples.npy'), images)
-  path = save_grid(images, config.sample.images_per_group, os.path.join(workdir, 'samples.png'))
-  with open(os.path.join(workdir, 'samples.json'), 'w') as f:
-    json.dump({'settings': config.sample.to_dict(), 'variant': config.model.variant,
-               'objective': config.model.get('objective', 'sit'), 'nfe_per_branch': nfe}, f, indent=2)
-  print(f'Sample grid (each row one jointly generated group): {os.path.abspath(path)}')
   return path

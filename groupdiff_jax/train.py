@@ -10,26 +10,28 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from tqdm import tqdm
 
-from groupdiff_jax import checkpoint, preemption, sharding, step_plan, validation
+from groupdiff_jax import checkpoint, convert, preemption, sharding, step_plan, validation
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
-DATASETS = ('digits',)
+DATASETS = ('digits', 'toy_shapes')
 
 
 def make_batches(config):
   """The batch source named by config.data.name."""
-  if config.data.name == 'digits':
+  if config.data.name in ('digits', 'toy_shapes'):
     from groupdiff_jax.data.digits import DigitsBatches
+    from groupdiff_jax.data.toy_shapes import ToyShapesBatches
     data_config = config.data.copy_and_resolve_references()
     with data_config.unlocked():
       data_config.batch_size = config.train.batch_size
-    return DigitsBatches(data_config, config.seed)
+    source = DigitsBatches if config.data.name == 'digits' else ToyShapesBatches
+    return source(data_config, config.seed)
   if config.data.name in ('latents', 'imagenet_latents'):
     from groupdiff_jax.data import pipeline
     # Single host: batches are placed on the devices ahead of time. Several
     # hosts: each assembles only its slice, made global by the pipeline.
-    batch_sharding = sharding.batch_sharding(sharding.make_mesh())
+    batch_sharding = sharding.batch_sharding(sharding.make_mesh(config.get('mesh')))
     return pipeline.from_config(config, jax.process_index(), jax.process_count(), batch_sharding)
   raise ValueError(f'config.data.name={config.data.name!r} has no input pipeline in this version; '
                    f'available: {DATASETS + ("latents",)}.')
@@ -116,12 +118,19 @@ def train_and_evaluate(config, workdir):
   # The newest checkpoint that restores (unreadable ones are moved aside with
   # a warning): params, EMA, optimizer state, step and base PRNG key. Batches
   # and step kinds are pure functions of (seed, step), so the resumed run is
-  # bit-identical to an uninterrupted one.
+  # bit-identical to an uninterrupted one. A new workdir with train.init_from
+  # starts at step 0 from that checkpoint's weights (fine-tuning imported or
+  # pretrained weights); once this run has saved, resuming takes precedence.
   manager = checkpoint.checkpoint_manager(workdir, config.train.max_checkpoints)
   state = checkpoint.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
+  init_from = config.train.get('init_from')
   if start_step:
-    logging.info('Resumed from step %d in %s.', start_step, manager.directory)
+    logging.info('Resumed from step %d in %s%s.', start_step, manager.directory,
+                 f' (train.init_from={init_from} is not used again)' if init_from else '')
+  elif init_from:
+    convert.check_model_config(init_from, config.model)
+    state = checkpoint.init_params_from(state, init_from)
 
   # --- Loop ------------------------------------------------------------------
   run_step = train_step_lib.make_jitted_train_step(config, mesh, state_sharding)

@@ -207,7 +207,10 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
 def make_jitted_train_step(config, mesh, state_sharding):
   """jax.jit of train_step over `mesh`: state as given, batch split by group.
 
-  The train state is donated. Each step kind compiles once.
+  The train state is donated. Each step kind compiles once. Steps run under
+  `jax.set_mesh(mesh)`, so that kernels XLA cannot partition (Pallas splash
+  attention) are mapped over the batch axes per device
+  (group_attention.shard_over_batch).
   """
   step = functools.partial(train_step, train_config=config.train, optim_config=config.optim,
                            max_group_size=config.model.max_group_size, null_class=config.model.num_classes,
@@ -221,6 +224,7 @@ def make_jitted_train_step(config, mesh, state_sharding):
       jitted[kind] = jax.jit(functools.partial(step, kind=kind), donate_argnums=0,
                              in_shardings=(state_sharding, batch_sharding),
                              out_shardings=(state_sharding, sharding.replicated(mesh)))
-    return jitted[kind](state, batch)
+    with jax.set_mesh(mesh):
+      return jitted[kind](state, batch)
 
   return run

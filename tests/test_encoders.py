@@ -3,11 +3,15 @@
 The reference forward below is written from the HuggingFace modules
 (Dinov2Model, CLIPVisionModelWithProjection) on the PyTorch-layout state
 dict, in NCHW, without the converter's rename tables: it checks the tables
-and the Flax modules independently. (transformers 4.57.6's Flax models are
-the other possible reference; it is not installed here.)
+and the Flax modules independently. The second, independent reference is
+transformers 4.57.6's Flax models (the last release that has them; the
+`test` extra), given the same state dict through transformers' own
+PyTorch-to-Flax conversion; skipped where transformers is not installed.
 """
 
 import dataclasses
+import functools
+import types
 
 import jax
 import numpy as np
@@ -135,6 +139,51 @@ def test_tower_in_the_published_layout_equals_the_reference(kind, base, checkpoi
   got = jax.jit(vit.ViT(config).apply)({'params': params}, pixels)
   want = reference(kind, state, pixels.transpose(0, 3, 1, 2).astype(np.float64))
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+def hf_flax_params(model, state, input_shape):
+  """transformers' own conversion of a PyTorch-layout state dict to `model`'s params (shapes by eval_shape)."""
+  from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+  shapes = jax.eval_shape(functools.partial(model.init_weights, input_shape=input_shape), jax.random.PRNGKey(0))
+  return convert_pytorch_state_dict_to_flax(dict(state), types.SimpleNamespace(
+      params=shapes, base_model_prefix=model.base_model_prefix))
+
+
+@pytest.mark.parametrize('kind', ['dinov2', 'clip'])
+def test_tower_equals_transformers_flax_model(kind):
+  """Ours == transformers' FlaxDinov2Model pooler_output / FlaxCLIPModel.get_image_features (image_embeds).
+
+  The checkpoint's position grid is the image's: transformers' Flax DINOv2
+  resizes positions with jax.image bicubic (a = -0.5, +0.1 offset), not
+  PyTorch's, and its Flax CLIP cannot resize; the resize is checked against
+  PyTorch's bicubic in the NumPy reference test above.
+  """
+  transformers = pytest.importorskip('transformers')
+  side, grid = 2 * PATCH, 2
+  rng = np.random.default_rng(1)
+  state = hf_state(kind, grid, rng)
+  pixels = rng.standard_normal((2, side, side, 3)).astype(np.float32)
+  if kind == 'dinov2':
+    hf_config = transformers.Dinov2Config(hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                                          mlp_ratio=MLP // D, patch_size=PATCH, image_size=side)
+    model = transformers.FlaxDinov2Model(hf_config, _do_init=False)
+    hf_params = hf_flax_params(model, state, (1, side, side, 3))
+    forward = lambda p, x: model(x, params=p).pooler_output
+    config = dataclasses.replace(dinov2.DINOV2_L14, **TINY)
+    params = dinov2.convert(state, config)
+  else:
+    tower = dict(hidden_size=D, num_attention_heads=HEADS, intermediate_size=MLP)
+    hf_config = transformers.CLIPConfig(
+        text_config=dict(tower, num_hidden_layers=1, vocab_size=10, max_position_embeddings=8),
+        vision_config=dict(tower, num_hidden_layers=DEPTH, patch_size=PATCH, image_size=side), projection_dim=16)
+    model = transformers.FlaxCLIPModel(hf_config, _do_init=False)
+    hf_params = hf_flax_params(model, state, ((1, 1), (1, side, side, 3)))
+    forward = lambda p, x: model.get_image_features(x, params=p)  # image_embeds; the text tower is not run
+    config = dataclasses.replace(clip.CLIP_L14, projection_dim=16, **TINY)
+    params = clip.convert(state, config)
+  want = jax.jit(forward)(hf_params, pixels.transpose(0, 3, 1, 2))  # transformers takes NCHW
+  got = jax.jit(vit.ViT(config).apply)({'params': params}, pixels)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_converter_names_unknown_missing_and_misshapen_keys():

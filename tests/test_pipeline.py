@@ -160,3 +160,14 @@ def test_config_without_a_store_says_what_to_set():
   config = default.get_config()
   with pytest.raises(ValueError, match='config.data.latent_dir is not set'):
     pipeline.from_config(config)
+
+
+def test_fast_float16_cast_is_bit_identical_to_numpy():
+  halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # every half: subnormals, inf, NaN
+  finite = halves[np.isfinite(halves)]
+  np.testing.assert_array_equal(pipeline.float16_to_float32(finite).view(np.uint32),
+                                finite.astype(np.float32).view(np.uint32))
+  order = np.random.default_rng(0).permutation(len(halves))
+  want = np.empty(len(halves), np.float32)
+  want[order] = halves
+  np.testing.assert_array_equal(pipeline.float16_to_float32(halves, order).view(np.uint32), want.view(np.uint32))

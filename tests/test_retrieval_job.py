@@ -69,6 +69,10 @@ def test_partitioned_index_reports_measured_recall(embeddings_dir, tmp_path):
   exact, _ = numpy_exact(emb, 10)
   assert 0 < meta['recall'] <= 1
   assert abs(meta['recall'] - retrieval.recall_at_k(neighbors, exact)) < 0.1  # the sample estimates the whole
+  # Searching every leaf with exact re-ordering finds at least what the default search finds.
+  wide = neighbors_job.run(embeddings_dir, str(tmp_path), k=10, index='tree_ah', recall_queries=300,
+                           overwrite=True, leaves_to_search=1000)
+  assert wide['index']['num_leaves_to_search'] == 38 and wide['recall'] >= meta['recall']
 
 
 def test_bad_inputs_name_the_file(tmp_path):

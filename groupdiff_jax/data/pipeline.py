@@ -73,6 +73,36 @@ def tau_random_groups(anchors, neighbors, scores, group_size, tau, rng):
   return np.concatenate([np.asarray(anchors)[:, None], members], 1).astype(np.int32), fallbacks
 
 
+def float16_to_float32(x, order=None):
+  """float16 [n, ...] -> float32 [n, ...], bit-identical to NumPy's cast and ~5x faster.
+
+  Row i of x goes to row order[i] of the result (None: in place). NumPy's
+  float16 cast has no vector loop (~5 ns a value, most of a step's assembly
+  time). Here each half, sign-extended to int32, has its sign, 5 exponent
+  and 10 mantissa bits moved into a float32's places and is scaled by
+  2**112, which moves the exponent bias from 15 to 127 and normalises
+  subnormal halves exactly. Inf/NaN halves would come out finite
+  (|x| >= 2**16), and a thread that flushes float32 subnormals (DAZ) would
+  zero subnormal halves: then NumPy's cast is used instead.
+  """
+  x = np.ascontiguousarray(x)
+  order = slice(None) if order is None else order
+  bits = np.empty(x.shape, np.int32)
+  bits[order] = x.view(np.int16)  # sign-extended
+  bits <<= 13
+  bits &= np.int32(-0x70002000)  # 0x8FFFE000: the sign, 5 exponent bits and 10 mantissa bits
+  out = bits.view(np.float32)
+  out *= np.float32(2.0**112)
+  if out.size and (out.max() >= 2**16 or out.min() <= -2**16 or _denormals_are_zero()):
+    out[order] = x
+  return out
+
+
+def _denormals_are_zero():
+  """Whether this thread's float32 arithmetic flushes subnormal inputs (the smallest half, 2**-24, as float32)."""
+  return np.multiply(np.int32(1 << 13).view(np.float32), np.float32(2.0**112)) == 0
+
+
 def tau_coverage(scores, tau, group_size, chunk=1 << 16):
   """Fraction of anchors with at least N-1 neighbours scoring >= tau."""
   count = 0
@@ -133,6 +163,7 @@ class GroupPipeline:
                            f'over {process_count} hosts; make the batch a multiple of {process_count * sub.group_size}.')
     self.stats = {'group_members': 0, 'fallback_members': 0}
     self._lock = threading.Lock()
+    self._scratch = threading.local()
     self._prefetch = prefetch
     self._pool = concurrent.futures.ThreadPoolExecutor(1, 'group-pipeline') if prefetch else None
     self._pending = {}  # step -> (kind, future)
@@ -232,12 +263,19 @@ class GroupPipeline:
   # ---------------------------------------------------------------- assembly
 
   def _gather(self, rows, flips):
-    latents = self.store.latents
+    """float32 [n, 32, 32, 4]: the latents of `rows` (their flipped copies where flips is 1), in batch order."""
+    latents = np.asarray(self.store.latents)  # a plain view of the memory map
+    if latents.ndim == 5:  # [M, 2, ...] -> [2M, ...]: row r's copy f is 2r + f
+      latents = latents.reshape((-1,) + latents.shape[2:])
+      rows = 2 * rows + (0 if flips is None else flips)
     order = np.argsort(rows, kind='stable')  # sequential reads from the memory map
-    if latents.ndim == 5:
-      picked = latents[rows[order], 0 if flips is None else flips[order]]
-    else:
-      picked = latents[rows[order]]
+    buffers = self._scratch.__dict__  # per thread, per sub-batch size: fresh large arrays cost page faults
+    key = (len(rows), latents.dtype.str)
+    if key not in buffers:
+      buffers[key] = np.empty((len(rows),) + latents.shape[1:], latents.dtype)
+    picked = np.take(latents, rows[order], axis=0, out=buffers[key], mode='clip')  # rows are in range; 'raise' copies
+    if picked.dtype == np.float16:
+      return float16_to_float32(picked, order)
     images = np.empty(picked.shape, np.float32)
     images[order] = picked
     return images

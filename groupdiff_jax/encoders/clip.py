@@ -68,10 +68,11 @@ RULES = [
 IGNORE = (r'text_model\..*', r'text_projection\.weight', r'logit_scale', r'.*position_ids')
 
 
-def convert(state, config=CLIP_L14):
+def convert(state, config=CLIP_L14, weights_path=''):
   """HuggingFace CLIPModel (or CLIPVisionModelWithProjection) state dict -> params of vit.ViT(config)."""
-  return vit.convert(state, config, RULES, IGNORE, 'CLIP image tower')
+  return vit.convert(state, config, RULES, IGNORE, 'CLIP image tower', weights_path)
 
 
 def load_params(path, config=CLIP_L14):
-  return convert(vit.read_safetensors(path, 'CLIP', WHERE), config)
+  """model.safetensors (or its directory) -> params; errors name the file and every key that does not fit."""
+  return convert(vit.read_safetensors(path, 'CLIP', WHERE), config, vit.weights_file(path))

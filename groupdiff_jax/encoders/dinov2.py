@@ -82,11 +82,11 @@ RULES = [
 IGNORE = (_P + r'embeddings\.mask_token',)
 
 
-def convert(state, config=DINOV2_L14):
-  """HuggingFace Dinov2Model state dict -> params of vit.ViT(config)."""
-  return vit.convert(state, config, RULES, IGNORE, 'DINOv2')
+def convert(state, config=DINOV2_L14, weights_path=''):
+  """HuggingFace Dinov2Model state dict -> params of vit.ViT(config); `weights_path` is named in errors."""
+  return vit.convert(state, config, RULES, IGNORE, 'DINOv2', weights_path)
 
 
 def load_params(path, config=DINOV2_L14):
   """model.safetensors (or its directory) -> params; errors name every key that does not fit."""
-  return convert(vit.read_safetensors(path, 'DINOv2', WHERE), config)
+  return convert(vit.read_safetensors(path, 'DINOv2', WHERE), config, vit.weights_file(path))

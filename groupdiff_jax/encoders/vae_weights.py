@@ -28,8 +28,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
+from groupdiff_jax import weights_io
 from groupdiff_jax.encoders import vae as vae_lib
 
 WEIGHTS_FILENAME = 'diffusion_pytorch_model.safetensors'
@@ -125,25 +125,23 @@ def expected_param_shapes(config: vae_lib.VAEConfig) -> dict[tuple[str, ...], tu
   return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Read a diffusers safetensors file (or a directory holding WEIGHTS_FILENAME) with NumPy."""
+def weights_file(path: str | os.PathLike) -> str:
+  """The weights file: `path` itself, or WEIGHTS_FILENAME inside a directory."""
   path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, WEIGHTS_FILENAME)
-  if not os.path.isfile(path):
-    repos = '; '.join(f'{repo} ({use})' for repo, use in HF_REPOS.items())
-    raise FileNotFoundError(
-        f'SD-VAE weights not found at {path!r}. Download {WEIGHTS_FILENAME} from the HuggingFace repo '
-        f'{repos}, e.g. `huggingface-cli download stabilityai/sd-vae-ft-mse {WEIGHTS_FILENAME} '
-        f'--local-dir DIR`, and pass that file or DIR.')
-  return safetensors.numpy.load_file(path)
+  return os.path.join(path, WEIGHTS_FILENAME) if os.path.isdir(path) else path
 
 
-def _problems(title, lines, limit=20):
-  shown = [f'  {line}' for line in lines[:limit]]
-  if len(lines) > limit:
-    shown.append(f'  ... and {len(lines) - limit} more')
-  return [f'{title} ({len(lines)}):'] + shown
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Read a diffusers safetensors file (or a directory holding WEIGHTS_FILENAME) with NumPy.
+
+  Raises FileNotFoundError (saying where to get the file) or
+  weights_io.WeightsFileError (unreadable file), both naming the path.
+  """
+  repos = '; '.join(f'{repo} ({use})' for repo, use in HF_REPOS.items())
+  hint = (f'SD-VAE weights: download {WEIGHTS_FILENAME} from the HuggingFace repo {repos}, e.g. '
+          f'`huggingface-cli download stabilityai/sd-vae-ft-mse {WEIGHTS_FILENAME} --local-dir DIR`, and pass '
+          'that file or DIR.')
+  return weights_io.read_arrays(weights_file(path), hint)
 
 
 def load_vae_params(path_or_dict: str | os.PathLike | Mapping[str, Any],
@@ -163,14 +161,15 @@ def load_vae_params(path_or_dict: str | os.PathLike | Mapping[str, Any],
 
   Raises:
     FileNotFoundError: no file at the path (the message says where to get it).
+    weights_io.WeightsFileError: a file that cannot be read (truncated).
     VAEWeightsError: keys outside the layout, keys mapping to the same param,
-      shapes that do not match, or params the file does not provide; every
-      offending key is named.
+      shapes that do not match, or params the file does not provide; the
+      file and every offending key are named.
   """
   if isinstance(path_or_dict, Mapping):
-    state = dict(path_or_dict)
+    state, weights_path = dict(path_or_dict), ''
   else:
-    state = read_state_dict(path_or_dict)
+    state, weights_path = read_state_dict(path_or_dict), weights_file(path_or_dict)
   expected = expected_param_shapes(config)
 
   unknown, clashes, bad_shapes = [], [], []
@@ -198,21 +197,8 @@ def load_vae_params(path_or_dict: str | os.PathLike | Mapping[str, Any],
 
   missing = [diffusers_key(path) for path in sorted(expected) if path not in source]
   if unknown or clashes or bad_shapes or missing:
-    lines = [f'State dict does not match AutoencoderKL({config}):']
-    if unknown:
-      lines += _problems('unknown keys', unknown)
-    if clashes:
-      lines += _problems('keys given twice (old and new attention names?)', clashes)
-    if bad_shapes:
-      lines += _problems('wrong shapes (PyTorch layout)', bad_shapes)
-    if missing:
-      lines += _problems('missing keys', missing)
-    raise VAEWeightsError('\n'.join(lines))
-
-  params: dict = {}
-  for path, value in flat.items():
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = jnp.asarray(value, dtype=param_dtype)
-  return params
+    raise VAEWeightsError(weights_io.mismatch_message(
+        f'State dict{weights_io.source_label(weights_path)} does not match AutoencoderKL({config}):',
+        [('unknown keys', unknown), ('keys given twice (old and new attention names?)', clashes),
+         ('wrong shapes (PyTorch layout)', bad_shapes), ('missing keys', missing)]))
+  return weights_io.unflatten(flat, param_dtype)

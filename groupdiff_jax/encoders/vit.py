@@ -15,6 +15,7 @@ every shape must match, otherwise one error names each offending key.
 """
 
 import dataclasses
+import os
 import re
 from typing import Any, Callable
 
@@ -22,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from groupdiff_jax import weights_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,16 +141,19 @@ def flax_flatten(tree, prefix=()):
   return out
 
 
-def convert(state, config, rules, ignore=(), what='ViT'):
+def convert(state, config, rules, ignore=(), what='ViT', weights_path=''):
   """PyTorch-layout state dict -> Flax params of ViT(config).
 
   Args:
     state: {key: array}.
     rules: [(regex, flax path template with \\1 groups, transform(array, config))].
     ignore: regexes of keys consumed without use (text tower, buffers).
+    what: the tower's name in errors.
+    weights_path: the file the state came from, named in errors ('' for none).
 
   Raises:
-    WeightsError: unknown keys, missing params, or shapes that do not match.
+    WeightsError: unknown keys, missing params, or shapes that do not match
+      (naming the file and every key).
   """
   expected = param_shapes(config)
   flat, source, unknown, bad = {}, {}, [], []
@@ -173,29 +179,21 @@ def convert(state, config, rules, ignore=(), what='ViT'):
     flat[path], source[path] = value, key
   missing = ['/'.join(p) for p in sorted(expected) if p not in flat]
   if unknown or bad or missing:
-    lines = [f'State dict does not match {what} {config}:']
-    for title, items in (('unknown keys', unknown), ('wrong shapes', bad), ('missing params', missing)):
-      if items:
-        lines.append(f'{title} ({len(items)}):')
-        lines += [f'  {item}' for item in items[:20]] + ([f'  ... and {len(items) - 20} more'] if len(items) > 20 else [])
-    raise WeightsError('\n'.join(lines))
-  params = {}
-  for path, value in flat.items():
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = jnp.asarray(value)
-  return params
+    raise WeightsError(weights_io.mismatch_message(
+        f'State dict{weights_io.source_label(weights_path)} does not match {what} {config}:',
+        [('unknown keys', unknown), ('wrong shapes', bad), ('missing params', missing)]))
+  return weights_io.unflatten(flat)
+
+
+def weights_file(path):
+  """`path` itself, or `model.safetensors` inside a directory (HuggingFace layout)."""
+  path = os.fspath(path)
+  return os.path.join(path, 'model.safetensors') if os.path.isdir(path) else path
 
 
 def read_safetensors(path, what, where):
-  import os
-  import safetensors.numpy
-  if os.path.isdir(path):
-    path = os.path.join(path, 'model.safetensors')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: no weights. {where}')
-  return safetensors.numpy.load_file(path)
+  """The state dict of a tower's weights file (or its directory); errors name the file and say `where`."""
+  return weights_io.read_arrays(weights_file(path), f'{what} weights: {where}')
 
 
 def resize_bicubic_torch(grid, size):

@@ -21,6 +21,14 @@ Parameter tree -> official state-dict keys (the importer maps them 1:1):
   blocks_{i}/adaLN_modulation_1   blocks.{i}.adaLN_modulation.1
   final_layer/linear, adaLN_modulation_1
 `pos_embed` is a fixed constant here, not a parameter.
+
+Time conventions (`time_convention`, see `network_time`): 'sit' is ours
+(willisma/SiT: t = 0 noise, t = 1 data, prediction = data - noise).
+'groupdiff_official' runs a network trained the other way, as the official
+GroupDiff SiT (and REPA's SiT, which it resumes from): its time s = 1 - t
+(s = 1 noise) and its velocity is noise - data. The model then feeds the
+network 1 - t and negates its data channels, so that every caller (trainer,
+samplers, guidance) sees our convention.
 """
 
 import dataclasses
@@ -42,6 +50,7 @@ MODEL_SIZES = {
     'XL': (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
+TIME_CONVENTIONS = ('sit', 'groupdiff_official')
 
 
 def parse_variant(name):
@@ -52,6 +61,33 @@ def parse_variant(name):
                      '(or DiT-...), e.g. "SiT-XL/2".')
   depth, hidden_size, num_heads = MODEL_SIZES[match.group(1)]
   return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(match.group(2)))
+
+
+def network_time(t, convention):
+  """Our SiT time t [B] (0 = noise, 1 = data) -> the time the network was trained on.
+
+  'groupdiff_official': s = 1 - t (official GroupDiff / REPA SiT: s = 1 is
+  noise; their timestep embedder takes s in [0, 1] unscaled, as ours).
+  """
+  if convention == 'sit':
+    return t
+  if convention == 'groupdiff_official':
+    return 1.0 - t
+  raise ValueError(f'Unknown model.time_convention={convention!r}; choose one of {TIME_CONVENTIONS}.')
+
+
+def prediction_from_network(out, convention, data_channels):
+  """Network output [B, H, W, C'] -> our prediction (velocity = data - noise).
+
+  'groupdiff_official' networks predict noise - data: the first
+  data_channels channels are negated (d/dt = -d/ds for s = 1 - t); channels
+  after them (learned-sigma values, if any) are left as they are.
+  """
+  if convention == 'sit':
+    return out
+  if convention == 'groupdiff_official':
+    return jnp.concatenate([-out[..., :data_channels], out[..., data_channels:]], axis=-1)
+  raise ValueError(f'Unknown model.time_convention={convention!r}; choose one of {TIME_CONVENTIONS}.')
 
 
 def modulate(x, shift, scale):
@@ -181,6 +217,10 @@ class DiT(nn.Module):
     attention_impl: one of group_attention.ATTENTION_IMPLEMENTATIONS.
     dtype: compute dtype (parameters stay float32).
     remat: a key of REMAT_POLICIES.
+    time_convention: one of TIME_CONVENTIONS: how the network's own time and
+      output relate to ours (module docstring; `network_time`,
+      `prediction_from_network`). Callers always pass our t and get our
+      prediction.
   """
 
   input_size: int = 32
@@ -197,6 +237,7 @@ class DiT(nn.Module):
   attention_impl: str = 'xla'
   dtype: jnp.dtype = jnp.float32
   remat: str = 'none'
+  time_convention: str = 'sit'
 
   @property
   def out_channels(self):
@@ -208,7 +249,7 @@ class DiT(nn.Module):
 
     Args:
       x: [G*N, H, W, in_channels] noisy inputs, members of a group contiguous.
-      t: [G*N] timesteps (each member may have its own).
+      t: [G*N] timesteps (each member may have its own), in our convention.
       y: [G*N] int labels, `num_classes` for the null class.
       sample_ids: [G*N] int member ids in [0, max_group_size); required when
         max_group_size > 0, ignored otherwise.
@@ -227,6 +268,7 @@ class DiT(nn.Module):
     grid = self.input_size // p
     tokens = tokens + embeddings.sincos_2d_position_embedding(self.hidden_size, grid)[None]
 
+    t = network_time(t, self.time_convention)
     c = embeddings.TimestepEmbedder(self.hidden_size, dtype=self.dtype, name='t_embedder')(t)
     c = c + embeddings.LabelEmbedder(self.num_classes, self.hidden_size, self.dtype, name='y_embedder')(y)
     if self.max_group_size > 0:
@@ -244,7 +286,26 @@ class DiT(nn.Module):
     out = FinalLayer(p, self.out_channels, self.dtype, name='final_layer')(tokens, c)  # [B, L, p*p*out]
     out = out.reshape(batch, grid, grid, p, p, self.out_channels)
     out = out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * p, grid * p, self.out_channels)
-    return out.astype(jnp.float32)
+    return prediction_from_network(out.astype(jnp.float32), self.time_convention, self.in_channels)
+
+
+def check_time_convention(config):
+  """'groupdiff_official' only for what it maps exactly: SiT, velocity, linear or GVP path.
+
+  (Their paths at s = 1 - t are ours; a noise or score network would need
+  no negation, VP paths differ, DiT uses integer DDPM steps.)
+  """
+  convention = config.get('time_convention', 'sit')
+  if convention not in TIME_CONVENTIONS:
+    raise ValueError(f'Unknown model.time_convention={convention!r}; choose one of {TIME_CONVENTIONS}.')
+  if convention == 'groupdiff_official':
+    found = dict(objective=config.get('objective', 'sit'), prediction=config.get('prediction', 'velocity'),
+                 path=config.get('path', 'linear'))
+    if found['objective'] != 'sit' or found['prediction'] != 'velocity' or found['path'] not in ('linear', 'gvp'):
+      raise ValueError(f'model.time_convention=groupdiff_official maps the official GroupDiff/REPA SiT (velocity '
+                       f'on the linear or GVP path) onto ours; the config has {found}. Use '
+                       f'model.time_convention=sit for other models.')
+  return convention
 
 
 def model_from_config(config):
@@ -257,4 +318,4 @@ def model_from_config(config):
   return DiT(input_size=config.input_size, in_channels=config.in_channels, num_classes=config.num_classes,
              learn_sigma=config.learn_sigma, max_group_size=config.max_group_size, group_layers=group_layers,
              attention_impl=config.get('attention_impl', 'xla'), mlp_ratio=config.get('mlp_ratio', 4.0),
-             dtype=dtype, remat=config.get('remat', 'none'), **arch)
+             dtype=dtype, remat=config.get('remat', 'none'), time_convention=check_time_convention(config), **arch)

@@ -13,10 +13,15 @@ Parameter names follow timm's `Attention` as used by DiT:
 `attn.qkv` ([C, 3C]: q, k, v each laid out head-major) and `attn.proj`.
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from groupdiff_jax.sharding import BATCH_AXES
 
 # Attention kernels by config name (`model.attention_impl`):
 #   'xla'    jax.nn.dot_product_attention in plain XLA: materialises the
@@ -29,6 +34,7 @@ import numpy as np
 # With N=16 a group is 4096 tokens: on accelerators use 'auto' (or the
 # named kernel), never 'xla'.
 ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
+
 SPLASH_MAX_BLOCK = 512
 
 
@@ -78,8 +84,33 @@ def splash_attention(q, k, v, interpret=None):
     head_mask = masks.NumpyMask(np.broadcast_to(np.arange(padded_length) < length, (padded_length,) * 2).copy())
   kernel = kernels.make_splash_mha(masks.MultiHeadMask([head_mask] * heads), block_sizes=sizes, head_shards=1,
                                    q_seq_shards=1, interpret=interpret)
-  out = jax.vmap(kernel)(to_heads(q), to_heads(k), to_heads(v))  # [B, H, T', D']
+  out = shard_over_batch(jax.vmap(kernel))(to_heads(q), to_heads(k), to_heads(v))  # [B, H, T', D']
   return out[:, :, :length, :head_dim].swapaxes(1, 2)
+
+
+def shard_over_batch(fn, batch_axes=BATCH_AXES):
+  """`fn` (per-example in its leading axis) run per device under the context mesh.
+
+  A Pallas kernel is an opaque custom call: inside a jit whose batch is split
+  over the mesh, XLA cannot partition it and would gather the whole batch
+  onto every device. Under a context mesh (`jax.set_mesh`, which
+  train_step.make_jitted_train_step sets) that has the batch axes, `fn` is
+  wrapped in `jax.shard_map` over them, so each device runs the kernel on
+  its own groups (whole groups per device: sharding.py). Without a context
+  mesh, or with one device, `fn` is returned unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(axis for axis in batch_axes if axis in getattr(mesh, 'axis_names', ()))
+  if not axes or math.prod(mesh.shape[axis] for axis in axes) == 1:
+    return fn
+  spec = P(axes)
+
+  def sharded(*args):
+    if args[0].shape[0] % math.prod(mesh.shape[axis] for axis in axes):
+      return fn(*args)  # too few groups to split (e.g. a tiny sampling batch): XLA decides
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+
+  return sharded
 
 
 def dot_product_attention(q, k, v, implementation='xla'):

@@ -1,0 +1,1 @@
+"""Experiment scripts (not part of the library): python -m experiments.<name>."""

@@ -1,0 +1,193 @@
+"""Toy shapes: a generated dataset where grouping can matter.
+
+`make_shapes(count, seed)` draws `count` RGB images (16x16 by default) of
+one shape each. The class is the shape type (10 classes); continuous and
+discrete attributes vary within a class: foreground and background colour,
+size, position, rotation and texture (solid, stripes, dots). Neighbours in
+pixel space (PCA embedding) therefore share colours, size and position,
+much as ImageNet neighbours share pose and colour, while random groups share
+nothing and class groups share only the shape. Everything is a pure
+function of the seed (numpy only; no downloads).
+
+`ArrayBatches` serves any in-memory (images, labels, embeddings) with the
+batch interface of the trainer (`batch(step, kind)`, a pure function of
+(seed, step)); `ToyShapesBatches(config, seed)` is it over the toy shapes
+(config.data.name = 'toy_shapes').
+"""
+
+import functools
+import logging
+
+import numpy as np
+
+from groupdiff_jax.data import grouping, retrieval
+
+NUM_CLASSES = 10
+SHAPES = ('disc', 'square', 'triangle', 'plus', 'ring', 'diamond', 'bar', 'cross', 'half_disc', 'star')
+TEXTURES = ('solid', 'stripes', 'dots')
+SUPERSAMPLE = 4  # shapes are rasterised at 4x and box-filtered (anti-aliasing)
+# Attributes returned per image (float32 columns of `attributes`).
+ATTRIBUTES = ('fg_r', 'fg_g', 'fg_b', 'bg_r', 'bg_g', 'bg_b', 'size', 'x', 'y', 'rotation', 'texture')
+
+
+def _hsv_to_rgb(h, s, v):
+  """Vectorised HSV -> RGB, all in [0, 1]: [..., 3]."""
+  i = np.floor(h * 6.0)
+  f = h * 6.0 - i
+  p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+  i = i.astype(np.int64) % 6
+  r = np.choose(i, [v, q, p, p, t, v])
+  g = np.choose(i, [t, v, v, q, p, p])
+  b = np.choose(i, [p, p, t, v, v, q])
+  return np.stack([r, g, b], -1)
+
+
+def _shape_masks(shape, u, v):
+  """Inside-masks of shape ids `shape` [B] at local coordinates u, v [B, P, P] (unit radius)."""
+  r = np.sqrt(u * u + v * v)
+  au, av = np.abs(u), np.abs(v)
+  d1, d2 = np.abs(u + v) / np.sqrt(2), np.abs(u - v) / np.sqrt(2)
+  angle = np.arctan2(v, u)
+  masks = [
+      r < 1.0,  # disc
+      np.maximum(au, av) < 0.8,  # square
+      (v > -0.5) & (np.sqrt(3) * au + v < 1.0),  # triangle
+      ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95)),  # plus
+      (r < 1.0) & (r > 0.55),  # ring
+      au + av / 0.5 < 1.0,  # diamond (a rhombus: not a rotated square)
+      (au < 0.95) & (av < 0.35),  # bar
+      ((d1 < 0.25) & (d2 < 0.95)) | ((d2 < 0.25) & (d1 < 0.95)),  # cross
+      (r < 1.0) & (v > -0.15),  # half disc
+      r < 0.55 + 0.4 * np.cos(5 * angle),  # star
+  ]
+  stacked = np.stack(masks, 0)  # [10, B, P, P]
+  return stacked[shape, np.arange(len(shape))]
+
+
+def _render(fg, bg, size, x, y, rotation, texture, shape, image_size):
+  """Images float32 [B, S, S, 3] in [0, 1] from per-image attributes [B]."""
+  fine = image_size * SUPERSAMPLE
+  grid = (np.arange(fine) + 0.5) / fine * 2.0 - 1.0  # pixel centres in [-1, 1]
+  gy, gx = np.meshgrid(grid, grid, indexing='ij')  # [P, P]
+  dx = gx[None] - x[:, None, None]
+  dy = gy[None] - y[:, None, None]
+  cos, sin = np.cos(rotation)[:, None, None], np.sin(rotation)[:, None, None]
+  scale = size[:, None, None]
+  u = (cos * dx + sin * dy) / scale  # [B, P, P] rotated, scaled local frame
+  v = (-sin * dx + cos * dy) / scale
+  inside = _shape_masks(shape, u, v).astype(np.float32)
+  stripes = (np.sin(u * 9.0) > 0).astype(np.float32)
+  dots = ((np.sin(u * 9.0) * np.sin(v * 9.0)) > 0.3).astype(np.float32)
+  shade = np.where(texture[:, None, None] == 1, 0.45 + 0.55 * stripes,
+                   np.where(texture[:, None, None] == 2, 1.0 - 0.55 * dots, 1.0))  # [B, P, P]
+  fine_images = (inside * shade)[..., None] * fg[:, None, None] + (1.0 - inside)[..., None] * bg[:, None, None]
+  b = len(shape)
+  pooled = fine_images.reshape(b, image_size, SUPERSAMPLE, image_size, SUPERSAMPLE, 3).mean((2, 4))
+  return pooled.astype(np.float32)
+
+
+def make_shapes(count, seed, image_size=16, chunk=1000):
+  """The toy shapes dataset, a pure function of (count, seed, image_size).
+
+  Returns:
+    images float32 [count, S, S, 3] in [-1, 1], labels int32 [count] (the
+    shape, balanced over the 10 classes), attributes float32
+    [count, len(ATTRIBUTES)] (colours in [0, 1], size, centre x, y in
+    [-1, 1] image units, rotation in radians, texture id).
+  """
+  rng = np.random.default_rng([seed, 0x5A])
+  labels = rng.permutation(np.arange(count) % NUM_CLASSES).astype(np.int32)
+  fg = _hsv_to_rgb(rng.uniform(0, 1, count), rng.uniform(0.5, 1.0, count), rng.uniform(0.65, 1.0, count))
+  bg = _hsv_to_rgb(rng.uniform(0, 1, count), rng.uniform(0.2, 0.9, count), rng.uniform(0.05, 0.45, count))
+  size = rng.uniform(0.35, 0.7, count)
+  x, y = rng.uniform(-0.25, 0.25, count), rng.uniform(-0.25, 0.25, count)
+  rotation = rng.uniform(0, 2 * np.pi, count)
+  texture = rng.integers(0, len(TEXTURES), count)
+  images = np.concatenate([
+      _render(fg[i:i + chunk], bg[i:i + chunk], size[i:i + chunk], x[i:i + chunk], y[i:i + chunk],
+              rotation[i:i + chunk], texture[i:i + chunk], labels[i:i + chunk], image_size)
+      for i in range(0, count, chunk)])
+  attributes = np.concatenate([fg, bg, np.stack([size, x, y, rotation, texture], -1)], -1).astype(np.float32)
+  return images * 2.0 - 1.0, labels, attributes
+
+
+def pca_embeddings(images, dims=32):
+  """L2-normalised PCA projection of the flattened images: [M, dims]."""
+  flat = images.reshape(len(images), -1).astype(np.float64)
+  centred = flat - flat.mean(0)
+  _, _, components = np.linalg.svd(centred, full_matrices=False)
+  return retrieval.l2_normalize((centred @ components[:dims].T).astype(np.float32))
+
+
+class ArrayBatches:
+  """Batches of the step kinds in step_plan from in-memory arrays.
+
+  Args:
+    images: [M, H, W, C] float32 in [-1, 1].
+    labels: int32 [M].
+    grouping: 'official_plan' (similarity: the official epoch plan over
+      neighbour lists), 'class' or 'random'.
+    batch_size: images per step.
+    seed: the run's seed; `batch(step, kind)` is a pure function of it and
+      the step.
+    neighbors: int32 [M, K] neighbour lists (self excluded, best first);
+      needed for 'official_plan'.
+  """
+
+  def __init__(self, images, labels, grouping, batch_size, seed, neighbors=None):
+    if grouping not in ('official_plan', 'class', 'random'):
+      raise ValueError(f"Unknown data.grouping={grouping!r}; use 'official_plan', 'class' or 'random'.")
+    if grouping == 'official_plan' and neighbors is None:
+      raise ValueError("data.grouping='official_plan' needs neighbour lists.")
+    self.images, self.labels = images, labels
+    self.grouping, self.batch_size, self.seed = grouping, batch_size, seed
+    self.neighbors = neighbors
+
+  @property
+  def steps_per_epoch(self):
+    return max(1, len(self.images) // self.batch_size)
+
+  @functools.lru_cache(maxsize=2)
+  def groups(self, epoch, group_size):
+    """The epoch's disjoint groups: int32 [num_groups, group_size]."""
+    rng = np.random.default_rng([self.seed, epoch, group_size])
+    if self.grouping == 'official_plan':
+      return grouping.official_epoch_plan(self.neighbors, group_size, rng)
+    if self.grouping == 'class':
+      return grouping.class_groups(self.labels, group_size, rng)
+    return grouping.random_groups(len(self.images), group_size, rng)
+
+  def indices(self, step, sub, part):
+    rng = np.random.default_rng([self.seed, step, part])
+    if sub.group_size == 1:
+      return rng.choice(len(self.images), sub.num_images, replace=False)
+    groups = self.groups(step // self.steps_per_epoch, sub.group_size)
+    return groups[rng.choice(len(groups), sub.num_groups, replace=False)].reshape(-1)
+
+  def batch(self, step, kind):
+    """One dict per SubBatch of `kind`: images [n, S, S, C], labels [n]."""
+    out = []
+    for part, sub in enumerate(kind):
+      index = self.indices(step, sub, part)
+      out.append({'images': self.images[index], 'labels': self.labels[index]})
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=2)
+def load_toy_shapes(count, seed, image_size, embedding_dims, num_neighbors):
+  """(images, labels, attributes, neighbors) of the toy shapes, cached per process."""
+  images, labels, attributes = make_shapes(count, seed, image_size)
+  neighbors, _, _ = retrieval.nearest_neighbors(pca_embeddings(images, embedding_dims), num_neighbors)
+  neighbors = np.asarray(neighbors)
+  same_class = (labels[neighbors[:, :3]] == labels[:, None]).mean()
+  logging.info('Toy shapes: %d images; %.1f%% of the 3 nearest neighbours share the anchor\'s class.',
+               count, 100 * same_class)
+  return images, labels, attributes, neighbors
+
+
+def ToyShapesBatches(config, seed):  # pylint: disable=invalid-name  (a factory named like the class it returns)
+  """ArrayBatches over the toy shapes of `config` (the data section plus batch_size)."""
+  images, labels, _, neighbors = load_toy_shapes(
+      config.get('num_images', 20000), config.get('dataset_seed', 0), config.image_size,
+      config.get('embedding_dims', 32), config.get('num_neighbors', 16))
+  return ArrayBatches(images, labels, config.grouping, config.batch_size, seed, neighbors)

@@ -1,0 +1,663 @@
+"""The sample job: N images in groups, in chunks, over devices and hosts; resumable.
+
+  python -m groupdiff_jax.main --config=configs/eval_gdiff_dit_xl.py --workdir=DIR --mode=sample \
+      --config.sample.vae_path=/weights/sd-vae-ft-mse/diffusion_pytorch_model.safetensors
+
+Plan. `sample.num_groups` groups of `sample.images_per_group` same-class
+images (group g has class g mod num_classes: 12,500 groups of 4 are 50
+images per ImageNet class) are generated C = min(sample.groups_per_batch,
+num_groups) groups at a time. Chunk c holds groups [c*C, (c+1)*C); the last
+one may hold fewer: its empty slots are generated (with the next classes)
+and dropped, so that every chunk has the same shape and one compilation.
+
+Randomness. Chunk c draws everything (x_T, sample ids, SDE/DDPM noise) from
+fold_in(PRNGKey(seed + 1), c), and the S_cross probe noise from
+fold_in(that key, S_CROSS_STREAM). What a chunk holds is therefore a
+function of the config and the checkpoint, not of how many hosts or devices
+ran it (tests/test_sample_job.py compares 1 and 4 devices); it does depend
+on groups_per_batch (the shape of a chunk's draws).
+
+Hosts and devices. Process p generates the chunks c with
+c % process_count == p, each on its own local devices: the chunk's groups
+are split over the largest number of local devices that divides C, by whole
+groups (a group's members never split, so group attention stays on one
+device). Nothing crosses hosts but two barriers; the workdir must be on
+storage that every host sees.
+
+Files in <workdir>/samples/:
+  job.json               what the chunks are generated from (sample and model
+                         settings, seed, checkpoint step); chunks of other
+                         settings are moved aside to samples_stale_<time>/
+  chunk_000123.npz       images uint8 [n, H, W, C], labels int32 [n], nfe
+                         (and S_cross masses), written atomically (tmp file +
+                         os.replace); a rerun skips valid chunks and
+                         regenerates missing, truncated or corrupt ones
+  samples_<N>x<H>x<W>x3.npz  process 0, once every chunk exists: the ADM
+                         sample batch, arr_0 uint8 [N, H, W, 3] (greyscale
+                         repeated to RGB) and labels int32 [N], streamed chunk
+                         by chunk with fixed zip timestamps (byte-identical
+                         from run to run)
+  samples.png            the first sample.grid_groups groups, one per row
+                         (copied to <workdir>/samples.png, the demo's place)
+  sample_settings.json   sampler, NFE, guidance, groups, dtype, seed,
+                         checkpoint step, model, hosts and devices
+  s_cross.json           with sample.s_cross=True (`s_cross_masses`)
+
+Latent models (model.in_channels = 4) are decoded with the SD-VAE of
+`sample.vae_path` (encoders/vae.py: latents / 0.18215, float32),
+`sample.decode_batch_size` latents per call, to uint8 [n, 256, 256, 3].
+"""
+
+import dataclasses
+import functools
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from groupdiff_jax import checkpoint, convert, sample, sharding
+from groupdiff_jax import diffusion as gd
+from groupdiff_jax import transport as transport_lib
+from groupdiff_jax.data.progress import Progress
+from groupdiff_jax.encoders import vae as vae_lib
+from groupdiff_jax.encoders import vae_weights
+from groupdiff_jax.evaluation import s_cross_probe
+from groupdiff_jax.models.dit import model_from_config
+from groupdiff_jax.models.embeddings import draw_sample_ids
+
+SAMPLES_DIR = 'samples'
+JOB_FILE = 'job.json'
+SETTINGS_FILE = 'sample_settings.json'
+GRID_FILE = 'samples.png'
+S_CROSS_FILE = 's_cross.json'
+IMAGE_CHANNELS = (1, 3)  # model.in_channels of image-space models; anything else is a VAE latent
+S_CROSS_STREAM = 1  # fold_in(chunk key, this): the S_cross probe's noise and sample ids
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip entry times: the assembled npz is byte-identical run to run
+# config.sample fields that change how the output is written or measured, not the images.
+OUTPUT_ONLY_FIELDS = ('decode_batch_size', 'grid_groups', 's_cross', 's_cross_stages', 's_cross_groups')
+VAE_SOURCE = ('stabilityai/sd-vae-ft-mse (the official GroupDiff decoder): huggingface-cli download '
+              'stabilityai/sd-vae-ft-mse diffusion_pytorch_model.safetensors --local-dir /weights/sd-vae-ft-mse')
+REFERENCE_BATCH_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/'
+                       'VIRTUAL_imagenet256_labeled.npz')
+
+
+# --- The plan: which groups each chunk holds, which process makes it ----------
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+  """num_groups groups of images_per_group, groups_per_chunk at a time."""
+  num_groups: int
+  images_per_group: int
+  groups_per_chunk: int
+  num_classes: int
+
+  @property
+  def num_chunks(self):
+    return -(-self.num_groups // self.groups_per_chunk)
+
+  @property
+  def num_images(self):
+    return self.num_groups * self.images_per_group
+
+  def groups(self, chunk):
+    """[start, stop) of the real groups of `chunk`."""
+    start = chunk * self.groups_per_chunk
+    return start, min(start + self.groups_per_chunk, self.num_groups)
+
+  def labels(self, chunk):
+    """int32 [groups_per_chunk * N]: every slot of the chunk, the empty ones of the last chunk included."""
+    start = chunk * self.groups_per_chunk
+    groups = np.arange(start, start + self.groups_per_chunk) % self.num_classes
+    return np.repeat(groups, self.images_per_group).astype(np.int32)
+
+  def num_chunk_images(self, chunk):
+    start, stop = self.groups(chunk)
+    return (stop - start) * self.images_per_group
+
+  def chunks_of_process(self, process_index, process_count):
+    """The chunks process `process_index` generates: c % process_count == process_index."""
+    return list(range(process_index, self.num_chunks, process_count))
+
+
+def plan_from_config(config):
+  s = config.sample
+  if s.num_groups < 1 or s.groups_per_batch < 1:
+    raise ValueError(f'sample.num_groups={s.num_groups} and sample.groups_per_batch={s.groups_per_batch} '
+                     'must be positive.')
+  return ChunkPlan(s.num_groups, s.images_per_group, min(s.groups_per_batch, s.num_groups),
+                   config.model.num_classes)
+
+
+def chunk_path(samples_dir, chunk):
+  return os.path.join(samples_dir, f'chunk_{chunk:06d}.npz')
+
+
+def is_latent(model_config):
+  return model_config.in_channels not in IMAGE_CHANNELS
+
+
+def check_config(config):
+  """Every setting the job can check before loading a checkpoint; clear errors naming the field."""
+  sample.check_sampler(config.model.get('objective', 'sit'), config.sample.sampler)
+  sample.check_group_sizes(config.sample, config.model)
+  plan_from_config(config)
+  if is_latent(config.model):
+    path = config.sample.get('vae_path')
+    if not path:
+      raise ValueError(
+          f'model.in_channels={config.model.in_channels}: this model samples SD-VAE latents, which the sample job '
+          'decodes to images. Set --config.sample.vae_path=/path/to/diffusion_pytorch_model.safetensors, '
+          f'from {VAE_SOURCE}.')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'sample.vae_path={path} does not exist; get the file from {VAE_SOURCE}.')
+  if config.sample.get('s_cross', False):
+    s_cross_branch(config.sample)
+    if not any(group_attention_at(stage, config.sample.group_stage_fraction)
+               for stage in config.sample.s_cross_stages):
+      raise ValueError(f'sample.s_cross_stages={tuple(config.sample.s_cross_stages)}: group attention is off at '
+                       f'all of them (sample.group_stage_fraction={config.sample.group_stage_fraction}); measure '
+                       'at stages below that fraction.')
+
+
+# --- Devices and parameters ---------------------------------------------------
+def local_mesh(groups_per_chunk, devices=None):
+  """A (data, fsdp) = (D, 1) mesh of this process's devices; D the largest count dividing groups_per_chunk."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  count = math.gcd(groups_per_chunk, len(devices))
+  if count < len(devices):
+    logging.warning('%d groups per chunk do not split evenly over %d devices: using %d of them; make '
+                    'sample.groups_per_batch a multiple of %d to use all.', groups_per_chunk, len(devices), count,
+                    len(devices))
+  return sharding.make_mesh(devices=devices[:count])
+
+
+def host_local(tree):
+  """Every leaf as a NumPy array on this host (leaves spread over several hosts are gathered)."""
+  def one(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+  return jax.tree.map(one, tree)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_sampler(model, sample_config, model_config, mesh):
+  return sample.make_sampler(model, sample_config, model_config, mesh)
+
+
+def chunk_sampler(model, config, mesh):
+  """sample.make_sampler for the config, compiled once per (model, generation settings, mesh) in a process
+  (a demo that trains then samples, resumed parts of a job, tests)."""
+  generation = {k: v for k, v in config.sample.to_dict().items() if k not in OUTPUT_ONLY_FIELDS}
+  return _cached_sampler(model, ml_collections.FrozenConfigDict(generation),
+                         ml_collections.FrozenConfigDict(config.model.to_dict()), mesh)
+
+
+def _barrier(name):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+# --- VAE decoding ---------------------------------------------------------------
+def make_decoder(vae_params, vae_config, mesh, batch_size):
+  """decode(latents [B, h, w, c] scaled as the model sees them) -> uint8 NumPy [B, f*h, f*w, 3].
+
+  Decodes `batch_size` latents per call (rounded up to a multiple of the
+  mesh's devices and split over them; the last call is zero-padded), in
+  float32 (FID is sensitive to the decode dtype).
+  """
+  vae = vae_lib.AutoencoderKL(vae_config)
+  batch_size = -(-max(batch_size, 1) // mesh.size) * mesh.size
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  params = jax.device_put(vae_params, replicated)
+  run = jax.jit(lambda p, z: sample.quantize(vae_lib.images_from_latents(vae, p, z)),
+                in_shardings=(replicated, batch), out_shardings=batch)
+
+  def decode(latents):
+    latents = np.asarray(latents, np.float32)
+    parts = []
+    for start in range(0, len(latents), batch_size):
+      part = latents[start:start + batch_size]
+      count = len(part)
+      part = np.concatenate([part, np.zeros((batch_size - count,) + part.shape[1:], part.dtype)])
+      parts.append(np.asarray(run(params, part))[:count])
+    return np.concatenate(parts)
+
+  return decode
+
+
+# --- S_cross during sampling -----------------------------------------------------
+def s_cross_branch(sample_config):
+  """(name, group size, unconditional) of the branch whose attention over its group is measured.
+
+  The unconditional branch when CFG runs it and it is grouped (GroupDiff-l:
+  uncond_group_size 4), else a grouped conditional branch (GroupDiff-f
+  without CFG); a clear error when no branch attends over a group.
+  """
+  s = sample_config
+  if s.cfg_scale != 1.0 and s.uncond_group_size > 1:
+    return 'unconditional', s.uncond_group_size, True
+  if s.cond_group_size > 1:
+    return 'conditional', s.cond_group_size, False
+  raise ValueError(f'sample.s_cross=True measures how members attend to each other, but no branch attends over a '
+                   f'group here (sample.cond_group_size={s.cond_group_size}, sample.uncond_group_size='
+                   f'{s.uncond_group_size}, sample.cfg_scale={s.cfg_scale}): set a group size > 1 for a branch '
+                   'that runs (e.g. --config.sample.uncond_group_size=4 with cfg_scale != 1), or drop sample.s_cross.')
+
+
+def group_attention_at(stage, group_stage_fraction):
+  """Whether the sampler uses group attention at `stage` (fraction of the trajectory done from the noise end)."""
+  return group_stage_fraction >= 1.0 or stage < group_stage_fraction
+
+
+def noised(x0, stage, rng, model_config):
+  """(x_t [B, H, W, C], model time t [B]) of clean x0 [B, H, W, C] at `stage` (0 = noise end, 1 = data).
+
+  SiT: t = t0 + stage * (t1 - t0) on the sampling interval, x_t from the
+  model's path; DiT: original timestep k = round((1 - stage) * (T - 1)),
+  x_t = q_sample(x0, k).
+  """
+  noise = jax.random.normal(rng, x0.shape, jnp.float32)
+  batch = x0.shape[0]
+  if model_config.get('objective', 'sit') == 'dit':
+    t = jnp.full((batch,), round((1.0 - stage) * (gd.NUM_TIMESTEPS - 1)), jnp.int32)
+    return gd.q_sample(x0, t, noise, gd.create_schedule('')), t
+  transport = transport_lib.transport_from_config(model_config)
+  t0, t1 = transport_lib.time_interval(transport, sampling=True)
+  t = jnp.full((batch,), t0 + stage * (t1 - t0), jnp.float32)
+  return transport_lib.interpolate(x0, noise, t, transport.path)[0], t
+
+
+def s_cross_masses(model, params, x0, labels, rng, sample_config, model_config):
+  """Member masses of the measured branch at every stage of sample.s_cross_stages.
+
+  x0: [B, H, W, C] final samples (model space) of whole groups, labels
+  int32 [B] their classes (the conditional branch's labels). At each
+  stage the groups are noised back to that point of the trajectory
+  (`noised`: the forward process from the sample, not the sampler's own
+  state) and one forward pass of the branch (its labels, group size and
+  fresh sample ids) runs under s_cross_probe.member_masses. Stages where the
+  sampler has group attention off are skipped.
+
+  Returns:
+    (layers int32 [L], mass float32 [S_on, L, B/n, n, n]) with n the
+    branch's group size and S_on the stages with group attention.
+  """
+  _, group_size, unconditional = s_cross_branch(sample_config)
+  labels = jnp.full((x0.shape[0],), model_config.num_classes, jnp.int32) if unconditional else jnp.asarray(labels)
+  layers, masses = None, []
+  x0 = jnp.asarray(x0, jnp.float32)
+  for index, stage in enumerate(sample_config.s_cross_stages):
+    if not group_attention_at(stage, sample_config.group_stage_fraction):
+      continue
+    noise_rng, id_rng = jax.random.split(jax.random.fold_in(rng, index))
+    x_t, t = noised(x0, stage, noise_rng, model_config)
+    ids = None
+    if model_config.max_group_size > 0:
+      ids = draw_sample_ids(id_rng, x0.shape[0] // group_size, group_size, model_config.max_group_size,
+                            sample_config.fixed_sample_ids)
+    stage_layers, mass = s_cross_probe.member_masses(model, params, x_t, t, labels, ids, group_size=group_size)
+    layers = np.asarray(stage_layers)
+    masses.append(np.asarray(mass))
+  return layers, np.stack(masses)
+
+
+def s_cross_report(layers, mass, sample_config):
+  """The JSON-ready S_cross summary of masses [S_on, L, G, n, n] (s_cross_probe.summarize).
+
+  per_layer {layer: S_cross}, per_stage {stage: S_cross} (stages with group
+  attention), per_stage_layer {stage: {layer: S_cross}}, mean (masses
+  averaged over stages and layers, then scored), as fractions; mean_percent.
+  """
+  name, group_size, _ = s_cross_branch(sample_config)
+  stages = [float(s) for s in sample_config.s_cross_stages]
+  on = [s for s in stages if group_attention_at(s, sample_config.group_stage_fraction)]
+  report = {
+      'definition': 'METHOD.md section 4 (our reading): S_cross = mean_i (max_j a_ij - mean_j a_ij), a_ij the '
+                    'attention mass of member i on member j != i renormalised over j; 0..1 (x100 for %)',
+      'method': 'final samples of the first groups noised back to each stage by the forward process, one probe '
+                'forward pass of the branch per stage (evaluation/s_cross_probe.py)',
+      'branch': name, 'group_size': group_size,
+      'num_groups': int(mass.shape[2]), 'stages': stages, 'stages_with_group_attention': on,
+      'layers': [int(l) for l in layers],
+  }
+  if len(layers) == 0:
+    report.update(note='no layer attends over a group (model.group_layers)', per_layer={}, per_stage={},
+                  per_stage_layer={}, mean=None, mean_percent=None)
+    return report
+  summary = {k: np.asarray(v).tolist() for k, v in s_cross_probe.summarize(jnp.asarray(mass)).items()}
+  layer_names, stage_names = [str(int(l)) for l in layers], [str(s) for s in on]
+  report.update(
+      per_layer=dict(zip(layer_names, summary['per_layer'])),
+      per_stage=dict(zip(stage_names, summary['per_stage'])),
+      per_stage_layer={stage: dict(zip(layer_names, row))
+                       for stage, row in zip(stage_names, summary['per_stage_layer'])},
+      mean=summary['mean'], mean_percent=100.0 * summary['mean'])
+  return report
+
+
+# --- Chunk files ---------------------------------------------------------------
+def write_atomically(path, write):
+  """write(file object) into path + '.tmp', then rename it onto path."""
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_json(path, record):
+  write_atomically(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+
+
+def read_chunk(path, plan, chunk, need_s_cross=False):
+  """The arrays of a complete chunk file, or None (missing, truncated, corrupt or not this chunk's)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as data:
+      arrays = {name: data[name] for name in data.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    logging.warning('Chunk file %s is unreadable (%s); generating it again.', path, error)
+    return None
+  count = plan.num_chunk_images(chunk)
+  images, labels = arrays.get('images'), arrays.get('labels')
+  if (images is None or labels is None or images.dtype != np.uint8 or images.ndim != 4 or len(images) != count
+      or not np.array_equal(labels, plan.labels(chunk)[:count])):
+    logging.warning('Chunk file %s does not hold chunk %d; generating it again.', path, chunk)
+    return None
+  if need_s_cross and 's_cross_mass' not in arrays:
+    return None
+  return arrays
+
+
+def job_record(config, step):
+  """What the chunks depend on (compared on resume), JSON-normalised."""
+  sample_fields = {k: v for k, v in config.sample.to_dict().items() if k not in OUTPUT_ONLY_FIELDS}
+  record = dict(sample=sample_fields, model=config.model.to_dict(), seed=config.seed, checkpoint_step=step)
+  return json.loads(json.dumps(record))
+
+
+def prepare_directory(samples_dir, record):
+  """Process 0: create samples_dir, or move it aside if its chunks come from other settings."""
+  job_path = os.path.join(samples_dir, JOB_FILE)
+  if os.path.exists(job_path):
+    with open(job_path) as f:
+      previous = json.load(f)
+    if previous == record:
+      return
+    changed = sorted(f'{section}.{k}' for section in ('sample', 'model') for k in
+                     set(previous.get(section, {})) | set(record[section])
+                     if previous.get(section, {}).get(k) != record[section].get(k))
+    changed += [k for k in ('seed', 'checkpoint_step') if previous.get(k) != record[k]]
+    aside = f'{samples_dir}_stale_{time.strftime("%Y%m%d-%H%M%S")}'
+    logging.warning('%s holds samples of other settings (%s); moved it to %s.', samples_dir, ', '.join(changed),
+                    aside)
+    shutil.move(samples_dir, aside)
+  elif os.path.isdir(samples_dir) and glob.glob(os.path.join(samples_dir, 'chunk_*.npz')):
+    aside = f'{samples_dir}_stale_{time.strftime("%Y%m%d-%H%M%S")}'
+    logging.warning('%s holds chunks without %s; moved it to %s.', samples_dir, JOB_FILE, aside)
+    shutil.move(samples_dir, aside)
+  os.makedirs(samples_dir, exist_ok=True)
+  write_json(job_path, record)
+
+
+# --- Assembly: the ADM sample batch, the grid, the settings --------------------------
+def _zip_entry(name):
+  info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+  info.compress_type = zipfile.ZIP_STORED  # as np.savez
+  return info
+
+
+def samples_path(samples_dir, num_images, image_side):
+  """<samples_dir>/samples_<N>x<H>x<W>x3.npz, the ADM sample batch."""
+  return os.path.join(samples_dir, f'samples_{num_images}x{image_side}x{image_side}x3.npz')
+
+
+def assemble(samples_dir, plan, image_side):
+  """Stream every chunk into samples_<N>x<H>x<W>x3.npz (arr_0 uint8 [N, H, W, 3], labels int32 [N]).
+
+  One chunk in memory at a time; greyscale is repeated to RGB (the ADM
+  evaluator reads 3 channels). Returns the path.
+  """
+  shape = (plan.num_images, image_side, image_side, 3)
+  path = samples_path(samples_dir, plan.num_images, image_side)
+  labels = []
+
+  def write(f):
+    with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive:
+      with archive.open(_zip_entry('arr_0.npy'), 'w', force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(
+            member, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False,
+                     'shape': shape})
+        for chunk in range(plan.num_chunks):
+          arrays = read_chunk(chunk_path(samples_dir, chunk), plan, chunk)
+          if arrays is None:
+            raise RuntimeError(f'{chunk_path(samples_dir, chunk)} is missing or invalid: rerun the same sample '
+                               'command to generate it again.')
+          images = arrays['images']
+          if images.shape[1:3] != shape[1:3]:
+            raise RuntimeError(f'{chunk_path(samples_dir, chunk)} holds images of {images.shape[1:3]}, not '
+                               f'{shape[1:3]}: move {samples_dir} away and sample again.')
+          rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+          member.write(np.ascontiguousarray(rgb).tobytes())
+          labels.append(arrays['labels'])
+      with archive.open(_zip_entry('labels.npy'), 'w') as member:
+        np.lib.format.write_array(member, np.concatenate(labels).astype(np.int32), version=(1, 0))
+
+  write_atomically(path, write)
+  return path
+
+
+def chunk_nfes(samples_dir, plan):
+  """The NFE per branch each chunk's sampler used (differs between chunks only for dopri5)."""
+  nfes = []
+  for chunk in range(plan.num_chunks):
+    with np.load(chunk_path(samples_dir, chunk)) as data:
+      nfes.append(int(data['nfe']))
+  return nfes
+
+
+def first_groups(samples_dir, plan, num_groups):
+  """uint8 [<= num_groups * N, H, W, C] of the first groups, from the chunk files."""
+  wanted = min(num_groups, plan.num_groups) * plan.images_per_group
+  images, chunk = [], 0
+  while sum(len(i) for i in images) < wanted:
+    images.append(read_chunk(chunk_path(samples_dir, chunk), plan, chunk)['images'])
+    chunk += 1
+  return np.concatenate(images)[:wanted]
+
+
+def nfe_summary(nfes):
+  """One number when every chunk used the same NFE (fixed-step samplers), else min/mean/max (dopri5)."""
+  if len(set(nfes)) == 1:
+    return nfes[0]
+  return dict(min=min(nfes), mean=float(np.mean(nfes)), max=max(nfes))
+
+
+def settings_record(config, plan, step, nfes, mesh):
+  s, m = config.sample, config.model
+  latent = is_latent(m)
+  record = {
+      'sampler': s.sampler, 'nfe_per_branch': nfe_summary(nfes), 'num_steps': s.num_steps,
+      'cfg_scale': s.cfg_scale, 'guidance_interval': [s.guidance_low, s.guidance_high],
+      'guided_channels': s.guided_channels or 'all', 'cond_group_size': s.cond_group_size,
+      'uncond_group_size': s.uncond_group_size, 'images_per_group': s.images_per_group,
+      'group_stage_fraction': s.group_stage_fraction, 'fixed_sample_ids': s.fixed_sample_ids,
+      'num_groups': plan.num_groups, 'num_images': plan.num_images, 'groups_per_chunk': plan.groups_per_chunk,
+      'num_chunks': plan.num_chunks, 'class_of_group': 'g mod model.num_classes',
+      'dtype': m.get('dtype', 'float32'), 'seed': config.seed, 'chunk_key': 'fold_in(PRNGKey(seed + 1), chunk)',
+      'checkpoint_step': step, 'use_ema': s.use_ema,
+      'model': {'variant': m.variant, 'objective': m.get('objective', 'sit'), 'path': m.get('path', 'linear'),
+                'prediction': m.get('prediction', 'velocity'), 'learn_sigma': m.learn_sigma,
+                'max_group_size': m.max_group_size, 'in_channels': m.in_channels, 'input_size': m.input_size},
+      'vae': ({'path': os.path.abspath(s.vae_path), 'dtype': 'float32',
+               'scaling_factor': vae_lib.SD_VAE_CONFIG.scaling_factor} if latent else None),
+      'processes': jax.process_count(), 'devices': jax.device_count(),
+      'devices_per_process_used': mesh.size, 'platform': jax.default_backend(),
+      'sample_config': s.to_dict(),
+  }
+  if m.get('objective', 'sit') == 'dit':
+    record['timestep_respacing'] = sample.timestep_respacing(s)
+  return json.loads(json.dumps(record))
+
+
+def gather_s_cross(samples_dir, plan, sample_config):
+  """Masses [S_on, L, G, n, n] of the first sample.s_cross_groups groups, from the chunk files."""
+  layers, masses, chunk = None, [], 0
+  while chunk < plan.num_chunks and plan.groups(chunk)[0] < sample_config.s_cross_groups:
+    arrays = read_chunk(chunk_path(samples_dir, chunk), plan, chunk, need_s_cross=True)
+    layers = arrays['s_cross_layers']
+    masses.append(arrays['s_cross_mass'])
+    chunk += 1
+  return layers, np.concatenate(masses, axis=2)
+
+
+# --- The job -------------------------------------------------------------------------
+def sample_and_save(config, workdir, params=None, step=None, *, devices=None, process_index=None,
+                    process_count=None, max_chunks=None, vae_config=vae_lib.SD_VAE_CONFIG, log=print):
+  """Generate (or finish generating) the config's samples; see the module docstring.
+
+  Args:
+    config: the full config (model, sample, seed).
+    workdir: run directory; samples go to <workdir>/samples/.
+    params, step: model parameters and their training step; None loads the
+      newest checkpoint of workdir (EMA weights when sample.use_ema).
+    devices: this process's devices to use (default: all local ones).
+    process_index, process_count: which chunks this call generates (default:
+      jax's); tests run the parts of a multi-host job one after the other.
+    max_chunks: stop after generating this many chunks (an interrupted run).
+    vae_config: architecture of the VAE at sample.vae_path (tests: a tiny one).
+    log: print-like, for process 0's messages.
+
+  Returns:
+    The path of the assembled samples npz, or None when chunks are missing
+    (max_chunks reached, or other processes' parts not done).
+  """
+  check_config(config)
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  main_process = process_index == 0
+  say = log if main_process else (lambda *_: None)
+  if params is None:
+    convert.check_model_config(workdir, config.model)  # an imported checkpoint's learn_sigma, time convention
+    params, step = checkpoint.load_params(workdir, config.sample.use_ema)
+    say(f'Sampling from the checkpoint of step {step}.')
+  plan = plan_from_config(config)
+  samples_dir = os.path.join(workdir, SAMPLES_DIR)
+  if main_process:
+    prepare_directory(samples_dir, job_record(config, step))
+  _barrier('groupdiff_jax.sample_job.prepare')
+
+  mesh = local_mesh(plan.groups_per_chunk, devices)
+  model = model_from_config(config.model)
+  params = jax.device_put(host_local(params), sharding.replicated(mesh))
+  run = chunk_sampler(model, config, mesh)
+  decode, image_side = None, config.model.input_size
+  if is_latent(config.model):
+    if config.model.in_channels != vae_config.latent_channels:
+      raise ValueError(f'model.in_channels={config.model.in_channels} but the VAE has {vae_config.latent_channels} '
+                       'latent channels.')
+    image_side *= vae_config.downsample_factor
+    vae_params = vae_weights.load_vae_params(config.sample.vae_path, vae_config)
+    decode = make_decoder(vae_params, vae_config, mesh, config.sample.decode_batch_size)
+  measure = config.sample.get('s_cross', False)
+  needs_s_cross = lambda chunk: measure and plan.groups(chunk)[0] < config.sample.s_cross_groups
+
+  mine = plan.chunks_of_process(process_index, process_count)
+  for chunk in mine:
+    if os.path.exists(chunk_path(samples_dir, chunk) + '.tmp'):
+      os.remove(chunk_path(samples_dir, chunk) + '.tmp')  # a write that was interrupted
+  todo = [c for c in mine if read_chunk(chunk_path(samples_dir, c), plan, c, needs_s_cross(c)) is None]
+  done_images = sum(plan.num_chunk_images(c) for c in mine if c not in todo)
+  say(f'{plan.num_images} images: {plan.num_groups} groups of {plan.images_per_group}, {plan.num_chunks} chunks '
+      f'of {plan.groups_per_chunk} groups; process {process_index} of {process_count} makes {len(mine)} chunks '
+      f'({len(mine) - len(todo)} already done) on {mesh.size} device(s).')
+  progress = Progress('sampling', sum(plan.num_chunk_images(c) for c in mine), unit='images', every_s=30.0,
+                      start_done=done_images)
+  seed_key = jax.random.PRNGKey(config.seed + 1)
+  for count, chunk in enumerate(todo):
+    if max_chunks is not None and count >= max_chunks:
+      say(f'Stopped after {max_chunks} chunk(s) (max_chunks); rerun the same command to continue.')
+      break
+    key = jax.random.fold_in(seed_key, chunk)
+    x, nfe = run(params, plan.labels(chunk), key)
+    x = np.asarray(x)[:plan.num_chunk_images(chunk)]  # [n, H, W, C] model space
+    images = decode(x) if decode is not None else sample.to_uint8(x)
+    arrays = dict(images=images, labels=plan.labels(chunk)[:len(x)], nfe=np.int64(int(nfe)))
+    if needs_s_cross(chunk):
+      start, stop = plan.groups(chunk)
+      probed = (min(stop, config.sample.s_cross_groups) - start) * plan.images_per_group
+      layers, mass = s_cross_masses(model, params, x[:probed], arrays['labels'][:probed],
+                                    jax.random.fold_in(key, S_CROSS_STREAM), config.sample, config.model)
+      arrays.update(s_cross_layers=layers, s_cross_mass=mass)
+    write_atomically(chunk_path(samples_dir, chunk), lambda f: np.savez(f, **arrays))
+    done_images += len(x)
+    if main_process:
+      progress(done_images)
+  _barrier('groupdiff_jax.sample_job.chunks')
+  if not main_process:
+    return None
+
+  missing = [c for c in range(plan.num_chunks) if not os.path.exists(chunk_path(samples_dir, c))]
+  if missing:
+    say(f'{len(missing)} of {plan.num_chunks} chunks still to generate (first: {chunk_path(samples_dir, missing[0])}); '
+        'rerun the same command to continue.')
+    return None
+  path = samples_path(samples_dir, plan.num_images, image_side)
+  newest_chunk = max(os.path.getmtime(chunk_path(samples_dir, c)) for c in range(plan.num_chunks))
+  if os.path.exists(path) and os.path.getmtime(path) >= newest_chunk:
+    say(f'{path} holds every chunk already.')
+  else:
+    assemble(samples_dir, plan, image_side)
+  grid = sample.save_grid(first_groups(samples_dir, plan, config.sample.grid_groups), plan.images_per_group,
+                          os.path.join(samples_dir, GRID_FILE), scale=sample.grid_scale(image_side))
+  shutil.copyfile(grid, os.path.join(workdir, GRID_FILE))
+  settings = settings_record(config, plan, step, chunk_nfes(samples_dir, plan), mesh)
+  write_json(os.path.join(samples_dir, SETTINGS_FILE), settings)
+  if measure:
+    report = s_cross_report(*gather_s_cross(samples_dir, plan, config.sample), config.sample)
+    write_json(os.path.join(samples_dir, S_CROSS_FILE), report)
+    say(f'S_cross ({report["branch"]} branch, {report["num_groups"]} groups): {report["mean_percent"]}% -> '
+        f'{os.path.join(samples_dir, S_CROSS_FILE)}')
+  say(f'Samples for the evaluator: {os.path.abspath(path)}')
+  say(f'Sample grid (each row one jointly generated group): {os.path.abspath(os.path.join(workdir, GRID_FILE))}')
+  return path
+
+
+# --- --mode=eval -------------------------------------------------------------------
+def evaluate_samples(config, workdir, log=print):
+  """ADM evaluator on <workdir>/samples/samples_*.npz; writes samples_*.eval.json beside it.
+
+  Returns (results dict, path of the JSON).
+  """
+  from groupdiff_jax.evaluation import evaluator, inception
+  needed = []
+  if not config.eval.get('reference_batch'):
+    needed.append('--config.eval.reference_batch=/path/VIRTUAL_imagenet256_labeled.npz (the ImageNet 256 '
+                  f'reference batch of openai/guided-diffusion: {REFERENCE_BATCH_URL})')
+  if not config.eval.get('inception_graph'):
+    needed.append(f'--config.eval.inception_graph=/path/classify_image_graph_def.pb ({inception.INCEPTION_URL})')
+  if needed:
+    raise ValueError('--mode=eval needs ' + ' and '.join(needed) + '.')
+  found = sorted(glob.glob(os.path.join(workdir, SAMPLES_DIR, 'samples_*.npz')))
+  if not found:
+    raise FileNotFoundError(f'No samples_*.npz in {os.path.join(workdir, SAMPLES_DIR)}: run --mode=sample with the '
+                            'same config and workdir first.')
+  if len(found) > 1:
+    raise ValueError(f'Several sample batches in {os.path.join(workdir, SAMPLES_DIR)}: {found}; keep one.')
+  results = evaluator.evaluate(config.eval.reference_batch, found[0], config.eval.inception_graph, log=log)
+  output = evaluator.default_output_path(found[0])
+  write_json(output, results)
+  log(f'FID {results["fid"]}, IS {results["inception_score"]} -> {output}')
+  return results, output
