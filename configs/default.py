@@ -68,7 +68,7 @@ def get_config():
   config.train.poison_step = -1  # tests: this step's images become NaN (-1: never)
   # Start a new run (step 0, fresh optimizer) from the weights of another workdir or of convert.py's
   # output: its EMA params become params and EMA. Ignored once the workdir has a checkpoint (resume).
-  config.train.init_from = ml_collections.config_dict.placeholder(str)
+  config.train.init_from = config_dict.placeholder(str)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-4

@@ -9,10 +9,8 @@ much as ImageNet neighbours share pose and colour, while random groups share
 nothing and class groups share only the shape. Everything is a pure
 function of the seed (numpy only; no downloads).
 
-`ArrayBatches` serves any in-memory (images, labels, embeddings) with the
-batch interface of the trainer (`batch(step, kind)`, a pure function of
-(seed, step)); `ToyShapesBatches(config, seed)` is it over the toy shapes
-(config.data.name = 'toy_shapes').
+`ToyShapesBatches(config, seed)` serves them to the trainer
+(config.data.name = 'toy_shapes') through data/array_batches.py.
 """
 
 import functools
@@ -20,7 +18,8 @@ import logging
 
 import numpy as np
 
-from groupdiff_jax.data import grouping, retrieval
+from groupdiff_jax.data import retrieval
+from groupdiff_jax.data.array_batches import ArrayBatches, pca_embeddings
 
 NUM_CLASSES = 10
 SHAPES = ('disc', 'square', 'triangle', 'plus', 'ring', 'diamond', 'bar', 'cross', 'half_disc', 'star')
@@ -111,73 +110,12 @@ def make_shapes(count, seed, image_size=16, chunk=1000):
   return images * 2.0 - 1.0, labels, attributes
 
 
-def pca_embeddings(images, dims=32):
-  """L2-normalised PCA projection of the flattened images: [M, dims]."""
-  flat = images.reshape(len(images), -1).astype(np.float64)
-  centred = flat - flat.mean(0)
-  _, _, components = np.linalg.svd(centred, full_matrices=False)
-  return retrieval.l2_normalize((centred @ components[:dims].T).astype(np.float32))
-
-
-class ArrayBatches:
-  """Batches of the step kinds in step_plan from in-memory arrays.
-
-  Args:
-    images: [M, H, W, C] float32 in [-1, 1].
-    labels: int32 [M].
-    grouping: 'official_plan' (similarity: the official epoch plan over
-      neighbour lists), 'class' or 'random'.
-    batch_size: images per step.
-    seed: the run's seed; `batch(step, kind)` is a pure function of it and
-      the step.
-    neighbors: int32 [M, K] neighbour lists (self excluded, best first);
-      needed for 'official_plan'.
-  """
-
-  def __init__(self, images, labels, grouping, batch_size, seed, neighbors=None):
-    if grouping not in ('official_plan', 'class', 'random'):
-      raise ValueError(f"Unknown data.grouping={grouping!r}; use 'official_plan', 'class' or 'random'.")
-    if grouping == 'official_plan' and neighbors is None:
-      raise ValueError("data.grouping='official_plan' needs neighbour lists.")
-    self.images, self.labels = images, labels
-    self.grouping, self.batch_size, self.seed = grouping, batch_size, seed
-    self.neighbors = neighbors
-
-  @property
-  def steps_per_epoch(self):
-    return max(1, len(self.images) // self.batch_size)
-
-  @functools.lru_cache(maxsize=2)
-  def groups(self, epoch, group_size):
-    """The epoch's disjoint groups: int32 [num_groups, group_size]."""
-    rng = np.random.default_rng([self.seed, epoch, group_size])
-    if self.grouping == 'official_plan':
-      return grouping.official_epoch_plan(self.neighbors, group_size, rng)
-    if self.grouping == 'class':
-      return grouping.class_groups(self.labels, group_size, rng)
-    return grouping.random_groups(len(self.images), group_size, rng)
-
-  def indices(self, step, sub, part):
-    rng = np.random.default_rng([self.seed, step, part])
-    if sub.group_size == 1:
-      return rng.choice(len(self.images), sub.num_images, replace=False)
-    groups = self.groups(step // self.steps_per_epoch, sub.group_size)
-    return groups[rng.choice(len(groups), sub.num_groups, replace=False)].reshape(-1)
-
-  def batch(self, step, kind):
-    """One dict per SubBatch of `kind`: images [n, S, S, C], labels [n]."""
-    out = []
-    for part, sub in enumerate(kind):
-      index = self.indices(step, sub, part)
-      out.append({'images': self.images[index], 'labels': self.labels[index]})
-    return tuple(out)
-
-
 @functools.lru_cache(maxsize=2)
 def load_toy_shapes(count, seed, image_size, embedding_dims, num_neighbors):
   """(images, labels, attributes, neighbors) of the toy shapes, cached per process."""
   images, labels, attributes = make_shapes(count, seed, image_size)
-  neighbors, _, _ = retrieval.nearest_neighbors(pca_embeddings(images, embedding_dims), num_neighbors)
+  embeddings = pca_embeddings(images, embedding_dims, np.float32)
+  neighbors, _, _ = retrieval.nearest_neighbors(embeddings, num_neighbors)
   neighbors = np.asarray(neighbors)
   same_class = (labels[neighbors[:, :3]] == labels[:, None]).mean()
   logging.info('Toy shapes: %d images; %.1f%% of the 3 nearest neighbours share the anchor\'s class.',
