@@ -1,6 +1,6 @@
 """Toy reproduction of the paper's Table 1 trends, with S_cross (docs/results.md).
 
-  cd /work/main && python -m experiments.table1 --out=/tmp/table1
+  JAX_PLATFORMS=cpu python -m experiments.table1 --out=/tmp/table1   # from the repository root
 
 Trains and samples, for 3 seeds each, on the generated toy shapes
 (groupdiff_jax/data/toy_shapes.py, 20k 16x16 RGB images):
