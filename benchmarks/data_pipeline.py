@@ -10,14 +10,16 @@ as training does (memory-mapped latents, neighbour lists loaded), and times
 `GroupPipeline.batch` for each step kind at the trainer's batch size: all
 singles (group_ratio 0), all unconditional groups of N (group_ratio 1), and
 GroupDiff-l's mix (group_ratio 0.1), after `warmup` steps (which build the
-epoch's group plan and fill the page cache), with the pipeline's own
-prefetch thread and a consumer that does nothing else: the rate the
-pipeline can feed. The store is read from the page cache once warm; a
+epoch's group plan and fill the page cache), with a consumer that does
+nothing else: the rate the pipeline can feed. Each setting is timed for
+every --prefetch value, side by side in one run: 0 assembles each step in
+the consumer's thread, > 0 serves the steps from the pipeline's tf.data
+stream (parallel assembly, that many steps ahead). The store is read from the page cache once warm; a
 cold read is bound by the disk instead.
 
 Plan: `grouping.official_epoch_plan` for `plan_rows` rows x K=100, the
-work done once per epoch (in the prefetch thread, at the epoch's first
-group step).
+work done once per epoch (by whichever tf.data thread first needs the
+epoch's plan).
 
 Synthetic neighbour lists: rows fall in clusters of 1281 (ImageNet's
 ~1,281 images per class) in random row order; each row's K neighbours are
@@ -103,7 +105,7 @@ def time_pipeline(dirs, batch_size, group_size, group_ratio, grouping_name, flip
   seconds = time.perf_counter() - start
   pipe.close()
   return {'grouping': grouping_name, 'group_ratio': group_ratio, 'batch_size': batch_size, 'flips': flips,
-          'steps': steps, 'latents_per_s': round(steps * batch_size / seconds), 'ms_per_step': round(
+          'steps': steps, 'prefetch': prefetch, 'latents_per_s': round(steps * batch_size / seconds), 'ms_per_step': round(
               1000 * seconds / steps, 2), 'first_step_s': round(first, 2)}
 
 
@@ -128,7 +130,8 @@ def main():
   parser.add_argument('--flips', action='store_true', help='store [M, 2, ...] and random_flip')
   parser.add_argument('--warmup', type=int, default=20)
   parser.add_argument('--steps', type=int, default=400)
-  parser.add_argument('--prefetch', type=int, default=2)
+  parser.add_argument('--prefetch', type=int, nargs='+', default=[0, 2],
+                      help='pipeline prefetch values timed side by side (0: no tf.data)')
   parser.add_argument('--plan_rows', type=int, default=1_281_167)
   parser.add_argument('--dir', default='/tmp/groupdiff_bench_store')
   args = parser.parse_args()
@@ -137,9 +140,10 @@ def main():
     directory = args.dir + ('_flips' if args.flips else '')
     dirs = write_store(directory, args.rows, args.k, args.flips)
     for ratio, name in [(0.0, 'official_plan'), (1.0, 'official_plan'), (0.1, 'official_plan'), (1.0, 'tau_random')]:
-      result = time_pipeline(dirs, args.batch_size, args.group_size, ratio, name, args.flips, args.warmup, args.steps,
-                             args.prefetch)
-      print(json.dumps(dict(result, rows=args.rows)), flush=True)
+      for prefetch in args.prefetch:
+        result = time_pipeline(dirs, args.batch_size, args.group_size, ratio, name, args.flips, args.warmup,
+                               args.steps, prefetch)
+        print(json.dumps(dict(result, rows=args.rows)), flush=True)
   if args.part in ('plan', 'all'):
     print(json.dumps(time_plan(args.plan_rows, args.k, args.group_size)), flush=True)
   print('load average:', os.getloadavg(), flush=True)

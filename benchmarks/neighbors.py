@@ -1,4 +1,4 @@
-"""CPU benchmark: the ScaNN neighbour search of the neighbour job vs exact NumPy brute force.
+"""CPU benchmark: the neighbour job (ScaNN) vs exact NumPy brute force.
 
   JAX_PLATFORMS=cpu python benchmarks/neighbors.py --rows=100000
   JAX_PLATFORMS=cpu python benchmarks/neighbors.py --rows=1281167 --queries=1000
@@ -10,15 +10,18 @@ each row a sub-cluster centre + N(0, s_row^2/D), normalised. Written in
 chunks to a .npy file in --dir and memory-mapped (1.28M x 1024 is 5.2 GB:
 no other full copy is made here).
 
-Timed: the two parts of `retrieval.nearest_neighbors` (the neighbour
-job's search): `build_searcher` with the parameters `retrieval.scann_params`
-picks for M, then `search_all` (top-K of every row, self excluded). Recall@K
-against exact search on `queries` random rows; the exact search is NumPy
-brute force (float32 matmul over the database in chunks + argpartition),
-and its time on those queries, multiplied by M / queries, is the
-brute-force time for all rows (extrapolated linearly, and printed as such,
-unless queries == M). Then recall and (extrapolated) search time of other
-numbers of leaves searched, on the recall queries.
+Timed: `neighbors_job.run` as the job runs it (default flags, K=100):
+exact JAX neighbours of the sampled rows (calibration + recall queries),
+the ScaNN index build with `retrieval.scann_params`, the calibration of
+the leaves searched and the search of every row. "Time to lists" is the
+exact sample plus build, calibration and search (the job's
+`exact_sample_seconds` + `search_seconds`; writing the files and the tau
+report come on top and are in "job wall"). Recall@K: the job's own (JAX
+exact search on its recall queries) and, independently, against NumPy
+brute force (float32 matmul over the database in chunks + argpartition) on
+`--queries` other random rows; the NumPy time on those queries,
+multiplied by M / queries, is the brute-force time for all rows
+(extrapolated linearly, and printed as such, unless queries == M).
 """
 
 import argparse
@@ -30,7 +33,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from groupdiff_jax.data import retrieval  # noqa: E402
+from groupdiff_jax.data import latent_store, neighbors_job, retrieval  # noqa: E402
 
 
 def write_mixture(path, num_rows, dim, seed=0, classes=1000, subclusters=10, sigma_sub=0.7, sigma_row=0.8,
@@ -88,17 +91,21 @@ def main():
   parser.add_argument('--k', type=int, default=100)
   parser.add_argument('--queries', type=int, default=2000, help='rows whose recall (and brute-force time) is measured')
   parser.add_argument('--dir', default='/tmp/groupdiff_bench_embeddings')
-  parser.add_argument('--params', default='', help='JSON overriding retrieval.scann_params (tuning)')
-  parser.add_argument('--sweep', type=int, nargs='*', default=[2, 5, 10, 20, 40],
-                      help='other num_leaves_to_search measured on the recall queries')
+  parser.add_argument('--leaves_to_search', type=int, default=None, help="the job's flag (default: calibrated)")
+  parser.add_argument('--target_recall', type=float, default=neighbors_job.TARGET_RECALL)
   args = parser.parse_args()
   print('load average:', os.getloadavg(), flush=True)
   os.makedirs(args.dir, exist_ok=True)
   start = time.time()
-  data = write_mixture(os.path.join(args.dir, f'mixture_{args.rows}x{args.dim}.npy'), args.rows, args.dim)
+  path = os.path.join(args.dir, f'mixture_{args.rows}x{args.dim}.npy')
+  data = write_mixture(path, args.rows, args.dim)
   print(f'data {data.shape} ready in {time.time() - start:.0f} s', flush=True)
+  embeddings_dir = os.path.join(args.dir, f'embeddings_{args.rows}x{args.dim}')
+  os.makedirs(embeddings_dir, exist_ok=True)
+  if not os.path.exists(os.path.join(embeddings_dir, neighbors_job.EMBEDDINGS)):
+    os.symlink(path, os.path.join(embeddings_dir, neighbors_job.EMBEDDINGS))
 
-  rng = np.random.default_rng(1)
+  rng = np.random.default_rng(12345)  # not the job's seed: other rows than its recall queries
   queries = np.sort(rng.choice(args.rows, min(args.queries, args.rows), replace=False))
   start = time.time()
   exact, exact_scores = exact_top_k(data, queries, args.k)
@@ -106,46 +113,27 @@ def main():
   brute_all_s = exact_s * args.rows / len(queries)
   print(f'NumPy brute force on {len(queries)} queries: {exact_s:.1f} s', flush=True)
 
-  # What retrieval.nearest_neighbors does, timed in its two parts.
-  params = dict(retrieval.scann_params(args.rows, args.k), **json.loads(args.params or '{}'))
+  output_dir = os.path.join(args.dir, f'neighbors_{args.rows}x{args.dim}')
   start = time.time()
-  searcher = retrieval.build_searcher(data, args.k + 1, params)
-  build_s = time.time() - start
-  print(f'ScaNN index {params}: built in {build_s:.1f} s', flush=True)
-
-  def progress(done, total):
-    if done == total or done % (64 * 4096) == 0:
-      print(f'  searched {done:,}/{total:,} at {time.time() - start:.0f} s', flush=True)
-
-  start = time.time()
-  neighbors, _ = retrieval.search_all(searcher, data, args.k, progress=progress)
-  search_s = time.time() - start
-  recall = retrieval.recall_at_k(neighbors[queries], exact)
+  meta = neighbors_job.run(embeddings_dir, output_dir, args.k, overwrite=True, leaves_to_search=args.leaves_to_search,
+                           target_recall=args.target_recall)
+  job_s = time.time() - start
+  neighbors, _, _ = latent_store.read_neighbors(output_dir)
+  lists_s = meta['exact_sample_seconds'] + meta['search_seconds']
   result = {
-      'rows': args.rows, 'dim': args.dim, 'K': args.k, 'params': params, 'build_s': round(build_s, 1),
-      'search_s': round(search_s, 1), 'build_and_search_s': round(build_s + search_s, 1),
-      'recall_at_k': round(recall, 4), 'recall_queries': len(queries),
-      'numpy_brute_force_s_on_queries': round(exact_s, 1), 'numpy_brute_force_s_all_rows': round(brute_all_s, 1),
-      'brute_force_extrapolated': bool(len(queries) < args.rows),
-      'speedup_vs_numpy': round(brute_all_s / (build_s + search_s), 1),
+      'rows': args.rows, 'dim': args.dim, 'K': args.k, 'params': meta['index'],
+      'exact_sample_s': meta['exact_sample_seconds'], 'build_calibrate_search_s': meta['search_seconds'],
+      'time_to_lists_s': round(lists_s, 1), 'job_wall_s': round(job_s, 1),
+      'recall_at_k_job': round(meta['recall'], 4), 'recall_queries_job': meta['recall_queries'],
+      'recall_at_k_vs_numpy': round(retrieval.recall_at_k(np.asarray(neighbors[queries]), exact), 4),
+      'numpy_queries': len(queries), 'numpy_brute_force_s_on_queries': round(exact_s, 1),
+      'numpy_brute_force_s_all_rows': round(brute_all_s, 1), 'brute_force_extrapolated': bool(len(queries) < args.rows),
+      'speedup_vs_numpy': round(brute_all_s / lists_s, 1),
       'exact_top1_cos_mean': round(float(exact_scores[:, 0].mean()), 3),
       'exact_topk_cos_mean': round(float(exact_scores[:, -1].mean()), 3),
-      'self_excluded': bool((neighbors[queries] != queries[:, None]).all()),
+      'self_excluded': bool((np.asarray(neighbors[queries]) != queries[:, None]).all()),
       'peak_rss_gb': peak_rss_gb()}
   print(json.dumps(result), flush=True)
-
-  # Recall / search time for other numbers of leaves searched, on the recall queries only.
-  for leaves in sorted(set(args.sweep) - {params.get('num_leaves_to_search')}):
-    if params['kind'] != 'tree_ah' or leaves > params['num_leaves']:
-      continue
-    start = time.time()
-    found, _ = searcher.search_batched_parallel(np.asarray(data[queries]), final_num_neighbors=args.k + 1,
-                                                leaves_to_search=leaves)  # as search_all does
-    seconds = time.time() - start
-    found = np.asarray(found)
-    found, _ = retrieval._drop_self(found, found.astype(np.float32), queries, args.k)
-    print(json.dumps({'num_leaves_to_search': leaves, 'recall_at_k': round(retrieval.recall_at_k(found, exact), 4),
-                      'search_s_all_rows_extrapolated': round(seconds * args.rows / len(queries), 1)}), flush=True)
   print('load average:', os.getloadavg(), flush=True)
 
 

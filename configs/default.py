@@ -32,7 +32,7 @@ def get_config():
   config.model.learn_sigma = True  # as official SiT/DiT; SiT uses the first half only
   config.model.max_group_size = 4  # rows of the sample embedding; 0 removes it
   config.model.group_layers = ()  # (start, stop) blocks with group attention; () = all
-  config.model.attention_impl = 'xla'  # 'xla' | 'cudnn' | 'splash' | 'auto' (by backend)
+  config.model.attention_impl = 'xla'  # 'xla' | 'chunked' | 'cudnn' | 'splash' | 'auto' (by backend and length)
   config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16'
   config.model.remat = 'none'  # activation rematerialisation per block: 'none' | 'full' | 'dots_saveable'
   # 'sit': our time (0 = noise) and velocity (data - noise); 'groupdiff_official': imported official

@@ -31,7 +31,7 @@ def get_config(variant='SiT-XL/2'):
   config.model.variant = variant
   config.model.max_group_size = 4
   config.model.dtype = 'bfloat16'  # compute; parameters and optimizer state stay float32
-  config.model.attention_impl = 'auto'  # cuDNN on GPU, splash on TPU, XLA on CPU
+  config.model.attention_impl = 'auto'  # cuDNN on GPU, splash on TPU, chunked on CPU (XLA up to 256 tokens)
   config.model.remat = 'none'
 
   config.train.batch_size = 256

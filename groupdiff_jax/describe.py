@@ -98,6 +98,10 @@ def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention
   """
   L, C, H, depth = arch.tokens, arch.hidden_size, arch.num_heads, arch.depth
   keys = group_size * L
+  if attention_impl == 'auto':  # the kernel chosen for this backend, dtype and sequence length
+    from groupdiff_jax.models.group_attention import resolve_implementation
+    attention_impl = resolve_implementation('auto', jnp.bfloat16 if compute_bytes == 2 else jnp.float32,
+                                            length=keys)
   scores = H * keys if attention_impl == 'xla' else H
   full_block = L * (20 * C + scores) * compute_bytes
   if remat == 'full':
@@ -147,9 +151,6 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   processes = jax.process_count()
   compute_bytes = 2 if config.model.get('dtype', 'float32') == 'bfloat16' else 4
   impl = config.model.get('attention_impl', 'xla')
-  if impl == 'auto':
-    from groupdiff_jax.models.group_attention import resolve_implementation
-    impl = resolve_implementation(impl, jnp.bfloat16 if compute_bytes == 2 else jnp.float32)
   out = {
       'variant': config.model.variant,
       'param_count': param_count,
@@ -189,7 +190,12 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
     name, kind = max(kinds.items(), key=lambda item: max(sub.group_size for sub in item[1]))
     sub = max(kind, key=lambda s: s.group_size)
     images = max_check_images or sub.group_size
-    counts = [xla_step_flops(config, model, (step_plan.SubBatch(n, sub.group_size, sub.conditional),))
+    # Plain XLA attention: flash kernels (loops, custom calls) hide their FLOPs from the cost analysis.
+    model_config = config.model.copy_and_resolve_references()
+    with model_config.unlocked():
+      model_config.attention_impl = 'xla'
+    xla_model = model_from_config(model_config)
+    counts = [xla_step_flops(config, xla_model, (step_plan.SubBatch(n, sub.group_size, sub.conditional),))
               for n in (images, 2 * images)]
     analytic = step_flops(arch, (step_plan.SubBatch(images, sub.group_size, sub.conditional),), 'none')['model']
     xla = (counts[1] - counts[0]) if None not in counts else None

@@ -170,7 +170,7 @@ def train_and_evaluate(config, workdir):
     guard.flush()
   progress.close()
   if hasattr(batches, 'close'):
-    batches.close()  # the latent pipeline's prefetch threads
+    batches.close()  # the latent pipeline's tf.data stream
   manager.wait_until_finished()
   writer.flush()
   if is_main:

@@ -108,6 +108,22 @@ def test_stream_is_identical_after_a_restart_at_step_k(store_dirs):
     np.testing.assert_array_equal(a[0]['labels'], b[0]['labels'])
 
 
+@pytest.mark.parametrize('grouping', ['official_plan', 'tau_random'])
+def test_tf_data_stream_equals_direct_assembly_through_jumps(store_dirs, grouping):
+  opts = dict(grouping=grouping, random_flip=True, mixed=grouping == 'tau_random', tau=0.75)
+  direct, kinds = make(store_dirs, prefetch=0, **opts)
+  streamed, _ = make(store_dirs, prefetch=3, **opts)
+  steps = list(range(0, 9)) + [4, 5, 6, 20, 21, 2]  # a restart, a skip ahead, a jump back
+  for (name_a, a), (name_b, b) in zip(run(direct, kinds, steps), run(streamed, kinds, steps)):
+    assert name_a == name_b and len(a) == len(b)
+    for part_a, part_b in zip(a, b):
+      assert part_a['images'].dtype == part_b['images'].dtype == np.float32
+      np.testing.assert_array_equal(part_a['images'], part_b['images'])
+      np.testing.assert_array_equal(part_a['labels'], part_b['labels'])
+  assert direct.stats == streamed.stats and direct.stats['group_members'] > 0
+  streamed.close()
+
+
 def test_random_flip_picks_the_flipped_copy(store_dirs):
   pipe, kinds = make(store_dirs, random_flip=True)
   signs = np.concatenate([np.sign(p[0]['images'][:, 0, 0, 0]) for _, p in run(pipe, kinds, range(8))])
@@ -171,3 +187,14 @@ def test_fast_float16_cast_is_bit_identical_to_numpy():
   want = np.empty(len(halves), np.float32)
   want[order] = halves
   np.testing.assert_array_equal(pipeline.float16_to_float32(halves, order).view(np.uint32), want.view(np.uint32))
+
+
+def test_fast_float16_cast_is_exact_in_tf_data_threads():
+  """tf.data's threads flush float32 subnormals; the cast must not depend on it."""
+  tf = pytest.importorskip('tensorflow')
+  halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+  finite = halves[np.isfinite(halves)]
+  cast = lambda _: pipeline.float16_to_float32(finite)
+  dataset = tf.data.Dataset.range(1).map(lambda i: tf.numpy_function(cast, [i], tf.float32), num_parallel_calls=2)
+  (got,) = list(dataset.as_numpy_iterator())
+  np.testing.assert_array_equal(got.view(np.uint32), finite.astype(np.float32).view(np.uint32))

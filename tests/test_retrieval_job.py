@@ -1,6 +1,7 @@
 """The neighbour job: exact JAX search, ScaNN lists equal to exact search, recall and tau report in meta.json."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -84,3 +85,61 @@ def test_bad_inputs_name_the_file(tmp_path):
   np.save(tmp_path / 'embeddings.npy', np.eye(4, dtype=np.float32))
   with pytest.raises(neighbors_job.JobInputError, match='--k=100 needs more than 100 rows'):
     neighbors_job.run(str(tmp_path), str(tmp_path / 'out'))
+
+
+class FakeSearcher:
+  """Exact results when searching >= `leaves` leaves with >= `depth` candidates re-ordered, else half missed.
+
+  Takes 1 ms per leaf and 100 candidates, so the measured time orders the settings by their cost.
+  """
+
+  def __init__(self, exact_with_self, leaves, depth):
+    self.exact, self.leaves, self.depth, self.calls = exact_with_self, leaves, depth, []
+
+  def search_batched_parallel(self, queries, final_num_neighbors, pre_reorder_num_neighbors, leaves_to_search):
+    self.calls.append((leaves_to_search, pre_reorder_num_neighbors))
+    time.sleep(1e-3 * leaves_to_search * pre_reorder_num_neighbors / 100)
+    found = self.exact.copy()
+    if leaves_to_search < self.leaves or pre_reorder_num_neighbors < self.depth:
+      found[:, 2::2] = -1  # 4 of the 8 true neighbours missed
+    return found, np.zeros(found.shape, np.float32)
+
+
+def test_calibration_picks_the_fastest_setting_that_reaches_the_target():
+  rows = np.arange(6)
+  exact = (rows[:, None] + 1 + np.arange(8)) % 50  # [6, 8], self excluded
+  with_self = np.concatenate([rows[:, None], exact], 1)
+
+  def calibrate(searcher, num_leaves=40):
+    return retrieval.calibrate_search(searcher, None, rows, exact, num_leaves, reorder=100, target_recall=0.97)
+
+  searcher = FakeSearcher(with_self, leaves=5, depth=0)
+  leaves, depth, tried = calibrate(searcher)
+  assert (leaves, depth) == (5, 100)
+  assert searcher.calls == [(2, 100), (3, 100), (5, 100), (2, 200), (3, 200), (5, 200), (2, 400), (3, 400), (5, 400)]
+  assert [t[2] for t in tried[:3]] == [0.5, 0.5, 1.0]
+  # Deeper re-ordering needed: a plateau at depth 100 ends that ladder.
+  leaves, depth, tried = calibrate(FakeSearcher(with_self, leaves=3, depth=200))
+  assert (leaves, depth) == (3, 200)
+  assert [t[:3] for t in tried[:5]] == [[2, 100, 0.5], [3, 100, 0.5], [5, 100, 0.5], [2, 200, 0.5], [3, 200, 1.0]]
+  # Never reached: the best recall, fastest.
+  leaves, depth, tried = calibrate(FakeSearcher(with_self, leaves=10**6, depth=0))
+  assert (leaves, depth) == (2, 100) and len(tried) == 9
+  # A tree smaller than the ladder's first rung searches all its leaves.
+  leaves, depth, tried = calibrate(FakeSearcher(with_self, leaves=1, depth=0), num_leaves=2)
+  assert (leaves, depth) == (2, 100) and tried[0][:3] == [2, 100, 1.0]
+
+
+def test_job_calibrates_search_on_other_queries_than_the_reported_recall(embeddings_dir, tmp_path):
+  meta = neighbors_job.run(embeddings_dir, str(tmp_path), k=10, index='tree_ah', recall_queries=300,
+                           target_recall=0.99, calibration_queries=200)
+  index = meta['index']
+  chosen = [t for t in index['calibration'] if t[:2] == [index['num_leaves_to_search'], index['reorder']]]
+  assert chosen and chosen[0][2] >= 0.99
+  first_depth = [t for t in index['calibration'] if t[1] == index['calibration'][0][1]]
+  assert [t[0] for t in first_depth] == list(retrieval.LEAVES_LADDER[:len(first_depth)])
+  assert all(t[2] < 0.99 for t in first_depth[:-1])  # each depth's ladder stops at the target
+  assert meta['recall_queries'] == 300 and meta['recall'] > 0.9
+  fixed = neighbors_job.run(embeddings_dir, str(tmp_path), k=10, index='tree_ah', recall_queries=300, overwrite=True,
+                            leaves_to_search=3)
+  assert 'calibration' not in fixed['index'] and fixed['index']['num_leaves_to_search'] == 3

@@ -11,9 +11,15 @@ queries, timings, and how many anchors have at least N-1 neighbours scoring
 >= tau).
 
 --method=scann (default): ScaNN with parameters chosen from the data size
-(exact brute force up to 20k rows; above, a tree with ~sqrt(M) leaves
-searching ~1% of them, asymmetric hashing and exact re-ordering;
-retrieval.scann_params), on every CPU of the host.
+(exact brute force up to 20k rows; above, a tree with ~sqrt(M) leaves,
+asymmetric hashing and exact re-ordering; retrieval.scann_params), on every
+CPU of the host. How many leaves each query searches, and how many
+candidates are re-ordered exactly, is calibrated on the data: exact
+neighbours of `calibration_queries` random rows are computed first, and
+the fastest setting whose recall@K on them reaches --target_recall is used
+for the whole search (retrieval.calibrate_search; --leaves_to_search fixes
+the leaves instead). The recall written to meta.json is measured on other
+queries.
 --method=exact: brute force with JAX on the accelerators (sharded matmul +
 top_k); it is also the recall reference.
 """
@@ -31,6 +37,7 @@ from groupdiff_jax.data.progress import Progress
 EMBEDDINGS = 'embeddings.npy'
 NORM_TOLERANCE = 1e-2
 MIN_RECALL = 0.95  # below this recall@K the job warns (issue 12's target)
+TARGET_RECALL = 0.96  # the calibration's aim: above MIN_RECALL, as it is estimated on a sample
 
 
 class JobInputError(ValueError):
@@ -59,7 +66,8 @@ def load_embeddings(directory):
 
 
 def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_queries=1000, tau=0.7,
-        group_sizes=(2, 4, 8, 16), latent_dir=None, overwrite=False, seed=0, leaves_to_search=None):
+        group_sizes=(2, 4, 8, 16), latent_dir=None, overwrite=False, seed=0, leaves_to_search=None,
+        target_recall=TARGET_RECALL, calibration_queries=500):
   """The job; returns the meta dict it wrote. Arguments as the flags."""
   if method not in ('scann', 'exact'):
     raise JobInputError(f"--method={method!r}; use 'scann' or 'exact'.")
@@ -77,8 +85,7 @@ def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_
   print(f'Neighbour job: {num_rows:,} embeddings of dimension {embeddings.shape[1]}, K={k}, method={method}.',
         flush=True)
   embeddings = np.asarray(embeddings, np.float32)
-  progress = Progress('search', num_rows)
-  start = time.time()
+  params = {'kind': 'exact_jax'}
   if method == 'scann':
     params = retrieval.scann_params(num_rows, k)
     if index == 'tree_ah' and params['kind'] == 'brute_force':
@@ -90,30 +97,52 @@ def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_
       params = {'kind': 'brute_force'}
     if leaves_to_search and params['kind'] == 'tree_ah':
       params['num_leaves_to_search'] = min(int(leaves_to_search), params['num_leaves'])
-    neighbors, scores, params = retrieval.nearest_neighbors(embeddings, k, params, progress=progress)
+  # Exact neighbours of random rows (before the index holds its own copy of
+  # the data): the first `calibration_queries` choose the leaves searched,
+  # the others measure the recall reported.
+  rng = np.random.default_rng(seed)
+  calibrate = params['kind'] == 'tree_ah' and not leaves_to_search
+  num_calibration = min(calibration_queries, num_rows // 2) if calibrate else 0
+  num_recall = min(recall_queries, num_rows - num_calibration)
+  order = rng.permutation(num_rows)  # recall queries first: the same rows with or without calibration
+  sample = np.concatenate([order[num_recall:num_recall + num_calibration], order[:num_recall]])
+  start = time.time()
+  exact = None
+  if method == 'scann':
+    print(f'Exact neighbours of {len(sample)} sampled rows ({num_calibration} to calibrate, '
+          f'{len(sample) - num_calibration} to measure recall)...', flush=True)
+    exact, _ = retrieval.exact_neighbors(embeddings, k, sample)
+  exact_s = time.time() - start
+  calibration_rows, queries = sample[:num_calibration], sample[num_calibration:]
+  progress = Progress('search', num_rows)
+  start = time.time()
+  if method == 'scann':
+    calibration = (calibration_rows, exact[:num_calibration]) if num_calibration else None
+    neighbors, scores, params = retrieval.nearest_neighbors(embeddings, k, params, progress=progress,
+                                                            calibration=calibration, target_recall=target_recall)
   else:
-    params = {'kind': 'exact_jax'}
     neighbors, scores = retrieval.exact_neighbors(embeddings, k, progress=progress)
   search_s = time.time() - start
 
-  # Recall@K against exact search on a sample of queries.
-  rng = np.random.default_rng(seed)
-  queries = np.sort(rng.choice(num_rows, min(recall_queries, num_rows), replace=False))
-  if method == 'exact':
-    recall = 1.0
-  else:
-    exact, _ = retrieval.exact_neighbors(embeddings, k, queries)
-    recall = retrieval.recall_at_k(neighbors[queries], exact)
+  # Recall@K against exact search on the queries not used to calibrate.
+  recall = 1.0 if method == 'exact' else retrieval.recall_at_k(neighbors[queries], exact[num_calibration:])
   coverage = {str(n): pipeline.tau_coverage(scores, tau, n) for n in group_sizes}
   meta = {'K': k, 'tau': tau, 'method': method, 'index': params, 'recall': recall,
           'recall_queries': int(len(queries)), 'search_seconds': round(search_s, 2),
+          'exact_sample_seconds': round(exact_s, 2),
           'anchors_with_n_minus_1_above_tau': coverage, 'embeddings_dir': os.path.abspath(embeddings_dir),
           'encoder': embeddings_meta.get('encoder'), 'count': num_rows}
   latent_store.write_neighbors(output_dir, neighbors, scores, meta)
-  print(f'Wrote {output_dir}: recall@{k} {recall:.4f} on {len(queries)} queries, search {search_s:.1f} s.')
+  print(f'Wrote {output_dir}: recall@{k} {recall:.4f} on {len(queries)} queries, search {search_s:.1f} s '
+        f'(exact neighbours of the sampled rows: {exact_s:.1f} s).')
+  if 'calibration' in params:
+    print(f'  search: {params["num_leaves_to_search"]} of {params["num_leaves"]} leaves, {params["reorder"]} '
+          f'candidates re-ordered (calibration [leaves, depth, recall@{k}, seconds]: {params["calibration"]}, '
+          f'target {target_recall})')
   if recall < MIN_RECALL:
-    print(f'WARNING: recall@{k} {recall:.4f} < {MIN_RECALL}: rerun with --overwrite and a larger '
-          f'--leaves_to_search (this run searched {params.get("num_leaves_to_search")} leaves).')
+    print(f'WARNING: recall@{k} {recall:.4f} < {MIN_RECALL} (this run searched {params.get("num_leaves_to_search")} '
+          f'leaves and re-ordered {params.get("reorder")} candidates): rerun with --overwrite and --method=exact '
+          f'(brute force on the accelerators), or a larger --leaves_to_search.')
   for n, fraction in coverage.items():
     print(f'  groups of {n}: {100 * fraction:.1f}% of anchors have >= {int(n) - 1} neighbours with score >= {tau}')
   return latent_store.read_meta(output_dir)
@@ -133,15 +162,18 @@ def define_flags():
   flags.DEFINE_float('tau', 0.7, 'Similarity threshold reported (and used by tau_random grouping).')
   flags.DEFINE_string('latent_dir', None, 'Optional latent store whose row count the embeddings must match.')
   flags.DEFINE_bool('overwrite', False, 'Replace existing neighbour lists.')
-  flags.DEFINE_integer('leaves_to_search', None, 'ScaNN tree leaves searched per query (default: about 1% of the '
-                       'leaves, retrieval.leaves_to_search); raise it when the recall in meta.json is low.')
+  flags.DEFINE_integer('leaves_to_search', None, 'ScaNN tree leaves searched per query (default: calibrated to '
+                       '--target_recall); raise it when the recall in meta.json is low.')
+  flags.DEFINE_float('target_recall', TARGET_RECALL, 'Recall@K the calibration of the leaves searched aims at.')
+  flags.DEFINE_integer('calibration_queries', 500, 'Rows whose exact neighbours calibrate the leaves searched.')
 
 
 def main(argv):
   del argv
   try:
     run(FLAGS.embeddings_dir, FLAGS.output_dir, FLAGS.k, FLAGS.method, FLAGS.index, FLAGS.recall_queries,
-        FLAGS.tau, latent_dir=FLAGS.latent_dir, overwrite=FLAGS.overwrite, leaves_to_search=FLAGS.leaves_to_search)
+        FLAGS.tau, latent_dir=FLAGS.latent_dir, overwrite=FLAGS.overwrite, leaves_to_search=FLAGS.leaves_to_search,
+        target_recall=FLAGS.target_recall, calibration_queries=FLAGS.calibration_queries)
   except (JobInputError, latent_store.StoreError) as e:
     raise SystemExit(f'neighbors_job: {e}') from None
 

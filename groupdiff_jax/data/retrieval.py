@@ -8,11 +8,14 @@ the K nearest neighbours of i, best first, self excluded, with their scores.
 import logging
 import math
 import os
+import time
 
 import numpy as np
 
 # Up to this many rows an exact (brute-force) ScaNN search is cheap.
 BRUTE_FORCE_MAX_ROWS = 20_000
+# Leaves searched per query tried by `calibrate_search`, cheapest first.
+LEAVES_LADDER = (2, 3, 5, 8, 12, 20, 32, 50, 80, 128, 200)
 
 
 def l2_normalize(x, eps=1e-12):
@@ -26,11 +29,11 @@ def scann_params(num_rows, num_neighbors):
 
   Small data: exact brute force. Larger: a partitioning tree with about
   sqrt(M) leaves (spherical k-means on up to 100k rows) searching about 1%
-  of them, asymmetric hashing (4 dims per block, 16 centres each, trained on
-  up to 50k rows; plain quantisation, which builds much faster than the
-  anisotropic loss) and exact float32 re-ordering of the best 2K
-  candidates. On 1024-d clustered data (docs/benchmarks.md, 2 CPU cores):
-  recall@100 0.962 at 100k rows, 0.995-0.998 at 1.28M rows (11.5-12.3 min).
+  of them (`calibrate_search` chooses it, and the re-ordering depth, from
+  a measured recall), asymmetric hashing (4 dims per block, 16 centres each,
+  trained on up to 50k rows; plain quantisation, which builds much faster
+  than the anisotropic loss) and exact float32 re-ordering of the best 2K
+  candidates.
   """
   if num_rows <= BRUTE_FORCE_MAX_ROWS:
     return {'kind': 'brute_force'}
@@ -70,7 +73,52 @@ def _drop_self(found, found_scores, query_rows, num_neighbors):
   return np.take_along_axis(found, keep, 1), np.take_along_axis(found_scores, keep, 1)
 
 
-def nearest_neighbors(embeddings, num_neighbors, params=None, batch_size=4096, progress=None):
+def calibrate_search(searcher, queries, query_rows, exact, num_leaves, reorder, target_recall,
+                     reorder_factors=(1, 2, 4)):
+  """The fastest search settings whose recall@K reaches `target_recall` on calibration queries.
+
+  For each re-ordering depth (`reorder` times `reorder_factors`), tries
+  LEAVES_LADDER (up to all leaves) in order until the recall reaches the
+  target, or searching more leaves stops helping (a plateau: the depth is
+  the limit). Among the settings that reach the target, the one whose
+  search of the queries took least time wins; if none does, the one with
+  the highest recall.
+
+  Args:
+    searcher: a tree ScaNN searcher over the embeddings (K + 1 results).
+    queries: float32 [Q, D], the embeddings of `query_rows` (int [Q]).
+    exact: int [Q, K] exact neighbours of the queries (self excluded).
+    num_leaves: leaves of the searcher's tree.
+    reorder: the index's re-ordering depth.
+    target_recall: recall@K to reach.
+    reorder_factors: depths tried, as multiples of `reorder`.
+
+  Returns:
+    (leaves to search, re-ordering depth, [[leaves, depth, recall, seconds], ...] as tried).
+  """
+  num_neighbors = exact.shape[1]
+  ladder = [leaves for leaves in LEAVES_LADDER if leaves < num_leaves]
+  ladder += [num_leaves] if num_leaves <= LEAVES_LADDER[-1] else []
+  tried = []
+  for depth in [reorder * factor for factor in reorder_factors]:
+    recalls = []
+    for leaves in ladder:
+      start = time.perf_counter()
+      found, found_scores = searcher.search_batched_parallel(queries, final_num_neighbors=num_neighbors + 1,
+                                                             pre_reorder_num_neighbors=depth, leaves_to_search=leaves)
+      seconds = time.perf_counter() - start
+      found, _ = _drop_self(np.asarray(found), np.asarray(found_scores), query_rows, num_neighbors)
+      recalls.append(recall_at_k(found, exact))
+      tried.append([leaves, depth, round(recalls[-1], 4), round(seconds, 3)])
+      if recalls[-1] >= target_recall or (len(recalls) >= 3 and recalls[-1] - recalls[-3] < 0.002):
+        break
+  reached = [t for t in tried if t[2] >= target_recall]
+  best = min(reached, key=lambda t: t[3]) if reached else max(tried, key=lambda t: (t[2], -t[3]))
+  return best[0], best[1], tried
+
+
+def nearest_neighbors(embeddings, num_neighbors, params=None, batch_size=4096, progress=None, calibration=None,
+                      target_recall=None):
   """Top-K neighbours of every row among the other rows.
 
   Args:
@@ -79,30 +127,50 @@ def nearest_neighbors(embeddings, num_neighbors, params=None, batch_size=4096, p
     params: index parameters (default: `scann_params(M, K)`).
     batch_size: queries per ScaNN call (searched on every CPU).
     progress: optional callable(rows_done, rows_total).
+    calibration: optional (query_rows int [Q], exact neighbours int [Q, K]):
+      with `target_recall` and a tree index, the leaves searched and the
+      re-ordering depth are chosen on these queries (`calibrate_search`).
+    target_recall: recall@K the calibration aims at.
 
   Returns:
     neighbors int32 [M, K] (best first), scores float32 [M, K] cosine
-    similarities, and the params used.
+    similarities, and the params used (with 'calibration': [[leaves,
+    depth, recall, seconds], ...] when calibrated).
   """
   embeddings = np.asarray(embeddings, np.float32)
   num_rows = embeddings.shape[0]
   if num_neighbors >= num_rows:
     raise ValueError(f'num_neighbors={num_neighbors} needs more than {num_neighbors} rows; got {num_rows}.')
-  params = params or scann_params(num_rows, num_neighbors)
+  params = dict(params or scann_params(num_rows, num_neighbors))
   searcher = build_searcher(embeddings, num_neighbors + 1, params)
-  neighbors, scores = search_all(searcher, embeddings, num_neighbors, batch_size, progress)
+  settings = {}
+  if params['kind'] == 'tree_ah':
+    if calibration is not None and target_recall:
+      query_rows, exact = calibration
+      params['num_leaves_to_search'], params['reorder'], params['calibration'] = calibrate_search(
+          searcher, embeddings[query_rows], np.asarray(query_rows), exact, params['num_leaves'], params['reorder'],
+          target_recall)
+      logging.info('Calibrated search: %d leaves, re-ordering %d (tried [leaves, depth, recall@%d, s]: %s).',
+                   params['num_leaves_to_search'], params['reorder'], num_neighbors, params['calibration'])
+    settings = {'leaves_to_search': params['num_leaves_to_search'], 'pre_reorder_num_neighbors': params['reorder']}
+  neighbors, scores = search_all(searcher, embeddings, num_neighbors, batch_size, progress, **settings)
   logging.info('Found %d neighbours for %d rows (%s).', num_neighbors, num_rows, params['kind'])
   return neighbors, scores, params
 
 
-def search_all(searcher, embeddings, num_neighbors, batch_size=4096, progress=None, leaves_to_search=None):
-  """Every row of `embeddings` searched in `searcher` (built on them): neighbours [M, K], scores [M, K]."""
+def search_all(searcher, embeddings, num_neighbors, batch_size=4096, progress=None, leaves_to_search=None,
+               pre_reorder_num_neighbors=None):
+  """Every row of `embeddings` searched in `searcher` (built on them): neighbours [M, K], scores [M, K].
+
+  leaves_to_search, pre_reorder_num_neighbors: tree search settings (None: the index's own).
+  """
   num_rows = embeddings.shape[0]
   neighbors = np.empty((num_rows, num_neighbors), np.int32)
   scores = np.empty((num_rows, num_neighbors), np.float32)
   for start in range(0, num_rows, batch_size):
     queries = np.asarray(embeddings[start:start + batch_size], np.float32)
     found, found_scores = searcher.search_batched_parallel(queries, final_num_neighbors=num_neighbors + 1,
+                                                           pre_reorder_num_neighbors=pre_reorder_num_neighbors,
                                                            leaves_to_search=leaves_to_search)
     rows = np.arange(start, start + len(queries))
     neighbors[rows], scores[rows] = _drop_self(np.asarray(found), np.asarray(found_scores), rows, num_neighbors)
