@@ -96,24 +96,26 @@ def test_bf16_compute_keeps_float32_parameters_and_stays_close():
   assert rel < 0.05, rel
 
 
-SHARDED_SPLASH_WORKER = '''
+def sharded_worker(impl, setup=''):
+  """A worker (8 fake devices, batch-sharded mesh) comparing `impl` with XLA in group attention, gradients too."""
+  return f'''
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from groupdiff_jax import sharding
 from groupdiff_jax.models import group_attention as ga
-
+{setup}
 mesh = sharding.make_mesh(None)  # data=8
 q, k, v = (jax.random.normal(key, (32, 64, 2, 16)) for key in jax.random.split(jax.random.PRNGKey(0), 3))
 batch = NamedSharding(mesh, P(sharding.BATCH_AXES))
 loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(ga.group_attention(q, k, v, 4, impl)))
-out = {}
+out = {{}}
 with jax.set_mesh(mesh):
-  for impl in ('xla', 'splash'):
+  for impl in ('xla', {impl!r}):
     run = jax.jit(jax.value_and_grad(loss(impl)), in_shardings=(batch,) * 3)
     value, grad = run(q, k, v)
     out[impl] = [float(value), np.asarray(grad).tolist()]
-  hlo = jax.jit(loss('splash'), in_shardings=(batch,) * 3).lower(q, k, v).as_text()
+  hlo = jax.jit(loss({impl!r}), in_shardings=(batch,) * 3).lower(q, k, v).as_text()
 out['manual'] = 'manual_computation' in hlo or 'SPMDFullToShardShape' in hlo
 out['per_device_block'] = 'tensor<1x2x256x16xf32>' in hlo  # one group of 4*64 tokens per device
 print('RESULT ' + json.dumps(out))
@@ -124,7 +126,7 @@ def test_splash_runs_per_device_under_a_batch_sharded_mesh():
   """Under jax.set_mesh the opaque Pallas kernel is mapped over the batch axes
   (each of 8 devices attends its own group) and still equals XLA, gradients too."""
   from tests.test_sharding import run_worker
-  r = run_worker(SHARDED_SPLASH_WORKER)
+  r = run_worker(sharded_worker('splash'))
   assert r['manual'] and r['per_device_block']
   assert abs(r['splash'][0] - r['xla'][0]) < 1e-3
   np.testing.assert_allclose(np.array(r['splash'][1]), np.array(r['xla'][1]), atol=5e-5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from groupdiff_jax.models import dit, group_attention as ga
-from tests.test_attention import TINY, model_inputs
+from tests.test_attention import TINY, model_inputs, sharded_worker
 
 
 def qkv(batch=2, length=100, heads=3, head_dim=16, seed=0, dtype=jnp.float32):
@@ -123,32 +123,9 @@ def test_unknown_implementation_still_errors():
     ga.dot_product_attention(q, k, v, 'flash')
 
 
-SHARDED_CHUNKED_WORKER = '''
-import json
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-from groupdiff_jax import sharding
-from groupdiff_jax.models import group_attention as ga
-
-ga.CHUNK_SIZE = 64
-mesh = sharding.make_mesh(None)  # data=8
-q, k, v = (jax.random.normal(key, (32, 64, 2, 16)) for key in jax.random.split(jax.random.PRNGKey(0), 3))
-batch = NamedSharding(mesh, P(sharding.BATCH_AXES))
-loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(ga.group_attention(q, k, v, 4, impl)))
-out = {}
-with jax.set_mesh(mesh):
-  for impl in ('xla', 'chunked'):
-    value, grad = jax.jit(jax.value_and_grad(loss(impl)), in_shardings=(batch,) * 3)(q, k, v)
-    out[impl] = [float(value), np.asarray(grad).tolist()]
-  hlo = jax.jit(loss('chunked'), in_shardings=(batch,) * 3).lower(q, k, v).as_text()
-out['manual'] = 'manual_computation' in hlo or 'SPMDFullToShardShape' in hlo
-print('RESULT ' + json.dumps(out))
-'''
-
-
 def test_chunked_runs_per_device_under_a_batch_sharded_mesh():
   from tests.test_sharding import run_worker
-  r = run_worker(SHARDED_CHUNKED_WORKER)
+  r = run_worker(sharded_worker('chunked', setup='ga.CHUNK_SIZE = 64'))
   assert r['manual']
   assert abs(r['chunked'][0] - r['xla'][0]) < 1e-3
   np.testing.assert_allclose(np.array(r['chunked'][1]), np.array(r['xla'][1]), atol=5e-5)
