@@ -23,9 +23,7 @@ ARCH = dict(depth=1, hidden=32, patch=4, in_ch=1, classes=10, input_size=16)
 
 def tiny_config(**overrides):
   config = digits.get_config()
-  for key, value in {**TINY, **overrides}.items():
-    section, name = key.split('.')
-    config[section][name] = value
+  config.update_from_flattened_dict({**TINY, **overrides})
   return config
 
 

@@ -41,9 +41,7 @@ def compilation_cache(tmp_path_factory):
 
 def tiny_config(**overrides):
   config = digits.get_config()
-  for key, value in {**TINY, **overrides}.items():
-    section, name = key.split('.')
-    config[section][name] = value
+  config.update_from_flattened_dict({**TINY, **overrides})
   return config
 
 
