@@ -136,7 +136,9 @@ def test_random_flip_picks_the_flipped_copy(store_dirs):
 def test_hosts_slices_make_the_global_batch(store_dirs, mixed):
   opts = dict(mixed=mixed, random_flip=True, group_ratio=0.5)  # mixed: 8 singles + 2 groups of 4 per step
   global_pipe, kinds = make(store_dirs, **opts)
-  hosts = [make(store_dirs, process_index=i, process_count=2, **opts)[0] for i in range(2)]
+  # The hosts' slices from the tf.data stream in one case, assembled directly in the other.
+  hosts = [make(store_dirs, process_index=i, process_count=2, prefetch=2 if mixed else 0, **opts)[0]
+           for i in range(2)]
   for step in range(6):
     name = global_pipe.kind_name(step)
     whole = global_pipe.batch(step, kinds[name])
