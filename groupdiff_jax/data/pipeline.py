@@ -304,10 +304,10 @@ class GroupPipeline:
     members = sum(len(r) for (r, _, _), sub in zip(indices, self.kinds[name]) if sub.group_size > 1)
     return self._gather(rows, flips), self.labels[rows].astype(np.int32), members, sum(f for _, _, f in indices)
 
-  def _split(self, step, images, labels):
-    """The SubBatch dicts of `step` from its flat arrays (views), placed on devices if configured."""
+  def _split(self, kind, images, labels):
+    """The SubBatch dicts of a step of `kind` from its flat arrays (views), placed on devices if configured."""
     parts, start = [], 0
-    for sub in self.kinds[self.kind_name(step)]:
+    for sub in kind:
       size = sub.num_images // self.process_count
       parts.append({'images': images[start:start + size], 'labels': labels[start:start + size]})
       start += size
@@ -358,7 +358,7 @@ class GroupPipeline:
                        f'but the trainer asked for {kind}: the pipeline was built with other train settings.')
     if not self._prefetch:
       images, labels, members, fallbacks = self._assemble(step)
-      parts = self._split(step, images, labels)
+      parts = self._split(kind, images, labels)
     else:
       if step != self._next_step:  # the first step, or a jump (resume): restart the stream there
         self._steps = self.dataset(step).as_numpy_iterator()
@@ -366,7 +366,8 @@ class GroupPipeline:
       # With a sharding, the next step is already on its way to the devices while this one trains.
       while len(self._ready) < (2 if self.sharding is not None else 1):
         ready_step, images, labels, ready_members, ready_fallbacks = next(self._steps)
-        self._ready.append((int(ready_step), self._split(int(ready_step), images, labels), int(ready_members),
+        ready_kind = self.kinds[self.kind_name(int(ready_step))]
+        self._ready.append((int(ready_step), self._split(ready_kind, images, labels), int(ready_members),
                             int(ready_fallbacks)))
       ready_step, parts, members, fallbacks = self._ready.popleft()
       assert ready_step == step, (ready_step, step)
