@@ -19,15 +19,19 @@ Multi-host: `jax.distributed` is initialised from the environment (TPU pod,
 Slurm, JAX_COORDINATOR_ADDRESS...) or from --coordinator_address,
 --num_processes, --process_id (distributed.py).
 Config fields are overridden with e.g. `--config.train.num_steps=100`.
+
+Exit codes (errors.py): 0 finished; 2 a user's mistake (one message, no
+traceback); 75 preempted with the checkpoint saved (rerun to resume).
 """
 
 import logging
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from groupdiff_jax import distributed, sample_job, train
+from groupdiff_jax import distributed, errors, sample_job, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module), e.g. configs/digits.py.',
@@ -49,6 +53,16 @@ class _QuietLibraries(logging.Filter):
 
 
 def main(argv):
+  """Runs the mode; a UserError is printed as one message and exits 2, a preempted run exits 75."""
+  try:
+    return run(argv)
+  except errors.UserError as error:
+    logging.shutdown()
+    print(f'Error: {error}', file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
+
+
+def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
@@ -60,7 +74,8 @@ def main(argv):
   if FLAGS.mode == 'train':
     state = train.train_and_evaluate(config, FLAGS.workdir)
     if int(jax.device_get(state.step)) < config.train.num_steps:
-      return  # preempted: the checkpoint is saved; rerun the same command to resume
+      # Preempted: the checkpoint is saved; rerun the same command to resume.
+      sys.exit(errors.EXIT_PREEMPTED)
     if not sample_job.is_latent(config.model):
       params = state.ema_params if config.sample.use_ema else state.params
       sample_job.sample_and_save(config, FLAGS.workdir, params, int(jax.device_get(state.step)))

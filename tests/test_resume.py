@@ -13,7 +13,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from configs import digits
-from groupdiff_jax import checkpoint, train
+from groupdiff_jax import checkpoint, errors, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'model.depth': 1, 'model.hidden_size': 32, 'model.num_heads': 2, 'train.batch_size': 16,
@@ -86,7 +86,7 @@ def test_sigterm_saves_the_reached_step_exits_cleanly_and_a_restart_is_exact(tmp
     time.sleep(0.2)
   run.send_signal(signal.SIGTERM)
   _, stderr = run.communicate(timeout=240)
-  assert run.returncode == 0, stderr[-3000:]
+  assert run.returncode == errors.EXIT_PREEMPTED, stderr[-3000:]  # saved, rerun to resume
   reached, _ = saved(workdir)
   assert reached >= 3 and f'Preempted after step {reached}' in stderr
 
