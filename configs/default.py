@@ -65,6 +65,15 @@ def get_config():
   config.train.checkpoint_every = 10_000
   config.train.max_checkpoints = 3
   config.train.max_nonfinite_steps = 10  # stop after this many skipped (NaN/inf) steps in a row
+  # While training (train_monitor.py): a grid of sample.grid_groups groups (EMA, the config's sampler, fixed
+  # noise) every sample_every steps into TensorBoard and <workdir>/progress/step_<k>.png; FID of
+  # eval.num_samples samples every eval_every steps (needs eval.reference_batch and eval.inception_graph);
+  # 0 = off. profile_steps=(start, stop): a jax.profiler trace of those steps into <workdir>/profile/ on
+  # process profile_process.
+  config.train.sample_every = 0
+  config.train.eval_every = 0
+  config.train.profile_steps = ()
+  config.train.profile_process = 0
   config.train.poison_step = -1  # tests: this step's images become NaN (-1: never)
   # Start a new run (step 0, fresh optimizer) from the weights of another workdir or of convert.py's
   # output: its EMA params become params and EMA. Ignored once the workdir has a checkpoint (resume).
@@ -116,4 +125,5 @@ def get_config():
   config.eval = ml_collections.ConfigDict()
   config.eval.reference_batch = config_dict.placeholder(str)  # e.g. VIRTUAL_imagenet256_labeled.npz (guided-diffusion)
   config.eval.inception_graph = config_dict.placeholder(str)  # classify_image_graph_def.pb (guided-diffusion)
+  config.eval.num_samples = 10_000  # train.eval_every: samples per FID during training (scalar fid_10k)
   return config

@@ -2,9 +2,12 @@
 
   python -m groupdiff_jax.main --config=configs/digits.py --workdir=/tmp/digits
 
-Trains a 4-block SiT (patch 2 on 16x16 digits) with GroupDiff-l groups of 4
-built by ScaNN over PCA embeddings, then samples groups of 4 same-class
-digits jointly into <workdir>/samples.png. About 5 minutes on 2 CPU cores.
+Trains a 4-block SiT-S/4 (patch 4 on 16x16 digits: 16 tokens) with GroupDiff-l groups of
+4 built by ScaNN (its exact brute-force search: 1,797 images) over PCA embeddings,
+then samples groups of 4 same-class
+digits jointly into <workdir>/samples.png; every 500 steps a grid of the same
+noise and classes goes to TensorBoard and <workdir>/progress/step_<k>.png.
+About 5 minutes on 2 CPU cores.
 """
 
 from configs import default
@@ -28,6 +31,7 @@ def get_config():
   config.train.group_ratio = 0.25  # more groups than ImageNet's 0.1: few steps here
   config.train.log_every = 100
   config.train.checkpoint_every = 1000
+  config.train.sample_every = 500  # grid of 10 groups (Heun 25, CFG): 4.3% of the training FLOPs between grids
 
   config.optim.lr = 1e-3
   config.optim.ema_decay = 0.995

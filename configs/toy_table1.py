@@ -40,6 +40,7 @@ def get_config():
   config.train.label_dropout = 0.2
   config.train.log_every = 100
   config.train.checkpoint_every = 100_000
+  config.train.sample_every = 500  # progress grids (train_monitor.py); experiments/table1.py does not use them
 
   config.optim.lr = 1e-3
   config.optim.ema_decay = 0.995

@@ -31,7 +31,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from groupdiff_jax import distributed, errors, sample_job, train
+from groupdiff_jax import distributed, errors, platforms, sample_job, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module), e.g. configs/digits.py.',
@@ -69,6 +69,7 @@ def run(argv):
   for handler in logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
   config = FLAGS.config
+  platforms.skip_tpu_probe_without_tpu()  # before any backend starts
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX %s on %d %s device(s).', jax.__version__, jax.device_count(), jax.default_backend())
   if FLAGS.mode == 'train':

@@ -145,8 +145,9 @@ def grid_scale(image_side, target_side=64):
   return max(1, target_side // image_side)
 
 
-def save_grid(images, images_per_row, path, scale=4):
-  """Write uint8 [B, H, W, C] as a PNG grid whose rows hold `images_per_row`, upscaled `scale` times."""
+def grid_array(images, images_per_row, scale=4):
+  """uint8 [B, H, W, C] -> one uint8 [rows * (H + 1) + 1, cols * (W + 1) + 1, C] picture (times `scale`), rows of
+  `images_per_row` on a white background."""
   count, height, width, channels = images.shape
   rows = count // images_per_row
   pad = 1
@@ -155,8 +156,11 @@ def save_grid(images, images_per_row, path, scale=4):
     r, c = divmod(i, images_per_row)
     grid[pad + r * (height + pad):pad + r * (height + pad) + height,
          pad + c * (width + pad):pad + c * (width + pad) + width] = image
-  grid = grid[..., 0] if channels == 1 else grid
-  picture = Image.fromarray(grid)
-  picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-  picture.save(path)
+  return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+
+
+def save_grid(images, images_per_row, path, scale=4):
+  """Write uint8 [B, H, W, C] as a PNG grid whose rows hold `images_per_row`, upscaled `scale` times."""
+  grid = grid_array(images, images_per_row, scale)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
   return path

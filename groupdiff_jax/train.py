@@ -7,10 +7,9 @@ import time
 
 import jax
 import numpy as np
-from clu import metric_writers, periodic_actions
 from tqdm import tqdm
 
-from groupdiff_jax import checkpoint, convert, preemption, sharding, step_plan, validation
+from groupdiff_jax import checkpoint, convert, preemption, sharding, step_plan, train_monitor, validation
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
@@ -134,18 +133,17 @@ def train_and_evaluate(config, workdir):
 
   # --- Loop ------------------------------------------------------------------
   run_step = train_step_lib.make_jitted_train_step(config, mesh, state_sharding)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  report = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps, writer=writer,
-                                           every_steps=config.train.log_every)
-  if start_step == 0:
-    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+  writer, summary_writer = train_monitor.make_writer(workdir, is_main)
+  monitor = train_monitor.TrainMonitor(config, workdir, writer, model)
+  monitor.write_config(summary_writer, start_step)
   guard = NonfiniteGuard(config.train.max_nonfinite_steps)
   pending = []
   progress = tqdm(range(start_step, config.train.num_steps), initial=start_step, total=config.train.num_steps,
-                  desc='train', disable=not is_main, unit='step')
+                  desc='train', disable=not (is_main and train_monitor.is_terminal()), unit='step')
   last_log = time.time()
   with preemption.PreemptionWatch(manager) as watch:
     for step in progress:
+      monitor.before_step(step)
       name = step_plan.step_kind_name(config.seed, step, kinds, config.train.group_ratio)
       batch = host_batch(batches, step, kinds[name], mesh)
       if step == config.train.poison_step:
@@ -153,13 +151,14 @@ def train_and_evaluate(config, workdir):
       state, metrics = run_step(state, batch, kinds[name])
       guard.push(step + 1, metrics['nonfinite'])
       pending.append(metrics)
-      report(step + 1)
       if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.num_steps:
         summary = summarize(pending)
         summary['steps_per_sec'] = len(pending) / max(time.time() - last_log, 1e-9)
+        summary.update(train_monitor.memory_scalars())
         writer.write_scalars(step + 1, summary)
         progress.set_postfix(loss=f'{summary["loss"]:.4f}')
         pending, last_log = [], time.time()
+      last_log += monitor.after_step(step + 1, state)  # grids and FID do not count as training time
       if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == config.train.num_steps:
         checkpoint.save(manager, state)
       if watch.stop_at(step + 1):
@@ -168,6 +167,7 @@ def train_and_evaluate(config, workdir):
                         'resume.', step + 1, manager.directory)
         break
     guard.flush()
+  monitor.close()
   progress.close()
   if hasattr(batches, 'close'):
     batches.close()  # the latent pipeline's tf.data stream

@@ -1,0 +1,321 @@
+"""What a long run shows while it trains: sample grids, FID, a profiler trace, device memory, the config.
+
+The training loop (train.py) calls `TrainMonitor.before_step(step)` and
+`after_step(steps_done, state)` on every process; this module decides what
+runs at which step:
+
+- every `train.sample_every` steps: a grid of `sample.grid_groups` jointly
+  generated groups from the EMA weights with the config's sampler, the same
+  noise and classes (group g is class g mod num_classes) at every step, so
+  grids compare. It is the sample job's sampler (sample_job.chunk_sampler,
+  compiled once) on this process's devices, split by whole groups; latent
+  models are decoded with the VAE of `sample.vae_path` (no grid without
+  it). Written to TensorBoard (`samples`, uint8 [1, H, W, C]) and to
+  <workdir>/progress/step_<k>.png. Its cost is stated at start
+  (`grid_cost`, analytic FLOPs of describe.py).
+- every `train.eval_every` steps: the sample job itself (sample_job
+  .sample_and_save: chunks over hosts and devices) makes
+  `eval.num_samples` images into <workdir>/eval/step_<k>/, process 0
+  computes their FID with the ADM evaluator's InceptionV3 against
+  `eval.reference_batch` (its stored mu/sigma, or statistics of its images,
+  computed once) and writes `fid_10k` (named by the count) and
+  eval/step_<k>/fid.json; the sample files are then removed. Without
+  `eval.reference_batch` and `eval.inception_graph` it is skipped with one
+  note.
+- `train.profile_steps=(start, stop)`: a jax.profiler trace of steps
+  [start, stop) into <workdir>/profile/ (TensorBoard's profile plugin,
+  Perfetto) on process `train.profile_process`.
+- `memory_scalars()`: bytes in use and peak of this process's devices (the
+  largest over them), where the backend reports them (GPU, TPU; the CPU
+  backend reports nothing and nothing is logged).
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+from groupdiff_jax import errors, sample, sample_job, sharding, step_plan
+
+PROGRESS_DIR = 'progress'
+EVAL_DIR = 'eval'
+PROFILE_DIR = 'profile'
+CONFIG_FILE = 'config.json'
+GRID_STREAM = 2  # the grids' fixed noise: PRNGKey(seed + GRID_STREAM) (the sample job uses seed + 1)
+GIB = 2**30
+
+
+# --- The config: printed once, saved beside the checkpoints ---------------------
+def flat_config(config):
+  """{'train.batch_size': 256, ...}: every leaf of the config, dotted paths, sorted."""
+  flat = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(f'{prefix}{key}.', value)
+      else:
+        flat[f'{prefix}{key}'] = value
+  walk('', config.to_dict())
+  return dict(sorted(flat.items()))
+
+
+def config_lines(config):
+  """The config as readable `key = value` lines."""
+  return '\n'.join(f'{key} = {value!r}' for key, value in flat_config(config).items())
+
+
+def save_config(config, workdir):
+  """<workdir>/config.json (written atomically)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  sample_job.write_json(path, json.loads(json.dumps(config.to_dict(), default=str)))
+  return path
+
+
+def make_writer(workdir, is_main):
+  """(metric writer, its TensorBoard writer or None): log lines plus, on process 0, TensorBoard events.
+
+  The TensorBoard writer alone takes the hyperparameters, so the log shows
+  the config once as `key = value` lines instead of one dict line.
+  """
+  summary = metric_writers.SummaryWriter(workdir) if is_main else None
+  writers = [metric_writers.LoggingWriter()] + ([summary] if summary else [])
+  return metric_writers.AsyncMultiWriter(writers), summary
+
+
+def is_terminal(stream=None):
+  stream = sys.stderr if stream is None else stream
+  return bool(getattr(stream, 'isatty', lambda: False)())
+
+
+# --- Device memory ----------------------------------------------------------------
+def memory_scalars(devices=None):
+  """{'memory_in_use_gib', 'memory_peak_gib'}: the largest over this process's devices; {} where the backend
+  reports no memory statistics (CPU)."""
+  stats = [d.memory_stats() for d in (jax.local_devices() if devices is None else devices)]
+  stats = [s for s in stats if s and 'bytes_in_use' in s]
+  if not stats:
+    return {}
+  out = {'memory_in_use_gib': max(s['bytes_in_use'] for s in stats) / GIB}
+  if all('peak_bytes_in_use' in s for s in stats):
+    out['memory_peak_gib'] = max(s['peak_bytes_in_use'] for s in stats) / GIB
+  return out
+
+
+# --- Cost -----------------------------------------------------------------------------
+def sampler_nfe(sample_config, model_config):
+  """Model evaluations per branch of one sampler run; None for the adaptive dopri5."""
+  from groupdiff_jax import diffusion as gd
+  from groupdiff_jax import samplers
+  method = sample_config.sampler
+  if model_config.get('objective', 'sit') == 'dit':
+    return gd.create_schedule(sample.timestep_respacing(sample_config)).num_timesteps
+  if method == 'dopri5':
+    return None
+  if method == 'sde':
+    return sample_config.num_steps
+  return samplers.number_of_function_evaluations(sample_config.num_steps, method)
+
+
+def sampling_flops(config, num_images):
+  """Upper bound of the FLOPs of sampling `num_images` (NFE x forward FLOPs of both CFG branches, group attention
+  and guidance at every step); None for dopri5."""
+  from groupdiff_jax import describe
+  arch = describe.arch_from_config(config.model)
+  nfe = sampler_nfe(config.sample, config.model)
+  if nfe is None:
+    return None
+  s = config.sample
+  per_image = describe.forward_flops(arch, s.cond_group_size)['total']
+  if s.cfg_scale != 1.0:
+    per_image += describe.forward_flops(arch, s.uncond_group_size)['total']
+  return nfe * num_images * per_image
+
+
+def grid_cost(config):
+  """The grid's FLOPs against the training FLOPs between two grids (the cheapest step kind: an upper bound).
+
+  Returns {'grid_flops', 'train_step_flops', 'ratio'} (ratio None when
+  train.sample_every is 0 or the sampler is adaptive).
+  """
+  from groupdiff_jax import describe
+  t = config.train
+  arch = describe.arch_from_config(config.model)
+  kinds = step_plan.step_kinds(t.batch_size, t.group_size, t.group_ratio, t.mode, t.mixed_steps)
+  train_flops = min(describe.step_flops(arch, kind)['model'] for kind in kinds.values())
+  grid = sampling_flops(config, config.sample.grid_groups * config.sample.images_per_group)
+  every = t.get('sample_every', 0)
+  ratio = grid / (every * train_flops) if grid is not None and every else None
+  return {'grid_flops': grid, 'train_step_flops': train_flops, 'ratio': ratio}
+
+
+# --- Checks ------------------------------------------------------------------------
+def profile_range(config):
+  """(start, stop) of train.profile_steps, or None; a ConfigError for anything but 0 <= start < stop."""
+  steps = tuple(config.train.get('profile_steps', ()) or ())
+  if not steps:
+    return None
+  if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] < steps[1]:
+    raise errors.ConfigError(f'train.profile_steps={steps}: give two steps (start, stop) with 0 <= start < stop, '
+                             "e.g. --config.train.profile_steps='(10,12)', or () for no trace.")
+  return steps
+
+
+def check_config(config):
+  profile_range(config)
+  for field in ('sample_every', 'eval_every'):
+    if config.train.get(field, 0) < 0:
+      raise errors.ConfigError(f'train.{field}={config.train[field]} must be >= 0 (0 = off).')
+  if config.train.get('eval_every', 0) and config.eval.get('num_samples', 0) < 2:
+    raise errors.ConfigError(f'eval.num_samples={config.eval.get("num_samples")}: FID needs at least 2 samples.')
+
+
+def fid_name(num_samples):
+  """'fid_10k' for 10,000 samples; 'fid_<n>' when n is not a multiple of 1,000."""
+  return f'fid_{num_samples // 1000}k' if num_samples % 1000 == 0 else f'fid_{num_samples}'
+
+
+def _with_sample(config, **fields):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.sample.update(fields)
+  return config
+
+
+# --- The monitor ------------------------------------------------------------------
+class TrainMonitor:
+  """The periodic actions of a training run; see the module docstring."""
+
+  def __init__(self, config, workdir, writer, model, log=logging.info):
+    check_config(config)
+    self.config, self.workdir, self.writer, self.model, self.log = config, workdir, writer, model, log
+    self.is_main = jax.process_index() == 0
+    self.sample_every = config.train.get('sample_every', 0)
+    self.eval_every = config.train.get('eval_every', 0)
+    self.profile = profile_range(config)
+    self.profiling = False
+    self._grid = None
+    self._reference = None
+    if self.sample_every and sample_job.is_latent(config.model) and not config.sample.get('vae_path'):
+      log('Sample grids every %d steps need sample.vae_path (an SD-VAE to decode the latents): no grids.',
+          self.sample_every)
+      self.sample_every = 0
+    if self.sample_every:
+      cost = grid_cost(config)
+      if cost['ratio'] is not None:
+        log('Sample grid every %d steps: %.3g FLOPs (%d groups), %.2f%% of the training FLOPs between two grids.',
+            self.sample_every, cost['grid_flops'], config.sample.grid_groups, 100 * cost['ratio'])
+    if self.eval_every and not (config.eval.get('reference_batch') and config.eval.get('inception_graph')):
+      log('No FID during training: set eval.reference_batch and eval.inception_graph (train.eval_every=%d).',
+          self.eval_every)
+      self.eval_every = 0
+
+  def write_config(self, summary_writer, start_step):
+    """Process 0: the config as `key = value` lines (once), config.json, and TensorBoard hparams of a new run."""
+    if not self.is_main:
+      return
+    self.log('Config:\n%s', config_lines(self.config))
+    self.log('Config saved to %s.', save_config(self.config, self.workdir))
+    if summary_writer is not None and start_step == 0:
+      summary_writer.write_hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                                    for k, v in flat_config(self.config).items()})
+
+  def before_step(self, step):
+    """Starts the profiler trace before step `profile_steps[0]`."""
+    if self.profile and step == self.profile[0] and jax.process_index() == self.config.train.get(
+        'profile_process', 0):
+      jax.profiler.start_trace(os.path.join(self.workdir, PROFILE_DIR))
+      self.profiling = True
+
+  def after_step(self, done, state):
+    """After `done` steps: stop the trace, write a grid, compute FID, as due. Returns the seconds it took."""
+    start = time.time()
+    if self.profiling and done >= self.profile[1]:
+      self.stop_profile(state)
+    params = state.ema_params if self.config.sample.use_ema else state.params
+    if self.sample_every and done % self.sample_every == 0:
+      self.write_grid(done, params)
+    if self.eval_every and done % self.eval_every == 0:
+      self.write_fid(done, params)
+    return time.time() - start
+
+  def stop_profile(self, state=None):
+    if not self.profiling:
+      return
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    self.profiling = False
+    self.log('Profiler trace of steps %s in %s (tensorboard --logdir %s, Profile tab).', self.profile,
+             os.path.join(self.workdir, PROFILE_DIR), self.workdir)
+
+  def close(self):
+    self.stop_profile()
+
+  # --- Sample grids -----------------------------------------------------------------
+  def grid_images(self, params):
+    """uint8 [grid_groups * N, H, W, C]: the fixed-noise groups, generated on this process's devices."""
+    if self._grid is None:
+      config = _with_sample(self.config, num_groups=self.config.sample.grid_groups,
+                            groups_per_batch=self.config.sample.grid_groups, s_cross=False)
+      plan = sample_job.plan_from_config(config)
+      mesh = sample_job.local_mesh(plan.groups_per_chunk)
+      decode = None
+      if sample_job.is_latent(config.model):
+        from groupdiff_jax.encoders import vae as vae_lib
+        from groupdiff_jax.encoders import vae_weights
+        vae_params = vae_weights.load_vae_params(config.sample.vae_path, vae_lib.SD_VAE_CONFIG)
+        decode = sample_job.make_decoder(vae_params, vae_lib.SD_VAE_CONFIG, mesh, config.sample.decode_batch_size)
+      self._grid = (plan, mesh, sample_job.chunk_sampler(self.model, config, mesh), decode)
+    plan, mesh, run, decode = self._grid
+    local = jax.device_put(sample_job.host_local(params), sharding.replicated(mesh))
+    x, _ = run(local, plan.labels(0), jax.random.PRNGKey(self.config.seed + GRID_STREAM))
+    x = np.asarray(x)[:plan.num_images]
+    return decode(x) if decode is not None else sample.to_uint8(x)
+
+  def write_grid(self, step, params):
+    images = self.grid_images(params)
+    if not self.is_main:
+      return
+    per_row = self.config.sample.images_per_group
+    scale = sample.grid_scale(images.shape[1])
+    grid = sample.grid_array(images, per_row, scale)  # [H', W', C]
+    os.makedirs(os.path.join(self.workdir, PROGRESS_DIR), exist_ok=True)
+    path = sample.save_grid(images, per_row, os.path.join(self.workdir, PROGRESS_DIR, f'step_{step}.png'), scale)
+    self.writer.write_images(step, {'samples': grid[None]})
+    self.log('Step %d: sample grid %s.', step, path)
+
+  # --- FID ------------------------------------------------------------------------------
+  def write_fid(self, step, params):
+    from groupdiff_jax.evaluation import evaluator, fid as fid_lib, inception
+    num = self.config.eval.num_samples
+    per_group = self.config.sample.images_per_group
+    config = _with_sample(self.config, num_groups=-(-num // per_group), s_cross=False)
+    out_dir = os.path.join(self.workdir, EVAL_DIR, f'step_{step}')
+    path = sample_job.sample_and_save(config, out_dir, params, step, log=lambda *_: None)
+    if path is None:  # not process 0
+      return
+    graph, reference = self.config.eval.inception_graph, self.config.eval.reference_batch
+    with inception.InceptionV3(graph) as net:
+      if self._reference is None:
+        self._reference = fid_lib.maybe_load(reference)
+        if self._reference is None:
+          ref = evaluator.open_images(reference)
+          self._reference = fid_lib.FIDStatistics.from_features(
+              net.features(ref.batches(net.batch_size), total=len(ref))[0])
+      samples = evaluator.open_images(path)
+      pool = net.features(samples.batches(net.batch_size), total=len(samples))[0][:num]  # [num, D]
+    value = float(fid_lib.FIDStatistics.from_features(pool).fid(self._reference))
+    name = fid_name(num)
+    sample_job.write_json(os.path.join(out_dir, 'fid.json'), {name: value, 'step': step, 'num_samples': num,
+                                                               'reference_batch': os.path.abspath(reference)})
+    for stale in [path] + [os.path.join(out_dir, sample_job.SAMPLES_DIR, f)
+                           for f in os.listdir(os.path.join(out_dir, sample_job.SAMPLES_DIR)) if f.startswith('chunk_')]:
+      os.remove(stale)  # the images: gigabytes at ImageNet scale; fid.json and samples.png stay
+    self.writer.write_scalars(step, {name: value})
+    self.log('Step %d: %s = %.4g (%s).', step, name, value, out_dir)
+
