@@ -214,6 +214,9 @@ class TrainMonitor:
       log('No FID during training: set eval.reference_batch and eval.inception_graph (train.eval_every=%d).',
           self.eval_every)
       self.eval_every = 0
+    if self.eval_every and sample_job.is_latent(config.model) and not config.sample.get('vae_path'):
+      log('No FID during training: this latent model needs sample.vae_path (an SD-VAE) to decode its samples.')
+      self.eval_every = 0
 
   def write_config(self, summary_writer, start_step):
     """Process 0: the config as `key = value` lines (once), config.json, and TensorBoard hparams of a new run."""
