@@ -199,3 +199,13 @@ def test_a_run_logged_to_a_file_has_no_carriage_returns_nor_tpu_probe_noise(tmp_
   assert 'libtpu' not in text and "backend 'tpu'" not in text
   assert text.count('steps_per_sec=') == 2  # steps 2 and 4
   assert 'train.batch_size = 8' in text and '[Hyperparameters]' not in text
+
+
+def test_latent_models_without_a_vae_get_no_grids_and_no_fid_with_one_note_each(tmp_path):
+  config = sit_xl.get_config()
+  config.update_from_flattened_dict({'train.eval_every': 10, 'eval.reference_batch': str(tmp_path / 'ref.npz'),
+                                     'eval.inception_graph': str(tmp_path / 'graph.pb')})
+  notes = []
+  monitor = train_monitor.TrainMonitor(config, 'unused', None, None, log=lambda *a: notes.append(a[0] % a[1:]))
+  assert monitor.sample_every == 0 and monitor.eval_every == 0
+  assert len(notes) == 2 and all('sample.vae_path' in note for note in notes)
