@@ -97,6 +97,7 @@ def train_and_evaluate(config, workdir):
   early, with state.step < config.train.num_steps.
   """
   check_data(config)
+  train_monitor.check_config(config)  # profile_steps, sample_every, eval_every
   is_main = jax.process_index() == 0
 
   # --- Mesh and input --------------------------------------------------------
