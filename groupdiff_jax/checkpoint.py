@@ -226,8 +226,8 @@ def _restore_newest_valid(manager, args, move_aside):
       failed.append((step, step_dir(manager, step), problem))
       continue
     for _, path, reason in failed:
-      logging.warning('Checkpoint %s is unreadable or corrupt (%s); resuming from the previous valid checkpoint %s instead.',
-                      path, reason, step_dir(manager, step))
+      logging.warning('Checkpoint %s is unreadable or corrupt (%s); resuming from the previous valid checkpoint %s '
+                      'instead.', path, reason, step_dir(manager, step))
     if failed and move_aside:
       _move_aside(manager, [s for s, _, _ in failed])
     return step, restored

@@ -184,8 +184,9 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
     model_config: the config's `model` section (objective, transport); None
       means the SiT defaults.
     check_update: also skip the step when the new params, optimizer state
-      or EMA would hold a non-finite value (benchmarks turn it off to
-      measure its cost).
+      or EMA would hold a non-finite value: True checks the updates (see the
+      comment below), 'state' every new leaf, False neither (benchmarks
+      compare them).
 
   Returns:
     (new state, metrics dict of scalars: loss, grad_norm, and nonfinite,
@@ -213,8 +214,16 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
   # next step draws the next batch and key) and the step is counted in
   # `nonfinite` (train.py stops after too many in a row).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  if check_update:
+  # The update check reads the AdamW updates (computed anyway): with a finite
+  # loss, gradients (their norm bounds every g**2) and previous state (restore
+  # checks it, and each step keeps it so), finite updates give finite new mu,
+  # nu, params and EMA (barring an overflow of a sum of finite floats); NaN in
+  # mu or nu, or in a decayed weight, makes the updates NaN. 'state' checks
+  # every new leaf instead (measured slower: docs/benchmarks.md).
+  if check_update == 'state':
     finite = finite & all_finite((params, opt_state, ema_params))
+  elif check_update:
+    finite = finite & all_finite(updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                             opt_state=keep(opt_state, state.opt_state),
