@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import zlib
@@ -149,36 +150,45 @@ def save(manager, state, force=False, config=None):
   try:
     return manager.save(step, args=ocp.args.StandardSave(tree), force=force, custom_metadata=metadata)
   except Exception as error:
-    if _os_error(error) is None:
+    failure = save_error(manager, error)
+    if failure is None:
       raise  # not the storage: a bug, keep its traceback
-    raise save_error(manager, error) from None
+    raise failure from None
 
 
-def _os_error(error):
-  """The innermost OSError in `error`'s cause/context chain (or exception group), else None."""
+# tensorstore's message for a failed file write: ... Failed writing: "<path>": ...: <strerror> [os_error_code='28']
+_TENSORSTORE_OS_ERROR = re.compile(r'(?:Failed writing: "(?P<path>[^"]+)".*: )?(?P<strerror>[^:\[]+?) '
+                                   r"\[os_error_code='(?P<errno>\d+)'\]")
+
+
+def _storage_error(error):
+  """'<path>: [Errno 28] No space left on device' for the innermost OS error in `error`'s cause/context chain
+  (an OSError, or tensorstore's ValueError carrying an os_error_code), else None."""
   seen, todo, found = set(), [error], None
   while todo:
     current = todo.pop()
     if current is None or id(current) in seen:
       continue
     seen.add(id(current))
-    if isinstance(current, OSError):
-      found = current
+    if isinstance(current, OSError) and current.strerror:
+      found = (f'{current.filename}: ' if current.filename else '') + f'[Errno {current.errno}] {current.strerror}'
+    else:
+      match = _TENSORSTORE_OS_ERROR.search(str(current))
+      if match:
+        found = ((f'{match["path"]}: ' if match['path'] else '')
+                 + f'[Errno {match["errno"]}] {match["strerror"].strip()}')
     todo += [current.__cause__, current.__context__, *getattr(current, 'exceptions', ())]
   return found
 
 
 def save_error(manager, error):
-  """One CheckpointSaveError for a failed background save: the directory and the OS error, last."""
-  cause = _os_error(error)
-  if cause is not None and cause.strerror:
-    where = f'{cause.filename}: ' if cause.filename else ''
-    reason = f'{where}[Errno {cause.errno}] {cause.strerror}'
-  else:
-    cause = cause or error
-    reason = f'{type(cause).__name__}: {cause}'.splitlines()[0][:500]
-  return CheckpointSaveError(f'Saving a checkpoint in {manager.directory} failed (the run stops; the previous '
-                             f'checkpoint is intact; free space or fix the storage, then rerun to resume): '
+  """One CheckpointSaveError for a failed save (its last words: the path and the OS error), or None when
+  `error` is not a storage error (a bug: the caller re-raises it with its traceback)."""
+  reason = _storage_error(error)
+  if reason is None:
+    return None
+  return CheckpointSaveError(f'Saving a checkpoint in {manager.directory} failed (the run stops; checkpoints saved '
+                             f'before are intact; free space or fix the storage, then rerun to resume): '
                              f'{reason}')
 
 
@@ -189,9 +199,10 @@ def check_save(manager):
     if not manager.is_saving_in_progress():
       manager.wait_until_finished()  # returns at once; raises the finalize thread's error
   except Exception as error:
-    if _os_error(error) is None:
+    failure = save_error(manager, error)
+    if failure is None:
       raise  # not the storage: a bug, keep its traceback
-    raise save_error(manager, error) from None
+    raise failure from None
 
 
 @contextlib.contextmanager
@@ -204,7 +215,7 @@ def saving(manager):
     try:
       manager.wait_until_finished()
     except Exception as error:  # the save failed too: report it, then the loop's error
-      logging.error('%s', save_error(manager, error))
+      logging.error('%s', save_error(manager, error) or f'Saving a checkpoint failed: {error!r}')
     raise
   check_save(manager)
   manager.wait_until_finished()

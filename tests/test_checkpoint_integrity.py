@@ -171,3 +171,17 @@ def test_an_error_in_the_loop_finishes_the_in_flight_save_first(tmp_path):
   assert manager.all_steps() == [2]  # written completely before the error left the loop
   _, restored = checkpoint._restore_newest_valid(manager, checkpoint.ocp.args.StandardRestore(), move_aside=False)
   assert int(restored['step']) == 2
+
+
+def test_tensorstores_write_error_is_reported_as_the_path_and_the_os_error():
+  # What tensorstore raised on a full tmpfs (orbax 0.12.8, tensorstore 0.1.86), abridged.
+  error = ValueError('RESOURCE_EXHAUSTED: Error writing "ema_params.final_layer.linear.bias/0" in OCDBT database at '
+                     'local file "/w/checkpoints/4.tmp/ocdbt.process_0/": Failed writing: "/w/checkpoints/4.tmp/d/48": '
+                     "Failed to write 286635 bytes to file 15: No space left on device [os_error_code='28']")
+  manager = type('Manager', (), {'directory': '/w/checkpoints'})()
+  wrapped = RuntimeError('save failed')
+  wrapped.__cause__ = error
+  message = str(checkpoint.save_error(manager, wrapped))
+  assert message.startswith('Saving a checkpoint in /w/checkpoints failed')
+  assert message.endswith('/w/checkpoints/4.tmp/d/48: [Errno 28] No space left on device')
+  assert checkpoint.save_error(manager, ValueError('a bug')) is None  # not storage: re-raised with its traceback
