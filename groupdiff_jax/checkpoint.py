@@ -240,6 +240,10 @@ def _restore_newest_valid(manager, args, move_aside):
       failed.append((step, step_dir(manager, step), f'{type(error).__name__}: {error}'.splitlines()[0][:300]))
       continue
     problem = integrity_problem(manager, step, restored)
+    if jax.process_count() > 1:  # every host must take the same decision (each checks its own shards)
+      from jax.experimental import multihost_utils
+      if np.any(multihost_utils.process_allgather(np.int32(problem is not None))) and problem is None:
+        problem = 'another host found a corrupt shard (see its log)'
     if problem:
       failed.append((step, step_dir(manager, step), problem))
       continue
