@@ -7,19 +7,39 @@ restore (files deleted or truncated, e.g. a disk that filled up or a copy
 interrupted outside orbax) is moved to `<workdir>/checkpoints_corrupt/`
 with a warning naming it and the step used instead, and the next older one
 is tried.
+
+Integrity. Every save records, in the checkpoint's custom metadata, the
+step, the config and the code version, and a CRC-32 of every array shard
+(each process hashes the shards it owns, replica 0, on the host copy; the
+small tables are gathered to process 0, which writes the metadata). A
+restore recomputes the CRC of every shard it reads and checks that every
+floating-point leaf is finite; a mismatch (bit rot, a partial copy) or a
+NaN/inf is treated exactly like an unreadable checkpoint: moved aside with
+a warning naming the checkpoint and the leaf, and the previous one used.
+
+Save failures. Orbax writes in a background thread; `check_save` (called
+after every step) turns a failed write into one `CheckpointSaveError`
+naming the step directory and the OS error, and `saving` (a context
+manager around the loop) finishes or abandons the in-flight save before
+any exception leaves the loop, so the real error is the last one printed.
 """
 
+import concurrent.futures
+import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import time
+import zlib
 
 import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from groupdiff_jax import weights_io
+from groupdiff_jax import errors, weights_io
 
 # The TrainState fields that are saved (apply_fn and tx are code, not state).
 SAVED_FIELDS = ('step', 'params', 'ema_params', 'opt_state', 'rng')
@@ -38,16 +58,167 @@ def _saved_tree(state):
   return {name: getattr(state, name) for name in SAVED_FIELDS}
 
 
-def save(manager, state, force=False):
+class CheckpointSaveError(errors.UserError, OSError):
+  """A checkpoint could not be written (disk full, permissions, storage gone); names the path and the OS error."""
+
+
+def code_version():
+  try:
+    from importlib import metadata
+    return metadata.version('groupdiff_jax')
+  except Exception:  # not installed (PYTHONPATH checkout)
+    return 'unknown'
+
+
+def _index_key(index, shape):
+  """'0:4,0:3' for a shard's index (a tuple of slices) in its global array of `shape`."""
+  return ','.join('%d:%d' % s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _leaf_name(path):
+  """'opt_state/0/mu/blocks_0/attn/kernel': the same for a restored tree of dicts and lists as for the saved one
+  of tuples, namedtuples and dataclasses."""
+  parts = []
+  for key in path:
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+  return '/'.join(parts)
+
+
+def _crc(array):
+  return zlib.crc32(np.ascontiguousarray(np.asarray(array)).reshape(-1).view(np.uint8))
+
+
+def shard_checksums(tree):
+  """{'leaf/path': {'0:4,0:3': crc32}} of the shards of `tree` this process owns (replica 0).
+
+  The CRC is over the host copy of each shard's bytes (C order), the bytes
+  orbax writes; a NumPy leaf is one shard covering the whole array. Shards
+  are hashed in parallel threads (zlib releases the GIL).
+  """
+  items = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = _leaf_name(path)
+    if isinstance(leaf, jax.Array):
+      items += [(name, _index_key(shard.index, leaf.shape), shard.data)
+                for shard in leaf.addressable_shards if shard.replica_id == 0]
+    else:
+      value = np.asarray(leaf)
+      items.append((name, _index_key((slice(None),) * value.ndim, value.shape), value))
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    crcs = list(pool.map(lambda item: _crc(item[2]), items))
+  sums = {}
+  for (name, key, _), crc in zip(items, crcs):
+    sums.setdefault(name, {})[key] = crc
+  return sums
+
+
+def _gather_checksums(sums):
+  """Every process's shard tables merged (a small allgather of their JSON); one process: `sums`."""
+  if jax.process_count() == 1:
+    return sums
+  from jax.experimental import multihost_utils
+  encoded = np.frombuffer(json.dumps(sums).encode(), np.uint8)
+  length = int(np.max(multihost_utils.process_allgather(np.int32(len(encoded)))))
+  padded = np.zeros(length, np.uint8)
+  padded[:len(encoded)] = encoded
+  merged = {}
+  for row in np.asarray(multihost_utils.process_allgather(padded)):
+    for name, shards in json.loads(bytes(row).rstrip(b'\0').decode()).items():
+      merged.setdefault(name, {}).update(shards)
+  return merged
+
+
+def save(manager, state, force=False, config=None):
   """Save `state` under its step (asynchronously; `wait` before exiting).
 
   Does nothing when that step is already saved (e.g. a preemption right
   after a periodic save). `force` saves whatever the manager's policy.
+  The checkpoint's metadata holds the step, `config` (a ConfigDict, as
+  JSON), the code version and every shard's CRC-32 (see the module
+  docstring).
   """
   step = int(jax.device_get(state.step))
   if step in manager.all_steps():
     return False
-  return manager.save(step, args=ocp.args.StandardSave(_saved_tree(state)), force=force)
+  check_save(manager)
+  tree = _saved_tree(state)
+  metadata = {'step': step, 'code_version': code_version(), 'checksums': _gather_checksums(shard_checksums(tree)),
+              'config': json.loads(config.to_json_best_effort()) if config is not None else None}
+  try:
+    return manager.save(step, args=ocp.args.StandardSave(tree), force=force, custom_metadata=metadata)
+  except Exception as error:
+    failure = save_error(manager, error)
+    if failure is None:
+      raise  # not the storage: a bug, keep its traceback
+    raise failure from None
+
+
+# tensorstore's message for a failed file write: ... Failed writing: "<path>": ...: <strerror> [os_error_code='28']
+_TENSORSTORE_OS_ERROR = re.compile(r'(?:Failed writing: "(?P<path>[^"]+)".*: )?(?P<strerror>[^:\[]+?) '
+                                   r"\[os_error_code='(?P<errno>\d+)'\]")
+
+
+def _storage_error(error):
+  """'<path>: [Errno 28] No space left on device' for the innermost OS error in `error`'s cause/context chain
+  (an OSError, or tensorstore's ValueError carrying an os_error_code), else None."""
+  seen, todo, found = set(), [error], None
+  while todo:
+    current = todo.pop()
+    if current is None or id(current) in seen:
+      continue
+    seen.add(id(current))
+    if isinstance(current, OSError) and current.strerror:
+      found = (f'{current.filename}: ' if current.filename else '') + f'[Errno {current.errno}] {current.strerror}'
+    else:
+      match = _TENSORSTORE_OS_ERROR.search(str(current))
+      if match:
+        found = ((f'{match["path"]}: ' if match['path'] else '')
+                 + f'[Errno {match["errno"]}] {match["strerror"].strip()}')
+    todo += [current.__cause__, current.__context__, *getattr(current, 'exceptions', ())]
+  return found
+
+
+def save_error(manager, error):
+  """One CheckpointSaveError for a failed save (its last words: the path and the OS error), or None when
+  `error` is not a storage error (a bug: the caller re-raises it with its traceback)."""
+  reason = _storage_error(error)
+  if reason is None:
+    return None
+  return CheckpointSaveError(f'Saving a checkpoint in {manager.directory} failed (the run stops; checkpoints saved '
+                             f'before are intact; free space or fix the storage, then rerun to resume): '
+                             f'{reason}')
+
+
+def check_save(manager):
+  """Raise CheckpointSaveError now if a background save has failed (cheap; call after every step)."""
+  try:
+    manager.check_for_errors()  # the writer thread's error (orbax re-raises it once, of any type)
+    if not manager.is_saving_in_progress():
+      manager.wait_until_finished()  # returns at once; raises the finalize thread's error
+  except Exception as error:
+    failure = save_error(manager, error)
+    if failure is None:
+      raise  # not the storage: a bug, keep its traceback
+    raise failure from None
+
+
+@contextlib.contextmanager
+def saving(manager):
+  """Around the training loop: whatever ends it, the in-flight save is finished (or its failure reported)
+  before the exception leaves, so the loop's own error stays the last thing printed."""
+  try:
+    yield
+  except BaseException:
+    try:
+      manager.wait_until_finished()
+    except Exception as error:  # the save failed too: report it, then the loop's error
+      logging.error('%s', save_error(manager, error) or f'Saving a checkpoint failed: {error!r}')
+    raise
+  check_save(manager)
+  manager.wait_until_finished()
 
 
 def step_dir(manager, step):
@@ -68,9 +239,17 @@ def _restore_newest_valid(manager, args, move_aside):
     except Exception as error:  # orbax/tensorstore raise many types for missing or truncated files
       failed.append((step, step_dir(manager, step), f'{type(error).__name__}: {error}'.splitlines()[0][:300]))
       continue
+    problem = integrity_problem(manager, step, restored)
+    if jax.process_count() > 1:  # every host must take the same decision (each checks its own shards)
+      from jax.experimental import multihost_utils
+      if np.any(multihost_utils.process_allgather(np.int32(problem is not None))) and problem is None:
+        problem = 'another host found a corrupt shard (see its log)'
+    if problem:
+      failed.append((step, step_dir(manager, step), problem))
+      continue
     for _, path, reason in failed:
-      logging.warning('Checkpoint %s is unreadable (%s); resuming from the previous valid checkpoint %s instead.',
-                      path, reason, step_dir(manager, step))
+      logging.warning('Checkpoint %s is unreadable or corrupt (%s); resuming from the previous valid checkpoint %s '
+                      'instead.', path, reason, step_dir(manager, step))
     if failed and move_aside:
       _move_aside(manager, [s for s, _, _ in failed])
     return step, restored
@@ -79,6 +258,37 @@ def _restore_newest_valid(manager, args, move_aside):
     raise RuntimeError(f'No checkpoint in {manager.directory} can be restored: {listing}. Move the directory away '
                        f'to start from scratch, or restore it from a backup.')
   return None, None
+
+
+def _saved_checksums(manager, step):
+  try:
+    return (manager.metadata(step).custom_metadata or {}).get('checksums')
+  except Exception:  # no or unreadable metadata: the restore itself decides
+    return None
+
+
+def integrity_problem(manager, step, restored):
+  """Why the restored tree of `step` cannot be trusted ('leaf ...: reason'), or None.
+
+  Every shard's CRC-32 must equal the one saved (checkpoints written before
+  checksums existed have none: only the finiteness check applies), and every
+  floating-point leaf must be finite.
+  """
+  saved = _saved_checksums(manager, step)
+  if saved is not None:
+    for name, shards in shard_checksums(restored).items():
+      expected = saved.get(name)
+      if expected is None:
+        return f'leaf {name} has no saved checksum'
+      for index, crc in shards.items():
+        if index in expected and expected[index] != crc:
+          return f'leaf {name} (shard {index}): checksum {crc:#010x} != saved {expected[index]:#010x} (bit rot?)'
+  for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+    if jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact):
+      bad = int(jax.device_get(jax.numpy.sum(~jax.numpy.isfinite(leaf))))
+      if bad:
+        return f'leaf {_leaf_name(path)} holds {bad} non-finite value(s)'
+  return None
 
 
 def _move_aside(manager, steps):
@@ -124,7 +334,8 @@ def load_params(workdir, use_ema=True):
   return restored['ema_params' if use_ema else 'params'], step
 
 
-def _flat(tree):
+def flat_params(tree):
+  """{'blocks_0/attn/qkv/kernel': leaf} of a nested params dict."""
   return {'/'.join(path): leaf for path, leaf in flax.traverse_util.flatten_dict(tree).items()}
 
 
@@ -142,6 +353,51 @@ def _place_like(values, target, keep=()):
   return flax.traverse_util.unflatten_dict(placed)
 
 
+def config_fields_for(names):
+  """The config fields that decide the params `names` ('blocks_3/attn/qkv/kernel', ...)."""
+  fields = []
+  for name in names:
+    module = name.split('/')[0]
+    if module.startswith('blocks_'):
+      field = 'model.depth (blocks), model.hidden_size / model.variant (widths)'
+    elif module == 'sample_embedder':
+      field = 'model.max_group_size'
+    elif module == 'final_layer':
+      field = 'model.learn_sigma, model.patch_size / model.variant, model.hidden_size'
+    elif module == 'y_embedder':
+      field = 'model.num_classes, model.hidden_size'
+    elif module == 'x_embedder':
+      field = 'model.in_channels, model.patch_size / model.variant, model.hidden_size'
+    else:
+      field = 'model.variant, model.hidden_size'
+    if field not in fields:
+      fields.append(field)
+  return fields
+
+
+def check_param_tree(source, target, what, allowed_missing=()):
+  """Raise one WeightsError unless `source` has exactly `target`'s param paths and shapes.
+
+  Args:
+    source: {'a/b/kernel': array or shape-bearing leaf} from a checkpoint.
+    target: the same for the model the config builds (e.g. jax.eval_shape).
+    what: names the checkpoint in the message.
+    allowed_missing: target paths the checkpoint may lack.
+  """
+  shape = lambda leaf: tuple(np.shape(leaf))
+  missing = [f'{name}: expected {shape(target[name])}' for name in sorted(target)
+             if name not in source and name not in allowed_missing]
+  extra = [f'{name}: {shape(source[name])}' for name in sorted(source) if name not in target]
+  wrong = [f'{name}: expected {shape(target[name])}, found {shape(source[name])}'
+           for name in sorted(target) if name in source and shape(source[name]) != shape(target[name])]
+  if missing or extra or wrong:
+    names = [line.split(':')[0] for line in missing + extra + wrong]
+    raise errors.WeightsError(weights_io.mismatch_message(
+        f'{what} does not fit the configured model; make these config fields those of the checkpoint: '
+        f'{"; ".join(config_fields_for(names))}.',
+        [('params missing there', missing), ('params not in this model', extra), ('wrong shapes', wrong)]))
+
+
 def init_params_from(state, path):
   """`state` (fresh, step 0) with params and EMA taken from the newest checkpoint in `path`.
 
@@ -156,9 +412,9 @@ def init_params_from(state, path):
 
   Raises:
     FileNotFoundError: `path` holds no checkpoint.
-    ValueError: params missing from the checkpoint, extra there, or of
-      another shape, each named by its param path (another variant,
-      learn_sigma or max_group_size than the config's).
+    WeightsError (a ValueError): params missing from the checkpoint, extra
+      there, or of another shape, each named by its param path, with the
+      config fields to change (check_param_tree).
   """
   manager_dir = os.path.join(os.path.abspath(path), 'checkpoints')
   if not os.path.isdir(manager_dir):
@@ -168,21 +424,12 @@ def init_params_from(state, path):
   step, restored = _restore_newest_valid(manager, ocp.args.StandardRestore(), move_aside=False)
   if step is None:
     raise FileNotFoundError(f'train.init_from={path!r}: {manager_dir} holds no checkpoint.')
-  source = _flat(jax.device_get(restored['ema_params']))
-  target = _flat(state.params)
+  source = flat_params(jax.device_get(restored['ema_params']))
+  target = flat_params(state.params)
   source_modules = {name.split('/')[0] for name in source}
   fresh = [name for name in target
            if name.split('/')[0] in FRESH_IF_ABSENT and name.split('/')[0] not in source_modules]
-  missing = [f'{name}: expected {tuple(target[name].shape)}' for name in sorted(target)
-             if name not in source and name not in fresh]
-  extra = [f'{name}: {tuple(np.shape(source[name]))}' for name in sorted(source) if name not in target]
-  wrong = [f'{name}: expected {tuple(target[name].shape)}, found {tuple(np.shape(source[name]))}'
-           for name in sorted(target) if name in source and np.shape(source[name]) != tuple(target[name].shape)]
-  if missing or extra or wrong:
-    raise ValueError(weights_io.mismatch_message(
-        f'train.init_from={path!r} (step {step}) does not fit the configured model (model.variant, learn_sigma, '
-        'max_group_size, depth/hidden_size must be those of the checkpoint):',
-        [('params missing there', missing), ('params not in this model', extra), ('wrong shapes', wrong)]))
+  check_param_tree(source, target, f'train.init_from={path!r} (step {step})', allowed_missing=fresh)
   for name in fresh:
     logging.warning('%s is not in train.init_from=%s: it keeps its fresh initialisation.', name, path)
   logging.info('Initialised params and EMA from %s; optimizer state and step are fresh.', step_dir(manager, step))

@@ -46,10 +46,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of orbax (a dozen lines per checkpoint); keeps warnings."""
+  """Drops INFO chatter of orbax (a dozen lines per checkpoint); keeps warnings, without the tracebacks its
+  threads log for a failed save (checkpoint.py reports that failure as one line)."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= logging.WARNING
 
 
 def main(argv):

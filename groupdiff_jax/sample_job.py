@@ -60,11 +60,12 @@ import time
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from groupdiff_jax import checkpoint, convert, sample, sharding
+from groupdiff_jax import checkpoint, convert, errors, sample, sharding
 from groupdiff_jax.data.progress import Progress
 from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.encoders import vae_weights
@@ -215,8 +216,11 @@ def make_decoder(vae_params, vae_config, mesh, batch_size):
   batch_size = -(-max(batch_size, 1) // mesh.size) * mesh.size
   replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   params = jax.device_put(vae_params, replicated)
-  run = jax.jit(lambda p, z: sample.quantize(vae_lib.images_from_latents(vae, p, z)),
-                in_shardings=(replicated, batch), out_shardings=batch)
+  def decode_and_check(p, z):
+    images = vae_lib.images_from_latents(vae, p, z)  # [B, H, W, 3] float
+    return sample.quantize(images), jnp.isfinite(images).all(axis=(1, 2, 3))
+
+  run = jax.jit(decode_and_check, in_shardings=(replicated, batch), out_shardings=(batch, batch))
 
   def decode(latents):
     latents = np.asarray(latents, np.float32)
@@ -225,10 +229,38 @@ def make_decoder(vae_params, vae_config, mesh, batch_size):
       part = latents[start:start + batch_size]
       count = len(part)
       part = np.concatenate([part, np.zeros((batch_size - count,) + part.shape[1:], part.dtype)])
-      parts.append(np.asarray(run(params, part))[:count])
+      images, finite = run(params, part)
+      if not np.asarray(finite)[:count].all():
+        bad = start + int(np.argmin(np.asarray(finite)[:count]))
+        raise NonfiniteSamplesError(bad)
+      parts.append(np.asarray(images)[:count])
     return np.concatenate(parts)
 
   return decode
+
+
+class NonfiniteSamplesError(FloatingPointError):
+  """A decoded image holds NaN/inf; args[0] is its index in the chunk (sample_and_save names chunk and group)."""
+
+
+def expected_params(model, config):
+  """The configured model's params as ShapeDtypeStructs (jax.eval_shape: nothing is computed)."""
+  from groupdiff_jax import train_step  # the model's canonical init
+  return jax.eval_shape(lambda: train_step.init_params(model, jax.random.PRNGKey(0), config.model.input_size,
+                                                       config.model.in_channels))
+
+
+def check_finite(x, what, chunk, plan, step):
+  """Raise WeightsError naming the chunk and first group when `x` [n, ...] holds NaN/inf (nothing is written)."""
+  finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+  if not finite.all():
+    first = int(np.argmin(finite))
+    group = plan.groups(chunk)[0] + first // plan.images_per_group
+    bad_groups = len(set(np.flatnonzero(~finite) // plan.images_per_group))
+    raise errors.WeightsError(
+        f'Chunk {chunk}, group {group} (and {bad_groups - 1} more group(s) of the chunk): the {what} hold NaN/inf; '
+        f'the checkpoint of step {step} (or the sampler settings) give non-finite samples. Nothing of the chunk '
+        'was written; sample from an earlier checkpoint or check the weights.')
 
 
 # --- Chunk files ---------------------------------------------------------------
@@ -439,6 +471,11 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
     convert.check_model_config(workdir, config.model)  # an imported checkpoint's learn_sigma, time convention
     params, step = checkpoint.load_params(workdir, config.sample.use_ema)
     say(f'Sampling from the checkpoint of step {step}.')
+  model = model_from_config(config.model)
+  # Before anything in the workdir moves: the checkpoint's params must be exactly the configured model's
+  # (Flax ignores extra params: a depth-2 config would sample silently from 2 blocks of a depth-4 checkpoint).
+  checkpoint.check_param_tree(checkpoint.flat_params(params), checkpoint.flat_params(expected_params(model, config)),
+                              f'The checkpoint of step {step} in {workdir}')
   plan = plan_from_config(config)
   samples_dir = os.path.join(workdir, SAMPLES_DIR)
   if main_process:
@@ -446,7 +483,6 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   _barrier('groupdiff_jax.sample_job.prepare')
 
   mesh = local_mesh(plan.groups_per_chunk, devices)
-  model = model_from_config(config.model)
   params = jax.device_put(host_local(params), sharding.replicated(mesh))
   run = chunk_sampler(model, config, mesh)
   decode, image_side = None, config.model.input_size
@@ -479,7 +515,14 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
     key = jax.random.fold_in(seed_key, chunk)
     x, nfe = run(params, plan.labels(chunk), key)
     x = np.asarray(x)[:plan.num_chunk_images(chunk)]  # [n, H, W, C] model space
-    images = decode(x) if decode is not None else sample.to_uint8(x)
+    check_finite(x, 'model outputs', chunk, plan, step)
+    try:
+      images = decode(x) if decode is not None else sample.to_uint8(x)
+    except NonfiniteSamplesError as error:
+      group = plan.groups(chunk)[0] + error.args[0] // plan.images_per_group
+      raise errors.WeightsError(f'Chunk {chunk}, group {group}: a decoded image holds NaN/inf (the VAE at '
+                                f'sample.vae_path={config.sample.vae_path} is broken). Nothing of the chunk was '
+                                'written.') from None
     arrays = dict(images=images, labels=plan.labels(chunk)[:len(x)], nfe=np.int64(int(nfe)))
     if needs_s_cross(chunk):
       start, stop = plan.groups(chunk)

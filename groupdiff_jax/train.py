@@ -142,7 +142,8 @@ def train_and_evaluate(config, workdir):
   progress = tqdm(range(start_step, config.train.num_steps), initial=start_step, total=config.train.num_steps,
                   desc='train', disable=not (is_main and train_monitor.is_terminal()), unit='step')
   last_log = time.time()
-  with preemption.PreemptionWatch(manager) as watch:
+  # checkpoint.saving: an exception that ends the loop first finishes (or reports) the in-flight save.
+  with checkpoint.saving(manager), preemption.PreemptionWatch(manager) as watch:
     for step in progress:
       monitor.before_step(step)
       name = step_plan.step_kind_name(config.seed, step, kinds, config.train.group_ratio)
@@ -150,6 +151,7 @@ def train_and_evaluate(config, workdir):
       if step == config.train.poison_step:
         batch = poisoned(batch)
       state, metrics = run_step(state, batch, kinds[name])
+      checkpoint.check_save(manager)  # a failed background write stops the run at once, naming the path
       guard.push(step + 1, metrics['nonfinite'])
       pending.append(metrics)
       if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.num_steps:
@@ -161,9 +163,9 @@ def train_and_evaluate(config, workdir):
         pending, last_log = [], time.time()
       last_log += monitor.after_step(step + 1, state)  # grids and FID do not count as training time
       if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == config.train.num_steps:
-        checkpoint.save(manager, state)
+        checkpoint.save(manager, state, config=config)
       if watch.stop_at(step + 1):
-        checkpoint.save(manager, state, force=True)
+        checkpoint.save(manager, state, force=True, config=config)
         logging.warning('Preempted after step %d: its checkpoint is saved in %s; rerun the same command to '
                         'resume.', step + 1, manager.directory)
         break

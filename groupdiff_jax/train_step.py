@@ -157,7 +157,19 @@ def _sub_batch_loss(params, apply_fn, sub, images, labels, rng, train_config, ma
   return transport.training_loss(model_fn, images, noise, t, transport.transport_from_config(model_config))
 
 
-def train_step(state, batch, kind, train_config, optim_config, max_group_size, null_class, model_config=None):
+def all_finite(tree):
+  """Scalar bool: every floating-point leaf of `tree` finite.
+
+  One reduction per leaf (`isfinite(x).all()`), which XLA fuses into the
+  fusion that produces the leaf (the AdamW/EMA update), so it reads no
+  memory a second time.
+  """
+  checks = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.stack(checks).all() if checks else jnp.bool_(True)
+
+
+def train_step(state, batch, kind, train_config, optim_config, max_group_size, null_class, model_config=None,
+               check_update=True):
   """One optimizer step on a batch of one kind.
 
   Args:
@@ -171,11 +183,15 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
     null_class: the label of the unconditional class.
     model_config: the config's `model` section (objective, transport); None
       means the SiT defaults.
+    check_update: also skip the step when the new params, optimizer state
+      or EMA would hold a non-finite value: True checks the updates (see the
+      comment below), 'state' every new leaf, False neither (benchmarks
+      compare them).
 
   Returns:
     (new state, metrics dict of scalars: loss, grad_norm, and nonfinite,
-    1 when the step was skipped because the loss or gradients were not
-    finite).
+    1 when the step was skipped because the loss, gradients or the updated
+    state were not finite).
   """
   rng = jax.random.fold_in(state.rng, state.step)
 
@@ -192,11 +208,22 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = ema_update(state.ema_params, params, optim_config.ema_decay)
-  # Non-finite guard: a step whose loss or gradient norm is NaN/inf keeps
-  # params, optimizer state and EMA as they were; the step count still
-  # advances (the next step draws the next batch and key) and the step is
-  # counted in `nonfinite` (train.py stops after too many in a row).
+  # Non-finite guard: a step whose loss or gradient norm is NaN/inf, or whose
+  # new params, optimizer state or EMA would hold a NaN/inf, keeps params,
+  # optimizer state and EMA as they were; the step count still advances (the
+  # next step draws the next batch and key) and the step is counted in
+  # `nonfinite` (train.py stops after too many in a row).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # The update check reads the AdamW updates (computed anyway): with a finite
+  # loss, gradients (their norm bounds every g**2) and previous state (restore
+  # checks it, and each step keeps it so), finite updates give finite new mu,
+  # nu, params and EMA (barring an overflow of a sum of finite floats); NaN in
+  # mu or nu, or in a decayed weight, makes the updates NaN. 'state' checks
+  # every new leaf instead (measured slower: docs/benchmarks.md).
+  if check_update == 'state':
+    finite = finite & all_finite((params, opt_state, ema_params))
+  elif check_update:
+    finite = finite & all_finite(updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                             opt_state=keep(opt_state, state.opt_state),
