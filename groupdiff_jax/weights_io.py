@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from groupdiff_jax import errors
+
 FORMATS = ('.safetensors', '.npz')
 
 
@@ -31,7 +33,7 @@ def read_arrays(path: str | os.PathLike, hint: str = '') -> dict[str, np.ndarray
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(' '.join(filter(None, [f'No weights file at {path!r}.', hint])))
+    raise errors.MissingInputError(' '.join(filter(None, [f'No weights file at {path!r}.', hint])))
   if not path.endswith(FORMATS):
     raise WeightsFileError(f'{path!r}: unknown weights format; expected one of {FORMATS}.')
   try:

@@ -13,6 +13,7 @@ import functools
 
 import numpy as np
 
+from groupdiff_jax import errors
 from groupdiff_jax.data import grouping, retrieval
 
 GROUPINGS = ('official_plan', 'class', 'random')
@@ -43,9 +44,9 @@ class ArrayBatches:
 
   def __init__(self, images, labels, grouping_name, batch_size, seed, neighbors=None):
     if grouping_name not in GROUPINGS:
-      raise ValueError(f'Unknown data.grouping={grouping_name!r}; use one of {GROUPINGS}.')
+      raise errors.ConfigError(f'Unknown data.grouping={grouping_name!r}; use one of {GROUPINGS}.')
     if grouping_name == 'official_plan' and neighbors is None:
-      raise ValueError("data.grouping='official_plan' needs neighbour lists.")
+      raise errors.ConfigError("data.grouping='official_plan' needs neighbour lists.")
     self.images, self.labels = images, labels
     self.grouping, self.batch_size, self.seed = grouping_name, batch_size, seed
     self.neighbors = neighbors
