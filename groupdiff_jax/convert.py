@@ -73,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from groupdiff_jax import checkpoint, weights_io
+from groupdiff_jax import checkpoint, errors, weights_io
 from groupdiff_jax.models import dit, embeddings
 
 # ------------------------------------------------------------------------------------------ the declarative mapping
@@ -158,7 +158,7 @@ _RULES = [(_template_regex(official), official, ours, layout) for official, ours
 _OURS_RULES = [(_template_regex(ours), official, ours, layout) for official, ours, layout in RENAME_TABLE]
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.WeightsError):
   """A state dict that does not match the configured DiT."""
 
 
@@ -563,4 +563,4 @@ def _define_flags():
 if __name__ == '__main__':
   from absl import app  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main)
+  errors.run_main(main)

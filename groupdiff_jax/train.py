@@ -25,6 +25,7 @@ def make_batches(config):
     data_config = config.data.copy_and_resolve_references()
     with data_config.unlocked():
       data_config.batch_size = config.train.batch_size
+      data_config.group_size = config.train.group_size
     source = DigitsBatches if config.data.name == 'digits' else ToyShapesBatches
     return source(data_config, config.seed)
   if config.data.name in ('latents', 'imagenet_latents'):

@@ -389,7 +389,7 @@ def from_config(config, process_index=0, process_count=1, sharding=None):
   if not data.get('latent_dir'):
     raise errors.ConfigError('config.data.latent_dir is not set: point it at a latent store (configs/imagenet_latents.py; '
                      'written by python -m groupdiff_jax.data.extract_latents_job).')
-  store = latent_store.LatentStore(data.latent_dir)
+  store = latent_store.LatentStore(data.latent_dir, num_classes=config.model.get("num_classes"))
   grouping_name = data.get('grouping', 'official_plan')
   neighbors = scores = None
   if grouping_name in ('official_plan', 'tau_random'):
