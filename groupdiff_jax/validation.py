@@ -15,6 +15,10 @@ import tempfile
 from groupdiff_jax import errors, sharding, step_plan
 
 
+class WorkdirError(errors.UserError, PermissionError):
+  """--workdir cannot be created or written."""
+
+
 def check_workdir_writable(workdir):
   """Create `workdir` if needed and write (then remove) a file in it."""
   path = os.path.abspath(workdir)
@@ -23,7 +27,7 @@ def check_workdir_writable(workdir):
     with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test_'):
       pass
   except OSError as error:
-    raise errors.UserError(f'--workdir={path} is not a writable directory ({error.strerror or error}); choose '
+    raise WorkdirError(f'--workdir={path} is not a writable directory ({error.strerror or error}); choose '
                           f'another --workdir or fix its permissions.') from error
 
 
