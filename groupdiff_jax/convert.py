@@ -60,11 +60,13 @@ must set `model.time_convention` to it: the model then feeds the network
 trainer work unchanged. The weights themselves are not changed.
 """
 
+import argparse
 import dataclasses
 import json
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -73,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from groupdiff_jax import checkpoint, weights_io
+from groupdiff_jax import checkpoint, errors, weights_io
 from groupdiff_jax.models import dit, embeddings
 
 # ------------------------------------------------------------------------------------------ the declarative mapping
@@ -158,7 +160,7 @@ _RULES = [(_template_regex(official), official, ours, layout) for official, ours
 _OURS_RULES = [(_template_regex(ours), official, ours, layout) for official, ours, layout in RENAME_TABLE]
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.WeightsError):
   """A state dict that does not match the configured DiT."""
 
 
@@ -240,14 +242,42 @@ def _read_torch(path, allow_pickle):
         f'Reading {path!r} needs PyTorch, which is optional here: `pip install torch` (the CPU build is '
         'enough), or convert the file to .safetensors on a machine with torch (see `python -m '
         'groupdiff_jax.convert --help` / this module\'s docstring) and pass that instead.') from error
+  if not allow_pickle:
+    _check_torch_container(path)
+  safe = [argparse.Namespace]  # the official DiT/REPA/GroupDiff files hold their argparse args
   try:
-    return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
+    with torch.serialization.safe_globals(safe):
+      return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
   except Exception as error:  # torch raises UnpicklingError subclasses that vary by version
     if allow_pickle:
       raise
-    raise ConversionError(f'{path!r} holds pickled Python objects besides tensors (e.g. argparse args), which '
+    raise ConversionError(f'{path!r} holds pickled Python objects besides tensors and argparse args, which '
                           f'weights_only loading refuses ({error}). If you trust the file, pass '
                           '--allow_pickle.') from error
+
+
+def _check_torch_container(path):
+  """Raise ConversionError unless `path` is a whole torch.save file (a zip with a data.pkl).
+
+  A truncated, overwritten or random file is told apart from one that needs
+  pickle, so --allow_pickle is never suggested for a file that is merely broken.
+  """
+  broken = (f'{path!r} is truncated or not a PyTorch checkpoint (torch.save writes a zip archive holding '
+            f'data.pkl); download it again.')
+  if not zipfile.is_zipfile(path):
+    with open(path, 'rb') as f:
+      legacy = f.read(2) == b'\x80\x02'  # torch < 1.6 files are a bare pickle stream (protocol 2)
+    if not legacy:
+      raise ConversionError(broken)
+    return
+  try:
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+      bad = archive.testzip()
+  except (zipfile.BadZipFile, OSError, EOFError) as error:
+    raise ConversionError(f'{broken} ({error})') from error
+  if bad is not None or not any(name.endswith('/data.pkl') or name == 'data.pkl' for name in names):
+    raise ConversionError(broken + (f' (damaged member {bad})' if bad else ' (no data.pkl inside)'))
 
 
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -263,7 +293,9 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
     if not isinstance(obj, Mapping):
       raise ConversionError(f'{path!r} holds a {type(obj).__name__}, not a state dict or checkpoint dict.')
     flat, skipped = flatten_checkpoint(obj)
-    return {k: _to_numpy(v) for k, v in flat.items()}, skipped
+    arrays = {k: _to_numpy(v) for k, v in flat.items()}
+    weights_io.check_finite(arrays, path)
+    return arrays, skipped
   raise ConversionError(f'Unknown checkpoint format of {path!r}: expected .safetensors, .npz, .pt or .pth.')
 
 
@@ -563,4 +595,4 @@ def _define_flags():
 if __name__ == '__main__':
   from absl import app  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main)
+  errors.run_main(main)

@@ -36,3 +36,43 @@ class MissingInputError(UserError, FileNotFoundError):
 
 class WeightsError(UserError, ValueError):
   """A checkpoint or weights file that does not match, is corrupt or unreadable."""
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag or unknown `--config.<key>` as one message and exit 2."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    print(f'Error: {error}\nPass --helpfull to see the flags.', file=sys.stderr)
+  except (AttributeError, KeyError) as error:
+    # ml_collections' config_flags: an override of a field the config does not have.
+    key = str(error).strip('"\'')
+    overrides = [a for a in argv[1:] if a.startswith('--config.') and key in a.split('=', 1)[0].split('.')]
+    where = ' '.join(overrides) or 'a --config.<field> override'
+    print(f'Error: the config has no field {key!r} ({where}); check the spelling against the config file '
+          f'(configs/default.py lists every field).', file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def run_main(main):
+  """`absl.app.run(main)` for a command-line entry point: a UserError is one message and exit 2.
+
+  Flag errors (an unknown `--config.<key>`, a value of the wrong type, a
+  missing required flag) end the same way, before `main` runs. Any other
+  exception keeps its traceback.
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except UserError as error:
+      logging.shutdown()
+      print(f'Error: {error}', file=sys.stderr)
+      sys.exit(EXIT_USER_ERROR)
+
+  app.run(guarded, flags_parser=_parse_flags)

@@ -57,16 +57,7 @@ class _QuietLibraries(logging.Filter):
 
 
 def main(argv):
-  """Runs the mode; a UserError is printed as one message and exits 2, a preempted run exits 75."""
-  try:
-    return run(argv)
-  except errors.UserError as error:
-    logging.shutdown()
-    print(f'Error: {error}', file=sys.stderr)
-    sys.exit(errors.EXIT_USER_ERROR)
-
-
-def run(argv):
+  """Runs the mode; a preempted run exits 75 (a UserError is one message and exit 2: errors.run_main)."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
@@ -95,4 +86,4 @@ def run(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run_main(main)

@@ -29,6 +29,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from groupdiff_jax import errors
+
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -65,13 +67,13 @@ def mesh_shape(num_devices, data=-1, fsdp=1):
   """(data, fsdp) sizes whose product is num_devices; one may be -1."""
   sizes = [data, fsdp]
   if sizes.count(-1) > 1:
-    raise ValueError(f'At most one of mesh.data={data}, mesh.fsdp={fsdp} may be -1.')
+    raise errors.ConfigError(f'At most one of mesh.data={data}, mesh.fsdp={fsdp} may be -1.')
   known = math.prod(s for s in sizes if s != -1)
   if known <= 0 or num_devices % known:
-    raise ValueError(f'mesh.data={data} x mesh.fsdp={fsdp} does not divide the {num_devices} devices.')
+    raise errors.ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} does not divide the {num_devices} devices.')
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh.data={data} x mesh.fsdp={fsdp} = {math.prod(sizes)} != {num_devices} devices.')
+    raise errors.ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} = {math.prod(sizes)} != {num_devices} devices.')
   return tuple(sizes)
 
 
@@ -129,7 +131,7 @@ def check_groups_fit_mesh(sub_batches, mesh):
   devices = num_batch_shards(mesh)
   for sub in sub_batches:
     if sub.num_groups % devices:
-      raise ValueError(f'{sub.num_groups} groups of {sub.group_size} images cannot be split evenly over '
+      raise errors.ConfigError(f'{sub.num_groups} groups of {sub.group_size} images cannot be split evenly over '
                        f'{devices} devices without splitting a group; make the batch a multiple of '
                        f'{devices * sub.group_size} images.')
 

@@ -17,6 +17,8 @@ import dataclasses
 
 import numpy as np
 
+from groupdiff_jax import errors
+
 SINGLES = 'singles'
 GROUPS = 'groups'
 MIXED = 'mixed'
@@ -52,25 +54,30 @@ def step_kinds(batch_size, group_size, group_ratio, mode='groupdiff_l', mixed_st
     mixed_steps: hold both parts in every step instead of alternating.
   """
   if mode not in ('groupdiff_l', 'groupdiff_f'):
-    raise ValueError(f"Unknown train.mode={mode!r}; use 'groupdiff_l' or 'groupdiff_f'.")
+    raise errors.ConfigError(f"Unknown train.mode={mode!r}; use 'groupdiff_l' or 'groupdiff_f'.")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+    raise errors.ConfigError(f'train.batch_size={batch_size!r} must be a positive integer (images per step).')
+  if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size <= 0:
+    raise errors.ConfigError(f'train.group_size={group_size!r} must be a positive integer (images per group), '
+                             f'e.g. 4.')
   if not 0.0 <= group_ratio <= 1.0:
-    raise ValueError(f'train.group_ratio={group_ratio} must be in [0, 1].')
+    raise errors.ConfigError(f'train.group_ratio={group_ratio} must be in [0, 1].')
   if group_ratio > 0 and batch_size % group_size:
-    raise ValueError(f'train.batch_size={batch_size} is not divisible by train.group_size={group_size}.')
+    raise errors.ConfigError(f'train.batch_size={batch_size} is not divisible by train.group_size={group_size}.')
   cond_group_size = group_size if mode == 'groupdiff_f' else 1
   if cond_group_size > 1 and batch_size % cond_group_size:
-    raise ValueError(f'train.batch_size={batch_size} is not divisible by train.group_size={group_size}.')
+    raise errors.ConfigError(f'train.batch_size={batch_size} is not divisible by train.group_size={group_size}.')
   conditional = SubBatch(batch_size, cond_group_size, True)
   if group_ratio == 0:
     return {SINGLES: (conditional,)}
   if mixed_steps:
     group_images = int(round(group_ratio * batch_size / group_size)) * group_size
     if not 0 < group_images < batch_size:
-      raise ValueError(f'Mixed steps of {batch_size} images at group_ratio={group_ratio} leave no room for '
+      raise errors.ConfigError(f'Mixed steps of {batch_size} images at group_ratio={group_ratio} leave no room for '
                        f'both parts (groups of {group_size}); change batch_size or group_ratio.')
     cond_images = batch_size - group_images
     if cond_images % cond_group_size:
-      raise ValueError(f'{cond_images} conditional images per mixed step are not whole groups of {cond_group_size}.')
+      raise errors.ConfigError(f'{cond_images} conditional images per mixed step are not whole groups of {cond_group_size}.')
     return {MIXED: (SubBatch(cond_images, cond_group_size, True), SubBatch(group_images, group_size, False))}
   return {SINGLES: (conditional,), GROUPS: (SubBatch(batch_size, group_size, False),)}
 

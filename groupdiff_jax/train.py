@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from groupdiff_jax import checkpoint, convert, preemption, sharding, step_plan, train_monitor, validation
+from groupdiff_jax import checkpoint, convert, errors, preemption, sharding, step_plan, train_monitor, validation
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
@@ -24,6 +24,7 @@ def make_batches(config):
     data_config = config.data.copy_and_resolve_references()
     with data_config.unlocked():
       data_config.batch_size = config.train.batch_size
+      data_config.group_size = config.train.group_size
     source = DigitsBatches if config.data.name == 'digits' else ToyShapesBatches
     return source(data_config, config.seed)
   if config.data.name in ('latents', 'imagenet_latents'):
@@ -32,11 +33,11 @@ def make_batches(config):
     # hosts: each assembles only its slice, made global by the pipeline.
     batch_sharding = sharding.batch_sharding(sharding.make_mesh(config.get('mesh')))
     return pipeline.from_config(config, jax.process_index(), jax.process_count(), batch_sharding)
-  raise ValueError(f'config.data.name={config.data.name!r} has no input pipeline in this version; '
+  raise errors.ConfigError(f'config.data.name={config.data.name!r} has no input pipeline in this version; '
                    f'available: {DATASETS + ("latents",)}.')
 
 
-LATENT_HELP = """Produce them with the data jobs (README, "Data"):
+LATENT_HELP = """Produce them with the data jobs (README, "ImageNet data (latents, embeddings, neighbours)"):
   python -m groupdiff_jax.data.extract_latents_job --vae_path=.../sd-vae-ft-ema/diffusion_pytorch_model.safetensors \\
       --manual_dir=DIR_WITH_ILSVRC2012_TARS --output_dir={latent_dir}
   python -m groupdiff_jax.data.embeddings_job --encoder=dinov2_l14 --weights=.../dinov2-large --output_dir=EMB_DIR
@@ -56,7 +57,7 @@ def check_data(config):
     path = os.path.join(neighbors_dir, 'neighbors.npy')
     missing += [] if os.path.exists(path) else [path]
   if missing:
-    raise FileNotFoundError(f'config.data.name={data.name!r} needs the ImageNet latent store and neighbour lists: '
+    raise errors.MissingInputError(f'config.data.name={data.name!r} needs the ImageNet latent store and neighbour lists: '
                             f'{", ".join(missing)} not found.\n'
                             + LATENT_HELP.format(latent_dir=latent_dir or 'LATENT_DIR',
                                                  neighbors_dir=neighbors_dir or 'NEIGHBORS_DIR'))

@@ -12,7 +12,11 @@ fails while parsing the flags, naming the key).
 import os
 import tempfile
 
-from groupdiff_jax import sharding, step_plan
+from groupdiff_jax import errors, sharding, step_plan
+
+
+class WorkdirError(errors.UserError, PermissionError):
+  """--workdir cannot be created or written."""
 
 
 def check_workdir_writable(workdir):
@@ -23,7 +27,7 @@ def check_workdir_writable(workdir):
     with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test_'):
       pass
   except OSError as error:
-    raise PermissionError(f'--workdir={path} is not a writable directory ({error.strerror or error}); choose '
+    raise WorkdirError(f'--workdir={path} is not a writable directory ({error.strerror or error}); choose '
                           f'another --workdir or fix its permissions.') from error
 
 
@@ -31,7 +35,7 @@ def check_group_size(config):
   """One sample-embedding row per group member: group_size <= model.max_group_size."""
   group_size, max_group_size = config.train.group_size, config.model.max_group_size
   if max_group_size > 0 and group_size > max_group_size:
-    raise ValueError(f'train.group_size={group_size} exceeds model.max_group_size={max_group_size} (one '
+    raise errors.ConfigError(f'train.group_size={group_size} exceeds model.max_group_size={max_group_size} (one '
                      f'sample-embedding row per member); lower train.group_size or raise model.max_group_size.')
 
 

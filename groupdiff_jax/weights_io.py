@@ -11,10 +11,12 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from groupdiff_jax import errors
+
 FORMATS = ('.safetensors', '.npz')
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(errors.WeightsError):
   """A weights file that exists but cannot be read (truncated download, another format)."""
 
 
@@ -31,18 +33,39 @@ def read_arrays(path: str | os.PathLike, hint: str = '') -> dict[str, np.ndarray
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(' '.join(filter(None, [f'No weights file at {path!r}.', hint])))
+    raise errors.MissingInputError(' '.join(filter(None, [f'No weights file at {path!r}.', hint])))
   if not path.endswith(FORMATS):
     raise WeightsFileError(f'{path!r}: unknown weights format; expected one of {FORMATS}.')
   try:
     if path.endswith('.safetensors'):
       import safetensors.numpy  # pylint: disable=import-outside-toplevel
-      return safetensors.numpy.load_file(path)
-    with np.load(path, allow_pickle=False) as data:
-      return {key: data[key] for key in data.files}
+      arrays = safetensors.numpy.load_file(path)
+    else:
+      with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
   except Exception as error:  # safetensors, zipfile and numpy raise several types for damaged files
     raise WeightsFileError(f'{path!r} cannot be read as {os.path.splitext(path)[1]} ({type(error).__name__}: '
                            f'{error}); the file may be truncated: download or convert it again.') from error
+  check_finite(arrays, path)
+  return arrays
+
+
+def check_finite(arrays: Mapping[str, np.ndarray], path) -> None:
+  """Raise WeightsFileError naming the file and the first key holding NaN or inf.
+
+  One vectorised pass over the floating-point arrays (np.isfinite(...).all()
+  per key): about a second for SiT-XL/2's 675M float32 parameters on one
+  core, against the seconds the file takes to read.
+  """
+  for key, value in arrays.items():
+    value = np.asarray(value)
+    if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != 'bfloat16':
+      continue
+    finite = np.isfinite(value.astype(np.float32) if value.dtype.name == 'bfloat16' else value)
+    if not finite.all():
+      raise WeightsFileError(f'{os.fspath(path)!r}: {key!r} holds {value.size - int(finite.sum())} non-finite '
+                             f'value(s) (NaN or inf) of {value.size}; the weights are corrupt: download or '
+                             f'convert them again.')
 
 
 def problem_lines(title: str, lines: list[str], limit: int = 20) -> list[str]:

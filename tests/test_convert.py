@@ -350,3 +350,22 @@ def test_bfloat16_safetensors_convert_with_the_rounded_pos_embed(tmp_path):
   convert_file(path, tmp_path / 'out')
   kernel = np.asarray(convert.load_converted_params(tmp_path / 'out')['blocks_1']['mlp']['fc1']['kernel'])
   np.testing.assert_array_equal(kernel, sd['blocks.1.mlp.fc1.weight'].astype(ml_dtypes.bfloat16).astype(np.float32).T)
+
+
+@pytest.mark.parametrize('content', [b'', b'\x00' * 64, b'PK\x03\x04 truncated zip'])
+def test_broken_pth_is_not_reported_as_needing_pickle(tmp_path, content):
+  pytest.importorskip('torch')
+  path = tmp_path / 'broken.pth'
+  path.write_bytes(content)
+  with pytest.raises(convert.ConversionError, match='truncated or not a PyTorch checkpoint') as info:
+    convert.read_checkpoint(path)
+  assert 'allow_pickle' not in str(info.value)
+
+
+def test_pth_with_argparse_namespace_loads_without_pickle(tmp_path):
+  torch = pytest.importorskip('torch')
+  import argparse  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'official.pth'
+  torch.save({'model': {'w': torch.ones(2)}, 'args': argparse.Namespace(model='DiT-XL/2')}, path)
+  flat, _ = convert.read_checkpoint(path)
+  np.testing.assert_array_equal(flat['model.w'], np.ones(2, np.float32))

@@ -61,3 +61,30 @@ def test_neighbour_lists_are_validated_against_the_store(tmp_path):
   latent_store.write_neighbors(tmp_path, [[1, 7], [2, 0], [0, 1]], np.ones((3, 2)))
   with pytest.raises(latent_store.StoreError, match=r'outside \[0, 3\)'):
     latent_store.read_neighbors(str(tmp_path))
+
+
+def test_labels_at_or_above_num_classes_are_refused_naming_file_and_count(tmp_path):
+  latents = np.zeros((4, 32, 32, 4), np.float16)
+  labels = np.array([0, 5, 6, 1], np.int32)  # 5 is the null class of a 5-class model
+  with pytest.raises(latent_store.StoreError, match=r'labels.npy: 2 labels >= model.num_classes=5'):
+    latent_store.validate_latents(latents, labels, {}, labels_path='labels.npy', num_classes=5)
+  latent_store.validate_latents(latents, labels, {}, num_classes=7)
+
+
+def test_duplicate_or_self_ids_in_a_neighbour_row_are_refused_naming_the_row():
+  rows = (np.arange(6)[:, None] + 1 + np.arange(3)) % 6  # valid: no self, no repeat
+  latent_store.check_neighbor_rows(rows.astype(np.int32), 'n.npy', chunk_rows=4)
+  dup = rows.copy()
+  dup[5, 2] = dup[5, 0]
+  with pytest.raises(latent_store.StoreError, match=r'n.npy: row 5 lists neighbour id\(s\) \[0\] more than once'):
+    latent_store.check_neighbor_rows(dup, 'n.npy', chunk_rows=4)
+  selfish = rows.copy()
+  selfish[4, 1] = 4
+  with pytest.raises(latent_store.StoreError, match='n.npy: row 4 lists itself'):
+    latent_store.check_neighbor_rows(selfish, 'n.npy', chunk_rows=4)
+
+
+def test_unreadable_meta_json_names_the_file(tmp_path):
+  (tmp_path / 'meta.json').write_text('{"count": 3,')
+  with pytest.raises(latent_store.StoreError, match=r'meta.json: not a readable JSON file'):
+    latent_store.read_meta(str(tmp_path))

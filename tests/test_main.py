@@ -80,6 +80,13 @@ def test_main_trains_writes_metrics_checkpoints_and_grid_then_resumes(tmp_path):
 
 def test_main_rejects_unknown_config_keys_and_data(tmp_path):
   bad_key = run_main(str(tmp_path / 'a'), '--config.train.num_stepz=3')
-  assert bad_key.returncode != 0 and 'num_stepz' in bad_key.stderr
+  assert bad_key.returncode == 2 and 'num_stepz' in bad_key.stderr
   bad_data = run_main(str(tmp_path / 'b'), '--config.data.name=imagenet_latents')
-  assert bad_data.returncode != 0 and "config.data.name='imagenet_latents'" in bad_data.stderr
+  assert bad_data.returncode == 2 and "config.data.name='imagenet_latents'" in bad_data.stderr
+  assert 'ImageNet data (latents, embeddings, neighbours)' in bad_data.stderr
+  for override in ('--config.train.batch_size=18', '--config.train.group_size=0', '--config.train.group_size=-4'):
+    bad = run_main(str(tmp_path / 'c'), override)
+    assert bad.returncode == 2, (override, bad.stderr[-2000:])
+    assert bad.stderr.rstrip().splitlines()[-1].startswith('Error: train.')
+  for bad in (bad_key, bad_data):
+    assert 'Traceback' not in bad.stdout + bad.stderr

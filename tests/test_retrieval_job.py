@@ -1,7 +1,6 @@
 """The neighbour job: exact JAX search, ScaNN lists equal to exact search, recall and tau report in meta.json."""
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -90,15 +89,20 @@ def test_bad_inputs_name_the_file(tmp_path):
 class FakeSearcher:
   """Exact results when searching >= `leaves` leaves with >= `depth` candidates re-ordered, else half missed.
 
-  Takes 1 ms per leaf and 100 candidates, so the measured time orders the settings by their cost.
+  Costs 1 ms per leaf and 100 candidates on its own clock (`clock`, given to calibrate_search), so the
+  measured time orders the settings by their cost whatever the machine's load.
   """
 
   def __init__(self, exact_with_self, leaves, depth):
     self.exact, self.leaves, self.depth, self.calls = exact_with_self, leaves, depth, []
+    self.now = 0.0
+
+  def clock(self):
+    return self.now
 
   def search_batched_parallel(self, queries, final_num_neighbors, pre_reorder_num_neighbors, leaves_to_search):
     self.calls.append((leaves_to_search, pre_reorder_num_neighbors))
-    time.sleep(1e-3 * leaves_to_search * pre_reorder_num_neighbors / 100)
+    self.now += 1e-3 * leaves_to_search * pre_reorder_num_neighbors / 100
     found = self.exact.copy()
     if leaves_to_search < self.leaves or pre_reorder_num_neighbors < self.depth:
       found[:, 2::2] = -1  # 4 of the 8 true neighbours missed
@@ -111,7 +115,8 @@ def test_calibration_picks_the_fastest_setting_that_reaches_the_target():
   with_self = np.concatenate([rows[:, None], exact], 1)
 
   def calibrate(searcher, num_leaves=40):
-    return retrieval.calibrate_search(searcher, None, rows, exact, num_leaves, reorder=100, target_recall=0.97)
+    return retrieval.calibrate_search(searcher, None, rows, exact, num_leaves, reorder=100, target_recall=0.97,
+                                      clock=searcher.clock)
 
   searcher = FakeSearcher(with_self, leaves=5, depth=0)
   leaves, depth, tried = calibrate(searcher)

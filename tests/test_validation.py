@@ -3,12 +3,13 @@
 import os
 import types
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from configs import digits
-from groupdiff_jax import sharding, validation
+from groupdiff_jax import errors, sharding, step_plan, validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,3 +64,27 @@ def test_unknown_config_key_on_the_command_line():
   config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values, lock_config=True)
   with pytest.raises(flags.UnrecognizedFlagError, match='config.train.num_stepz'):
     flag_values(['main', f'--config={ROOT}/configs/digits.py', '--config.train.num_stepz=3'])
+
+
+@pytest.mark.parametrize('group_size', [0, -4])
+def test_nonpositive_group_size_is_a_config_error(group_size):
+  with pytest.raises(errors.ConfigError, match=f'train.group_size={group_size} must be a positive integer'):
+    step_plan.step_kinds(16, group_size, 0.5)
+
+
+def test_nonpositive_batch_size_is_a_config_error():
+  with pytest.raises(errors.ConfigError, match='train.batch_size=0 must be a positive integer'):
+    step_plan.step_kinds(0, 4, 0.5)
+
+
+def test_indivisible_batch_is_a_user_error():
+  with pytest.raises(errors.UserError, match='batch_size=18 is not divisible by train.group_size=4'):
+    step_plan.step_kinds(18, 4, 0.5)
+
+
+def test_group_size_above_the_in_memory_neighbour_lists_is_refused():
+  from groupdiff_jax.data import array_batches
+  neighbors = np.zeros((10, 3), np.int32)
+  with pytest.raises(errors.ConfigError, match='group_size=5 needs 4 neighbours.*K=3'):
+    array_batches.ArrayBatches(np.zeros((10, 2, 2, 1)), np.zeros(10, np.int32), 'official_plan', 8, 0, neighbors, 5)
+  array_batches.ArrayBatches(np.zeros((10, 2, 2, 1)), np.zeros(10, np.int32), 'official_plan', 8, 0, neighbors, 4)

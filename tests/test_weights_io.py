@@ -86,3 +86,10 @@ def test_encoder_file_errors_name_the_file_and_the_key(tmp_path, module, kind, r
     module.load_params(tmp_path, config)
   first_line, *rest = str(info.value).splitlines()
   assert str(tmp_path / 'model.safetensors') in first_line and any(line.startswith(f'  {key}:') for line in rest)
+
+
+def test_non_finite_weights_are_refused_naming_file_and_key(tmp_path):
+  path = tmp_path / 'w.npz'
+  np.savez(path, good=np.ones(3, np.float32), bad=np.array([1.0, np.nan, np.inf], np.float32))
+  with pytest.raises(weights_io.WeightsFileError, match=r"w.npz'?: 'bad' holds 2 non-finite"):
+    weights_io.read_arrays(path)

@@ -13,6 +13,7 @@ import functools
 
 import numpy as np
 
+from groupdiff_jax import errors
 from groupdiff_jax.data import grouping, retrieval
 
 GROUPINGS = ('official_plan', 'class', 'random')
@@ -39,13 +40,19 @@ class ArrayBatches:
       the step.
     neighbors: int32 [M, K] neighbour lists (self excluded, best first);
       needed for 'official_plan'.
+    group_size: the run's train.group_size, checked against K (None: not
+      checked).
   """
 
-  def __init__(self, images, labels, grouping_name, batch_size, seed, neighbors=None):
+  def __init__(self, images, labels, grouping_name, batch_size, seed, neighbors=None, group_size=None):
     if grouping_name not in GROUPINGS:
-      raise ValueError(f'Unknown data.grouping={grouping_name!r}; use one of {GROUPINGS}.')
+      raise errors.ConfigError(f'Unknown data.grouping={grouping_name!r}; use one of {GROUPINGS}.')
     if grouping_name == 'official_plan' and neighbors is None:
-      raise ValueError("data.grouping='official_plan' needs neighbour lists.")
+      raise errors.ConfigError("data.grouping='official_plan' needs neighbour lists.")
+    if group_size is not None and neighbors is not None and group_size - 1 > np.shape(neighbors)[1]:
+      raise errors.ConfigError(f'train.group_size={group_size} needs {group_size - 1} neighbours per image but the '
+                               f'dataset\'s lists hold K={np.shape(neighbors)[1]}; lower train.group_size or raise '
+                               f'the number of neighbours (data.num_neighbors where the dataset has it).')
     self.images, self.labels = images, labels
     self.grouping, self.batch_size, self.seed = grouping_name, batch_size, seed
     self.neighbors = neighbors

@@ -40,4 +40,5 @@ def DigitsBatches(config, seed):  # pylint: disable=invalid-name  (a factory nam
     same_class = (labels[neighbors[:, :3]] == labels[:, None]).mean()
     logging.info('Digits: %d images; %.1f%% of the 3 nearest neighbours share the anchor\'s class.',
                  len(images), 100 * same_class)
-  return ArrayBatches(images, labels, config.grouping, config.batch_size, seed, neighbors)
+  return ArrayBatches(images, labels, config.grouping, config.batch_size, seed, neighbors,
+                      config.get('group_size'))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from groupdiff_jax import errors
 from groupdiff_jax.data import latent_store, shards, tfds_source
 from groupdiff_jax.data.progress import Progress
 from groupdiff_jax.encoders import clip, dinov2, vit
@@ -30,7 +31,7 @@ ENCODERS = {'dinov2_l14': (dinov2, dinov2.DINOV2_L14), 'dinov2_b14': (dinov2, di
             'clip_l14': (clip, clip.CLIP_L14)}
 
 
-class JobInputError(ValueError):
+class JobInputError(errors.UserError, ValueError):
   """An input that cannot be used; the message says what to do."""
 
 
@@ -120,11 +121,11 @@ def main(argv):
         FLAGS.manual_dir, FLAGS.batch_size, FLAGS.shard_size, FLAGS.max_shards, jax.process_index(),
         jax.process_count(), FLAGS.compute_dtype)
   except (FileNotFoundError, vit.WeightsError, JobInputError, tfds_source.DatasetNotReady, shards.ShardError) as e:
-    raise SystemExit(f'embeddings_job: {e}') from None
+    raise errors.UserError(f'embeddings_job: {e}') from None
   print(f'Done in {time.time() - start:.0f} s.')
 
 
 if __name__ == '__main__':
   define_flags()
   flags.mark_flags_as_required(['output_dir', 'weights'])
-  app.run(main)
+  errors.run_main(main)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from groupdiff_jax import errors
 from groupdiff_jax.data import latent_store, shards, tfds_source
 from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.data.progress import Progress
@@ -37,7 +38,7 @@ from groupdiff_jax.data.progress import Progress
 IMAGE_SIZE = 256  # ImageNet 256: SD-VAE latents 32x32x4
 
 
-class JobInputError(ValueError):
+class JobInputError(errors.UserError, ValueError):
   """An input that cannot be used; the message says what to do."""
 
 
@@ -165,7 +166,7 @@ def main(argv):
   del argv
   from groupdiff_jax.encoders import vae_weights
   if not FLAGS.vae_path or not os.path.exists(FLAGS.vae_path):
-    raise SystemExit(f'extract_latents_job: --vae_path={FLAGS.vae_path!r} does not exist. Download it with\n  '
+    raise errors.UserError(f'extract_latents_job: --vae_path={FLAGS.vae_path!r} does not exist. Download it with\n  '
                      f'huggingface-cli download stabilityai/sd-vae-ft-ema diffusion_pytorch_model.safetensors '
                      f'--local-dir /weights/sd-vae-ft-ema')
   start = time.time()
@@ -178,11 +179,11 @@ def main(argv):
         compute_dtype=FLAGS.compute_dtype)
   except (JobInputError, tfds_source.DatasetNotReady, shards.ShardError, latent_store.StoreError,
           vae_weights.VAEWeightsError) as e:
-    raise SystemExit(f'extract_latents_job: {e}') from None
+    raise errors.UserError(f'extract_latents_job: {e}') from None
   print(f'Done in {time.time() - start:.0f} s.')
 
 
 if __name__ == '__main__':
   define_flags()
   flags.mark_flags_as_required(['output_dir', 'vae_path'])
-  app.run(main)
+  errors.run_main(main)

@@ -24,13 +24,15 @@ import os
 import ml_dtypes
 import numpy as np
 
+from groupdiff_jax import errors
+
 LATENTS, LABELS, META = 'latents.npy', 'labels.npy', 'meta.json'
 NEIGHBORS, SCORES = 'neighbors.npy', 'scores.npy'
 LATENT_DTYPES = ('float16', 'bfloat16')
 LATENT_SHAPE = (32, 32, 4)  # 256 px / 8, SD-VAE channels
 
 
-class StoreError(ValueError):
+class StoreError(errors.DataError):
   """A store file that does not follow METHOD.md section 6."""
 
 
@@ -58,8 +60,14 @@ def read_meta(directory):
   path = os.path.join(directory, META)
   if not os.path.exists(path):
     raise StoreError(f'{path}: missing meta.json; rewrite the store with its job.')
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise StoreError(f'{path}: not a readable JSON file ({e}); rewrite the store with its job.') from e
+  if not isinstance(meta, dict):
+    raise StoreError(f'{path}: holds a JSON {type(meta).__name__}, not an object; rewrite the store with its job.')
+  return meta
 
 
 def write_meta(directory, meta):
@@ -116,7 +124,7 @@ class LatentStore:
     has_flips: whether latents hold a flipped copy.
   """
 
-  def __init__(self, directory, verify_checksum=False):
+  def __init__(self, directory, verify_checksum=False, num_classes=None):
     self.directory = directory
     if not os.path.isdir(directory):
       raise StoreError(f'{directory}: no latent store here (config.data.latent_dir). Run the latent extraction '
@@ -125,7 +133,7 @@ class LatentStore:
     latents_path, labels_path = os.path.join(directory, LATENTS), os.path.join(directory, LABELS)
     self.latents = _as_bfloat16(_load(latents_path, 'latents float16/bfloat16 [M, 32, 32, 4]'))
     self.labels = np.asarray(_load(labels_path, 'labels int32 [M]'))
-    validate_latents(self.latents, self.labels, self.meta, latents_path, labels_path)
+    validate_latents(self.latents, self.labels, self.meta, latents_path, labels_path, num_classes)
     self.has_flips = self.latents.ndim == 5
     if verify_checksum and self.meta.get('checksum'):
       found = store_checksum(directory)
@@ -137,8 +145,13 @@ class LatentStore:
     return len(self.labels)
 
 
-def validate_latents(latents, labels, meta, latents_path='latents.npy', labels_path='labels.npy'):
-  """Raise StoreError unless latents/labels/meta follow the format."""
+def validate_latents(latents, labels, meta, latents_path='latents.npy', labels_path='labels.npy', num_classes=None):
+  """Raise StoreError unless latents/labels/meta follow the format.
+
+  num_classes: the model's classes; a label >= num_classes is refused
+  (num_classes itself is the null class: it would train as unconditional).
+  One pass over the in-memory int32 labels (about 1 ms at 1.28M rows).
+  """
   name = _dtype_name(latents)
   if name not in LATENT_DTYPES:
     raise StoreError(f'{latents_path}: dtype {latents.dtype} is not float16 or bfloat16; rewrite the store.')
@@ -152,6 +165,12 @@ def validate_latents(latents, labels, meta, latents_path='latents.npy', labels_p
                      f'the store is incomplete: finish or re-run the extraction job.')
   if len(labels) and labels.min() < 0:
     raise StoreError(f'{labels_path}: negative label {labels.min()}.')
+  if num_classes is not None and len(labels):
+    too_big = int(np.count_nonzero(labels >= num_classes))
+    if too_big:
+      raise StoreError(f'{labels_path}: {too_big} labels >= model.num_classes={num_classes} (largest '
+                       f'{int(labels.max())}; {num_classes} is the null class of classifier-free guidance); '
+                       f'labels must be in [0, {num_classes}): fix the store or model.num_classes.')
   count = meta.get('count')
   if count is not None and count != len(labels):
     raise StoreError(f'meta.json count={count} but {latents_path} has {len(latents)} rows.')
@@ -197,7 +216,31 @@ def read_neighbors(directory, num_rows=None, min_neighbors=1):
     raise StoreError(f'{path}: K={neighbors.shape[1]} neighbours per row; groups need at least {min_neighbors}.')
   if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= len(neighbors)):
     raise StoreError(f'{path}: ids in [{neighbors.min()}, {neighbors.max()}] outside [0, {len(neighbors)}).')
-  sample = np.arange(0, len(neighbors), max(1, len(neighbors) // 1000))
-  if (neighbors[sample] == sample[:, None]).any():
-    raise StoreError(f'{path}: a row lists itself as a neighbour; the format excludes self.')
+  check_neighbor_rows(neighbors, path)
   return neighbors, scores, meta
+
+
+def check_neighbor_rows(neighbors, path='neighbors.npy', chunk_rows=1 << 16):
+  """Raise StoreError naming the first row that lists itself or an id twice.
+
+  Vectorised over chunks of `chunk_rows` rows of the (memory-mapped) int32
+  [M, K] array: a compare with the row ids and a sort along K per chunk,
+  O(M K log K) with ~50 MB of working memory per chunk; measured 0.13 s for
+  M=128K, K=100 on a shared 2-core CPU, so about 1.3 s (more for unsorted
+  rows) at M=1.28M, once per run against minutes of startup.
+  """
+  for start in range(0, len(neighbors), chunk_rows):
+    rows = np.asarray(neighbors[start:start + chunk_rows])
+    ids = np.arange(start, start + len(rows))[:, None]
+    selfs = np.flatnonzero((rows == ids).any(axis=1))
+    if len(selfs):
+      row = start + int(selfs[0])
+      raise StoreError(f'{path}: row {row} lists itself as a neighbour ({len(selfs)} such rows from row {start}); '
+                       f'the format excludes self: re-run the neighbour job.')
+    ordered = np.sort(rows, axis=1)
+    dupes = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+    if len(dupes):
+      row = start + int(dupes[0])
+      repeated = ordered[dupes[0], 1:][ordered[dupes[0], 1:] == ordered[dupes[0], :-1]]
+      raise StoreError(f'{path}: row {row} lists neighbour id(s) {sorted(set(repeated.tolist()))[:5]} more than '
+                       f'once (groups would hold the same image twice): re-run the neighbour job.')

@@ -31,6 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from groupdiff_jax import errors
 from groupdiff_jax.data import latent_store, pipeline, retrieval
 from groupdiff_jax.data.progress import Progress
 
@@ -40,7 +41,7 @@ MIN_RECALL = 0.95  # below this recall@K the job warns (issue 12's target)
 TARGET_RECALL = 0.96  # the calibration's aim: above MIN_RECALL, as it is estimated on a sample
 
 
-class JobInputError(ValueError):
+class JobInputError(errors.UserError, ValueError):
   """An input of a data job that cannot be used; the message says what to do."""
 
 
@@ -175,10 +176,10 @@ def main(argv):
         FLAGS.tau, latent_dir=FLAGS.latent_dir, overwrite=FLAGS.overwrite, leaves_to_search=FLAGS.leaves_to_search,
         target_recall=FLAGS.target_recall, calibration_queries=FLAGS.calibration_queries)
   except (JobInputError, latent_store.StoreError) as e:
-    raise SystemExit(f'neighbors_job: {e}') from None
+    raise errors.UserError(f'neighbors_job: {e}') from None
 
 
 if __name__ == '__main__':
   define_flags()
   flags.mark_flags_as_required(['embeddings_dir', 'output_dir'])
-  app.run(main)
+  errors.run_main(main)

@@ -41,7 +41,7 @@ import threading
 
 import numpy as np
 
-from groupdiff_jax import step_plan
+from groupdiff_jax import errors, step_plan
 from groupdiff_jax.data import grouping, latent_store
 
 GROUPINGS = ('official_plan', 'tau_random', 'class', 'random')
@@ -141,12 +141,12 @@ class GroupPipeline:
                tau=0.7, random_flip=False, process_index=0, process_count=1, prefetch=2, sharding=None,
                block_length=100):
     if grouping not in GROUPINGS:
-      raise ValueError(f'Unknown data.grouping={grouping!r}; use one of {GROUPINGS}.')
+      raise errors.ConfigError(f'Unknown data.grouping={grouping!r}; use one of {GROUPINGS}.')
     if grouping in ('official_plan', 'tau_random') and neighbors is None:
-      raise ValueError(f"data.grouping={grouping!r} needs neighbour lists (config.data.neighbors_dir); "
+      raise errors.ConfigError(f"data.grouping={grouping!r} needs neighbour lists (config.data.neighbors_dir); "
                        f"'class' and 'random' do not.")
     if random_flip and not store.has_flips:
-      raise ValueError('data.random_flip=True but the latent store has no flipped copies (latents [M, 32, 32, 4]); '
+      raise errors.ConfigError('data.random_flip=True but the latent store has no flipped copies (latents [M, 32, 32, 4]); '
                        're-run the extraction job with --flip, or set data.random_flip=False.')
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count}).')
@@ -159,14 +159,14 @@ class GroupPipeline:
     self.labels = np.asarray(store.labels)
     batch_size = sum(sub.num_images for sub in next(iter(kinds.values())))
     if any(sum(sub.num_images for sub in kind) != batch_size for kind in kinds.values()):
-      raise ValueError(f'Every step kind must hold the same number of images; got {kinds}.')
+      raise errors.ConfigError(f'Every step kind must hold the same number of images; got {kinds}.')
     if batch_size > self.num_rows:
-      raise ValueError(f'Batches of {batch_size} images need at least as many rows; the store has {self.num_rows}.')
+      raise errors.ConfigError(f'Batches of {batch_size} images need at least as many rows; the store has {self.num_rows}.')
     self.steps_per_epoch = max(1, self.num_rows // batch_size)
     for name, kind in kinds.items():
       for sub in kind:
         if sub.num_groups % process_count:
-          raise ValueError(f'{sub.num_groups} groups of {sub.group_size} per {name} step cannot be split evenly '
+          raise errors.ConfigError(f'{sub.num_groups} groups of {sub.group_size} per {name} step cannot be split evenly '
                            f'over {process_count} hosts; make the batch a multiple of {process_count * sub.group_size}.')
     self.batch_size = batch_size
     self.stats = {'group_members': 0, 'fallback_members': 0}
@@ -226,7 +226,7 @@ class GroupPipeline:
     else:
       groups = grouping.random_groups(self.num_rows, group_size, rng)
     if not len(groups):
-      raise ValueError(f'The {self.grouping} grouping made no group of {group_size} in epoch {epoch}; '
+      raise errors.ConfigError(f'The {self.grouping} grouping made no group of {group_size} in epoch {epoch}; '
                        f'check the neighbour lists / labels.')
     return groups
 
@@ -387,14 +387,14 @@ def from_config(config, process_index=0, process_count=1, sharding=None):
   data, train = config.data, config.train
   kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
   if not data.get('latent_dir'):
-    raise ValueError('config.data.latent_dir is not set: point it at a latent store (configs/imagenet_latents.py; '
+    raise errors.ConfigError('config.data.latent_dir is not set: point it at a latent store (configs/imagenet_latents.py; '
                      'written by python -m groupdiff_jax.data.extract_latents_job).')
-  store = latent_store.LatentStore(data.latent_dir)
+  store = latent_store.LatentStore(data.latent_dir, num_classes=config.model.get("num_classes"))
   grouping_name = data.get('grouping', 'official_plan')
   neighbors = scores = None
   if grouping_name in ('official_plan', 'tau_random'):
     if not data.get('neighbors_dir'):
-      raise ValueError(f"config.data.grouping={grouping_name!r} needs config.data.neighbors_dir (written by python -m "
+      raise errors.ConfigError(f"config.data.grouping={grouping_name!r} needs config.data.neighbors_dir (written by python -m "
                        f"groupdiff_jax.data.neighbors_job); 'class' and 'random' need none.")
     neighbors, scores, meta = latent_store.read_neighbors(data.neighbors_dir, len(store), train.group_size - 1)
     if grouping_name == 'official_plan':

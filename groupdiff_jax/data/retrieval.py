@@ -74,7 +74,7 @@ def _drop_self(found, found_scores, query_rows, num_neighbors):
 
 
 def calibrate_search(searcher, queries, query_rows, exact, num_leaves, reorder, target_recall,
-                     reorder_factors=(1, 2, 4)):
+                     reorder_factors=(1, 2, 4), clock=time.perf_counter):
   """The fastest search settings whose recall@K reaches `target_recall` on calibration queries.
 
   For each re-ordering depth (`reorder` times `reorder_factors`), tries
@@ -93,6 +93,8 @@ def calibrate_search(searcher, queries, query_rows, exact, num_leaves, reorder, 
     target_recall: recall@K to reach.
     reorder_factors: depths tried, as multiples of `reorder`.
 
+  `clock` () -> seconds times each search (injected by tests).
+
   Returns:
     (leaves to search, re-ordering depth, [[leaves, depth, recall, seconds], ...] as tried).
   """
@@ -103,10 +105,10 @@ def calibrate_search(searcher, queries, query_rows, exact, num_leaves, reorder, 
   for depth in [reorder * factor for factor in reorder_factors]:
     recalls = []
     for leaves in ladder:
-      start = time.perf_counter()
+      start = clock()
       found, found_scores = searcher.search_batched_parallel(queries, final_num_neighbors=num_neighbors + 1,
                                                              pre_reorder_num_neighbors=depth, leaves_to_search=leaves)
-      seconds = time.perf_counter() - start
+      seconds = clock() - start
       found, _ = _drop_self(np.asarray(found), np.asarray(found_scores), query_rows, num_neighbors)
       recalls.append(recall_at_k(found, exact))
       tried.append([leaves, depth, round(recalls[-1], 4), round(seconds, 3)])

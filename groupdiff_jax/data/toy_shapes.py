@@ -128,4 +128,5 @@ def ToyShapesBatches(config, seed):  # pylint: disable=invalid-name  (a factory 
   images, labels, _, neighbors = load_toy_shapes(
       config.get('num_images', 20000), config.get('dataset_seed', 0), config.image_size,
       config.get('embedding_dims', 32), config.get('num_neighbors', 16))
-  return ArrayBatches(images, labels, config.grouping, config.batch_size, seed, neighbors)
+  return ArrayBatches(images, labels, config.grouping, config.batch_size, seed, neighbors,
+                      config.get('group_size'))
