@@ -35,10 +35,13 @@ ENV_TIMEOUT = 'JAX_INITIALIZATION_TIMEOUT'  # seconds every process waits for al
 def _join(what, **kwargs):
   """jax.distributed.initialize, bounded by ENV_TIMEOUT; a failure names this process."""
   timeout = int(os.environ.get(ENV_TIMEOUT, '300'))
+  rank = kwargs.get('process_id', os.environ.get('SLURM_PROCID', os.environ.get('OMPI_COMM_WORLD_RANK', '?')))
+  # JAX aborts the process (no Python exception) when the deadline passes: this line names it first.
+  logging.info('Process %s joining the %s cluster (%s: waits up to %d s for every process).', rank, what,
+               kwargs.get('coordinator_address') or 'address from the environment', timeout)
   try:
     jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
   except Exception as error:  # pylint: disable=broad-except
-    rank = kwargs.get('process_id', os.environ.get('SLURM_PROCID', os.environ.get('OMPI_COMM_WORLD_RANK', '?')))
     raise RuntimeError(f'Process {rank} could not join the {what} cluster within {timeout} s '
                        f'({ENV_TIMEOUT}); did every process start? {error}') from error
 
