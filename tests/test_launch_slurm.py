@@ -17,8 +17,12 @@ import time
 
 import pytest
 
+import jax
+import orbax.checkpoint as ocp
+
+from groupdiff_jax import checkpoint
 from tests import slurm_cluster
-from tests.test_resume import assert_trees_equal, saved
+from tests.test_resume import assert_trees_equal
 
 pytestmark = pytest.mark.slurm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +56,15 @@ def sbatch(cluster, tmp_path, workdir, overrides, wait=True):
   proc = subprocess.Popen(argv, cwd=ROOT, env=job_env(cluster, tmp_path), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   return proc, output
+
+
+def saved(workdir):
+  """The newest checkpoint as numpy, restored onto this process's one device whatever wrote it."""
+  manager = checkpoint.checkpoint_manager(str(workdir))
+  step = manager.latest_step()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), manager.item_metadata(step))
+  return step, jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target)))
 
 
 def job_id_of(proc):
