@@ -63,7 +63,9 @@ def saved(workdir):
   manager = checkpoint.checkpoint_manager(str(workdir))
   step = manager.latest_step()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), manager.item_metadata(step))
+  metadata = ocp.StandardCheckpointer().metadata(os.path.join(str(manager.directory), str(step), 'default'))
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
   return step, jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target)))
 
 
