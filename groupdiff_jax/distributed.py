@@ -29,6 +29,21 @@ ENV_PROCESS_ID = 'JAX_PROCESS_ID'
 
 
 ENV_AUTO = 'JAX_DISTRIBUTED_AUTO'  # '1': call jax.distributed.initialize() and let JAX find the cluster
+ENV_TIMEOUT = 'JAX_INITIALIZATION_TIMEOUT'  # seconds every process waits for all to join (default 300)
+
+
+def _join(what, **kwargs):
+  """jax.distributed.initialize, bounded by ENV_TIMEOUT; a failure names this process."""
+  timeout = int(os.environ.get(ENV_TIMEOUT, '300'))
+  rank = kwargs.get('process_id', os.environ.get('SLURM_PROCID', os.environ.get('OMPI_COMM_WORLD_RANK', '?')))
+  # JAX aborts the process (no Python exception) when the deadline passes: this line names it first.
+  logging.info('Process %s joining the %s cluster (%s: waits up to %d s for every process).', rank, what,
+               kwargs.get('coordinator_address') or 'address from the environment', timeout)
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
+  except Exception as error:  # pylint: disable=broad-except
+    raise RuntimeError(f'Process {rank} could not join the {what} cluster within {timeout} s '
+                       f'({ENV_TIMEOUT}); did every process start? {error}') from error
 
 
 def _detected_cluster():
@@ -68,13 +83,14 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, lo
       # CPU collectives across processes (tests, CPU clusters). Asking
       # jax.default_backend() here would start the backend too early.
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids)
+    _join(f'{num_processes}-process', coordinator_address=coordinator_address, num_processes=num_processes,
+          process_id=process_id, local_device_ids=local_device_ids)
   else:
     cluster = _detected_cluster()
     if cluster is None:
       return 0, 1
     logging.info('Joining the %s cluster (auto-detected).', cluster)
-    jax.distributed.initialize(local_device_ids=local_device_ids)
+    _join(cluster, local_device_ids=local_device_ids)
   logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return jax.process_index(), jax.process_count()

@@ -8,15 +8,31 @@
 # 2. copies this checkout to every worker and installs it (`--worker=all`);
 # 3. runs `python -m groupdiff_jax.main` on every worker (jax.distributed finds the pod by itself);
 #    the workdir is in GCS, so a rerun resumes from the latest checkpoint;
-# 4. if the slice was preempted (queued resource SUSPENDED/FAILED or the ssh run died), deletes it,
-#    queues a new one and goes back to 1 (at most MAX_RESTARTS times).
+# 4. exit 0 of the run: "done". Exit 2 (a mistake in the config or flags): stop, no retry.
+#    Anything else is a preemption: 75 (SIGTERM / maintenance event, checkpoint saved), ssh's 255
+#    (the VM went away), or the slice SUSPENDED/FAILED. Then it re-creates the slice if it is not
+#    ACTIVE, reinstalls and reruns, which resumes (at most MAX_RESTARTS times, then exit 1).
+# Overrides (mesh included, e.g. --config.mesh.fsdp=8) pass through unchanged to every worker.
+# POLL_SECONDS (60) between state checks, RETRY_SECONDS (30) before a restart.
 set -euo pipefail
-: "${ZONE:?}" "${ACCELERATOR:?}" "${NAME:?}" "${BUCKET:?}"
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
+for var in ZONE ACCELERATOR NAME BUCKET; do
+  if [ -z "${!var:-}" ]; then
+    echo "Error: $var is not set. Example:" >&2
+    echo "  ZONE=us-central2-b ACCELERATOR=v4-64 NAME=gdiff BUCKET=gs://my-bucket CONFIG=configs/sit_xl.py $0" >&2
+    exit 2
+  fi
+done
 CONFIG=${CONFIG:-configs/sit_xl.py}
 RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
 WORKDIR=${WORKDIR:-$BUCKET/$NAME}
 SPOT=${SPOT:-1}
 MAX_RESTARTS=${MAX_RESTARTS:-20}
+POLL_SECONDS=${POLL_SECONDS:-60}
+RETRY_SECONDS=${RETRY_SECONDS:-30}
+EXIT_USER_ERROR=2  # groupdiff_jax/errors.py
+EXIT_PREEMPTED=75
 REPO_DIR=groupdiff_jax
 TPU="gcloud compute tpus tpu-vm"
 QR="gcloud compute tpus queued-resources"
@@ -31,12 +47,13 @@ create() {
   esac
   $QR create "$NAME" --node-id="$NAME" --zone="$ZONE" --accelerator-type="$ACCELERATOR" \
       --runtime-version="$RUNTIME" $([ "$SPOT" = 1 ] && echo --spot)
-  until [ "$(state)" = ACTIVE ]; do echo "waiting for $NAME: $(state)"; sleep 60; done
+  local s
+  while s=$(state); [ "$s" != ACTIVE ]; do echo "waiting for $NAME: $s"; sleep "$POLL_SECONDS"; done
 }
 
 install() {
-  tar czf /tmp/$REPO_DIR.tgz --exclude=.git --exclude='.venv' .
-  $TPU scp /tmp/$REPO_DIR.tgz "$NAME":/tmp/ --zone="$ZONE" --worker=all
+  tar czf "${TMPDIR:-/tmp}/$REPO_DIR.tgz" --exclude=.git --exclude='.venv' .
+  $TPU scp "${TMPDIR:-/tmp}/$REPO_DIR.tgz" "$NAME":/tmp/ --zone="$ZONE" --worker=all
   $TPU ssh "$NAME" --zone="$ZONE" --worker=all --command="
     set -e; mkdir -p ~/$REPO_DIR && tar xzf /tmp/$REPO_DIR.tgz -C ~/$REPO_DIR && cd ~/$REPO_DIR &&
     python3 -m venv .venv && . .venv/bin/activate && pip install -q -U pip &&
@@ -49,11 +66,21 @@ run() {
     JAX_DISTRIBUTED_AUTO=1 python -m groupdiff_jax.main --config=$CONFIG --workdir=$WORKDIR $*"
 }
 
+cd "$(dirname "$0")/.."
 for attempt in $(seq 0 "$MAX_RESTARTS"); do
   create
   install
-  if run "$@"; then echo "done: $WORKDIR"; exit 0; fi
-  echo "run ended with an error (preempted?): state $(state); restart $((attempt + 1))/$MAX_RESTARTS"
-  sleep 30
+  code=0; run "$@" || code=$?
+  if [ "$code" = 0 ]; then echo "done: $WORKDIR"; exit 0; fi
+  if [ "$code" = "$EXIT_USER_ERROR" ]; then echo "run failed (exit $code: see the error above); not retrying" >&2; exit "$code"; fi
+  case "$code" in
+    "$EXIT_PREEMPTED") why="preempted, checkpoint saved" ;;
+    255) why="ssh lost the workers" ;;
+    *) why="exit $code" ;;
+  esac
+  if [ "$attempt" = "$MAX_RESTARTS" ]; then break; fi
+  echo "run stopped ($why); slice state $(state); restart $((attempt + 1))/$MAX_RESTARTS"
+  sleep "$RETRY_SECONDS"
 done
+echo "giving up after $MAX_RESTARTS restarts; rerun this script to resume from $WORKDIR" >&2
 exit 1

@@ -1,0 +1,100 @@
+"""launch/tpu_pod.sh's control flow against a recording stand-in for gcloud (tests/fake_gcloud.py).
+
+This tests the script's logic only (what it calls, in which order, and what
+it does with each outcome); no TPU VM or real gcloud is involved.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'launch', 'tpu_pod.sh')
+ENV = {'ZONE': 'z1', 'ACCELERATOR': 'v4-16', 'NAME': 'qr', 'BUCKET': 'gs://b', 'CONFIG': 'configs/digits.py',
+       'POLL_SECONDS': '0', 'RETRY_SECONDS': '0'}
+
+
+def run_script(tmp_path, states, runs, args=(), **env):
+  fake = tmp_path / 'fake'
+  fake.mkdir()
+  (fake / 'states').write_text(''.join(s + '\n' for s in states))
+  (fake / 'runs').write_text(''.join(f'{r}\n' for r in runs))
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  gcloud = bin_dir / 'gcloud'
+  gcloud.write_text(f'#!/bin/sh\nexec {sys.executable} {os.path.join(ROOT, "tests", "fake_gcloud.py")} "$@"\n')
+  gcloud.chmod(0o755)
+  environment = {**os.environ, **ENV, **env, 'FAKE_GCLOUD_DIR': str(fake), 'TMPDIR': str(tmp_path),
+                 'PATH': f'{bin_dir}:{os.environ["PATH"]}'}
+  result = subprocess.run(['bash', SCRIPT, *args], env=environment, capture_output=True, text=True, timeout=120)
+  calls = [json.loads(line) for line in (fake / 'calls').read_text().splitlines()] if (fake / 'calls').exists() else []
+  return result, calls
+
+
+def verb(call):
+  """A call as a short name: 'describe', 'create', 'delete', 'scp', 'install' or 'run'."""
+  if call[2] == 'queued-resources':
+    return call[3]
+  if call[3] == 'scp':
+    return 'scp'
+  command = next(a for a in call if a.startswith('--command='))
+  return 'run' if 'groupdiff_jax.main' in command else 'install'
+
+
+def test_create_wait_install_run_and_resume_after_each_kind_of_preemption(tmp_path):
+  # describe outcomes in call order: create's check, two waits, after-run report, ...
+  states = ['MISSING', 'WAITING', 'ACTIVE',   # attempt 0: create, wait until ACTIVE
+            'ACTIVE',                         # report after the run's exit 75
+            'ACTIVE',                         # attempt 1: still ACTIVE, reused
+            'SUSPENDED',                      # report after ssh's 255
+            'SUSPENDED', 'WAITING', 'ACTIVE']  # attempt 2: delete, create, wait
+  result, calls = run_script(tmp_path, states, runs=[75, 255, 0], args=['--config.train.num_steps=7'])
+  assert result.returncode == 0, result.stderr
+  assert [verb(c) for c in calls] == [
+      'describe', 'create', 'describe', 'describe', 'scp', 'install', 'run', 'describe',
+      'describe', 'scp', 'install', 'run', 'describe',
+      'describe', 'delete', 'create', 'describe', 'describe', 'scp', 'install', 'run']
+  for call in calls:
+    assert '--zone=z1' in call
+    if verb(call) in ('scp', 'install', 'run'):
+      assert '--worker=all' in call
+  create = calls[1]
+  assert '--accelerator-type=v4-16' in create and '--spot' in create and '--node-id=qr' in create
+  run_command = next(a for a in calls[6] if a.startswith('--command='))
+  assert 'JAX_DISTRIBUTED_AUTO=1 python -m groupdiff_jax.main --config=configs/digits.py --workdir=gs://b/qr' in run_command
+  assert run_command.rstrip().endswith('--config.train.num_steps=7')  # overrides pass through
+  out = result.stdout
+  assert 'waiting for qr: WAITING' in out
+  assert 'preempted, checkpoint saved' in out and 'ssh lost the workers' in out
+  assert out.count('done: gs://b/qr') == 1 and out.rstrip().endswith('done: gs://b/qr')
+
+
+def test_stops_after_max_restarts_without_done(tmp_path):
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[75, 75, 75], MAX_RESTARTS='2')
+  assert result.returncode == 1
+  assert [verb(c) for c in calls].count('run') == 3  # the first run and 2 restarts
+  assert 'done' not in result.stdout
+  assert 'giving up after 2 restarts' in result.stderr
+
+
+def test_user_error_is_not_retried(tmp_path):
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[2])
+  assert result.returncode == 2
+  assert [verb(c) for c in calls] == ['describe', 'scp', 'install', 'run']
+  assert 'done' not in result.stdout and 'not retrying' in result.stderr
+
+
+@pytest.mark.parametrize('missing', ['ZONE', 'ACCELERATOR', 'NAME', 'BUCKET'])
+def test_missing_variable(tmp_path, missing):
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[], **{missing: ''})
+  assert result.returncode == 2 and calls == []
+  assert f'Error: {missing} is not set' in result.stderr and 'ZONE=us-central2-b' in result.stderr
+
+
+def test_help(tmp_path):
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[], args=['--help'], ZONE='')
+  assert result.returncode == 0 and calls == []
+  assert 'MAX_RESTARTS' in result.stdout and 'POLL_SECONDS' in result.stdout
