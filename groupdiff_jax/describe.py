@@ -86,7 +86,7 @@ def step_flops(arch, kind, remat='none'):
   return {'model': 3 * forward, 'hardware': 3 * forward + extra}
 
 
-def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention_impl):
+def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention_impl, platform=None):
   """Rough bytes kept for the backward pass per image (all blocks).
 
   Per token and block, without remat: ~20 C values (norms, modulations,
@@ -101,7 +101,7 @@ def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention
   if attention_impl == 'auto':  # the kernel chosen for this backend, dtype and sequence length
     from groupdiff_jax.models.group_attention import resolve_implementation
     attention_impl = resolve_implementation('auto', jnp.bfloat16 if compute_bytes == 2 else jnp.float32,
-                                            length=keys)
+                                            backend=platform, length=keys)
   scores = H * keys if attention_impl == 'xla' else H
   full_block = L * (20 * C + scores) * compute_bytes
   if remat == 'full':
@@ -151,6 +151,7 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   processes = jax.process_count()
   compute_bytes = 2 if config.model.get('dtype', 'float32') == 'bfloat16' else 4
   impl = config.model.get('attention_impl', 'xla')
+  platform = mesh.devices.flat[0].platform  # the target devices' kernels ('auto'), not the host's
   out = {
       'variant': config.model.variant,
       'param_count': param_count,
@@ -164,7 +165,7 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   for name, kind in kinds.items():
     flops = step_flops(arch, kind, remat)
     per_device_images = [sub.num_images // shards for sub in kind]
-    activations = sum(n * activation_bytes_per_image(arch, sub.group_size, remat, compute_bytes, impl)
+    activations = sum(n * activation_bytes_per_image(arch, sub.group_size, remat, compute_bytes, impl, platform)
                       for n, sub in zip(per_device_images, kind))
     out['kinds'][name] = {
         'sub_batches': [dataclasses.asdict(sub) | {'num_groups': sub.num_groups} for sub in kind],
