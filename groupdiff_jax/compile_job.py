@@ -150,10 +150,23 @@ def analyse(compiled, compile_seconds):
           'compile_seconds': compile_seconds}
 
 
-def _compile(lowered_fn, log, name):
+ADVICE = ('shard parameters/optimizer state over more devices (--config.mesh.fsdp=... with --config.mesh.data=-1), '
+          'rematerialise activations (--config.model.remat=dots_saveable or full), or a smaller global batch '
+          '(--config.train.batch_size)')
+
+
+def _compile(lowered_fn, log, name, topology=''):
+  """lowered_fn().compile(); the TPU compiler's out-of-HBM refusal becomes a ConfigError with its numbers."""
   log(f'compiling {name} ...')
   start = time.perf_counter()
-  compiled = lowered_fn().compile()
+  try:
+    compiled = lowered_fn().compile()
+  except jax.errors.JaxRuntimeError as error:
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+      raise
+    message = str(error).split('RESOURCE_EXHAUSTED:', 1)[-1].strip().splitlines()[0]
+    raise errors.ConfigError(f'{name} does not fit {topology} per device (the TPU compiler: {message}); '
+                             f'{ADVICE}.') from error
   seconds = time.perf_counter() - start
   log(f'compiled {name} in {seconds:.1f} s')
   return compiled, seconds
@@ -198,12 +211,14 @@ def compile_report(config, log=print, include_sampler=True):
                                                   sharding=batch_sharding),
                    'labels': jax.ShapeDtypeStruct((sub.num_images,), jnp.int32, sharding=batch_sharding)}
                   for sub in kind)
-    compiled, seconds = _compile(functools.partial(step.lower, state, batch, kind), log, f'train step {name}')
+    compiled, seconds = _compile(functools.partial(step.lower, state, batch, kind), log, f'train step {name}', cc.topology)
     result = analyse(compiled, seconds)
     flops = describe_lib.step_flops(arch, kind, config.model.get('remat', 'none'))
     attention = sum(sub.num_images * 3 * describe_lib.forward_flops(arch, sub.group_size)['attention']
                     for sub in kind) / mesh.size
-    seconds_estimate = result['compiler_optimal_seconds'] + attention / chip['bf16_flops']
+    # libtpu 0.0.42 can report a negative optimal_seconds (no estimate): then none is given.
+    optimal = result['compiler_optimal_seconds']
+    seconds_estimate = optimal + attention / chip['bf16_flops'] if optimal > 0 else None
     result.update({
         'kind': [list(map(str, (s.num_images, s.group_size, s.conditional))) for s in kind],
         'analytic_model_flops_per_device': flops['model'] / mesh.size,
@@ -232,7 +247,8 @@ def _sampler_program(config, model, abstract, devices, log, chip, budget):
   images = config.sample.groups_per_batch * config.sample.images_per_group
   labels = jax.ShapeDtypeStruct((images,), jnp.int32, sharding=sharding.batch_sharding(mesh))
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-  compiled, seconds = _compile(functools.partial(sampler.lower, params, labels, rng), log, 'sampler')
+  compiled, seconds = _compile(functools.partial(sampler.lower, params, labels, rng), log, 'sampler',
+                               config.compile.topology)
   result = analyse(compiled, seconds)
   result.update({'devices': mesh.size, 'images_per_call': images})
   _verdict(result, chip, budget)
@@ -253,6 +269,10 @@ def _attention_is_local(report, mesh):
   moving = ('all-gather', 'all-to-all', 'collective-permute')
   return all(p['collectives'][op]['count'] == 0 for name, p in report['programs'].items()
              if name.startswith('train_step/') for op in moving)
+
+
+def _opt(value, spec):
+  return 'n/a' if value is None else format(value, spec)
 
 
 def _gib(value):
@@ -278,7 +298,7 @@ def format_report(report):
     lines.append(f"{name:<28}{_gib(m['argument']):>8}{_gib(m['output']):>8}{_gib(m['temp']):>8}"
                  f"{_gib(m['alias']):>8}{_gib(m['peak']):>8} {str(p['fits']):<5}"
                  f"{p['compiler_flops_per_device'] / 1e12:>7.2f}"
-                 f"{(analytic or 0) / 1e12:>7.2f}{(est or 0):>8.3f}{(mfu or 0):>6.0%}{p['mosaic_kernels']:>7}"
+                 f"{(analytic or 0) / 1e12:>7.2f}{_opt(est, '.3f'):>8}{_opt(mfu, '.0%'):>6}{p['mosaic_kernels']:>7}"
                  f"{p['compile_seconds']:>7.0f}  {coll or '-'}")
   lines.append('MFU*, est s: compiler estimates (cost_analysis optimal_seconds + attention at peak), not '
                'measurements. Attention without collectives (batch-sharded, fsdp=1): '
@@ -314,5 +334,5 @@ def run(config, workdir, log=print):
   log(format_report(report))
   log(f'Report: {path}')
   if not report['fits']:
-    raise errors.ConfigError('Does not fit: ' + fit_advice(report))
+    raise errors.ConfigError('The config does not fit with the headroom: ' + fit_advice(report))
   return report
