@@ -49,6 +49,13 @@ def get_config():
   config.mesh.dcn_fsdp = 1
   config.mesh.min_sharded_size = 2**14  # smaller parameter leaves stay replicated
 
+  # --mode=compile (compile_job.py): the pod's programs compiled for an
+  # abstract TPU topology (needs libtpu: pip install -e '.[tpu]').
+  config.compile = ml_collections.ConfigDict()
+  config.compile.topology = 'v5p:2x2x2'  # get_topology_desc names: v4:2x2x4, v5e:8x8, v5p:4x4x4, v6e:8x8
+  config.compile.num_slices = 1  # > 1: multi-slice; mesh.dcn_data * mesh.dcn_fsdp must equal it
+  config.compile.headroom = 0.1  # fits when the peak bytes per device <= (1 - headroom) * HBM
+
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # images per step, global
   config.train.num_steps = 4_000_000

@@ -86,7 +86,7 @@ def step_flops(arch, kind, remat='none'):
   return {'model': 3 * forward, 'hardware': 3 * forward + extra}
 
 
-def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention_impl):
+def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention_impl, platform=None):
   """Rough bytes kept for the backward pass per image (all blocks).
 
   Per token and block, without remat: ~20 C values (norms, modulations,
@@ -101,7 +101,7 @@ def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention
   if attention_impl == 'auto':  # the kernel chosen for this backend, dtype and sequence length
     from groupdiff_jax.models.group_attention import resolve_implementation
     attention_impl = resolve_implementation('auto', jnp.bfloat16 if compute_bytes == 2 else jnp.float32,
-                                            length=keys)
+                                            backend=platform, length=keys)
   scores = H * keys if attention_impl == 'xla' else H
   full_block = L * (20 * C + scores) * compute_bytes
   if remat == 'full':
@@ -130,6 +130,16 @@ def xla_step_flops(config, model, kind):
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
+def device_memory_bytes(mesh):
+  """Memory of one device of `mesh` as its runtime reports it (bytes_limit), None where unknown (CPU,
+  abstract devices: compile_job.py has the chip table)."""
+  try:
+    stats = mesh.devices.flat[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return int(stats['bytes_limit']) if stats and 'bytes_limit' in stats else None
+
+
 def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   """The description of `config` as a dict (see the module docstring)."""
   model = model_from_config(config.model)
@@ -151,6 +161,7 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   processes = jax.process_count()
   compute_bytes = 2 if config.model.get('dtype', 'float32') == 'bfloat16' else 4
   impl = config.model.get('attention_impl', 'xla')
+  platform = mesh.devices.flat[0].platform  # the target devices' kernels ('auto'), not the host's
   out = {
       'variant': config.model.variant,
       'param_count': param_count,
@@ -164,7 +175,7 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   for name, kind in kinds.items():
     flops = step_flops(arch, kind, remat)
     per_device_images = [sub.num_images // shards for sub in kind]
-    activations = sum(n * activation_bytes_per_image(arch, sub.group_size, remat, compute_bytes, impl)
+    activations = sum(n * activation_bytes_per_image(arch, sub.group_size, remat, compute_bytes, impl, platform)
                       for n, sub in zip(per_device_images, kind))
     out['kinds'][name] = {
         'sub_batches': [dataclasses.asdict(sub) | {'num_groups': sub.num_groups} for sub in kind],
@@ -182,6 +193,7 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
       'activations (largest kind)': max(k['activation_bytes_per_device'] for k in out['kinds'].values()),
   }
   out['memory_bytes_per_device']['total'] = sum(out['memory_bytes_per_device'].values())
+  out['device_memory_bytes'] = device_memory_bytes(mesh)
 
   if cost_analysis:
     # The step's FLOPs are linear in the images (plus a constant: optimizer,
@@ -195,8 +207,12 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
     with model_config.unlocked():
       model_config.attention_impl = 'xla'
     xla_model = model_from_config(model_config)
-    counts = [xla_step_flops(config, xla_model, (step_plan.SubBatch(n, sub.group_size, sub.conditional),))
-              for n in (images, 2 * images)]
+    counts = []
+    for i, n in enumerate((images, 2 * images)):
+      logging.info('describe: compiling the FLOP check step %d of 2 (%d images in groups of %d) ...', i + 1, n,
+                   sub.group_size)
+      counts.append(xla_step_flops(config, xla_model, (step_plan.SubBatch(n, sub.group_size, sub.conditional),)))
+      logging.info('describe: FLOP check step %d of 2 compiled.', i + 1)
     analytic = step_flops(arch, (step_plan.SubBatch(images, sub.group_size, sub.conditional),), 'none')['model']
     xla = (counts[1] - counts[0]) if None not in counts else None
     out['xla_check'] = {'kind': name, 'images': images, 'group_size': sub.group_size, 'analytic_flops': analytic,
@@ -226,6 +242,14 @@ def format_description(d):
                  f"{_human(k['hardware_flops'], 'FLOPs')}).")
   lines.append('Per-device memory (estimate): ' + ', '.join(
       f'{k} {_human(v, "B")}' for k, v in d['memory_bytes_per_device'].items()))
+  limit = d.get('device_memory_bytes')
+  if limit and d['memory_bytes_per_device']['total'] > limit:
+    lines.append(f"WARNING: the estimated {_human(d['memory_bytes_per_device']['total'], 'B')} per device exceeds "
+                 f"the {_human(limit, 'B')} of these devices; use --config.mesh.fsdp, --config.model.remat or a "
+                 'smaller --config.train.batch_size (check with --mode=compile for TPU pods).')
+  lines.append('Activations are a rough estimate: the TPU compiler\'s temporaries (--mode=compile) can differ '
+               'by more than 25% (it fuses and rematerialises; e.g. 12.9 GB compiled vs 20.0 GB estimated for a '
+               '4-block width-512 model at 1024 images per v5e device).')
   check = d.get('xla_check')
   if check:
     if check['xla_flops']:

@@ -15,6 +15,10 @@ Modes:
                 .reference_batch with config.eval.inception_graph
   describe      print parameters, FLOPs per step, mesh, batch and memory per
                 device for the config, without training (describe.py)
+  compile       compile the train step of every step kind and the sampling
+                call for the abstract TPU topology config.compile.topology
+                (from any host; libtpu) and write <workdir>/compile_report.json
+                with memory, fit, FLOPs, collectives (compile_job.py)
 Multi-host: `jax.distributed` is initialised from the environment (TPU pod,
 Slurm, JAX_COORDINATOR_ADDRESS...) or from --coordinator_address,
 --num_processes, --process_id (distributed.py).
@@ -37,7 +41,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module), e.g. configs/digits.py.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard metrics and samples.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'describe'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'describe', 'compile'], 'What to run.')
 flags.DEFINE_bool('describe_xla_check', True, 'describe: also compile small steps for XLA\'s FLOP count.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0 (default: environment).')
 flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
@@ -78,6 +82,9 @@ def main(argv):
   elif FLAGS.mode == 'describe':
     from groupdiff_jax import describe
     print(describe.format_description(describe.describe(config, cost_analysis=FLAGS.describe_xla_check)))
+  elif FLAGS.mode == 'compile':
+    from groupdiff_jax import compile_job
+    compile_job.run(config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
     if distributed.is_main_process():
       sample_job.evaluate_samples(config, FLAGS.workdir)

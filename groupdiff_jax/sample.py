@@ -117,6 +117,12 @@ def make_sampler(model, sample_config, model_config, mesh=None):
     with jax.set_mesh(mesh):  # Pallas attention runs per device (group_attention.shard_over_batch)
       return jitted(params, labels, rng)
 
+  def lower(params, labels, rng):
+    """The same program lowered (AOT: compile_job.py); inputs may be abstract."""
+    with jax.set_mesh(mesh):
+      return jitted.lower(params, labels, rng)
+
+  run_on_mesh.lower = lower
   return run_on_mesh
 
 

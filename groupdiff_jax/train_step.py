@@ -245,13 +245,22 @@ def make_jitted_train_step(config, mesh, state_sharding):
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = {}
 
-  def run(state, batch, kind):
+  def jitted_for(kind):
     if kind not in jitted:
       sharding.check_groups_fit_mesh(kind, mesh)
       jitted[kind] = jax.jit(functools.partial(step, kind=kind), donate_argnums=0,
                              in_shardings=(state_sharding, batch_sharding),
                              out_shardings=(state_sharding, sharding.replicated(mesh)))
-    with jax.set_mesh(mesh):
-      return jitted[kind](state, batch)
+    return jitted[kind]
 
+  def run(state, batch, kind):
+    with jax.set_mesh(mesh):
+      return jitted_for(kind)(state, batch)
+
+  def lower(state, batch, kind):
+    """The same program lowered (AOT, e.g. for abstract TPU devices: compile_job.py); inputs may be abstract."""
+    with jax.set_mesh(mesh):
+      return jitted_for(kind).lower(state, batch)
+
+  run.lower = lower
   return run

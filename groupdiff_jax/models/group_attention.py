@@ -35,7 +35,9 @@ from groupdiff_jax.sharding import BATCH_AXES
 #   'cudnn'   cuDNN flash attention (GPU, bf16/fp16 only): no [T, T] matrix.
 #   'splash'  Pallas splash attention (TPU; on other backends it runs in the
 #             Pallas interpreter, slowly, which is how it is tested on CPU).
-#   'auto'    by backend: cuDNN on GPU for bf16/fp16 compute (XLA for fp32,
+#   'auto'    by the platform of the target devices (target_platform: the
+#             context mesh's, else the host's): cuDNN on GPU for bf16/fp16
+#             compute (XLA for fp32,
 #             which cuDNN does not take), splash on TPU; on CPU 'chunked'
 #             for sequences longer than CHUNK_SIZE and 'xla' otherwise (and
 #             when the length is not given). Attention forward + backward
@@ -53,14 +55,24 @@ CHUNK_SIZE = 256
 SPLASH_MAX_BLOCK = 512
 
 
+def target_platform():
+  """The platform of the devices the program is built for: the context mesh's
+  (`jax.set_mesh`, e.g. abstract TPU devices of an AOT compile on a CPU
+  host), else JAX's default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  platform = getattr(device, 'platform', None)
+  return platform or jax.default_backend()
+
+
 def resolve_implementation(implementation, dtype, backend=None, length=None):
-  """The concrete kernel name for `implementation` on `backend` (default: JAX's), for sequences of `length`."""
+  """The concrete kernel name for `implementation` on `backend` (default: target_platform()), for sequences of
+  `length`."""
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'Unknown model.attention_impl={implementation!r}; '
                      f'choose one of {sorted(ATTENTION_IMPLEMENTATIONS)}.')
   if implementation != 'auto':
     return implementation
-  backend = backend or jax.default_backend()
+  backend = backend or target_platform()
   if backend in ('gpu', 'cuda', 'rocm'):
     return 'cudnn' if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else 'xla'
   if backend == 'tpu':
@@ -81,7 +93,7 @@ def splash_attention(q, k, v, interpret=None):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
   if interpret is None:
-    interpret = jax.default_backend() != 'tpu'
+    interpret = target_platform() != 'tpu'
   batch, length, heads, head_dim = q.shape
   q = q * jnp.asarray(head_dim**-0.5, q.dtype)
   padded_length = -(-length // 128) * 128

@@ -1,0 +1,345 @@
+"""`--mode=compile`: the pod's programs compiled for an abstract TPU topology from any host.
+
+  python -m groupdiff_jax.main --config=configs/sit_xl.py --workdir=DIR --mode=compile \
+      --config.compile.topology=v5p:2x2x2
+
+Builds abstract TPU devices (`jax.experimental.topologies.get_topology_desc`,
+libtpu: `pip install -e '.[tpu]'`), the config's (data, fsdp) mesh over them
+(sharding.make_mesh; `dcn_*` axes span `compile.num_slices` slices) and,
+from abstract inputs only (ShapeDtypeStructs with NamedShardings; nothing
+materialised), lowers and compiles the very jitted programs a pod runs: the
+train step of every step kind (train_step.make_jitted_train_step) and the
+sample job's sampling call (sample.make_sampler on one process's devices).
+Kernels are chosen for the target devices (group_attention.target_platform),
+so splash attention is a Mosaic kernel (`tpu_custom_call`).
+
+Per program, DIR/compile_report.json holds: memory_analysis() bytes per
+device, the chip's HBM and a fit verdict with `compile.headroom`; describe's
+analytic estimate beside it; cost_analysis() FLOPs against the analytic
+count; the compiler's `optimal_seconds` and the MFU it implies (a compiler
+estimate, never a measurement); collectives of the optimized HLO (count,
+result bytes); Mosaic kernels; compile time.
+
+Mosaic kernels are opaque to the cost analysis (no FLOPs, ~ns). The estimate
+adds the analytic attention FLOPs of the step (forward + backward, per
+device) at the chip's bf16 peak to `optimal_seconds`: an optimistic bound on
+the attention kernels' time, stated in the report as `attention_model`.
+"""
+
+import functools
+import json
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from groupdiff_jax import describe as describe_lib
+from groupdiff_jax import errors, sample, sample_job, sharding, step_plan
+from groupdiff_jax import train_step as train_step_lib
+from groupdiff_jax.models.dit import model_from_config
+
+# Per chip: HBM bytes and dense bf16 peak FLOP/s, from Google Cloud's TPU
+# system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
+# /v6e): v4 32 GiB, 275 TFLOP/s; v5e 16 GiB, 197 TFLOP/s; v5p 95 GiB,
+# 459 TFLOP/s; v6e (Trillium) 32 GiB, 918 TFLOP/s.
+CHIPS = {
+    'v4': {'hbm_bytes': 32 * 2**30, 'bf16_flops': 275e12},
+    'v5e': {'hbm_bytes': 16 * 2**30, 'bf16_flops': 197e12},
+    'v5p': {'hbm_bytes': 95 * 2**30, 'bf16_flops': 459e12},
+    'v6e': {'hbm_bytes': 32 * 2**30, 'bf16_flops': 918e12},
+}
+TOPOLOGY_FORM = ('<chip>:<AxB> or <chip>:<AxBxC>, chip one of ' + ', '.join(CHIPS) +
+                 '; e.g. v5e:2x2, v5e:8x8, v4:2x2x4, v5p:2x2x2, v5p:4x4x4, v6e:8x8')
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+MOSAIC_TARGET = 'custom_call_target="tpu_custom_call"'
+PIP_TPU = "pip install -e '.[tpu]'"
+
+
+# --- Devices and mesh ---------------------------------------------------------
+def chip_of(topology):
+  """'v5p:2x2x2' -> 'v5p'; ConfigError naming the accepted form for anything else."""
+  match = re.fullmatch(r'(v4|v5e|v5p|v6e):(\d+)x(\d+)(x\d+)?', topology or '')
+  if not match:
+    raise errors.ConfigError(f'compile.topology={topology!r} is not a TPU topology name; use {TOPOLOGY_FORM}.')
+  return match.group(1)
+
+
+def abstract_devices(topology, num_slices=1):
+  """The abstract TPU devices of `num_slices` slices of `topology` (no TPU needed; libtpu is)."""
+  chip_of(topology)
+  try:
+    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+  except ImportError as error:
+    raise errors.ConfigError(f'--mode=compile needs libtpu (the TPU compiler), which is not installed: '
+                             f'run {PIP_TPU} (about 700 MB).') from error
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    return list(topologies.get_topology_desc(platform='tpu', topology_name=topology,
+                                             num_slices=num_slices).devices)
+  except Exception as error:  # pylint: disable=broad-except
+    raise errors.ConfigError(f'compile.topology={topology!r} (num_slices={num_slices}) was refused by the TPU '
+                             f'compiler ({str(error).splitlines()[0][:200]}); use {TOPOLOGY_FORM}.') from error
+
+
+def target_mesh(config, devices, num_slices):
+  """sharding.make_mesh over the abstract devices; ConfigError when the mesh does not match them."""
+  m = config.mesh
+  dcn = m.get('dcn_data', 1) * m.get('dcn_fsdp', 1)
+  if dcn != num_slices:
+    raise errors.ConfigError(f'mesh.dcn_data={m.get("dcn_data", 1)} x mesh.dcn_fsdp={m.get("dcn_fsdp", 1)} = {dcn} '
+                             f'but compile.num_slices={num_slices}: the dcn_* axes span the slices; make their '
+                             'product the number of slices.')
+  try:
+    return sharding.make_mesh(m, devices)
+  except ValueError as error:
+    raise errors.ConfigError(f'{error} ({len(devices)} devices = {num_slices} slice(s) of '
+                             f'{config.compile.topology}); set --config.mesh.data / --config.mesh.fsdp so that '
+                             'their product (times dcn_*) is the device count.') from error
+
+
+def with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# --- Reading a compiled program -----------------------------------------------
+_SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'f32': 4,
+          's64': 8, 'u64': 8, 'f64': 8}
+
+
+def collectives(hlo_text):
+  """{op: {'count', 'bytes'}} of the collectives in optimized HLO text.
+
+  Bytes: the arrays of the instruction's result type, summed (XLA combines
+  many gradient all-reduces into one instruction with a tuple result). An
+  async `-start` returns (operands, results) in one tuple: the larger half
+  is counted (the result of a gather, the operand of a scatter), i.e. the
+  bytes moved per device.
+  """
+  out = {op: {'count': 0, 'bytes': 0} for op in COLLECTIVES}
+  pattern = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
+  for line in hlo_text.splitlines():
+    match = pattern.search(line)
+    if not match:
+      continue
+    sizes = [_BYTES[t] * math.prod(int(d) for d in dims.split(',') if d) for t, dims in _SHAPE.findall(match.group(1))]
+    if match.group(3) and len(sizes) > 1:
+      half = len(sizes) // 2
+      moved = max(sum(sizes[:half]), sum(sizes[half:]))
+    else:
+      moved = sum(sizes)
+    out[match.group(2)]['count'] += 1
+    out[match.group(2)]['bytes'] += moved
+  return out
+
+
+def _first(value):
+  return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def analyse(compiled, compile_seconds):
+  """memory, cost, collectives and Mosaic kernels of a jax Compiled."""
+  mem = compiled.memory_analysis()
+  memory = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
+            for k in ('argument', 'output', 'temp', 'alias', 'generated_code')}
+  # Live at the peak: inputs, outputs not aliased to (donated) inputs, temporaries, code.
+  memory['peak'] = memory['argument'] + memory['output'] - memory['alias'] + memory['temp'] + memory['generated_code']
+  cost = _first(compiled.cost_analysis()) or {}
+  text = compiled.as_text()
+  return {'memory_bytes_per_device': memory,
+          'compiler_flops_per_device': float(cost.get('flops', 0.0)),
+          'compiler_optimal_seconds': float(cost.get('optimal_seconds', 0.0)),
+          'collectives': collectives(text),
+          'mosaic_kernels': text.count(MOSAIC_TARGET),
+          'compile_seconds': compile_seconds}
+
+
+ADVICE = ('shard parameters/optimizer state over more devices (--config.mesh.fsdp=... with --config.mesh.data=-1), '
+          'rematerialise activations (--config.model.remat=dots_saveable or full), or a smaller global batch '
+          '(--config.train.batch_size)')
+
+
+def _compile(lowered_fn, log, name, topology=''):
+  """lowered_fn().compile(); the TPU compiler's out-of-HBM refusal becomes a ConfigError with its numbers."""
+  log(f'compiling {name} ...')
+  start = time.perf_counter()
+  try:
+    compiled = lowered_fn().compile()
+  except jax.errors.JaxRuntimeError as error:
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+      raise
+    message = str(error).split('RESOURCE_EXHAUSTED:', 1)[-1].strip().splitlines()[0]
+    raise errors.ConfigError(f'{name} does not fit {topology} per device (the TPU compiler: {message}); '
+                             f'{ADVICE}.') from error
+  seconds = time.perf_counter() - start
+  log(f'compiled {name} in {seconds:.1f} s')
+  return compiled, seconds
+
+
+# --- The job ------------------------------------------------------------------
+def compile_report(config, log=print, include_sampler=True):
+  """Compiles the train steps (and the sampler) for config.compile's topology; returns the report dict."""
+  cc = config.compile
+  chip = CHIPS[chip_of(cc.topology)]
+  devices = abstract_devices(cc.topology, cc.num_slices)
+  mesh = target_mesh(config, devices, cc.num_slices)
+  train = config.train
+  kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
+  for kind in kinds.values():
+    try:
+      sharding.check_groups_fit_mesh(kind, mesh)
+    except ValueError as error:
+      raise errors.ConfigError(f'train.batch_size={train.batch_size} on {mesh.size} devices of {cc.topology}: '
+                               f'{error}') from error
+  model = model_from_config(config.model)
+  abstract = jax.eval_shape(lambda key: train_step_lib.create_train_state(model, config, key), jax.random.PRNGKey(0))
+  min_size = config.mesh.get('min_sharded_size', sharding.MIN_SHARDED_SIZE)
+  state_sharding = sharding.state_shardings(abstract, mesh, min_size=min_size)
+  state = with_shardings(abstract, state_sharding)
+  batch_sharding = sharding.batch_sharding(mesh)
+  side, channels = config.model.input_size, config.model.in_channels
+  estimate = describe_lib.describe(config, mesh=mesh, cost_analysis=False)
+  arch = describe_lib.arch_from_config(config.model)
+  shards = sharding.num_batch_shards(mesh)
+  budget = (1.0 - cc.headroom) * chip['hbm_bytes']
+  report = {'topology': cc.topology, 'num_slices': cc.num_slices, 'devices': mesh.size, 'mesh': dict(mesh.shape),
+            'device_kind': devices[0].device_kind, 'chip': dict(chip), 'headroom': cc.headroom,
+            'attention_impl': config.model.attention_impl, 'remat': config.model.get('remat', 'none'),
+            'batch_size': train.batch_size,
+            'attention_model': 'optimal_seconds + analytic attention FLOPs (fwd+bwd) at the chip bf16 peak '
+                               '(Mosaic kernels are invisible to cost_analysis)',
+            'describe_estimate_bytes_per_device': estimate['memory_bytes_per_device'], 'programs': {}}
+  step = train_step_lib.make_jitted_train_step(config, mesh, state_sharding)
+  for name, kind in kinds.items():
+    batch = tuple({'images': jax.ShapeDtypeStruct((sub.num_images, side, side, channels), jnp.float32,
+                                                  sharding=batch_sharding),
+                   'labels': jax.ShapeDtypeStruct((sub.num_images,), jnp.int32, sharding=batch_sharding)}
+                  for sub in kind)
+    compiled, seconds = _compile(functools.partial(step.lower, state, batch, kind), log, f'train step {name}', cc.topology)
+    result = analyse(compiled, seconds)
+    flops = describe_lib.step_flops(arch, kind, config.model.get('remat', 'none'))
+    attention = sum(sub.num_images * 3 * describe_lib.forward_flops(arch, sub.group_size)['attention']
+                    for sub in kind) / mesh.size
+    # libtpu 0.0.42 can report a negative optimal_seconds (no estimate): then none is given.
+    optimal = result['compiler_optimal_seconds']
+    seconds_estimate = optimal + attention / chip['bf16_flops'] if optimal > 0 else None
+    result.update({
+        'kind': [list(map(str, (s.num_images, s.group_size, s.conditional))) for s in kind],
+        'analytic_model_flops_per_device': flops['model'] / mesh.size,
+        'analytic_attention_flops_per_device': attention,
+        'estimated_step_seconds (compiler estimate)': seconds_estimate,
+        'mfu (compiler estimate)': (flops['model'] / mesh.size) / (seconds_estimate * chip['bf16_flops'])
+                                   if seconds_estimate else None,
+        'describe_activation_bytes_per_device': estimate['kinds'][name]['activation_bytes_per_device'],
+        'per_device_images': sum(s.num_images for s in kind) // shards,
+    })
+    _verdict(result, chip, budget)
+    report['programs'][f'train_step/{name}'] = result
+  if include_sampler:
+    report['programs']['sample'] = _sampler_program(config, model, abstract, devices, log, chip, budget)
+  report['fits'] = all(p['fits'] for p in report['programs'].values())
+  report['batch_local_attention'] = _attention_is_local(report, mesh)
+  return report
+
+
+def _sampler_program(config, model, abstract, devices, log, chip, budget):
+  """The sample job's jitted call on one process's devices (sample_job.local_mesh), abstract inputs."""
+  local = [d for d in devices if d.process_index == devices[0].process_index]
+  mesh = sample_job.local_mesh(config.sample.groups_per_batch, local)
+  sampler = sample.make_sampler(model, config.sample, config.model, mesh)
+  params = with_shardings(abstract.ema_params, jax.tree.map(lambda _: sharding.replicated(mesh), abstract.ema_params))
+  images = config.sample.groups_per_batch * config.sample.images_per_group
+  labels = jax.ShapeDtypeStruct((images,), jnp.int32, sharding=sharding.batch_sharding(mesh))
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+  compiled, seconds = _compile(functools.partial(sampler.lower, params, labels, rng), log, 'sampler',
+                               config.compile.topology)
+  result = analyse(compiled, seconds)
+  result.update({'devices': mesh.size, 'images_per_call': images})
+  _verdict(result, chip, budget)
+  return result
+
+
+def _verdict(result, chip, budget):
+  peak = result['memory_bytes_per_device']['peak']
+  result['hbm_bytes'] = chip['hbm_bytes']
+  result['fits'] = bool(peak <= budget)
+
+
+def _attention_is_local(report, mesh):
+  """With fsdp=1 every parameter is replicated, so a batch-sharded step needs only gradient all-reduces: any
+  all-gather / all-to-all / collective-permute would move activations (e.g. a batch gathered around attention)."""
+  if mesh.shape[sharding.FSDP_AXIS] != 1:
+    return None  # parameter all-gathers are expected; not decided from the HLO here
+  moving = ('all-gather', 'all-to-all', 'collective-permute')
+  return all(p['collectives'][op]['count'] == 0 for name, p in report['programs'].items()
+             if name.startswith('train_step/') for op in moving)
+
+
+def _opt(value, spec):
+  return 'n/a' if value is None else format(value, spec)
+
+
+def _gib(value):
+  return f'{value / 2**30:.2f}G'
+
+
+def format_report(report):
+  lines = [f"{report['topology']} x{report['num_slices']} ({report['device_kind']}, {report['devices']} devices, "
+           f"mesh {report['mesh']}), batch {report['batch_size']}, attention {report['attention_impl']}, "
+           f"remat {report['remat']}, HBM {_gib(report['chip']['hbm_bytes'])}/chip, headroom {report['headroom']:.0%}",
+           'describe estimate per device: ' + ', '.join(
+               f'{k} {_gib(v)}' for k, v in report['describe_estimate_bytes_per_device'].items())]
+  head = (f"{'program':<28}{'args':>8}{'out':>8}{'temp':>8}{'alias':>8}{'peak':>8} {'fits':<5}{'TFLOP':>7}"
+          f"{'anaTF':>7}{'est s':>8}{'MFU*':>6}{'mosaic':>7}{'comp s':>7}  collectives (count/GiB)")
+  lines.append(head)
+  for name, p in report['programs'].items():
+    m = p['memory_bytes_per_device']
+    coll = ' '.join(f"{op}:{c['count']}/{c['bytes'] / 2**30:.2f}" for op, c in p['collectives'].items()
+                    if c['count'])
+    est = p.get('estimated_step_seconds (compiler estimate)')
+    mfu = p.get('mfu (compiler estimate)')
+    analytic = p.get('analytic_model_flops_per_device')
+    lines.append(f"{name:<28}{_gib(m['argument']):>8}{_gib(m['output']):>8}{_gib(m['temp']):>8}"
+                 f"{_gib(m['alias']):>8}{_gib(m['peak']):>8} {str(p['fits']):<5}"
+                 f"{p['compiler_flops_per_device'] / 1e12:>7.2f}"
+                 f"{(analytic or 0) / 1e12:>7.2f}{_opt(est, '.3f'):>8}{_opt(mfu, '.0%'):>6}{p['mosaic_kernels']:>7}"
+                 f"{p['compile_seconds']:>7.0f}  {coll or '-'}")
+  lines.append('MFU*, est s: compiler estimates (cost_analysis optimal_seconds + attention at peak), not '
+               'measurements. Attention without collectives (batch-sharded, fsdp=1): '
+               f"{report['batch_local_attention']}. Fits: {report['fits']}.")
+  return '\n'.join(lines)
+
+
+def fit_advice(report):
+  """What would make a config that does not fit fit, from the report."""
+  worst = max(report['programs'].items(), key=lambda item: item[1]['memory_bytes_per_device']['peak'])
+  name, p = worst
+  m = p['memory_bytes_per_device']
+  budget = (1 - report['headroom']) * report['chip']['hbm_bytes']
+  advice = []
+  if report['mesh'].get(sharding.FSDP_AXIS, 1) < report['devices'] and m['argument'] > 0.3 * budget:
+    advice.append('shard parameters/optimizer state over more devices (--config.mesh.fsdp=... with '
+                  '--config.mesh.data=-1)')
+  if report['remat'] == 'none':
+    advice.append('rematerialise activations (--config.model.remat=dots_saveable or full)')
+  advice.append('or a smaller global batch (--config.train.batch_size)')
+  return (f'{name} needs {_gib(m["peak"])} per device (arguments {_gib(m["argument"])}, temporaries '
+          f'{_gib(m["temp"])}) but a {report["topology"]} chip has {_gib(report["chip"]["hbm_bytes"])} HBM '
+          f'({_gib(budget)} with {report["headroom"]:.0%} headroom); ' + '; '.join(advice) + '.')
+
+
+def run(config, workdir, log=print):
+  """The job: compile, write DIR/compile_report.json, print the table; ConfigError if it does not fit."""
+  report = compile_report(config, log)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'compile_report.json')
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=1)
+  log(format_report(report))
+  log(f'Report: {path}')
+  if not report['fits']:
+    raise errors.ConfigError('The config does not fit with the headroom: ' + fit_advice(report))
+  return report

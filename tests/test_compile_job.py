@@ -1,0 +1,138 @@
+"""--mode=compile: the real train steps and sampler compiled for an abstract TPU topology (libtpu, no TPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import digits
+from groupdiff_jax import compile_job, errors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
+  config = digits.get_config()
+  config.model.depth = 2
+  config.model.hidden_size = 128
+  config.model.num_heads = 2
+  config.model.dtype = 'bfloat16'
+  config.model.attention_impl = attention_impl
+  config.train.batch_size = batch_size
+  config.compile.topology = topology
+  config.sample.groups_per_batch = 4
+  config.sample.num_steps = 2
+  return config
+
+
+@pytest.mark.parametrize('impl', ['splash', 'auto'])
+def test_compiles_for_v5e_with_mosaic_kernels_and_local_group_attention(impl):
+  report = compile_job.compile_report(tiny_config(impl), log=lambda _: None)
+  assert report['devices'] == 4 and report['mesh'] == {'data': 4, 'fsdp': 1}
+  assert report['device_kind'].startswith('TPU v5')
+  steps = {k: v for k, v in report['programs'].items() if k.startswith('train_step/')}
+  assert set(steps) == {'train_step/singles', 'train_step/groups'} and 'sample' in report['programs']
+  for program in report['programs'].values():
+    memory = program['memory_bytes_per_device']
+    assert set(memory) == {'argument', 'output', 'temp', 'alias', 'generated_code', 'peak'}
+    assert memory['argument'] > 0 and program['compile_seconds'] > 0
+    assert set(program['collectives']) == set(compile_job.COLLECTIVES)
+    # The splash kernel is a Mosaic custom call (chosen for TPU, not for the CPU host), in every program.
+    assert program['mosaic_kernels'] > 0
+    assert program['fits'] is True and program['hbm_bytes'] == 16 * 2**30
+  for step in steps.values():
+    # fsdp=1: parameters replicated, so only gradient all-reduces; nothing moves activations around attention.
+    assert step['collectives']['all-reduce']['count'] > 0
+    for op in ('all-gather', 'all-to-all', 'collective-permute'):
+      assert step['collectives'][op]['count'] == 0
+    # 2 blocks x (forward, backward dq, backward dkv) splash kernels.
+    assert step['mosaic_kernels'] >= 2 * 3
+  assert report['batch_local_attention'] is True and report['fits'] is True
+  # The state (params, EMA, Adam mu and nu: float32) is the argument, within 10% of describe's count.
+  est = report['describe_estimate_bytes_per_device']
+  state = est['params'] + est['ema_params'] + est['opt_state']
+  argument = steps['train_step/singles']['memory_bytes_per_device']['argument']
+  assert abs(argument - state) <= 0.1 * state, (argument, state)
+
+
+def test_xla_attention_has_no_mosaic_kernel():
+  config = tiny_config('xla')
+  report = compile_job.compile_report(config, log=lambda _: None, include_sampler=False)
+  assert all(p['mosaic_kernels'] == 0 for p in report['programs'].values())
+  assert all(p['compiler_flops_per_device'] > 0 for p in report['programs'].values())
+
+
+def test_a_4096_image_batch_does_not_fit_v5e_2x2_and_says_by_how_much(tmp_path):
+  config = tiny_config('splash', batch_size=4096)
+  config.model.variant = 'SiT-S/2'  # 32x32 inputs in 2x2 patches: 256 tokens per image, as SiT/2 on ImageNet
+  config.model.input_size = 32
+  config.model.depth = 4
+  config.model.hidden_size = 768
+  config.model.num_heads = 6
+  # Refused by the TPU compiler itself (temporaries over the chip's HBM) or by the headroom verdict: either
+  # way one ConfigError with the per-device bytes, the HBM and what to change.
+  with pytest.raises(errors.ConfigError, match=r'does not fit.*\d+\.\d+G.*HBM') as info:
+    compile_job.run(config, str(tmp_path), log=lambda _: None)
+  assert 'remat' in str(info.value) and 'batch_size' in str(info.value) and 'fsdp' in str(info.value)
+
+
+def test_fit_advice_names_the_bytes_and_the_remedies():
+  report = {'programs': {'train_step/groups': {'memory_bytes_per_device': {'peak': 20 * 2**30, 'argument': 8 * 2**30,
+                                                                          'temp': 12 * 2**30}}},
+            'headroom': 0.1, 'chip': {'hbm_bytes': 16 * 2**30}, 'topology': 'v5e:2x2', 'mesh': {'data': 4, 'fsdp': 1},
+            'devices': 4, 'remat': 'none'}
+  advice = compile_job.fit_advice(report)
+  assert '20.00G per device' in advice and '16.00G HBM' in advice and '14.40G' in advice
+  assert 'fsdp' in advice and 'remat' in advice and 'batch_size' in advice
+
+
+@pytest.mark.parametrize('topology', ['v5e-2x2', 'v7x:2x2', 'tpu', ''])
+def test_unknown_topology_names_the_accepted_form(topology):
+  with pytest.raises(errors.ConfigError, match='e.g. v5e:2x2'):
+    compile_job.abstract_devices(topology)
+
+
+def test_mesh_and_batch_that_do_not_match_the_topology_are_refused_before_compiling():
+  config = tiny_config()
+  config.mesh.data = 8
+  with pytest.raises(errors.ConfigError, match='4 devices'):
+    compile_job.compile_report(config, log=lambda _: None)
+  config = tiny_config(batch_size=36)  # groups of 4 (10% of 36 -> 1 group) cannot split over 4 devices
+  with pytest.raises(errors.ConfigError, match='batch_size=36'):
+    compile_job.compile_report(config, log=lambda _: None)
+  config = tiny_config()
+  config.mesh.dcn_data = 2
+  with pytest.raises(errors.ConfigError, match='num_slices=1'):
+    compile_job.compile_report(config, log=lambda _: None)
+
+
+def test_two_slices_compile_with_dcn_data():
+  config = tiny_config(batch_size=64)
+  config.compile.num_slices = 2
+  config.mesh.dcn_data = 2
+  report = compile_job.compile_report(config, log=lambda _: None, include_sampler=False)
+  assert report['devices'] == 8 and report['mesh'] == {'data': 8, 'fsdp': 1}
+  assert all(p['mosaic_kernels'] > 0 for p in report['programs'].values())
+
+
+def test_main_compile_mode_bad_topology_exits_2(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/digits.py', f'--workdir={tmp_path}',
+       '--mode=compile', '--config.compile.topology=v5e-8'], cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, 'PYTHONPATH': ROOT}, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'compile.topology' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_collective_bytes_sum_combined_tuples_and_take_the_moved_half_of_async_starts():
+  hlo = '\n'.join([
+      '  %ar = (f32[10]{0}, bf16[4,2]{1,0}) all-reduce(f32[10]{0} %a, bf16[4,2]{1,0} %b), replica_groups={}',
+      '  %ag = (f32[2]{0}, f32[8]{0}) all-gather-start(f32[2]{0} %c), dimensions={0}',
+      '  %x = f32[3]{0} add(f32[3]{0} %d, f32[3]{0} %e)',
+  ])
+  found = compile_job.collectives(hlo)
+  assert found['all-reduce'] == {'count': 1, 'bytes': 10 * 4 + 8 * 2}
+  assert found['all-gather'] == {'count': 1, 'bytes': 8 * 4}
+  assert found['reduce-scatter'] == {'count': 0, 'bytes': 0}
