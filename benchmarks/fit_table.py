@@ -14,6 +14,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from groupdiff_jax import compile_job  # pylint: disable=wrong-import-position
 ROWS = (
     ('sit_xl_l4_b256_v5e64', 'configs/sit_xl.py', 'v5e:8x8', 1, []),
     ('sit_xl_l4_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, []),
@@ -29,7 +31,7 @@ ROWS = (
 
 
 def run(out_dir):
-  for name, config, topology, slices, extra in ROWS:
+  for name, config, topology, slices, extra in ROWS:  # pylint: disable=unused-variable
     workdir = os.path.join(out_dir, name)
     if os.path.exists(os.path.join(workdir, 'compile_report.json')):
       continue
@@ -42,17 +44,21 @@ def run(out_dir):
 
 
 def table(out_dir):
-  lines = ['| row | topology | mesh | batch | remat | program | peak GiB/device | fits | collective GiB | '
+  lines = ['| row | topology | mesh | batch | remat | program | peak GiB/device | fits | collectives | '
            'est. step s | est. MFU | compile s |', '|' + '---|' * 12]
   for path in sorted(glob.glob(os.path.join(out_dir, '*', 'compile_report.json'))):
     report = json.load(open(path))
     for program, p in report['programs'].items():
-      coll = sum(c['bytes'] for c in p['collectives'].values()) / 2**30
+      # Reports written before the bytes were summed over combined (tuple) all-reduces undercount them.
+      counted = report.get('collective_bytes') == compile_job.COLLECTIVE_BYTES_RULE
+      coll = sum(c['bytes'] for c in p['collectives'].values()) / 2**30 if counted else None
+      ops = sum(c['count'] for c in p['collectives'].values())
       est = p.get('estimated_step_seconds (compiler estimate)')
       mfu = p.get('mfu (compiler estimate)')
       lines.append(f"| {os.path.basename(os.path.dirname(path))} | {report['topology']} x{report['num_slices']} | "
                    f"{report['mesh']} | {report['batch_size']} | {report['remat']} | {program} | "
-                   f"{p['memory_bytes_per_device']['peak'] / 2**30:.2f} | {p['fits']} | {coll:.2f} | "
+                   f"{p['memory_bytes_per_device']['peak'] / 2**30:.2f} | {p['fits']} | "
+                   f"{ops} ops, {'bytes not counted (old report)' if coll is None else f'{coll:.2f} GiB'} | "
                    f"{'n/a' if est is None else f'{est:.3f}'} | {'n/a' if mfu is None else f'{mfu:.0%}'} | "
                    f"{p['compile_seconds']:.0f} |")
   print('\n'.join(lines))

@@ -110,6 +110,9 @@ _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 
           's64': 8, 'u64': 8, 'f64': 8}
 
 
+COLLECTIVE_BYTES_RULE = 'per device, summed over tuple results (the larger half of an async -start)'
+
+
 def collectives(hlo_text):
   """{op: {'count', 'bytes'}} of the collectives in optimized HLO text.
 
@@ -211,7 +214,8 @@ def compile_report(config, log=print, include_sampler=True):
             'batch_size': train.batch_size,
             'attention_model': 'optimal_seconds + analytic attention FLOPs (fwd+bwd) at the chip bf16 peak '
                                '(Mosaic kernels are invisible to cost_analysis)',
-            'describe_estimate_bytes_per_device': estimate['memory_bytes_per_device'], 'programs': {}}
+            'describe_estimate_bytes_per_device': estimate['memory_bytes_per_device'],
+            'collective_bytes': COLLECTIVE_BYTES_RULE, 'programs': {}}
   step = train_step_lib.make_jitted_train_step(config, mesh, state_sharding)
   for name, kind in kinds.items():
     batch = tuple({'images': jax.ShapeDtypeStruct((sub.num_images, side, side, channels), jnp.float32,
