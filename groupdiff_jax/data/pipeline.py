@@ -159,7 +159,7 @@ class GroupPipeline:
     self.labels = np.asarray(store.labels)
     batch_size = sum(sub.num_images for sub in next(iter(kinds.values())))
     if any(sum(sub.num_images for sub in kind) != batch_size for kind in kinds.values()):
-      raise errors.ConfigError(f'Every step kind must hold the same number of images; got {kinds}.')
+      raise ValueError(f'Every step kind must hold the same number of images; got {kinds}.')  # a bug, not input
     if batch_size > self.num_rows:
       raise errors.ConfigError(f'Batches of {batch_size} images need at least as many rows; the store has {self.num_rows}.')
     self.steps_per_epoch = max(1, self.num_rows // batch_size)
