@@ -1,6 +1,5 @@
 """Checkpoint integrity: per-shard CRC-32, finite leaves, and save failures that surface at once."""
 
-import functools
 import glob
 import json
 import logging
@@ -12,9 +11,9 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
-from groupdiff_jax import checkpoint, step_plan, train, train_step
-from groupdiff_jax.data.digits import DigitsBatches
+from groupdiff_jax import checkpoint, train, train_step
 from groupdiff_jax.models.dit import model_from_config
+from tests import test_nonfinite
 from tests.test_checkpoint import save_steps, tiny_state
 from tests.test_resume import assert_trees_equal, compilation_cache, tiny_config  # noqa: F401 (fixture)
 
@@ -117,13 +116,7 @@ def test_the_train_step_skips_and_counts_a_step_with_nan_in_mu():
   mu[name] = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x is first else x, mu[name])
   opt_state = state.opt_state[:-1] + ((adam._replace(mu=mu),) + tuple(state.opt_state[-1][1:]),)
   state = state.replace(opt_state=opt_state)
-  (kind,) = step_plan.step_kinds(16, 4, 0.0).values()
-  data_config = config.data.copy_and_resolve_references()
-  data_config.batch_size, data_config.grouping = 16, 'random'
-  batch = DigitsBatches(data_config, seed=0).batch(0, kind)
-  step = jax.jit(functools.partial(train_step.train_step, kind=kind, train_config=config.train,
-                                   optim_config=config.optim, max_group_size=config.model.max_group_size,
-                                   null_class=config.model.num_classes))
+  step, batch = test_nonfinite.jitted_step_and_batch(config)
   new, metrics = step(state, batch)
   assert np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm']))  # only the update is NaN
   assert int(metrics['nonfinite']) == 1 and int(new.step) == 1

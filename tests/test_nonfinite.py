@@ -13,9 +13,8 @@ from groupdiff_jax.models.dit import model_from_config
 from tests.test_resume import assert_trees_equal, compilation_cache, tiny_config  # noqa: F401 (fixture)
 
 
-def test_a_poisoned_batch_leaves_params_optimizer_and_ema_unchanged():
-  config = tiny_config(**{'train.group_ratio': 0.0})
-  state = train_step.create_train_state(model_from_config(config.model), config, jax.random.PRNGKey(0))
+def jitted_step_and_batch(config):
+  """The jitted train step of 16 digits in groups of 4 and its first batch."""
   (kind,) = step_plan.step_kinds(16, 4, 0.0).values()
   data_config = config.data.copy_and_resolve_references()
   data_config.batch_size, data_config.grouping = 16, 'random'
@@ -23,6 +22,13 @@ def test_a_poisoned_batch_leaves_params_optimizer_and_ema_unchanged():
   step = jax.jit(functools.partial(train_step.train_step, kind=kind, train_config=config.train,
                                    optim_config=config.optim, max_group_size=config.model.max_group_size,
                                    null_class=config.model.num_classes))
+  return step, batch
+
+
+def test_a_poisoned_batch_leaves_params_optimizer_and_ema_unchanged():
+  config = tiny_config(**{'train.group_ratio': 0.0})
+  state = train_step.create_train_state(model_from_config(config.model), config, jax.random.PRNGKey(0))
+  step, batch = jitted_step_and_batch(config)
   skipped, metrics = step(state, train.poisoned(batch))
   assert int(metrics['nonfinite']) == 1 and not np.isfinite(float(metrics['loss']))
   assert int(skipped.step) == 1
