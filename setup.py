@@ -15,6 +15,7 @@ setuptools.setup(
         'flax>=0.12.8',
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
+        'google-crc32c>=1.5',  # checkpoint checksums (hardware CRC-32C)
         'ml_collections>=1.1.0',
         'clu>=0.0.12',
         'numpy>=2.0',

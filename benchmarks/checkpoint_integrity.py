@@ -1,11 +1,11 @@
-"""CPU benchmark: the cost of checkpoint integrity (per-shard CRC-32) and of the update's non-finite guard.
+"""CPU benchmark: the cost of checkpoint integrity (per-shard CRC-32C) and of the update's non-finite guard.
 
   JAX_PLATFORMS=cpu python benchmarks/checkpoint_integrity.py [--megabytes=512 --repeats=3 --guard_depth=4]
 
 Checksums: a train-state-like tree of float32 leaves of `--megabytes` in
 total (leaves of SiT-B's largest shapes) is saved with orbax as train.py
 saves (StandardSave, wait until finished) and, in the same process, its
-CRC-32 tables are computed (checkpoint.shard_checksums, the work
+CRC-32C tables are computed (checkpoint.shard_checksums, the work
 checkpoint.save adds) and verified after a restore
 (checkpoint.integrity_problem: CRC + finiteness). Both scale with the bytes,
 so the ratio carries over to a larger state; the SiT-XL/2 line extrapolates
@@ -70,7 +70,8 @@ def time_checksums(megabytes, repeats):
 
       class Saved:  # integrity_problem reads the table from the metadata; give it the one just computed
         def metadata(self, step):
-          return type('M', (), {'custom_metadata': {'checksums': table}})()
+          return type('M', (), {'custom_metadata': {'checksums': table,
+                                                    'checksum_algorithm': checkpoint.CHECKSUM_ALGORITHM}})()
       start = time.perf_counter()
       assert checkpoint.integrity_problem(Saved(), 1, restored) is None
       verifies.append(time.perf_counter() - start)

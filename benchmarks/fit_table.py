@@ -16,31 +16,70 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from groupdiff_jax import compile_job  # pylint: disable=wrong-import-position
+# Rows in the order they are compiled (most informative first). Pod names count chips as Google Cloud does:
+# v4-32 = 16 chips (v4:2x2x4), v5e-64 = 64 (v5e:8x8), v5e-256 = 256 (v5e:16x16), v5p-64 = 32 (v5p:4x4x2),
+# v5p-256 = 128 (v5p:4x4x8), v6e-64 = 64 (v6e:8x8). A SiT-XL/2 train step takes 5-11 min to compile on
+# one of this machine's 2 cores, so most rows compile one step kind (SINGLES_ONLY: the conditional step,
+# the larger one on v5p:2x2x2 and v5p:4x4x2) and the sampler once per chip kind at most (it does not
+# depend on the training batch or mesh).
+NO_SAMPLER = '--config.compile.sampler=False'
+SINGLES_ONLY = '--config.compile.step_kinds=singles'
+GROUPS_ONLY = '--config.compile.step_kinds=groups'
+B1024 = '--config.train.batch_size=1024'
 ROWS = (
-    ('sit_xl_l4_b256_v5e64', 'configs/sit_xl.py', 'v5e:8x8', 1, []),
     ('sit_xl_l4_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, []),
-    ('sit_xl_l4_b256_v4_32', 'configs/sit_xl.py', 'v4:2x2x4', 1, []),
-    ('sit_xl_l4_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, []),
-    ('sit_xl_l4_b1024_v5e64', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.train.batch_size=1024']),
-    ('dit_xl_l4_b256_v5e64', 'configs/dit_xl.py', 'v5e:8x8', 1, []),
-    ('sit_xl_f4_b256_v5e64', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.train.mode=groupdiff_f']),
-    ('sit_xl_uc16_b256_v5e64', 'configs/sit_xl.py', 'v5e:8x8', 1,
-     ['--config.train.group_size=16', '--config.model.max_group_size=16']),
-    ('sit_xl_l4_b256_2x_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 2, ['--config.mesh.dcn_data=2']),
+    ('sit_xl_l4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER]),
+    ('sit_xl_l4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # refused: 64 groups, 256 chips
+    ('sit_xl_l4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # refused: 64 groups, 128 chips
+    ('sit_xl_l4_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b256_v4_32', 'configs/sit_xl.py', 'v4:2x2x4', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b1024_v5e256_fsdp4', 'configs/sit_xl.py', 'v5e:16x16', 1,
+     [B1024, '--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b1024_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b256_v5p64_fsdp8', 'configs/sit_xl.py', 'v5p:4x4x2', 1,
+     ['--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b256_2slices_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 2,
+     ['--config.mesh.dcn_data=2', NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b256_v5e64_fsdp4', 'configs/dit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_f4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1,
+     ['--config.train.mode=groupdiff_f', '--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_uc16_b256_v4_32', 'configs/sit_xl.py', 'v4:2x2x4', 1,
+     ['--config.train.group_size=16', '--config.model.max_group_size=16', NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_l4_b1024_v5e64_fsdp8', 'configs/sit_xl.py', 'v5e:8x8', 1,
+     [B1024, '--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b1024_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b1024_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b1024_v4_32_dots', 'configs/sit_xl.py', 'v4:2x2x4', 1,
+     [B1024, '--config.model.remat=dots_saveable', NO_SAMPLER, SINGLES_ONLY]),
 )
 
 
-def run(out_dir):
-  for name, config, topology, slices, extra in ROWS:  # pylint: disable=unused-variable
+def run(out_dir, only=None):
+  """Compiles each row not yet done (a report, or a log ending in the refusal) in a subprocess of its own."""
+  only = only.split(',') if isinstance(only, str) else only
+  for name, config, topology, slices, extra in ROWS:
+    if only and name not in only:
+      continue
     workdir = os.path.join(out_dir, name)
-    if os.path.exists(os.path.join(workdir, 'compile_report.json')):
+    if os.path.exists(os.path.join(workdir, 'compile_report.json')) or _refusal(workdir):
       continue
     os.makedirs(workdir, exist_ok=True)
+    print(f'{name}: compiling ...', flush=True)
     with open(os.path.join(workdir, 'log.txt'), 'w') as log:
       subprocess.run([sys.executable, '-m', 'groupdiff_jax.main', f'--config={config}', f'--workdir={workdir}',
                       '--mode=compile', f'--config.compile.topology={topology}',
                       f'--config.compile.num_slices={slices}', *extra], cwd=ROOT, stdout=log, stderr=log,
-                     env={**os.environ, 'PYTHONPATH': ROOT}, check=False)
+                     env={'ALLOW_MULTIPLE_LIBTPU_LOAD': '1', **os.environ, 'PYTHONPATH': ROOT}, check=False)
+    print(f'{name}: {_refusal(workdir) or "report written"}', flush=True)
+
+
+def _refusal(workdir):
+  """The one-line error of a row refused before compiling (log's `Error:` line), else None."""
+  path = os.path.join(workdir, 'log.txt')
+  if os.path.exists(path) and not os.path.exists(os.path.join(workdir, 'compile_report.json')):
+    errors_seen = [line.strip() for line in open(path) if line.startswith('Error:')]
+    return errors_seen[-1] if errors_seen else None
+  return None
 
 
 def table(out_dir):
@@ -65,4 +104,4 @@ def table(out_dir):
 
 
 if __name__ == '__main__':
-  {'run': run, 'table': table}[sys.argv[1]](sys.argv[2])
+  {'run': run, 'table': table}[sys.argv[1]](sys.argv[2], *sys.argv[3:])

@@ -55,6 +55,8 @@ def get_config():
   config.compile.topology = 'v5p:2x2x2'  # get_topology_desc names: v4:2x2x4, v5e:8x8, v5p:4x4x4, v6e:8x8
   config.compile.num_slices = 1  # > 1: multi-slice; mesh.dcn_data * mesh.dcn_fsdp must equal it
   config.compile.headroom = 0.1  # fits when the peak bytes per device <= (1 - headroom) * HBM
+  config.compile.sampler = True  # also compile the sample job's sampling call (False: train steps only)
+  config.compile.step_kinds = ''  # train step kinds to compile, e.g. 'singles' or 'singles,groups'; '' = all
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # images per step, global

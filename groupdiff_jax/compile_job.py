@@ -80,6 +80,9 @@ def abstract_devices(topology, num_slices=1):
     return list(topologies.get_topology_desc(platform='tpu', topology_name=topology,
                                              num_slices=num_slices).devices)
   except Exception as error:  # pylint: disable=broad-except
+    if 'libtpu_lockfile' in str(error):
+      raise errors.ConfigError('another process holds libtpu (/tmp/libtpu_lockfile): wait for it, or, since '
+                               '--mode=compile needs no TPU, run with ALLOW_MULTIPLE_LIBTPU_LOAD=1.') from error
     raise errors.ConfigError(f'compile.topology={topology!r} (num_slices={num_slices}) was refused by the TPU '
                              f'compiler ({str(error).splitlines()[0][:200]}); use {TOPOLOGY_FORM}.') from error
 
@@ -155,6 +158,7 @@ def analyse(compiled, compile_seconds):
   return {'memory_bytes_per_device': memory,
           'compiler_flops_per_device': float(cost.get('flops', 0.0)),
           'compiler_optimal_seconds': float(cost.get('optimal_seconds', 0.0)),
+          'compiler_bytes_accessed_per_device': float(cost.get('bytes accessed', 0.0)),
           'collectives': collectives(text),
           'mosaic_kernels': text.count(MOSAIC_TARGET),
           'compile_seconds': compile_seconds}
@@ -165,8 +169,17 @@ ADVICE = ('shard parameters/optimizer state over more devices (--config.mesh.fsd
           '(--config.train.batch_size)')
 
 
+class DoesNotFit(errors.ConfigError):
+  """The TPU compiler refused a program: it needs more HBM than a chip has."""
+
+  def __init__(self, message, compiler_message, compile_seconds):
+    super().__init__(message)
+    self.compiler_message = compiler_message
+    self.compile_seconds = compile_seconds
+
+
 def _compile(lowered_fn, log, name, topology=''):
-  """lowered_fn().compile(); the TPU compiler's out-of-HBM refusal becomes a ConfigError with its numbers."""
+  """lowered_fn().compile(); the TPU compiler's out-of-HBM refusal becomes DoesNotFit with its numbers."""
   log(f'compiling {name} ...')
   start = time.perf_counter()
   try:
@@ -175,22 +188,42 @@ def _compile(lowered_fn, log, name, topology=''):
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
     message = str(error).split('RESOURCE_EXHAUSTED:', 1)[-1].strip().splitlines()[0]
-    raise errors.ConfigError(f'{name} does not fit {topology} per device (the TPU compiler: {message}); '
-                             f'{ADVICE}.') from error
+    raise DoesNotFit(f'{name} does not fit {topology} per device (the TPU compiler: {message}); {ADVICE}.',
+                     message, time.perf_counter() - start) from error
   seconds = time.perf_counter() - start
   log(f'compiled {name} in {seconds:.1f} s')
   return compiled, seconds
 
 
+def _refused(error):
+  """The report entry of a program the compiler refused for lack of HBM."""
+  return {'fits': False, 'compiler_refused': error.compiler_message, 'compile_seconds': error.compile_seconds}
+
+
+def selected_kinds(kinds, names):
+  """The step kinds named in `names` ('singles,groups'; '' = all), in the run's order."""
+  wanted = [n.strip() for n in names.split(',') if n.strip()] if isinstance(names, str) else list(names)
+  unknown = sorted(set(wanted) - set(kinds))
+  if unknown:
+    raise errors.ConfigError(f'compile.step_kinds={names!r} names {unknown}, which this config does not run; its '
+                             f'step kinds are {list(kinds)} (or leave compile.step_kinds empty for all).')
+  return {name: kind for name, kind in kinds.items() if not wanted or name in wanted}
+
+
 # --- The job ------------------------------------------------------------------
-def compile_report(config, log=print, include_sampler=True):
-  """Compiles the train steps (and the sampler) for config.compile's topology; returns the report dict."""
+def compile_report(config, log=print, include_sampler=True, keep_going=False):
+  """Compiles the train steps (and the sampler) for config.compile's topology; returns the report dict.
+
+  keep_going: a program the compiler refuses for lack of HBM is recorded
+  (`compiler_refused`, fits False) and the next one compiled; else DoesNotFit.
+  """
   cc = config.compile
   chip = CHIPS[chip_of(cc.topology)]
   devices = abstract_devices(cc.topology, cc.num_slices)
   mesh = target_mesh(config, devices, cc.num_slices)
   train = config.train
   kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
+  kinds = selected_kinds(kinds, cc.get('step_kinds', ''))
   for kind in kinds.values():
     try:
       sharding.check_groups_fit_mesh(kind, mesh)
@@ -222,7 +255,14 @@ def compile_report(config, log=print, include_sampler=True):
                                                   sharding=batch_sharding),
                    'labels': jax.ShapeDtypeStruct((sub.num_images,), jnp.int32, sharding=batch_sharding)}
                   for sub in kind)
-    compiled, seconds = _compile(functools.partial(step.lower, state, batch, kind), log, f'train step {name}', cc.topology)
+    try:
+      compiled, seconds = _compile(functools.partial(step.lower, state, batch, kind), log, f'train step {name}',
+                                   cc.topology)
+    except DoesNotFit as error:
+      if not keep_going:
+        raise
+      report['programs'][f'train_step/{name}'] = _refused(error)
+      continue
     result = analyse(compiled, seconds)
     flops = describe_lib.step_flops(arch, kind, config.model.get('remat', 'none'))
     attention = sum(sub.num_images * 3 * describe_lib.forward_flops(arch, sub.group_size)['attention']
@@ -243,7 +283,12 @@ def compile_report(config, log=print, include_sampler=True):
     _verdict(result, chip, budget)
     report['programs'][f'train_step/{name}'] = result
   if include_sampler:
-    report['programs']['sample'] = _sampler_program(config, model, abstract, devices, log, chip, budget)
+    try:
+      report['programs']['sample'] = _sampler_program(config, model, abstract, devices, log, chip, budget)
+    except DoesNotFit as error:
+      if not keep_going:
+        raise
+      report['programs']['sample'] = _refused(error)
   report['fits'] = all(p['fits'] for p in report['programs'].values())
   report['batch_local_attention'] = _attention_is_local(report, mesh)
   return report
@@ -279,7 +324,7 @@ def _attention_is_local(report, mesh):
     return None  # parameter all-gathers are expected; not decided from the HLO here
   moving = ('all-gather', 'all-to-all', 'collective-permute')
   return all(p['collectives'][op]['count'] == 0 for name, p in report['programs'].items()
-             if name.startswith('train_step/') for op in moving)
+             if name.startswith('train_step/') and 'collectives' in p for op in moving)
 
 
 def _opt(value, spec):
@@ -300,6 +345,9 @@ def format_report(report):
           f"{'anaTF':>7}{'est s':>8}{'MFU*':>6}{'mosaic':>7}{'comp s':>7}  collectives (count/GiB)")
   lines.append(head)
   for name, p in report['programs'].items():
+    if 'compiler_refused' in p:
+      lines.append(f"{name:<28}does not fit: {p['compiler_refused']} ({p['compile_seconds']:.0f} s)")
+      continue
     m = p['memory_bytes_per_device']
     coll = ' '.join(f"{op}:{c['count']}/{c['bytes'] / 2**30:.2f}" for op, c in p['collectives'].items()
                     if c['count'])
@@ -319,25 +367,35 @@ def format_report(report):
 
 def fit_advice(report):
   """What would make a config that does not fit fit, from the report."""
-  worst = max(report['programs'].items(), key=lambda item: item[1]['memory_bytes_per_device']['peak'])
-  name, p = worst
-  m = p['memory_bytes_per_device']
   budget = (1 - report['headroom']) * report['chip']['hbm_bytes']
+  refused = [(name, p) for name, p in report['programs'].items() if 'compiler_refused' in p]
+  compiled = [(name, p) for name, p in report['programs'].items() if 'compiler_refused' not in p]
   advice = []
-  if report['mesh'].get(sharding.FSDP_AXIS, 1) < report['devices'] and m['argument'] > 0.3 * budget:
+  if refused:
+    name, p = refused[0]
+    need = f'{name} was refused by the TPU compiler ({p["compiler_refused"]})'
+    # The state's bytes from a train step that compiled; none did: unknown, so fsdp stays in the advice.
+    argument = max((p['memory_bytes_per_device']['argument'] for n, p in compiled if n.startswith('train_step/')),
+                   default=budget)
+  else:
+    name, p = max(compiled, key=lambda item: item[1]['memory_bytes_per_device']['peak'])
+    m = p['memory_bytes_per_device']
+    need = (f'{name} needs {_gib(m["peak"])} per device (arguments {_gib(m["argument"])}, temporaries '
+            f'{_gib(m["temp"])})')
+    argument = m['argument']
+  if report['mesh'].get(sharding.FSDP_AXIS, 1) < report['devices'] and argument > 0.3 * budget:
     advice.append('shard parameters/optimizer state over more devices (--config.mesh.fsdp=... with '
                   '--config.mesh.data=-1)')
   if report['remat'] == 'none':
     advice.append('rematerialise activations (--config.model.remat=dots_saveable or full)')
   advice.append('or a smaller global batch (--config.train.batch_size)')
-  return (f'{name} needs {_gib(m["peak"])} per device (arguments {_gib(m["argument"])}, temporaries '
-          f'{_gib(m["temp"])}) but a {report["topology"]} chip has {_gib(report["chip"]["hbm_bytes"])} HBM '
+  return (f'{need} but a {report["topology"]} chip has {_gib(report["chip"]["hbm_bytes"])} HBM '
           f'({_gib(budget)} with {report["headroom"]:.0%} headroom); ' + '; '.join(advice) + '.')
 
 
 def run(config, workdir, log=print):
   """The job: compile, write DIR/compile_report.json, print the table; ConfigError if it does not fit."""
-  report = compile_report(config, log)
+  report = compile_report(config, log, include_sampler=config.compile.get('sampler', True), keep_going=True)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'compile_report.json')
   with open(path, 'w') as f:

@@ -1,10 +1,12 @@
-"""Checkpoint integrity: per-shard CRC-32, finite leaves, and save failures that surface at once."""
+"""Checkpoint integrity: per-shard CRC-32C, finite leaves, and save failures that surface at once."""
 
 import glob
 import json
 import logging
 import os
+import zlib
 
+import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,13 +72,43 @@ def test_a_checksum_mismatch_names_the_leaf_and_falls_back(tmp_path, caplog):
              for r in caplog.records), caplog.text
 
 
-def test_saved_checksums_are_the_crc_of_each_shards_bytes(tmp_path):
-  import zlib
+def test_the_checksum_is_crc32c():
+  # The standard check value of CRC-32C (Castagnoli), RFC 3720 appendix B.4: "123456789" -> 0xE3069283.
+  assert checkpoint.CHECKSUMS['crc32c'](np.frombuffer(b'123456789', np.uint8)) == 0xE3069283
+
+
+def test_saved_checksums_are_the_crc32c_of_each_shards_bytes(tmp_path):
   workdir = str(tmp_path)
   save_steps(workdir, [3])
-  saved = checkpoint.checkpoint_manager(workdir).metadata(3).custom_metadata['checksums']
+  metadata = checkpoint.checkpoint_manager(workdir).metadata(3).custom_metadata
   kernel = np.full((4, 3), 3.0, np.float32)  # tiny_state(3, 3.0)'s kernel
-  assert saved['params/dense/kernel'] == {'0:4,0:3': zlib.crc32(kernel.tobytes())}
+  assert metadata['checksum_algorithm'] == 'crc32c'
+  assert metadata['checksums']['params/dense/kernel'] == {'0:4,0:3': google_crc32c.value(kernel.tobytes())}
+
+
+def test_a_checkpoint_with_zlib_crc32_tables_and_no_algorithm_still_verifies(tmp_path):
+  """Checkpoints written before CRC-32C carry zlib CRC-32 tables and no 'checksum_algorithm'."""
+  workdir = str(tmp_path)
+  save_steps(workdir, [2, 4])
+  metadata_path = os.path.join(workdir, 'checkpoints', '4', '_CHECKPOINT_METADATA')
+  with open(metadata_path) as f:
+    metadata = json.load(f)
+  saved = metadata['custom_metadata']
+  del saved['checksum_algorithm']
+  kernel = np.full((4, 3), 4.0, np.float32)  # tiny_state(4, 4.0)'s kernel
+  saved['checksums']['params/dense/kernel'] = {'0:4,0:3': zlib.crc32(kernel.tobytes())}
+  for name in saved['checksums']:  # every table as the old code wrote it
+    if name != 'params/dense/kernel':
+      saved['checksums'][name] = {}
+  with open(metadata_path, 'w') as f:
+    json.dump(metadata, f)
+  state = checkpoint.restore_latest(checkpoint.checkpoint_manager(workdir), tiny_state())
+  assert int(state.step) == 4
+  saved['checksums']['params/dense/kernel']['0:4,0:3'] ^= 1  # and a wrong zlib CRC is still caught
+  with open(metadata_path, 'w') as f:
+    json.dump(metadata, f)
+  state = checkpoint.restore_latest(checkpoint.checkpoint_manager(workdir), tiny_state())
+  assert int(state.step) == 2
 
 
 def poisoned_mu(state):

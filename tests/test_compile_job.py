@@ -76,6 +76,9 @@ def test_a_4096_image_batch_does_not_fit_v5e_2x2_and_says_by_how_much(tmp_path):
   with pytest.raises(errors.ConfigError, match=r'does not fit.*\d+\.\d+G.*HBM') as info:
     compile_job.run(config, str(tmp_path), log=lambda _: None)
   assert 'remat' in str(info.value) and 'batch_size' in str(info.value) and 'fsdp' in str(info.value)
+  # The report is written all the same (the fit table's "does not fit" rows), the refused or oversized program marked.
+  report = json.load(open(tmp_path / 'compile_report.json'))
+  assert not report['fits'] and any(not p['fits'] for p in report['programs'].values())
 
 
 def test_fit_advice_names_the_bytes_and_the_remedies():
@@ -136,3 +139,12 @@ def test_collective_bytes_sum_combined_tuples_and_take_the_moved_half_of_async_s
   assert found['all-reduce'] == {'count': 1, 'bytes': 10 * 4 + 8 * 2}
   assert found['all-gather'] == {'count': 1, 'bytes': 8 * 4}
   assert found['reduce-scatter'] == {'count': 0, 'bytes': 0}
+
+
+def test_step_kinds_selects_the_programs_and_names_the_ones_a_config_runs():
+  kinds = {'singles': 'S', 'groups': 'G'}
+  assert compile_job.selected_kinds(kinds, '') == kinds
+  assert compile_job.selected_kinds(kinds, 'groups') == {'groups': 'G'}
+  assert list(compile_job.selected_kinds(kinds, 'groups, singles')) == ['singles', 'groups']
+  with pytest.raises(errors.ConfigError, match=r"\['mixed'\].*\['singles', 'groups'\]"):
+    compile_job.selected_kinds(kinds, 'mixed')
