@@ -51,6 +51,11 @@ ROWS = (
     ('sit_xl_l4_b1024_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b1024_v4_32_dots', 'configs/sit_xl.py', 'v4:2x2x4', 1,
      [B1024, '--config.model.remat=dots_saveable', NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_uc16_b1024_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1,
+     [B1024, '--config.train.group_size=16', '--config.model.max_group_size=16', '--config.mesh.fsdp=4',
+      NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_l4_b1024_v4_32_fsdp4_full', 'configs/sit_xl.py', 'v4:2x2x4', 1,
+     [B1024, '--config.mesh.fsdp=4', '--config.model.remat=full', NO_SAMPLER, SINGLES_ONLY]),
 )
 
 
@@ -82,22 +87,44 @@ def _refusal(workdir):
   return None
 
 
+def _chip(report):
+  """Per-device HBM/peak; v4 reports written before compile_job.per_device (no 'devices_per_chip') gave a
+  whole chip (2 TensorCores, 2 devices) to each device: halve them (the same rule as per_device)."""
+  chip = dict(report['chip'])
+  if 'devices_per_chip' not in chip and report['topology'].startswith('v4:'):
+    chip = {'hbm_bytes': chip['hbm_bytes'] // 2, 'bf16_flops': chip['bf16_flops'] / 2, 'devices_per_chip': 2}
+  return chip
+
+
 def table(out_dir):
-  lines = ['| row | topology | mesh | batch | remat | program | peak GiB/device | fits | collectives | '
-           'est. step s | est. MFU | compile s |', '|' + '---|' * 12]
-  for path in sorted(glob.glob(os.path.join(out_dir, '*', 'compile_report.json'))):
+  """The markdown fit table, one line per compiled program, in ROWS order; refused and missing rows too."""
+  lines = ['| row | topology | mesh (data, fsdp) | batch | remat | program | args GiB | temp GiB | peak GiB '
+           '| HBM GiB | fits | collectives (ops, GiB) | est. step s | est. MFU | compile s |', '|' + '---|' * 15]
+  for name, _, topology, slices, _ in ROWS:
+    workdir = os.path.join(out_dir, name)
+    path = os.path.join(workdir, 'compile_report.json')
+    where = f'{topology} x{slices}'
+    if not os.path.exists(path):
+      reason = _refusal(workdir) or 'not compiled'
+      lines.append(f'| {name} | {where} | | | | | | | | | no | {reason} | | | |')
+      continue
     report = json.load(open(path))
+    chip = _chip(report)
+    budget = (1 - report['headroom']) * chip['hbm_bytes']
+    mesh = f"{report['mesh']['data']}, {report['mesh']['fsdp']}"
     for program, p in report['programs'].items():
-      # Reports written before the bytes were summed over combined (tuple) all-reduces undercount them.
-      counted = report.get('collective_bytes') == compile_job.COLLECTIVE_BYTES_RULE
-      coll = sum(c['bytes'] for c in p['collectives'].values()) / 2**30 if counted else None
+      head = f"| {name} | {where} | {mesh} | {report['batch_size']} | {report['remat']} | {program} |"
+      if 'compiler_refused' in p:
+        lines.append(f"{head} | | | {chip['hbm_bytes'] / 2**30:.0f} | no: {p['compiler_refused']} | | | | "
+                     f"{p['compile_seconds']:.0f} |")
+        continue
+      m = p['memory_bytes_per_device']
+      coll = sum(c['bytes'] for c in p['collectives'].values()) / 2**30
       ops = sum(c['count'] for c in p['collectives'].values())
       est = p.get('estimated_step_seconds (compiler estimate)')
       mfu = p.get('mfu (compiler estimate)')
-      lines.append(f"| {os.path.basename(os.path.dirname(path))} | {report['topology']} x{report['num_slices']} | "
-                   f"{report['mesh']} | {report['batch_size']} | {report['remat']} | {program} | "
-                   f"{p['memory_bytes_per_device']['peak'] / 2**30:.2f} | {p['fits']} | "
-                   f"{ops} ops, {'bytes not counted (old report)' if coll is None else f'{coll:.2f} GiB'} | "
+      lines.append(f"{head} {m['argument'] / 2**30:.2f} | {m['temp'] / 2**30:.2f} | {m['peak'] / 2**30:.2f} | "
+                   f"{chip['hbm_bytes'] / 2**30:.0f} | {'yes' if m['peak'] <= budget else 'no'} | {ops}, {coll:.2f} | "
                    f"{'n/a' if est is None else f'{est:.3f}'} | {'n/a' if mfu is None else f'{mfu:.0%}'} | "
                    f"{p['compile_seconds']:.0f} |")
   print('\n'.join(lines))

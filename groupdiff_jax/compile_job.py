@@ -41,7 +41,7 @@ from groupdiff_jax import errors, sample, sample_job, sharding, step_plan
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
-# Per chip: HBM bytes and dense bf16 peak FLOP/s, from Google Cloud's TPU
+# Per chip (per_device divides by the devices a chip shows as): HBM bytes and dense bf16 peak FLOP/s, from Google Cloud's TPU
 # system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
 # /v6e): v4 32 GiB, 275 TFLOP/s; v5e 16 GiB, 197 TFLOP/s; v5p 95 GiB,
 # 459 TFLOP/s; v6e (Trillium) 32 GiB, 918 TFLOP/s.
@@ -85,6 +85,15 @@ def abstract_devices(topology, num_slices=1):
                                '--mode=compile needs no TPU, run with ALLOW_MULTIPLE_LIBTPU_LOAD=1.') from error
     raise errors.ConfigError(f'compile.topology={topology!r} (num_slices={num_slices}) was refused by the TPU '
                              f'compiler ({str(error).splitlines()[0][:200]}); use {TOPOLOGY_FORM}.') from error
+
+
+def per_device(chip, devices):
+  """The chip's HBM and peak per JAX device: v4 topologies list each of a chip's 2 TensorCores as a device
+  (they share the chip's coordinates), so a device has half the chip; v5e/v5p/v6e have one device a chip."""
+  chips = {(getattr(d, 'slice_index', 0), tuple(d.coords)) for d in devices}
+  cores = max(1, len(devices) // max(1, len(chips)))
+  return {'hbm_bytes': chip['hbm_bytes'] // cores, 'bf16_flops': chip['bf16_flops'] / cores,
+          'devices_per_chip': cores}
 
 
 def target_mesh(config, devices, num_slices):
@@ -218,8 +227,8 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
   (`compiler_refused`, fits False) and the next one compiled; else DoesNotFit.
   """
   cc = config.compile
-  chip = CHIPS[chip_of(cc.topology)]
   devices = abstract_devices(cc.topology, cc.num_slices)
+  chip = per_device(CHIPS[chip_of(cc.topology)], devices)
   mesh = target_mesh(config, devices, cc.num_slices)
   train = config.train
   kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)

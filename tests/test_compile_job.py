@@ -148,3 +148,12 @@ def test_step_kinds_selects_the_programs_and_names_the_ones_a_config_runs():
   assert list(compile_job.selected_kinds(kinds, 'groups, singles')) == ['singles', 'groups']
   with pytest.raises(errors.ConfigError, match=r"\['mixed'\].*\['singles', 'groups'\]"):
     compile_job.selected_kinds(kinds, 'mixed')
+
+
+def test_a_v4_chip_shows_as_two_devices_that_share_its_hbm_and_peak():
+  devices = compile_job.abstract_devices('v4:2x2x2')  # 8 chips, 2 TensorCores each
+  assert len(devices) == 16
+  chip = compile_job.per_device(compile_job.CHIPS['v4'], devices)
+  assert chip == {'hbm_bytes': 16 * 2**30, 'bf16_flops': 137.5e12, 'devices_per_chip': 2}
+  v5e = compile_job.abstract_devices('v5e:2x2')
+  assert compile_job.per_device(compile_job.CHIPS['v5e'], v5e)['hbm_bytes'] == 16 * 2**30
