@@ -61,6 +61,10 @@ def _saved_tree(state):
   return {name: getattr(state, name) for name in SAVED_FIELDS}
 
 
+class NoRestorableCheckpoint(errors.WeightsError, RuntimeError):
+  """Every checkpoint in the directory is corrupt or unreadable (RuntimeError: as before)."""
+
+
 class CheckpointSaveError(errors.UserError, OSError):
   """A checkpoint could not be written (disk full, permissions, storage gone); names the path and the OS error."""
 
@@ -263,8 +267,8 @@ def _restore_newest_valid(manager, args, move_aside):
     return step, restored
   if failed:
     listing = '; '.join(f'{path} ({reason})' for _, path, reason in failed)
-    raise RuntimeError(f'No checkpoint in {manager.directory} can be restored: {listing}. Move the directory away '
-                       f'to start from scratch, or restore it from a backup.')
+    raise NoRestorableCheckpoint(f'No checkpoint in {manager.directory} can be restored: {listing}. Move the '
+                                 'directory away to start from scratch, or restore it from a backup.')
   return None, None
 
 
@@ -344,8 +348,8 @@ def load_params(workdir, use_ema=True):
   manager = checkpoint_manager(workdir)
   step, restored = _restore_newest_valid(manager, ocp.args.StandardRestore(), move_aside=False)
   if step is None:
-    raise FileNotFoundError(f'No checkpoint in {manager.directory}: train first with '
-                            f'`python -m groupdiff_jax.main --mode=train --workdir={workdir} --config=...`.')
+    raise errors.MissingInputError(f'No checkpoint in {manager.directory}: train first with '
+                                   f'`python -m groupdiff_jax.main --mode=train --workdir={workdir} --config=...`.')
   return restored['ema_params' if use_ema else 'params'], step
 
 
@@ -433,12 +437,14 @@ def init_params_from(state, path):
   """
   manager_dir = os.path.join(os.path.abspath(path), 'checkpoints')
   if not os.path.isdir(manager_dir):
-    raise FileNotFoundError(f'train.init_from={path!r}: no checkpoint directory {manager_dir}. Pass the --output '
-                            'directory of `python -m groupdiff_jax.convert` or the workdir of a training run.')
+    raise errors.MissingInputError(f'train.init_from={path!r}: no checkpoint directory {manager_dir}. Pass the '
+                                   '--output directory of `python -m groupdiff_jax.convert` or the workdir of a '
+                                   'training run.')
   manager = checkpoint_manager(path)
   step, restored = _restore_newest_valid(manager, ocp.args.StandardRestore(), move_aside=False)
   if step is None:
-    raise FileNotFoundError(f'train.init_from={path!r}: {manager_dir} holds no checkpoint.')
+    raise errors.MissingInputError(f'train.init_from={path!r}: {manager_dir} holds no checkpoint; point '
+                                   'train.init_from at a directory with a saved checkpoint.')
   source = flat_params(jax.device_get(restored['ema_params']))
   target = flat_params(state.params)
   source_modules = {name.split('/')[0] for name in source}

@@ -284,7 +284,7 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
   """Read `.safetensors`, `.npz` (NumPy only) or `.pt`/`.pth` (torch) -> (flat {key: array}, skipped entries)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No checkpoint file at {path!r} (--source): pass the official .pth, or a '
+    raise errors.MissingInputError(f'No checkpoint file at {path!r} (--source): pass the official .pth, or a '
                             '.safetensors/.npz made from it.')
   if path.endswith(weights_io.FORMATS):
     return weights_io.read_arrays(path), []
@@ -489,7 +489,7 @@ def check_model_config(path, model_config) -> None:
            f'(pass --config.model.{name}={architecture[name]})'
            for name in RECORDED_MODEL_FIELDS if name in architecture and configured[name] != architecture[name]]
   if wrong:
-    raise ValueError('The model config does not match the converted weights:\n  ' + '\n  '.join(wrong))
+    raise errors.ConfigError('The model config does not match the converted weights:\n  ' + '\n  '.join(wrong))
 
 
 # ------------------------------------------------------------------------------------------ files in, files out

@@ -23,6 +23,8 @@ import os
 
 import jax
 
+from groupdiff_jax import errors
+
 ENV_ADDRESS = 'JAX_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
 ENV_PROCESS_ID = 'JAX_PROCESS_ID'
@@ -77,8 +79,8 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, lo
     process_id = int(os.environ[ENV_PROCESS_ID])
   if coordinator_address:
     if num_processes is None or process_id is None:
-      raise ValueError('A coordinator address needs num_processes and process_id '
-                       f'(flags or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}).')
+      raise errors.ConfigError(f'--coordinator_address={coordinator_address} needs --num_processes and --process_id '
+                               f'(or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID} in the environment).')
     if os.environ.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu':
       # CPU collectives across processes (tests, CPU clusters). Asking
       # jax.default_backend() here would start the backend too early.

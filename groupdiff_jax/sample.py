@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from groupdiff_jax import diffusion as gd
+from groupdiff_jax import errors
 from groupdiff_jax import samplers, sharding
 from groupdiff_jax import transport as transport_lib
 
@@ -30,11 +31,22 @@ def timestep_respacing(sample_config):
 
 def check_sampler(objective, sampler):
   if objective not in samplers.SAMPLERS_BY_OBJECTIVE:
-    raise ValueError(f"Unknown model.objective={objective!r}; use 'sit' or 'dit'.")
+    raise errors.ConfigError(f"Unknown model.objective={objective!r}; use 'sit' or 'dit'.")
   allowed = samplers.SAMPLERS_BY_OBJECTIVE[objective]
   if sampler not in allowed:
-    raise ValueError(f'sample.sampler={sampler!r} does not fit model.objective={objective!r}; choose one of '
-                     f'{allowed} (e.g. --config.sample.sampler={allowed[0]}).')
+    raise errors.ConfigError(f'sample.sampler={sampler!r} does not fit model.objective={objective!r}; choose one of '
+                             f'{allowed} (e.g. --config.sample.sampler={allowed[0]}).')
+
+
+def dit_schedule(sample_config):
+  """DiT's respaced sampling schedule of `sample_config`; a ConfigError naming the field it cannot take."""
+  respacing = timestep_respacing(sample_config)
+  try:
+    return gd.create_schedule(respacing)
+  except ValueError as error:  # space_timesteps: too many steps, no integer stride, not a number
+    field = ('sample.timestep_respacing' if sample_config.get('timestep_respacing') else 'sample.num_steps')
+    raise errors.ConfigError(f'{field}: DiT cannot respace its {gd.NUM_TIMESTEPS} steps as {respacing!r} ({error}); '
+                             f"use e.g. sample.num_steps=250, or sample.timestep_respacing='ddim50'.") from None
 
 
 def generate(model, params, rng, sample_config, model_config):
@@ -45,12 +57,21 @@ def generate(model, params, rng, sample_config, model_config):
 def check_group_sizes(sample_config, model_config):
   """Raise unless both branches' group sizes fit the groups and the model."""
   per_group = sample_config.images_per_group
-  for size in (sample_config.cond_group_size, sample_config.uncond_group_size):
+  sizes = dict(cond_group_size=sample_config.cond_group_size, uncond_group_size=sample_config.uncond_group_size)
+  if per_group < 1:
+    raise errors.ConfigError(f'sample.images_per_group={per_group} must be positive.')
+  for name, size in sizes.items():
+    if size < 1:
+      raise errors.ConfigError(f'sample.{name}={size} must be positive (1: no group attention in that branch).')
     if per_group % size:
-      raise ValueError(f'sample.images_per_group={per_group} must be a multiple of the branch group size {size}, '
-                       'so that a branch never groups images of different classes.')
-  if max(sample_config.cond_group_size, sample_config.uncond_group_size) > model_config.max_group_size > 0:
-    raise ValueError(f'Sampling group sizes exceed model.max_group_size={model_config.max_group_size}.')
+      raise errors.ConfigError(f'sample.images_per_group={per_group} must be a multiple of sample.{name}={size}, '
+                               'so that a branch never groups images of different classes.')
+  too_large = {name: size for name, size in sizes.items() if size > model_config.max_group_size > 0}
+  if too_large:
+    raise errors.ConfigError(
+        'Sampling group sizes ' + ', '.join(f'sample.{n}={s}' for n, s in too_large.items()) + ' exceed '
+        f'model.max_group_size={model_config.max_group_size} (the sample embedding\'s rows): lower them or sample '
+        'a model trained with a larger max_group_size.')
 
 
 def make_sampler(model, sample_config, model_config, mesh=None):
@@ -80,8 +101,9 @@ def make_sampler(model, sample_config, model_config, mesh=None):
   method, num_steps = sample_config.sampler, sample_config.num_steps
   side, channels = model_config.input_size, model_config.in_channels
   if objective == 'dit' and not model_config.learn_sigma:
-    raise ValueError('model.objective=dit needs model.learn_sigma=True (DiT\'s learned-range variance).')
-  schedule = gd.create_schedule(timestep_respacing(sample_config)) if objective == 'dit' else None
+    raise errors.ConfigError('model.objective=dit needs model.learn_sigma=True (DiT\'s learned-range variance): '
+                             'pass --config.model.learn_sigma=True.')
+  schedule = dit_schedule(sample_config) if objective == 'dit' else None
   transport = transport_lib.transport_from_config(model_config)
   batch = None if mesh is None else sharding.batch_sharding(mesh)
   constrain = (lambda x: x) if batch is None else (lambda x: jax.lax.with_sharding_constraint(x, batch))

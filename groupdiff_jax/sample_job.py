@@ -128,8 +128,8 @@ class ChunkPlan:
 def plan_from_config(config):
   s = config.sample
   if s.num_groups < 1 or s.groups_per_batch < 1:
-    raise ValueError(f'sample.num_groups={s.num_groups} and sample.groups_per_batch={s.groups_per_batch} '
-                     'must be positive.')
+    raise errors.ConfigError(f'sample.num_groups={s.num_groups} and sample.groups_per_batch={s.groups_per_batch} '
+                             'must be positive (e.g. --config.sample.num_groups=8 --config.sample.groups_per_batch=8).')
   return ChunkPlan(s.num_groups, s.images_per_group, min(s.groups_per_batch, s.num_groups),
                    config.model.num_classes)
 
@@ -146,23 +146,26 @@ def check_config(config):
   """Every setting the job can check before loading a checkpoint; clear errors naming the field."""
   sample.check_sampler(config.model.get('objective', 'sit'), config.sample.sampler)
   sample.check_group_sizes(config.sample, config.model)
+  if config.model.get('objective', 'sit') == 'dit':
+    sample.dit_schedule(config.sample)
   plan_from_config(config)
   if is_latent(config.model):
     path = config.sample.get('vae_path')
     if not path:
-      raise ValueError(
+      raise errors.ConfigError(
           f'model.in_channels={config.model.in_channels}: this model samples SD-VAE latents, which the sample job '
           'decodes to images. Set --config.sample.vae_path=/path/to/diffusion_pytorch_model.safetensors, '
           f'from {VAE_SOURCE}.')
     if not os.path.exists(path):
-      raise FileNotFoundError(f'sample.vae_path={path} does not exist; get the file from {VAE_SOURCE}.')
+      raise errors.MissingInputError(f'sample.vae_path={path} does not exist; get the file from {VAE_SOURCE} and '
+                                     'pass its path as --config.sample.vae_path=PATH.')
   if config.sample.get('s_cross', False):
     s_cross_sampling.s_cross_branch(config.sample)
     if not any(s_cross_sampling.group_attention_at(stage, config.sample.group_stage_fraction)
                for stage in config.sample.s_cross_stages):
-      raise ValueError(f'sample.s_cross_stages={tuple(config.sample.s_cross_stages)}: group attention is off at '
-                       f'all of them (sample.group_stage_fraction={config.sample.group_stage_fraction}); measure '
-                       'at stages below that fraction.')
+      raise errors.ConfigError(f'sample.s_cross_stages={tuple(config.sample.s_cross_stages)}: group attention is off '
+                               f'at all of them (sample.group_stage_fraction={config.sample.group_stage_fraction}); '
+                               'measure at stages below that fraction.')
 
 
 # --- Devices and parameters ---------------------------------------------------
@@ -237,6 +240,10 @@ def make_decoder(vae_params, vae_config, mesh, batch_size):
     return np.concatenate(parts)
 
   return decode
+
+
+class SamplesDirError(errors.DataError, RuntimeError):
+  """<workdir>/samples/ lost or changed a chunk between generation and assembly (RuntimeError: as before)."""
 
 
 class NonfiniteSamplesError(FloatingPointError):
@@ -361,12 +368,13 @@ def assemble(samples_dir, plan, image_side):
         for chunk in range(plan.num_chunks):
           arrays = read_chunk(chunk_path(samples_dir, chunk), plan, chunk)
           if arrays is None:
-            raise RuntimeError(f'{chunk_path(samples_dir, chunk)} is missing or invalid: rerun the same sample '
-                               'command to generate it again.')
+            raise SamplesDirError(f'{chunk_path(samples_dir, chunk)} is missing or invalid: rerun the same sample '
+                                  'command to generate it again (with several hosts, --workdir must be on storage '
+                                  'that every host sees).')
           images = arrays['images']
           if images.shape[1:3] != shape[1:3]:
-            raise RuntimeError(f'{chunk_path(samples_dir, chunk)} holds images of {images.shape[1:3]}, not '
-                               f'{shape[1:3]}: move {samples_dir} away and sample again.')
+            raise SamplesDirError(f'{chunk_path(samples_dir, chunk)} holds images of {images.shape[1:3]}, not '
+                                  f'{shape[1:3]}: move {samples_dir} away and sample again.')
           rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
           member.write(np.ascontiguousarray(rgb).tobytes())
           labels.append(arrays['labels'])
@@ -488,8 +496,9 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   decode, image_side = None, config.model.input_size
   if is_latent(config.model):
     if config.model.in_channels != vae_config.latent_channels:
-      raise ValueError(f'model.in_channels={config.model.in_channels} but the VAE has {vae_config.latent_channels} '
-                       'latent channels.')
+      raise errors.ConfigError(f'model.in_channels={config.model.in_channels} but the VAE has '
+                               f'{vae_config.latent_channels} latent channels: set '
+                               f'--config.model.in_channels={vae_config.latent_channels}.')
     image_side *= vae_config.downsample_factor
     vae_params = vae_weights.load_vae_params(config.sample.vae_path, vae_config)
     decode = make_decoder(vae_params, vae_config, mesh, config.sample.decode_batch_size)
@@ -578,13 +587,14 @@ def evaluate_samples(config, workdir, log=print):
   if not config.eval.get('inception_graph'):
     needed.append(f'--config.eval.inception_graph=/path/classify_image_graph_def.pb ({inception.INCEPTION_URL})')
   if needed:
-    raise ValueError('--mode=eval needs ' + ' and '.join(needed) + '.')
+    raise errors.ConfigError('--mode=eval needs ' + ' and '.join(needed) + '.')
   found = sorted(glob.glob(os.path.join(workdir, SAMPLES_DIR, 'samples_*.npz')))
   if not found:
-    raise FileNotFoundError(f'No samples_*.npz in {os.path.join(workdir, SAMPLES_DIR)}: run --mode=sample with the '
-                            'same config and workdir first.')
+    raise errors.MissingInputError(f'No samples_*.npz in {os.path.join(workdir, SAMPLES_DIR)}: run --mode=sample '
+                                   'with the same config and workdir first.')
   if len(found) > 1:
-    raise ValueError(f'Several sample batches in {os.path.join(workdir, SAMPLES_DIR)}: {found}; keep one.')
+    raise errors.DataError(f'Several sample batches in {os.path.join(workdir, SAMPLES_DIR)}: {found}; keep one '
+                           '(move the others away).')
   results = evaluator.evaluate(config.eval.reference_batch, found[0], config.eval.inception_graph, log=log)
   output = evaluator.default_output_path(found[0])
   write_json(output, results)

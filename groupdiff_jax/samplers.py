@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from groupdiff_jax import diffusion as gd
+from groupdiff_jax import errors
 from groupdiff_jax import transport as transport_lib
 from groupdiff_jax.models.embeddings import draw_sample_ids
 
@@ -291,7 +292,7 @@ def sde_diffusion(transport, t, form='SBDM', norm=1.0):
     return norm * transport_lib.path_coefficients(transport.path, t)[2]
   if form == 'constant':
     return norm * jnp.ones_like(t)
-  raise ValueError(f'Unknown SDE diffusion form {form!r}; choose one of {SDE_DIFFUSION_FORMS}.')
+  raise errors.ConfigError(f'Unknown sample.sde_diffusion_form={form!r}; choose one of {SDE_DIFFUSION_FORMS}.')
 
 
 def integrate_sde(predict, noise, rng, num_steps=250, transport=transport_lib.Transport(), diffusion_form='SBDM',
@@ -313,7 +314,8 @@ def integrate_sde(predict, noise, rng, num_steps=250, transport=transport_lib.Tr
     rng: key; step k splits fold_in(rng, k) into its sample-id and noise keys.
   """
   if last_step not in SDE_LAST_STEPS:
-    raise ValueError(f'Unknown SDE last step {last_step!r}; choose one of {SDE_LAST_STEPS}.')
+    raise errors.ConfigError(f'Unknown sample.sde_last_step={last_step!r}; choose one of '
+                             f'{[name for name in SDE_LAST_STEPS if name]} or \'none\'.')
   size = last_step_size if last_step is not None else 0.0
   t0, t1 = transport_lib.time_interval(transport, sde=True, last_step_size=size, sampling=True)
   times = jnp.linspace(t0, t1, num_steps)

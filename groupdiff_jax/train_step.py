@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from groupdiff_jax import sharding, transport
+from groupdiff_jax import errors, sharding, transport
 from groupdiff_jax.models.embeddings import draw_sample_ids
 
 
@@ -114,8 +114,9 @@ def _dit_losses(model_fn, images, time_rng, noise_rng, sub, timestep_jitter):
   def checked_model_fn(x_t, t_model):
     out = model_fn(x_t, t_model)
     if out.shape[-1] != 2 * images.shape[-1]:
-      raise ValueError(f'model.objective=dit needs model.learn_sigma=True (a {2 * images.shape[-1]}-channel '
-                       f'output of eps and variance values); the model outputs {out.shape[-1]} channels.')
+      raise errors.ConfigError(f'model.objective=dit needs model.learn_sigma=True (a {2 * images.shape[-1]}-channel '
+                               f'output of eps and variance values); the model outputs {out.shape[-1]} channels. '
+                               'Pass --config.model.learn_sigma=True.')
     return out
 
   return gd.training_losses(checked_model_fn, images, t, noise, schedule)
@@ -134,7 +135,7 @@ def _sub_batch_loss(params, apply_fn, sub, images, labels, rng, train_config, ma
   model_config = model_config if model_config is not None else {}
   objective = model_config.get('objective', 'sit')
   if objective not in OBJECTIVES:
-    raise ValueError(f'Unknown model.objective={objective!r}; use one of {OBJECTIVES}.')
+    raise errors.ConfigError(f'Unknown model.objective={objective!r}; use one of {OBJECTIVES}.')
   time_rng, noise_rng, id_rng, drop_rng = jax.random.split(rng, 4)
   if not sub.conditional:
     labels = jnp.full_like(labels, null_class)

@@ -33,6 +33,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from groupdiff_jax import errors
+
 PATHS = ('linear', 'gvp', 'vp')
 PREDICTIONS = ('velocity', 'noise', 'score')
 LOSS_WEIGHTS = (None, 'velocity', 'likelihood')
@@ -48,11 +50,11 @@ class Transport:
 
   def __post_init__(self):
     if self.path not in PATHS:
-      raise ValueError(f'Unknown model.path={self.path!r}; choose one of {PATHS}.')
+      raise errors.ConfigError(f'Unknown model.path={self.path!r}; choose one of {PATHS}.')
     if self.prediction not in PREDICTIONS:
-      raise ValueError(f'Unknown model.prediction={self.prediction!r}; choose one of {PREDICTIONS}.')
+      raise errors.ConfigError(f'Unknown model.prediction={self.prediction!r}; choose one of {PREDICTIONS}.')
     if self.loss_weight not in LOSS_WEIGHTS:
-      raise ValueError(f'Unknown loss weight {self.loss_weight!r}; choose one of {LOSS_WEIGHTS}.')
+      raise errors.ConfigError(f'Unknown model.loss_weight={self.loss_weight!r}; choose one of {LOSS_WEIGHTS}.')
 
   @property
   def train_eps(self):

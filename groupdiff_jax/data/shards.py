@@ -16,12 +16,14 @@ import os
 import time
 
 import numpy as np
+
+from groupdiff_jax import errors
 from numpy.lib import format as npy_format
 
 SHARD_DIR = 'shards'
 
 
-class ShardError(RuntimeError):
+class ShardError(errors.UserError, RuntimeError):
   """Shards that cannot be resumed or finalised; the message says what to do."""
 
 

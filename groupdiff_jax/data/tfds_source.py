@@ -9,6 +9,8 @@ share it.
 
 import numpy as np
 
+from groupdiff_jax import errors
+
 from groupdiff_jax.data import preprocess
 
 PREPARE_STEPS = """TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}. To prepare it:
@@ -21,7 +23,7 @@ PREPARE_STEPS = """TFDS dataset {name!r} is not prepared in data_dir={data_dir!r
 TFDS said: {error}"""
 
 
-class DatasetNotReady(RuntimeError):
+class DatasetNotReady(errors.UserError, RuntimeError):
   """The TFDS dataset is missing or not prepared; the message lists the steps."""
 
 

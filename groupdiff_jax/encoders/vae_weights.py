@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from groupdiff_jax import weights_io
+from groupdiff_jax import errors, weights_io
 from groupdiff_jax.encoders import vae as vae_lib
 
 WEIGHTS_FILENAME = 'diffusion_pytorch_model.safetensors'
@@ -92,7 +92,7 @@ _LEAF_RULES: dict[tuple[str, str], tuple[str, Callable, Callable]] = {
 }
 
 
-class VAEWeightsError(ValueError):
+class VAEWeightsError(errors.WeightsError):
   """A state dict that does not match the configured AutoencoderKL."""
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from groupdiff_jax import weights_io
+from groupdiff_jax import errors, weights_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,7 @@ def same(w):
   return np.asarray(w)
 
 
-class WeightsError(ValueError):
+class WeightsError(errors.WeightsError):
   """A state dict that does not match the tower; the message names every offending key."""
 
 

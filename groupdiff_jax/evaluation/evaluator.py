@@ -31,6 +31,7 @@ import zipfile
 
 import numpy as np
 
+from groupdiff_jax import errors
 from groupdiff_jax.evaluation import fid as fid_lib
 from groupdiff_jax.evaluation import inception as inception_lib
 from groupdiff_jax.evaluation import precision_recall as pr_lib
@@ -64,12 +65,12 @@ class NpzImages:
 def npz_keys(path):
   """Names of the arrays in an npz; clear errors for a missing or non-npz file."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No such file: {path}')
+    raise errors.MissingInputError(f'No such file: {path}; check the path of the .npz.')
   try:
     with zipfile.ZipFile(path) as zf:
       return [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
   except zipfile.BadZipFile as e:
-    raise ValueError(f'{path}: not an .npz file (np.savez output). {_SAVE_HINT}') from e
+    raise errors.DataError(f'{path}: not an .npz file (np.savez output). {_SAVE_HINT}') from e
 
 
 def _stream_batches(path, member, shape, dtype, offset):
@@ -81,7 +82,8 @@ def _stream_batches(path, member, shape, dtype, offset):
         count = min(batch_size, shape[0] - start)
         data = f.read(count * row_bytes)
         if len(data) != count * row_bytes:
-          raise ValueError(f'{path}: {member} ends early (truncated file?) at image {start}.')
+          raise errors.DataError(f'{path}: {member} ends early (truncated file?) at image {start}; write the '
+                                 'file again.')
         yield np.frombuffer(data, dtype).reshape(count, *shape[1:])
   return read
 
@@ -103,7 +105,7 @@ def open_images(path, key=IMAGES_KEY):
   """Validated view of `key` in an npz: uint8 [N, H, W, 3], N >= 2."""
   keys = npz_keys(path)
   if key not in keys:
-    raise ValueError(f'{path}: no array {key!r} (it has {keys}). {_SAVE_HINT}')
+    raise errors.DataError(f'{path}: no array {key!r} (it has {keys}). {_SAVE_HINT}')
   member = key + '.npy'
   header, offset = _npy_header(path, member)
   if header is None or header[1] or header[2].hasobject:
@@ -115,11 +117,11 @@ def open_images(path, key=IMAGES_KEY):
     shape, _, dtype = header
     reader = _stream_batches(path, member, shape, dtype, offset)
   if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-    raise ValueError(f'{path}: {key} must be uint8 images [N, H, W, 3] (ADM protocol: '
-                     f'[N, {PROTOCOL_IMAGE_SIZE}, {PROTOCOL_IMAGE_SIZE}, 3]); got {dtype} {tuple(shape)}. '
-                     f'{_SAVE_HINT}')
+    raise errors.DataError(f'{path}: {key} must be uint8 images [N, H, W, 3] (ADM protocol: '
+                           f'[N, {PROTOCOL_IMAGE_SIZE}, {PROTOCOL_IMAGE_SIZE}, 3]); got {dtype} {tuple(shape)}. '
+                           f'{_SAVE_HINT}')
   if shape[0] < 2:
-    raise ValueError(f'{path}: {key} has {shape[0]} image(s); statistics need at least 2.')
+    raise errors.DataError(f'{path}: {key} has {shape[0]} image(s); statistics need at least 2.')
   return NpzImages(path, key, shape, dtype, reader)
 
 
@@ -174,9 +176,15 @@ def evaluate(ref_path, sample_path, inception_graph, *, batch_size=inception_lib
   ref_stats = fid_lib.maybe_load(ref_path)
   ref_images = open_images(ref_path) if IMAGES_KEY in npz_keys(ref_path) else None
   if ref_stats is None and ref_images is None:
-    raise ValueError(f'{ref_path}: a reference batch needs {IMAGES_KEY!r} images or precomputed '
-                     f'statistics {fid_lib.POOL_KEYS + fid_lib.SPATIAL_KEYS}; it has neither '
-                     f'(keys: {npz_keys(ref_path)}).')
+    raise errors.DataError(f'{ref_path}: a reference batch needs {IMAGES_KEY!r} images or precomputed '
+                           f'statistics {fid_lib.POOL_KEYS + fid_lib.SPATIAL_KEYS}; it has neither '
+                           f'(keys: {npz_keys(ref_path)}). Use ADM\'s reference batch '
+                           '(VIRTUAL_imagenet256_labeled.npz).')
+  if ref_images is not None:
+    for name, images in (('reference', ref_images), ('sample', samples)):
+      if len(images) <= pr_lib.NEIGHBORHOOD_SIZE:
+        raise errors.DataError(f'{images.path}: {len(images)} {name} images; precision/recall (k = '
+                               f'{pr_lib.NEIGHBORHOOD_SIZE} neighbours) need more than {pr_lib.NEIGHBORHOOD_SIZE}.')
   notes = []
   if ref_images is not None and ref_images.shape[1:3] != samples.shape[1:3]:
     notes.append(f'sample size {samples.shape[1:3]} differs from reference size '
@@ -205,9 +213,9 @@ def evaluate(ref_path, sample_path, inception_graph, *, batch_size=inception_lib
   for name, ref_mu, features in (('pool', ref_stats.mu, sample_pool),
                                  ('spatial', ref_stats.mu_s, sample_spatial)):
     if ref_mu is not None and ref_mu.shape[0] != features.shape[1]:
-      raise ValueError(f'{ref_path}: reference {name} statistics have dimension {ref_mu.shape[0]} '
-                       f'but {inception_graph} gives {features.shape[1]}: the reference was made '
-                       'with another network; use ADM\'s reference batch and graph together.')
+      raise errors.DataError(f'{ref_path}: reference {name} statistics have dimension {ref_mu.shape[0]} '
+                             f'but {inception_graph} gives {features.shape[1]}: the reference was made '
+                             'with another network; use ADM\'s reference batch and graph together.')
   sample_stats = fid_lib.FIDStatistics.from_features(sample_pool, sample_spatial)
   results = {'inception_score': inception_lib.inception_score(probs, is_split_size)}
   log('FID (sqrtm of a [D, D] matrix; a minute for D = 2048)...')
@@ -265,7 +273,7 @@ def main(argv=None):
   try:
     results = evaluate(args.ref_batch, args.sample_batch, args.inception_graph,
                        batch_size=args.batch_size, pr_precision=args.pr_precision, log=log)
-  except (FileNotFoundError, ValueError) as e:
+  except errors.UserError as e:  # anything else is a bug: its traceback stays
     print(f'error: {e}', file=sys.stderr)
     return 2
   for key, label in (('inception_score', 'Inception Score'), ('fid', 'FID'), ('sfid', 'sFID'),

@@ -23,6 +23,8 @@ import warnings
 
 import numpy as np
 
+from groupdiff_jax import errors
+
 # Key names of an ADM reference batch: (mean, covariance) for FID and sFID.
 POOL_KEYS = ('mu', 'sigma')
 SPATIAL_KEYS = ('mu_s', 'sigma_s')
@@ -137,8 +139,8 @@ class FIDStatistics:
     """Reads `mu`, `sigma` and, if present, `mu_s`, `sigma_s` from an npz."""
     stats = maybe_load(path)
     if stats is None:
-      raise ValueError(f'{path}: no FID statistics; the npz needs the keys {POOL_KEYS} '
-                       f'(and {SPATIAL_KEYS} for sFID).')
+      raise errors.DataError(f'{path}: no FID statistics; the npz needs the keys {POOL_KEYS} '
+                             f'(and {SPATIAL_KEYS} for sFID).')
     return stats
 
 
@@ -148,9 +150,13 @@ def maybe_load(path):
   Only the statistics arrays are read, never `arr_0` (np.load is lazy).
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f'No such file: {path}')
-  with np.load(path) as data:
+    raise errors.MissingInputError(f'No such file: {path}; check the path of the .npz.')
+  try:
+    data = np.load(path)
     keys = set(data.files)
+  except (OSError, ValueError, EOFError, AttributeError) as error:  # not an npz (np.load of a .npy: no .files)
+    raise errors.DataError(f'{path}: not an .npz file (np.savez output): {error}') from None
+  with data:
     if not set(POOL_KEYS) <= keys:
       return None
     mu, sigma = (np.asarray(data[k], np.float64) for k in POOL_KEYS)
@@ -159,5 +165,5 @@ def maybe_load(path):
       mu_s, sigma_s = (np.asarray(data[k], np.float64) for k in SPATIAL_KEYS)
   for name, m, s in (('mu/sigma', mu, sigma), ('mu_s/sigma_s', mu_s, sigma_s)):
     if m is not None and (m.ndim != 1 or s.shape != (m.shape[0],) * 2):
-      raise ValueError(f'{path}: {name} must be [D] and [D, D]; got {m.shape} and {s.shape}.')
+      raise errors.DataError(f'{path}: {name} must be [D] and [D, D]; got {m.shape} and {s.shape}.')
   return FIDStatistics(mu, sigma, mu_s, sigma_s)

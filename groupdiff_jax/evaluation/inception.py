@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from groupdiff_jax import errors
+
 INCEPTION_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/'
                  'classify_image_graph_def.pb')
 FEATURE_BATCH_SIZE = 64
@@ -47,13 +49,14 @@ def missing_graph_message(path):
   where = f'InceptionV3 graph not found: {path!r}.' if path else 'No InceptionV3 graph given.'
   return (f'{where} The ADM evaluator uses the frozen TF1 graph classify_image_graph_def.pb, '
           f'downloaded from {INCEPTION_URL} . This machine cannot download it: copy it here from '
-          'a machine with internet access and pass its path (--inception_graph=PATH).')
+          'a machine with internet access and pass its path (--config.eval.inception_graph=PATH, or '
+          '--inception_graph=PATH of the evaluator).')
 
 
 def check_graph_path(path):
-  """Raises FileNotFoundError, saying where the graph comes from, if path is not a file."""
+  """Raises MissingInputError (a FileNotFoundError), saying where the graph comes from, if path is not a file."""
   if not path or not os.path.isfile(path):
-    raise FileNotFoundError(missing_graph_message(path))
+    raise errors.MissingInputError(missing_graph_message(path))
 
 
 def load_graph_def(path):
@@ -66,8 +69,8 @@ def load_graph_def(path):
     try:
       graph_def.ParseFromString(f.read())
     except Exception as e:  # protobuf raises DecodeError, a plain Exception subclass.
-      raise ValueError(f'{path}: not a TensorFlow GraphDef ({e}). Expected ADM\'s '
-                       f'classify_image_graph_def.pb from {INCEPTION_URL} .') from e
+      raise errors.WeightsError(f'{path}: not a TensorFlow GraphDef ({e}). Expected ADM\'s '
+                                f'classify_image_graph_def.pb from {INCEPTION_URL} .') from e
   return graph_def
 
 
@@ -108,8 +111,8 @@ class InceptionV3:
             return_elements=[spec.pool_tensor, spec.spatial_tensor, spec.logits_matmul_op],
             name='inception')
       except ValueError as e:
-        raise ValueError(f'{graph_path}: the graph lacks a tensor the ADM evaluator reads '
-                         f'({spec}): {e}') from e
+        raise errors.WeightsError(f'{graph_path}: the graph lacks a tensor the ADM evaluator reads ({spec}): {e}. '
+                                  f'Use ADM\'s classify_image_graph_def.pb from {INCEPTION_URL} .') from e
       self._pool = pool
       self._spatial = spatial[..., :spec.spatial_channels]
       self._pool_input = v1.placeholder(tf.float32, shape=[None, None], name='pool_features')

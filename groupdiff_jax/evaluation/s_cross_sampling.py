@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from groupdiff_jax import diffusion as gd
+from groupdiff_jax import errors
 from groupdiff_jax import transport as transport_lib
 from groupdiff_jax.evaluation import s_cross_probe
 from groupdiff_jax.models.embeddings import draw_sample_ids
@@ -30,10 +31,11 @@ def s_cross_branch(sample_config):
     return 'unconditional', s.uncond_group_size, True
   if s.cond_group_size > 1:
     return 'conditional', s.cond_group_size, False
-  raise ValueError(f'sample.s_cross=True measures how members attend to each other, but no branch attends over a '
-                   f'group here (sample.cond_group_size={s.cond_group_size}, sample.uncond_group_size='
-                   f'{s.uncond_group_size}, sample.cfg_scale={s.cfg_scale}): set a group size > 1 for a branch '
-                   'that runs (e.g. --config.sample.uncond_group_size=4 with cfg_scale != 1), or drop sample.s_cross.')
+  raise errors.ConfigError(f'sample.s_cross=True measures how members attend to each other, but no branch attends '
+                           f'over a group here (sample.cond_group_size={s.cond_group_size}, sample.uncond_group_size='
+                           f'{s.uncond_group_size}, sample.cfg_scale={s.cfg_scale}): set a group size > 1 for a branch '
+                           'that runs (e.g. --config.sample.uncond_group_size=4 with cfg_scale != 1), or drop '
+                           'sample.s_cross.')
 
 
 def group_attention_at(stage, group_stage_fraction):

@@ -39,8 +39,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from groupdiff_jax import errors
 from groupdiff_jax.models import embeddings
-from groupdiff_jax.models.group_attention import GroupAttention
+from groupdiff_jax.models.group_attention import GroupAttention, check_implementation
 
 # Official DiT sizes: name -> (depth, hidden_size, num_heads).
 MODEL_SIZES = {
@@ -57,8 +58,8 @@ def parse_variant(name):
   """'SiT-XL/2' or 'DiT-B/4' -> dict(depth, hidden_size, num_heads, patch_size)."""
   match = re.fullmatch(r'(?:DiT|SiT)-(S|B|L|XL)/(\d+)', name)
   if not match or int(match.group(2)) not in PATCH_SIZES:
-    raise ValueError(f'Unknown model variant {name!r}: expected "SiT-<S|B|L|XL>/<2|4|8>" '
-                     '(or DiT-...), e.g. "SiT-XL/2".')
+    raise errors.ConfigError(f'Unknown model variant {name!r}: expected "SiT-<S|B|L|XL>/<2|4|8>" '
+                             '(or DiT-...), e.g. "SiT-XL/2".')
   depth, hidden_size, num_heads = MODEL_SIZES[match.group(1)]
   return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(match.group(2)))
 
@@ -186,7 +187,7 @@ REMAT_POLICIES = {
 def block_class(remat):
   """DiTBlock, wrapped in nn.remat per `remat` (parameter names unchanged)."""
   if remat not in REMAT_POLICIES:
-    raise ValueError(f'Unknown model.remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}.')
+    raise errors.ConfigError(f'Unknown model.remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}.')
   if remat == 'none':
     return DiTBlock
   # static_argnums counts `self`: (self, x, c, group_size) -> group_size is 3.
@@ -263,7 +264,8 @@ class DiT(nn.Module):
     batch, height, width, _ = x.shape
     p = self.patch_size
     if height != self.input_size or width != self.input_size:
-      raise ValueError(f'Input is {height}x{width}, model.input_size is {self.input_size}.')
+      raise errors.ConfigError(f'The input is {height}x{width} but model.input_size={self.input_size}: set '
+                               'model.input_size to the resolution of the data (images or latents).')
     tokens = PatchEmbed(self.hidden_size, p, self.dtype, name='x_embedder')(x)  # [B, L, C]
     grid = self.input_size // p
     tokens = tokens + embeddings.sincos_2d_position_embedding(self.hidden_size, grid)[None]
@@ -297,14 +299,14 @@ def check_time_convention(config):
   """
   convention = config.get('time_convention', 'sit')
   if convention not in TIME_CONVENTIONS:
-    raise ValueError(f'Unknown model.time_convention={convention!r}; choose one of {TIME_CONVENTIONS}.')
+    raise errors.ConfigError(f'Unknown model.time_convention={convention!r}; choose one of {TIME_CONVENTIONS}.')
   if convention == 'groupdiff_official':
     found = dict(objective=config.get('objective', 'sit'), prediction=config.get('prediction', 'velocity'),
                  path=config.get('path', 'linear'))
     if found['objective'] != 'sit' or found['prediction'] != 'velocity' or found['path'] not in ('linear', 'gvp'):
-      raise ValueError(f'model.time_convention=groupdiff_official maps the official GroupDiff/REPA SiT (velocity '
-                       f'on the linear or GVP path) onto ours; the config has {found}. Use '
-                       f'model.time_convention=sit for other models.')
+      raise errors.ConfigError(f'model.time_convention=groupdiff_official maps the official GroupDiff/REPA SiT '
+                               f'(velocity on the linear or GVP path) onto ours; the config has {found}. Use '
+                               f'model.time_convention=sit for other models.')
   return convention
 
 
@@ -313,7 +315,12 @@ def model_from_config(config):
   arch = parse_variant(config.variant)
   overrides = {k: config[k] for k in ('depth', 'hidden_size', 'num_heads') if config.get(k)}
   arch.update(overrides)
-  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.get('dtype', 'float32')]
+  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  if config.get('dtype', 'float32') not in dtypes:
+    raise errors.ConfigError(f'Unknown model.dtype={config.dtype!r}; choose one of {sorted(dtypes)}.')
+  dtype = dtypes[config.get('dtype', 'float32')]
+  check_implementation(config.get('attention_impl', 'xla'))  # here, not inside a jit
+  block_class(config.get('remat', 'none'))
   group_layers = tuple(config.group_layers) if config.get('group_layers') else None
   return DiT(input_size=config.input_size, in_channels=config.in_channels, num_classes=config.num_classes,
              learn_sigma=config.learn_sigma, max_group_size=config.max_group_size, group_layers=group_layers,

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from groupdiff_jax import errors
+
 
 def timestep_frequencies(t, dim=256, max_period=10000.0):
   """Sinusoidal features of (possibly fractional) timesteps, as in DiT/GLIDE.
@@ -49,7 +51,8 @@ def sincos_2d_position_embedding(hidden_size, grid_size):
     over (h, w) like the patch tokens.
   """
   if hidden_size % 4:
-    raise ValueError(f'hidden_size={hidden_size} must be divisible by 4 for the 2-D sin-cos embedding.')
+    raise errors.ConfigError(f'model.hidden_size={hidden_size} must be divisible by 4 for the 2-D sin-cos '
+                             'position embedding.')
 
   def one_axis(dim, positions):
     omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)

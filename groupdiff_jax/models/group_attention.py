@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from groupdiff_jax import errors
 from jax.sharding import PartitionSpec as P
 
 from groupdiff_jax.sharding import BATCH_AXES
@@ -64,12 +66,17 @@ def target_platform():
   return platform or jax.default_backend()
 
 
+def check_implementation(implementation):
+  """ConfigError unless `implementation` is one of ATTENTION_IMPLEMENTATIONS (starts no backend)."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise errors.ConfigError(f'Unknown model.attention_impl={implementation!r}; '
+                             f'choose one of {sorted(ATTENTION_IMPLEMENTATIONS)} (auto: the best for the backend).')
+
+
 def resolve_implementation(implementation, dtype, backend=None, length=None):
   """The concrete kernel name for `implementation` on `backend` (default: target_platform()), for sequences of
   `length`."""
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f'Unknown model.attention_impl={implementation!r}; '
-                     f'choose one of {sorted(ATTENTION_IMPLEMENTATIONS)}.')
+  check_implementation(implementation)
   if implementation != 'auto':
     return implementation
   backend = backend or target_platform()
