@@ -17,6 +17,15 @@ Variants from the command line: `--config.train.mode=groupdiff_f`,
 `--config.model.remat=dots_saveable`. Cost of a config without training:
 `--mode=describe`.
 
+Mesh per TPU pod (compiled for each, docs/scaling.md; the default mesh is
+all devices on `data`): v5e-64 `--config.mesh.fsdp=4` (batch 256) or
+`fsdp=8` (batch 1024; 16 GiB chips cannot hold the replicated 10 GB of
+float32 state plus activations); v5p-64, v6e-64, v4-32 (batch 256) and
+v5p-256 (batch 1024) the default; v5e-256 `--config.train.batch_size=1024
+--config.mesh.fsdp=4`. Batch 256 cannot run on more than 64 devices (64
+groups of 4, whole groups per device). `--mode=compile
+--config.compile.topology=v5e:8x8` checks a choice in minutes.
+
 The latent store and neighbour lists (METHOD.md section 6) come from the
 data jobs; training refuses to start without them (train.check_data).
 """

@@ -249,7 +249,9 @@ def format_description(d):
                  'smaller --config.train.batch_size (check with --mode=compile for TPU pods).')
   lines.append('Activations are a rough estimate: the TPU compiler\'s temporaries (--mode=compile) can differ '
                'by more than 25% (it fuses and rematerialises; e.g. 12.9 GB compiled vs 20.0 GB estimated for a '
-               '4-block width-512 model at 1024 images per v5e device).')
+               '4-block width-512 model at 1024 images per v5e device). With mesh.fsdp > 1 they also hold the '
+               'gathered full-size parameters of the layers in flight, which this estimate leaves out (SiT-XL/2 '
+               'on v5p-64 with fsdp=8: 3.86 GiB compiled vs 2.78 GiB estimated; docs/scaling.md).')
   check = d.get('xla_check')
   if check:
     if check['xla_flops']:
