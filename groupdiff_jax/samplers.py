@@ -292,7 +292,8 @@ def sde_diffusion(transport, t, form='SBDM', norm=1.0):
     return norm * transport_lib.path_coefficients(transport.path, t)[2]
   if form == 'constant':
     return norm * jnp.ones_like(t)
-  raise errors.ConfigError(f'Unknown sample.sde_diffusion_form={form!r}; choose one of {SDE_DIFFUSION_FORMS}.')
+  raise errors.ConfigError(f'Unknown SDE diffusion form sample.sde_diffusion_form={form!r}; choose one of '
+                           f'{SDE_DIFFUSION_FORMS}.')
 
 
 def integrate_sde(predict, noise, rng, num_steps=250, transport=transport_lib.Transport(), diffusion_form='SBDM',
@@ -314,7 +315,7 @@ def integrate_sde(predict, noise, rng, num_steps=250, transport=transport_lib.Tr
     rng: key; step k splits fold_in(rng, k) into its sample-id and noise keys.
   """
   if last_step not in SDE_LAST_STEPS:
-    raise errors.ConfigError(f'Unknown sample.sde_last_step={last_step!r}; choose one of '
+    raise errors.ConfigError(f'Unknown SDE last step sample.sde_last_step={last_step!r}; choose one of '
                              f'{[name for name in SDE_LAST_STEPS if name]} or \'none\'.')
   size = last_step_size if last_step is not None else 0.0
   t0, t1 = transport_lib.time_interval(transport, sde=True, last_step_size=size, sampling=True)
