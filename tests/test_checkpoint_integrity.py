@@ -52,12 +52,17 @@ def test_bit_rot_in_the_latest_checkpoint_falls_back_and_resumes_exactly(tmp_pat
     assert_trees_equal(getattr(whole, field), getattr(resumed, field))
 
 
+def read_metadata(workdir, step):
+  """(path, parsed JSON) of checkpoint `step`'s orbax metadata file."""
+  path = os.path.join(workdir, 'checkpoints', str(step), '_CHECKPOINT_METADATA')
+  with open(path) as f:
+    return path, json.load(f)
+
+
 def test_a_checksum_mismatch_names_the_leaf_and_falls_back(tmp_path, caplog):
   workdir = str(tmp_path)
   save_steps(workdir, [2, 4])
-  metadata_path = os.path.join(workdir, 'checkpoints', '4', '_CHECKPOINT_METADATA')
-  with open(metadata_path) as f:
-    metadata = json.load(f)
+  metadata_path, metadata = read_metadata(workdir, 4)
   saved = metadata['custom_metadata']
   assert saved['step'] == 4 and saved['code_version'] and 'config' in saved
   leaf = 'params/dense/kernel'
@@ -90,9 +95,7 @@ def test_a_checkpoint_with_zlib_crc32_tables_and_no_algorithm_still_verifies(tmp
   """Checkpoints written before CRC-32C carry zlib CRC-32 tables and no 'checksum_algorithm'."""
   workdir = str(tmp_path)
   save_steps(workdir, [2, 4])
-  metadata_path = os.path.join(workdir, 'checkpoints', '4', '_CHECKPOINT_METADATA')
-  with open(metadata_path) as f:
-    metadata = json.load(f)
+  metadata_path, metadata = read_metadata(workdir, 4)
   saved = metadata['custom_metadata']
   del saved['checksum_algorithm']
   kernel = np.full((4, 3), 4.0, np.float32)  # tiny_state(4, 4.0)'s kernel
