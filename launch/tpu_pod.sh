@@ -13,9 +13,12 @@
 #    (the VM went away), or the slice SUSPENDED/FAILED. Then it re-creates the slice if it is not
 #    ACTIVE, reinstalls and reruns, which resumes (at most MAX_RESTARTS times, then exit 1).
 # Overrides (mesh included, e.g. --config.mesh.fsdp=8) pass through unchanged to every worker.
+# Mesh: for configs/sit_xl.py and configs/dit_xl.py the mesh that fits ACCELERATOR at the global batch
+# (256, or --config.train.batch_size=N) comes from configs/pod_meshes.py and goes before your overrides
+# (yours win); a pod that cannot run that batch stops here (exit 2). MESH_PRESET=0 turns this off.
 # POLL_SECONDS (60) between state checks, RETRY_SECONDS (30) before a restart.
 set -euo pipefail
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 for var in ZONE ACCELERATOR NAME BUCKET; do
   if [ -z "${!var:-}" ]; then
@@ -31,6 +34,7 @@ SPOT=${SPOT:-1}
 MAX_RESTARTS=${MAX_RESTARTS:-20}
 POLL_SECONDS=${POLL_SECONDS:-60}
 RETRY_SECONDS=${RETRY_SECONDS:-30}
+MESH_PRESET=${MESH_PRESET:-1}
 EXIT_USER_ERROR=2  # groupdiff_jax/errors.py
 EXIT_PREEMPTED=75
 REPO_DIR=groupdiff_jax
@@ -67,10 +71,17 @@ run() {
 }
 
 cd "$(dirname "$0")/.."
+mesh_flags=""
+if [ "$MESH_PRESET" = 1 ] && { [ "$CONFIG" = configs/sit_xl.py ] || [ "$CONFIG" = configs/dit_xl.py ]; }; then
+  batch=256
+  for arg in "$@"; do case "$arg" in --config.train.batch_size=*) batch=${arg#*=} ;; esac; done
+  mesh_flags=$(python3 configs/pod_meshes.py "$ACCELERATOR" "$batch") || exit "$EXIT_USER_ERROR"
+  echo "mesh for $ACCELERATOR at batch $batch: ${mesh_flags:-as in the config (no entry in configs/pod_meshes.py)}"
+fi
 for attempt in $(seq 0 "$MAX_RESTARTS"); do
   create
   install
-  code=0; run "$@" || code=$?
+  code=0; run $mesh_flags "$@" || code=$?
   if [ "$code" = 0 ]; then echo "done: $WORKDIR"; exit 0; fi
   if [ "$code" = "$EXIT_USER_ERROR" ]; then echo "run failed (exit $code: see the error above); not retrying" >&2; exit "$code"; fi
   case "$code" in

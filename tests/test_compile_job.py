@@ -71,14 +71,23 @@ def test_a_4096_image_batch_does_not_fit_v5e_2x2_and_says_by_how_much(tmp_path):
   config.model.depth = 4
   config.model.hidden_size = 768
   config.model.num_heads = 6
+  config.compile.step_kinds = 'groups'  # the largest program alone: one compile instead of three
+  config.compile.sampler = False
   # Refused by the TPU compiler itself (temporaries over the chip's HBM) or by the headroom verdict: either
   # way one ConfigError with the per-device bytes, the HBM and what to change.
   with pytest.raises(errors.ConfigError, match=r'does not fit.*\d+\.\d+G.*HBM') as info:
     compile_job.run(config, str(tmp_path), log=lambda _: None)
-  assert 'remat' in str(info.value) and 'batch_size' in str(info.value) and 'fsdp' in str(info.value)
+  assert 'remat' in str(info.value) and 'batch_size' in str(info.value)
   # The report is written all the same (the fit table's "does not fit" rows), the refused or oversized program marked.
   report = json.load(open(tmp_path / 'compile_report.json'))
+  assert list(report['programs']) == ['train_step/groups']
   assert not report['fits'] and any(not p['fits'] for p in report['programs'].values())
+  # Sharding the state is advised exactly when it could help: the step was refused (state bytes unknown) or
+  # its arguments (the state) take over 30% of the budget.
+  program = report['programs']['train_step/groups']
+  budget = (1 - report['headroom']) * report['chip']['hbm_bytes']
+  state_matters = 'compiler_refused' in program or program['memory_bytes_per_device']['argument'] > 0.3 * budget
+  assert ('--config.mesh.fsdp' in str(info.value)) == state_matters
 
 
 def test_fit_advice_names_the_bytes_and_the_remedies():

@@ -98,3 +98,37 @@ def test_help(tmp_path):
   result, calls = run_script(tmp_path, ['ACTIVE'], runs=[], args=['--help'], ZONE='')
   assert result.returncode == 0 and calls == []
   assert 'MAX_RESTARTS' in result.stdout and 'POLL_SECONDS' in result.stdout
+
+
+def test_xl_configs_get_the_pods_mesh_before_the_users_overrides(tmp_path):
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[0], args=['--config.mesh.fsdp=8'], ACCELERATOR='v5e-64',
+                             CONFIG='configs/sit_xl.py')
+  assert result.returncode == 0, result.stderr
+  assert 'mesh for v5e-64 at batch 256: --config.mesh.data=-1 --config.mesh.fsdp=4' in result.stdout
+  command = next(a for a in calls[-1] if a.startswith('--command='))
+  # The user's flag comes last, so it wins (absl: the last value of a repeated flag).
+  assert command.rstrip().endswith('--config.mesh.data=-1 --config.mesh.fsdp=4 --config.mesh.fsdp=8')
+
+
+def test_the_batch_from_the_command_line_picks_the_row(tmp_path):
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[0], args=['--config.train.batch_size=1024'],
+                             ACCELERATOR='v5e-256', CONFIG='configs/dit_xl.py')
+  assert result.returncode == 0, result.stderr
+  command = next(a for a in calls[-1] if a.startswith('--command='))
+  assert '--config.mesh.fsdp=4 --config.train.batch_size=1024' in command
+
+
+def test_a_pod_that_cannot_run_the_batch_stops_before_creating_anything(tmp_path):
+  result, calls = run_script(tmp_path, ['MISSING'], runs=[0], ACCELERATOR='v5e-256', CONFIG='configs/sit_xl.py')
+  assert result.returncode == 2 and calls == []
+  assert 'v5e-256 at global batch 256' in result.stderr and 'batch 1024' in result.stderr
+
+
+def test_no_mesh_flags_for_other_configs_unknown_pods_or_mesh_preset_0(tmp_path):
+  for i, env in enumerate([dict(CONFIG='configs/digits.py', ACCELERATOR='v5e-64'),
+                           dict(CONFIG='configs/sit_xl.py', ACCELERATOR='v5p-8'),
+                           dict(CONFIG='configs/sit_xl.py', ACCELERATOR='v5e-64', MESH_PRESET='0')]):
+    (tmp_path / str(i)).mkdir()
+    result, calls = run_script(tmp_path / str(i), ['ACTIVE'], runs=[0], **env)
+    assert result.returncode == 0, result.stderr
+    assert '--config.mesh' not in next(a for a in calls[-1] if a.startswith('--command='))

@@ -1,0 +1,72 @@
+"""The mesh that fits, per TPU pod and global batch, for the XL recipes (docs/scaling.md).
+
+Each entry was compiled for the pod's topology with `--mode=compile`
+(benchmarks/fit_table.py; reports in benchmarks/fit_reports/) for
+SiT-XL/2 + GroupDiff-l-4 (configs/sit_xl.py); DiT-XL/2 (configs/dit_xl.py)
+compiled to the same bytes on v5e-64. `launch/tpu_pod.sh` puts these flags
+before the user's own, so an explicit `--config.mesh.fsdp=...` still wins:
+
+  python3 configs/pod_meshes.py v5e-64 256    # prints: --config.mesh.data=-1 --config.mesh.fsdp=4
+
+`data=-1` takes the remaining devices, so the flags hold however the pod
+lists its devices (libtpu shows a v4 chip's 2 TensorCores as 2 devices).
+Plain Python, no imports: the launching machine needs no JAX.
+"""
+
+import sys
+
+# Configs the table was compiled for.
+CONFIGS = ('configs/sit_xl.py', 'configs/dit_xl.py')
+
+# Google Cloud accelerator type -> get_topology_desc name (for --config.compile.topology).
+TOPOLOGIES = {'v4-32': 'v4:2x2x4', 'v5e-64': 'v5e:8x8', 'v5e-256': 'v5e:16x16', 'v5p-64': 'v5p:4x4x2',
+              'v5p-256': 'v5p:4x4x8', 'v6e-64': 'v6e:8x8'}
+
+# (accelerator, global batch) -> fsdp (data = the rest), or the reason no mesh fits.
+RECOMMENDED = {
+    ('v4-32', 256): 1,  # 14.3 of 16 GiB per TensorCore
+    ('v4-32', 1024): 'does not fit even with remat=dots_saveable (compiler: 15.95G temporaries > 15.25G HBM)',
+    ('v5e-64', 256): 4,  # 5.1 of 16 GiB
+    ('v5e-64', 1024): 8,  # 7.8 of 16 GiB
+    ('v5e-256', 256): 'cannot run: 64 groups of 4 over 256 devices (whole groups per device); use batch 1024',
+    ('v5e-256', 1024): 4,  # 5.1 of 16 GiB
+    ('v5p-64', 256): 1,  # 14.6 of 95 GiB
+    ('v5p-64', 1024): 1,  # 21.0 of 95 GiB
+    ('v5p-256', 256): 'cannot run: 64 groups of 4 over 128 devices (whole groups per device); use batch 1024',
+    ('v5p-256', 1024): 1,  # 14.5 of 95 GiB
+    ('v6e-64', 256): 1,  # 14.7 of 32 GiB
+    ('v6e-64', 1024): 1,  # 15.6 of 32 GiB
+}
+
+
+class NoMesh(ValueError):
+  """The table says this pod cannot run this batch."""
+
+
+def mesh_flags(accelerator, batch_size):
+  """The `--config.mesh.*` flags for a pod, [] when the table has no entry; NoMesh when none fits."""
+  entry = RECOMMENDED.get((accelerator, int(batch_size)))
+  if entry is None:
+    return []
+  if isinstance(entry, str):
+    raise NoMesh(f'{accelerator} at global batch {batch_size}: {entry} (docs/scaling.md).')
+  return ['--config.mesh.data=-1', f'--config.mesh.fsdp={entry}']
+
+
+def main(argv):
+  if len(argv) != 3:
+    print(f'usage: python3 {argv[0]} ACCELERATOR GLOBAL_BATCH  (e.g. v5e-64 256)', file=sys.stderr)
+    return 2
+  try:
+    print(' '.join(mesh_flags(argv[1], argv[2])))
+  except NoMesh as e:
+    print(f'Error: {e}', file=sys.stderr)
+    return 2
+  except ValueError:
+    print(f'Error: GLOBAL_BATCH must be an integer, got {argv[2]!r}.', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))
