@@ -316,9 +316,14 @@ def job_record(config, step):
 def prepare_directory(samples_dir, record):
   """Process 0: create samples_dir, or move it aside if its chunks come from other settings."""
   job_path = os.path.join(samples_dir, JOB_FILE)
+  previous = None
   if os.path.exists(job_path):
-    with open(job_path) as f:
-      previous = json.load(f)
+    try:
+      with open(job_path) as f:
+        previous = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # e.g. cut short by a crash
+      logging.warning('%s is not readable JSON (%s); its chunks are treated as stale.', job_path, e)
+  if isinstance(previous, dict):
     if previous == record:
       return
     changed = sorted(f'{section}.{k}' for section in ('sample', 'model') for k in
@@ -329,9 +334,10 @@ def prepare_directory(samples_dir, record):
     logging.warning('%s holds samples of other settings (%s); moved it to %s.', samples_dir, ', '.join(changed),
                     aside)
     shutil.move(samples_dir, aside)
-  elif os.path.isdir(samples_dir) and glob.glob(os.path.join(samples_dir, 'chunk_*.npz')):
+  elif os.path.exists(job_path) or (os.path.isdir(samples_dir) and
+                                    glob.glob(os.path.join(samples_dir, 'chunk_*.npz'))):
     aside = f'{samples_dir}_stale_{time.strftime("%Y%m%d-%H%M%S")}'
-    logging.warning('%s holds chunks without %s; moved it to %s.', samples_dir, JOB_FILE, aside)
+    logging.warning('%s holds chunks without a readable %s; moved it to %s.', samples_dir, JOB_FILE, aside)
     shutil.move(samples_dir, aside)
   os.makedirs(samples_dir, exist_ok=True)
   write_json(job_path, record)

@@ -150,6 +150,25 @@ def test_other_settings_move_old_samples_aside(uninterrupted, tmp_path):
   assert sample_job.job_record(output_only, 7) == record
 
 
+def test_a_cut_short_job_file_moves_its_chunks_aside(uninterrupted, tmp_path):
+  config, _, workdir, _ = uninterrupted
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  samples_dir = os.path.join(copy, 'samples')
+  job_path = os.path.join(samples_dir, sample_job.JOB_FILE)
+  with open(job_path) as f:
+    text = f.read()
+  with open(job_path, 'w') as f:
+    f.write(text[:len(text) // 2])
+  record = sample_job.job_record(config, 7)
+  sample_job.prepare_directory(samples_dir, record)
+  assert chunk_files(copy) == []
+  (stale,) = [d for d in os.listdir(copy) if d.startswith('samples_stale_')]
+  assert len(os.listdir(os.path.join(copy, stale))) > 3
+  with open(job_path) as f:
+    assert json.load(f) == record  # a fresh job file for the new chunks
+
+
 WORKER = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, os.getcwd())

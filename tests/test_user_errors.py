@@ -246,3 +246,19 @@ def test_internal_invariants_stay_builtin_errors():
   with pytest.raises(ValueError) as error:
     s_cross_sampling.s_cross_branch(tiny_config(cond_group_size=1, uncond_group_size=1).sample)
   assert isinstance(error.value, errors.ConfigError)  # config-reachable: converted
+
+
+@pytest.mark.parametrize('text', ['{"num_rows": 1', '[1, 2]'])
+def test_an_unreadable_job_file_of_a_sharded_job_is_named(tmp_path, text):
+  (tmp_path / 'job.json').write_text(text)
+  with pytest.raises(shards.ShardError, match=r'job\.json.*--output_dir'):
+    shards.ShardedJob(str(tmp_path), {'encoder': 'x'}, num_rows=4, shard_size=2)
+
+
+def test_an_unreadable_embeddings_meta_is_named(tmp_path):
+  from groupdiff_jax.data import neighbors_job
+  rows = np.eye(4, 8, dtype=np.float32)
+  np.save(tmp_path / 'embeddings.npy', rows)
+  (tmp_path / 'meta.json').write_text('{"encoder": ')
+  with pytest.raises(errors.UserError, match=r'meta\.json: not readable JSON'):
+    neighbors_job.load_embeddings(str(tmp_path))

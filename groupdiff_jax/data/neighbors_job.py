@@ -62,7 +62,14 @@ def load_embeddings(directory):
     raise JobInputError(f'{path}: rows are not L2-normalised (a sampled row has norm {norms[bad]:.4f}); '
                         f'the embedding job writes unit rows: normalise them (retrieval.l2_normalize) and rewrite.')
   meta_path = os.path.join(directory, 'meta.json')
-  meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+  meta = {}
+  if os.path.exists(meta_path):
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise JobInputError(f'{meta_path}: not readable JSON ({e}); rewrite it with the embedding job '
+                          f'(or delete it: it only carries the encoder name).') from e
   return embeddings, meta
 
 
