@@ -262,3 +262,10 @@ def test_an_unreadable_embeddings_meta_is_named(tmp_path):
   (tmp_path / 'meta.json').write_text('{"encoder": ')
   with pytest.raises(errors.UserError, match=r'meta\.json: not readable JSON'):
     neighbors_job.load_embeddings(str(tmp_path))
+
+
+@pytest.mark.parametrize('num_neighbors', [0, 10])
+def test_more_neighbours_than_the_in_memory_dataset_holds_is_a_config_error(num_neighbors):
+  from groupdiff_jax.data import array_batches
+  with pytest.raises(errors.ConfigError, match=rf'data\.num_neighbors={num_neighbors} must be between 1 and 9'):
+    array_batches.neighbor_lists(np.eye(10, 4, dtype=np.float32), num_neighbors)

@@ -19,6 +19,20 @@ from groupdiff_jax.data import grouping, retrieval
 GROUPINGS = ('official_plan', 'class', 'random')
 
 
+def neighbor_lists(embeddings, num_neighbors):
+  """int32 [M, K] nearest-neighbour lists (self excluded) of an in-memory dataset's `embeddings` [M, D].
+
+  K = data.num_neighbors must be below the dataset's M images: a ConfigError
+  naming both, not the retrieval library's error.
+  """
+  if not 0 < num_neighbors < len(embeddings):
+    raise errors.ConfigError(f'data.num_neighbors={num_neighbors} must be between 1 and {len(embeddings) - 1} for '
+                             f'a dataset of {len(embeddings)} images; lower it (or raise data.num_images where the '
+                             f'dataset has it).')
+  neighbors, _, _ = retrieval.nearest_neighbors(embeddings, num_neighbors)
+  return np.asarray(neighbors)
+
+
 def pca_embeddings(images, dims=32, dtype=np.float64):
   """L2-normalised PCA projection of the flattened images: [M, dims] of `dtype`
   (the projection is cast before normalising)."""

@@ -14,8 +14,7 @@ import logging
 
 import numpy as np
 
-from groupdiff_jax.data import retrieval
-from groupdiff_jax.data.array_batches import ArrayBatches, pca_embeddings
+from groupdiff_jax.data.array_batches import ArrayBatches, neighbor_lists, pca_embeddings
 
 NUM_CLASSES = 10
 
@@ -35,8 +34,7 @@ def DigitsBatches(config, seed):  # pylint: disable=invalid-name  (a factory nam
   images, labels = load_digits(config.image_size)
   neighbors = None
   if config.grouping == 'official_plan':
-    neighbors, _, _ = retrieval.nearest_neighbors(pca_embeddings(images, config.embedding_dims),
-                                                  config.num_neighbors)
+    neighbors = neighbor_lists(pca_embeddings(images, config.embedding_dims), config.num_neighbors)
     same_class = (labels[neighbors[:, :3]] == labels[:, None]).mean()
     logging.info('Digits: %d images; %.1f%% of the 3 nearest neighbours share the anchor\'s class.',
                  len(images), 100 * same_class)

@@ -18,8 +18,7 @@ import logging
 
 import numpy as np
 
-from groupdiff_jax.data import retrieval
-from groupdiff_jax.data.array_batches import ArrayBatches, pca_embeddings
+from groupdiff_jax.data.array_batches import ArrayBatches, neighbor_lists, pca_embeddings
 
 NUM_CLASSES = 10
 SHAPES = ('disc', 'square', 'triangle', 'plus', 'ring', 'diamond', 'bar', 'cross', 'half_disc', 'star')
@@ -115,8 +114,7 @@ def load_toy_shapes(count, seed, image_size, embedding_dims, num_neighbors):
   """(images, labels, attributes, neighbors) of the toy shapes, cached per process."""
   images, labels, attributes = make_shapes(count, seed, image_size)
   embeddings = pca_embeddings(images, embedding_dims, np.float32)
-  neighbors, _, _ = retrieval.nearest_neighbors(embeddings, num_neighbors)
-  neighbors = np.asarray(neighbors)
+  neighbors = neighbor_lists(embeddings, num_neighbors)
   same_class = (labels[neighbors[:, :3]] == labels[:, None]).mean()
   logging.info('Toy shapes: %d images; %.1f%% of the 3 nearest neighbours share the anchor\'s class.',
                count, 100 * same_class)
