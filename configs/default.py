@@ -57,6 +57,7 @@ def get_config():
   config.compile.headroom = 0.1  # fits when the peak bytes per device <= (1 - headroom) * HBM
   config.compile.sampler = True  # also compile the sample job's sampling call (False: train steps only)
   config.compile.step_kinds = ''  # train step kinds to compile, e.g. 'singles' or 'singles,groups'; '' = all
+  config.compile.workers = 0  # programs compiled side by side (0: one per CPU core); 1 saves host memory
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # images per step, global

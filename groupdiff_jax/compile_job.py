@@ -18,7 +18,9 @@ device, the chip's HBM and a fit verdict with `compile.headroom`; describe's
 analytic estimate beside it; cost_analysis() FLOPs against the analytic
 count; the compiler's `optimal_seconds` and the MFU it implies (a compiler
 estimate, never a measurement); collectives of the optimized HLO (count,
-result bytes); Mosaic kernels; compile time.
+result bytes); Mosaic kernels; compile time. The programs are lowered one by
+one, then compiled side by side (`compile.workers` threads: the compiler
+releases the GIL), so the job takes about the longest compile, not the sum.
 
 Mosaic kernels are opaque to the cost analysis (no FLOPs, ~ns). The estimate
 adds the analytic attention FLOPs of the step (forward + backward, per
@@ -26,6 +28,7 @@ device) at the chip's bf16 peak to `optimal_seconds`: an optimistic bound on
 the attention kernels' time, stated in the report as `attention_model`.
 """
 
+import concurrent.futures
 import functools
 import json
 import math
@@ -187,12 +190,12 @@ class DoesNotFit(errors.ConfigError):
     self.compile_seconds = compile_seconds
 
 
-def _compile(lowered_fn, log, name, topology=''):
-  """lowered_fn().compile(); the TPU compiler's out-of-HBM refusal becomes DoesNotFit with its numbers."""
+def _compile(lowered, log, name, topology=''):
+  """lowered.compile(); the TPU compiler's out-of-HBM refusal becomes DoesNotFit with its numbers."""
   log(f'compiling {name} ...')
   start = time.perf_counter()
   try:
-    compiled = lowered_fn().compile()
+    compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
@@ -259,20 +262,27 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
             'describe_estimate_bytes_per_device': estimate['memory_bytes_per_device'],
             'collective_bytes': COLLECTIVE_BYTES_RULE, 'programs': {}}
   step = train_step_lib.make_jitted_train_step(config, mesh, state_sharding)
+  programs = []
   for name, kind in kinds.items():
     batch = tuple({'images': jax.ShapeDtypeStruct((sub.num_images, side, side, channels), jnp.float32,
                                                   sharding=batch_sharding),
                    'labels': jax.ShapeDtypeStruct((sub.num_images,), jnp.int32, sharding=batch_sharding)}
                   for sub in kind)
-    try:
-      compiled, seconds = _compile(functools.partial(step.lower, state, batch, kind), log, f'train step {name}',
-                                   cc.topology)
-    except DoesNotFit as error:
+    programs.append((f'train_step/{name}', functools.partial(step.lower, state, batch, kind)))
+  if include_sampler:
+    sampler_lower, sampler_devices, sampler_images = _sampler_lowering(config, model, abstract, devices)
+    programs.append(('sample', sampler_lower))
+  start = time.perf_counter()
+  outcomes = compile_all(programs, log, cc.topology, cc.get('workers', 0))
+  report['compile_wall_seconds'] = time.perf_counter() - start
+  for name, kind in kinds.items():
+    outcome = outcomes[f'train_step/{name}']
+    if isinstance(outcome, DoesNotFit):
       if not keep_going:
-        raise
-      report['programs'][f'train_step/{name}'] = _refused(error)
+        raise outcome
+      report['programs'][f'train_step/{name}'] = _refused(outcome)
       continue
-    result = analyse(compiled, seconds)
+    result = analyse(*outcome)
     flops = describe_lib.step_flops(arch, kind, config.model.get('remat', 'none'))
     attention = sum(sub.num_images * 3 * describe_lib.forward_flops(arch, sub.group_size)['attention']
                     for sub in kind) / mesh.size
@@ -292,19 +302,51 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
     _verdict(result, chip, budget)
     report['programs'][f'train_step/{name}'] = result
   if include_sampler:
-    try:
-      report['programs']['sample'] = _sampler_program(config, model, abstract, devices, log, chip, budget)
-    except DoesNotFit as error:
+    outcome = outcomes['sample']
+    if isinstance(outcome, DoesNotFit):
       if not keep_going:
-        raise
-      report['programs']['sample'] = _refused(error)
+        raise outcome
+      report['programs']['sample'] = _refused(outcome)
+    else:
+      result = analyse(*outcome)
+      result.update({'devices': sampler_devices, 'images_per_call': sampler_images})
+      _verdict(result, chip, budget)
+      report['programs']['sample'] = result
   report['fits'] = all(p['fits'] for p in report['programs'].values())
   report['batch_local_attention'] = _attention_is_local(report, mesh)
   return report
 
 
-def _sampler_program(config, model, abstract, devices, log, chip, budget):
-  """The sample job's jitted call on one process's devices (sample_job.local_mesh), abstract inputs."""
+def compile_all(programs, log, topology, workers=0):
+  """Lowers each (name, lower_fn) in turn, then compiles them side by side; {name: (compiled, s) | DoesNotFit}.
+
+  The TPU compiler releases the GIL, so `workers` threads (0: one per CPU
+  core, at most one per program) compile concurrently; host memory grows
+  with them (compile.workers=1 compiles one at a time).
+  """
+  lowered = []
+  for name, lower_fn in programs:
+    log(f'lowering {name} ...')
+    lowered.append((name, lower_fn()))
+  workers = workers or os.cpu_count() or 1
+
+  def one(item):
+    name, low = item
+    try:
+      return name, _compile(low, log, name, topology)
+    except DoesNotFit as error:
+      return name, error
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(lowered)))) as pool:
+    return dict(pool.map(one, lowered))
+
+
+def _sampler_lowering(config, model, abstract, devices):
+  """(lower_fn, devices, images per call) of the sample job's jitted call on one process's devices.
+
+  The mesh is sample_job.local_mesh over the first process's devices; the
+  inputs are abstract (EMA params replicated, labels batch-sharded).
+  """
   local = [d for d in devices if d.process_index == devices[0].process_index]
   mesh = sample_job.local_mesh(config.sample.groups_per_batch, local)
   sampler = sample.make_sampler(model, config.sample, config.model, mesh)
@@ -312,12 +354,7 @@ def _sampler_program(config, model, abstract, devices, log, chip, budget):
   images = config.sample.groups_per_batch * config.sample.images_per_group
   labels = jax.ShapeDtypeStruct((images,), jnp.int32, sharding=sharding.batch_sharding(mesh))
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-  compiled, seconds = _compile(functools.partial(sampler.lower, params, labels, rng), log, 'sampler',
-                               config.compile.topology)
-  result = analyse(compiled, seconds)
-  result.update({'devices': mesh.size, 'images_per_call': images})
-  _verdict(result, chip, budget)
-  return result
+  return functools.partial(sampler.lower, params, labels, rng), mesh.size, images
 
 
 def _verdict(result, chip, budget):
@@ -370,7 +407,8 @@ def format_report(report):
                  f"{p['compile_seconds']:>7.0f}  {coll or '-'}")
   lines.append('MFU*, est s: compiler estimates (cost_analysis optimal_seconds + attention at peak), not '
                'measurements. Attention without collectives (batch-sharded, fsdp=1): '
-               f"{report['batch_local_attention']}. Fits: {report['fits']}.")
+               f"{report['batch_local_attention']}. Fits: {report['fits']}. Lowered and compiled in "
+               f"{report.get('compile_wall_seconds', 0):.0f} s (programs side by side, compile.workers).")
   return '\n'.join(lines)
 
 
