@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from configs import digits
 from groupdiff_jax import checkpoint, errors, train
@@ -19,24 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'model.depth': 1, 'model.hidden_size': 32, 'model.num_heads': 2, 'train.batch_size': 16,
         'train.log_every': 2, 'train.checkpoint_every': 2, 'sample.num_steps': 2, 'sample.num_groups': 2,
         'train.mixed_steps': True}  # one step kind with groups: one compilation per run
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One persistent XLA cache for the module and its subprocesses (each run recompiles its steps)."""
-  directory = str(tmp_path_factory.mktemp('xla_cache'))
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  previous = {name: getattr(jax.config, name) for name in names}
-  for name, value in zip(names, (directory, 0, 0)):
-    jax.config.update(name, value)
-  jax_cache.reset_cache()  # JAX decides once per process whether the cache is used
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = directory
-  yield directory
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  jax_cache.reset_cache()
-  del os.environ['JAX_COMPILATION_CACHE_DIR']
 
 
 def tiny_config(**overrides):
