@@ -17,7 +17,7 @@ from groupdiff_jax import checkpoint, train, train_step
 from groupdiff_jax.models.dit import model_from_config
 from tests import test_nonfinite
 from tests.test_checkpoint import save_steps, tiny_state
-from tests.test_resume import assert_trees_equal, compilation_cache, tiny_config  # noqa: F401 (fixture)
+from tests.test_resume import assert_trees_equal, tiny_config
 
 
 def largest_file(path):

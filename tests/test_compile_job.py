@@ -13,6 +13,20 @@ from groupdiff_jax import compile_job, errors
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope='module', autouse=True)
+def no_persistent_cache():
+  """The suite's XLA cache (conftest.py) off here: executables of abstract TPU devices cannot be read back."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as jax_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  jax_cache.reset_cache()
+  os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'  # subprocesses (main --mode=compile)
+  yield
+  del os.environ['JAX_ENABLE_COMPILATION_CACHE']
+  jax.config.update('jax_enable_compilation_cache', True)
+  jax_cache.reset_cache()
+
+
 def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
   config = digits.get_config()
   config.model.depth = 2

@@ -10,7 +10,7 @@ import pytest
 from groupdiff_jax import step_plan, train, train_step
 from groupdiff_jax.data.digits import DigitsBatches
 from groupdiff_jax.models.dit import model_from_config
-from tests.test_resume import assert_trees_equal, compilation_cache, tiny_config  # noqa: F401 (fixture)
+from tests.test_resume import assert_trees_equal, tiny_config
 
 
 def jitted_step_and_batch(config):

@@ -5,7 +5,7 @@ import numpy as np
 from configs import imagenet_latents
 from groupdiff_jax import checkpoint, train
 from groupdiff_jax.data import latent_store
-from tests.test_resume import assert_trees_equal, compilation_cache  # noqa: F401 (fixture)
+from tests.test_resume import assert_trees_equal
 
 M = 64
 
