@@ -133,6 +133,11 @@ def bar_plot(path, bars, ylabel, title, width=640, height=440):
 
 # --- Figures of the toy Table 1/2 sweep (experiments/table1.py) -----------------
 
+TABLE2_BARS = (('sim_uc4', 'all'), ('sim_uc4_stage0.2', '0-0.2'), ('sim_uc4_stage0.4', '0-0.4'),
+               ('sim_uc4_stage0.6', '0-0.6'), ('sim_uc4_no_first', 'no first\nblocks'),
+               ('sim_uc4_no_last', 'no last\nblocks'))
+
+
 def _known(rows, *keys):
   return [r for r in rows if all(r.get(k) is not None for k in keys)]
 
@@ -191,10 +196,7 @@ def table1_figures(report, out, prefix='table1_'):
   if series:
     paths.append(plot(path('share_histogram'), series, 'a_ij (share of the other members)', 'fraction',
                       'Distribution of a_ij (trajectory, all probed steps and layers)'))
-  table2 = [(n, label) for n, label in (('sim_uc4', 'all'), ('sim_uc4_stage0.2', '0-0.2'),
-                                        ('sim_uc4_stage0.4', '0-0.4'), ('sim_uc4_stage0.6', '0-0.6'),
-                                        ('sim_uc4_no_first', 'no first\nblocks'),
-                                        ('sim_uc4_no_last', 'no last\nblocks')) if n in rows and rows[n]['fd'] is not None]
+  table2 = [(n, label) for n, label in TABLE2_BARS if n in rows and rows[n]['fd'] is not None]
   if len(table2) >= 2:
     bars = [{'label': label, 'value': rows[n]['fd'], 'err': rows[n]['fd_sd'], 'colour': 0 if 'blocks' not in label
              else 1} for n, label in table2]

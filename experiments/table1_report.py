@@ -73,7 +73,8 @@ def setting_row(name, runs):
       'group_stage_fraction': setting.group_stage_fraction, 'group_layers': runs[0].get('group_layers'),
       'trained_from': setting.trained_from, 'seeds': [r['seed'] for r in runs],
       'fd': fd, 'fd_sd': fd_sd, 'fd_per_seed': per_seed('fd'),
-      'class_accuracy': accuracy, 'class_accuracy_sd': accuracy_sd, 'class_accuracy_per_seed': per_seed('class_accuracy'),
+      'class_accuracy': accuracy, 'class_accuracy_sd': accuracy_sd,
+      'class_accuracy_per_seed': per_seed('class_accuracy'),
       's_cross': s_cross, 's_cross_sd': s_cross_sd,
       's_cross_per_seed': {str(r['seed']): r['s_cross']['mean_percent'] for r in runs if r.get('s_cross')},
       's_cross_per_stage': _mean_of_dicts([t['per_stage_percent'] for t in trajectory]),
@@ -173,7 +174,8 @@ def markdown_table(report):
   lines += [f"- {c['sentence']}" for c in report['comparisons']]
   corr = report['correlation_s_cross_fd']['settings']
   if corr['r'] is not None:
-    lines.append(f"- S_cross vs FD over {corr['n']} grouped settings: Pearson r = {corr['r']:.2f} (p = {corr['p']:.3g}).")
+    lines.append(f"- S_cross vs FD over {corr['n']} grouped settings: Pearson r = {corr['r']:.2f} "
+                 f"(p = {corr['p']:.3g}).")
   return '\n'.join(lines) + '\n'
 
 

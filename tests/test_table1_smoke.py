@@ -83,11 +83,14 @@ def test_table1_smoke_table2_row_reuses_the_trained_model_and_reports_trajectory
   assert run['s_cross_renoised']['stages_with_group_attention'] == [0.0, 0.25]
   assert len(os.listdir(os.path.join(runs, 'params'))) == 1
 
-  again = table1.main(argv)  # resume: every run is finished, nothing is redone
-  assert [row['fd'] for row in again['settings']] == [row['fd'] for row in result['settings']]
-  assert len(again['commands']) == 2
+  # Resume (the sweep loop alone: no evaluator needed when nothing is left to run): every run is finished.
+  args = table1.parse_args(argv)
+  done = []
+  table1.run_sweep(args, table1.base_config(args), list(rows), [0], None, None, None, done.append)
+  assert done == []
+  other = table1.parse_args([a if not a.startswith('--num_samples') else '--num_samples=8' for a in argv])
   with pytest.raises(errors.UserError, match='another config'):
-    table1.main([a if not a.startswith('--num_samples') else '--num_samples=8' for a in argv])
+    table1.run_sweep(other, table1.base_config(other), list(rows), [0], None, None, None, done.append)
 
 
 def test_removed_group_layers_take_a_third_of_the_blocks():

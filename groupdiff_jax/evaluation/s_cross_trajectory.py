@@ -53,8 +53,8 @@ def make_trajectory_sampler(model, model_config, sample_config):
     raise errors.ConfigError(f"The trajectory probe runs the SiT ODE sampler; model.objective="
                              f"{model_config.objective!r} (use evaluation/s_cross_sampling.py for DiT).")
   if s.sampler not in samplers.ODE_SAMPLERS:
-    raise errors.ConfigError(f'The trajectory probe integrates a fixed-step ODE; sample.sampler={s.sampler!r} is not one '
-                     f'of {samplers.ODE_SAMPLERS}.')
+    raise errors.ConfigError(f'The trajectory probe integrates a fixed-step ODE; sample.sampler={s.sampler!r} is '
+                             f'not one of {samplers.ODE_SAMPLERS}.')
   guidance = samplers.guidance_from_config(s)
   transport = transport_lib.transport_from_config(model_config)
   t_start, t_end = transport_lib.time_interval(transport, sampling=True)
