@@ -105,11 +105,11 @@ def bar_plot(path, bars, ylabel, title, width=640, height=440):
   yt = _ticks(min(ys), max(ys))
   y0, y1 = min(yt + ys), max(yt + ys)
   py = lambda v: bottom - (v - y0) / ((y1 - y0) or 1) * (bottom - top)
-  draw.rectangle([left, top, right, bottom], outline='black')
   for value in yt:
     draw.line([left - 5, py(value), left, py(value)], fill='black')
     draw.line([left + 1, py(value), right - 1, py(value)], fill=(235, 235, 235))
     draw.text((left - 8, py(value)), f'{value:g}', fill='black', font=small, anchor='rm')
+  draw.rectangle([left, top, right, bottom], outline='black')  # after the grid lines, which would hide its edges
   draw.text(((left + right) / 2, 12), title, fill='black', font=font, anchor='mt')
   label_image = Image.new('RGB', (bottom - top, 20), 'white')
   ImageDraw.Draw(label_image).text(((bottom - top) / 2, 10), ylabel, fill='black', font=font, anchor='mm')

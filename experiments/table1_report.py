@@ -94,7 +94,8 @@ def setting_row(name, runs):
     row['share_histogram'] = {'edges': histograms[0]['edges'],
                               'counts': np.sum([h['counts'] for h in histograms], 0).astype(int).tolist()}
   renoised_per_stage = row['s_cross_renoised_per_stage']  # s_cross_sampling reports fractions
-  row['s_cross_renoised_per_stage'] = {k: None if v is None else 100.0 * v for k, v in renoised_per_stage.items()}
+  row['s_cross_renoised_per_stage'] = {f'{float(k):g}': None if v is None else 100.0 * v  # keys as the trajectory's
+                                       for k, v in renoised_per_stage.items()}
   return row
 
 
