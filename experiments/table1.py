@@ -28,9 +28,10 @@ Comparisons: paired over seeds, 95% t-interval and verdict
 Resume: every run writes <runs>/<setting>_seed<k>.json as it finishes
 (default <out>/runs; a directory inside the repository survives sessions),
 and a rerun with the same arguments skips it (other arguments: an error
-naming the file). Trained models that a Table 2 row reuses are kept as
-<runs>/params/*.msgpack (a missing one is retrained: training is a pure
-function of the config and seed). After every run the report
+naming the file). Trained models that a Table 2 row reuses are kept in
+--params_dir (default <runs>/params, ~1.3 MB per model at the toy size;
+a missing one is retrained from the config and seed; whether that is
+bit-identical to the lost one is not checked). After every run the report
 (--json, default <out>/table1.json: experiments/table1_report.py) and
 <out>/table.md are rewritten, so a partial sweep is usable. Seeds are the
 outer loop. One process: the jitted train step and sampler of a setting are
@@ -228,7 +229,7 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
   mesh = sharding.make_mesh()
   caches = {name: {} for name in settings}
   trained_caches = {}
-  params_dir = os.path.join(args.runs, 'params')
+  params_dir = args.params_dir
   sources = {SETTINGS[name].trained_from for name in settings} - {None}
   sample_args = dict(num_samples=args.num_samples, chunk=args.chunk, probe_images=args.probe_images)
 
@@ -294,6 +295,8 @@ def parse_args(argv=None):
   parser.add_argument('--out', required=True, help='output folder (meta.json, table.md, grids, plots)')
   parser.add_argument('--runs', default=None, help='per-run JSON folder (default <out>/runs); resumable')
   parser.add_argument('--json', default=None, help='report path (default <out>/table1.json)')
+  parser.add_argument('--params_dir', default=None,
+                      help='trained models the Table 2 rows reuse (default <runs>/params; missing ones are retrained)')
   parser.add_argument('--settings', default=','.join(DEFAULT_SETTINGS),
                       help=f'comma-separated names of {list(SETTINGS)}')
   parser.add_argument('--seeds', default='0,1,2')
@@ -312,6 +315,7 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   args.runs = args.runs or os.path.join(args.out, 'runs')
   args.json = args.json or os.path.join(args.out, 'table1.json')
+  args.params_dir = args.params_dir or os.path.join(args.runs, 'params')
   return args
 
 

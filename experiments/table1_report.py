@@ -100,19 +100,19 @@ def setting_row(name, runs):
 
 
 def comparisons(rows):
-  """Every COMPARISONS entry whose two settings have runs: paired FD (and class accuracy) over seeds."""
+  """Every COMPARISONS entry whose two settings have runs: paired FD over seeds (its verdict), and beside it
+  class accuracy (the opposite direction) and trajectory S_cross (the paper's direction, where it has one)."""
   found = []
-  for name, a, b, direction, paper in table1_settings.COMPARISONS:
+  for name, a, b, direction, paper, s_cross_direction in table1_settings.COMPARISONS:
     if a not in rows or b not in rows:
       continue
     per_seed = lambda row, key: {int(s): v for s, v in rows[row][key].items()}
-    fd = table1_stats.paired_difference(per_seed(a, 'fd_per_seed'), per_seed(b, 'fd_per_seed'), direction)
-    accuracy = table1_stats.paired_difference(per_seed(a, 'class_accuracy_per_seed'),
-                                              per_seed(b, 'class_accuracy_per_seed'),
-                                              'higher' if direction == 'lower' else 'lower')
+    paired = lambda key, towards: table1_stats.paired_difference(per_seed(a, key), per_seed(b, key), towards)
+    fd = paired('fd_per_seed', direction)
     found.append({'name': name, 'a': a, 'b': b, 'metric': 'fd', 'paper': paper, **fd,
                   'sentence': table1_stats.sentence(f'{name} ({a} - {b})', fd),
-                  'class_accuracy': accuracy})
+                  'class_accuracy': paired('class_accuracy_per_seed', 'higher' if direction == 'lower' else 'lower'),
+                  's_cross': paired('s_cross_per_seed', s_cross_direction) if s_cross_direction else None})
   return found
 
 

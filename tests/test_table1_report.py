@@ -59,6 +59,10 @@ def test_rows_comparisons_and_correlation_from_runs():
   assert vs_baseline['differences'] == [-4.0, -4.0, -4.0] and vs_baseline['verdict'] == 'reproduced'
   assert vs_baseline['class_accuracy']['verdict'] == 'reproduced'  # 0.7 vs 0.5: higher, as the paper's direction
   assert by_name['similarity vs random (UC=4)']['verdict'] == 'reproduced'  # d = -3.0, -2.8, -2.6
+  # S_cross beside FD, in the paper's direction: it has random above similarity (23.17 vs 19.95%), UC 4 above 2.
+  assert by_name['similarity vs random (UC=4)']['s_cross']['verdict'] == 'not reproduced'  # here 10% vs 3.3%
+  assert by_name['UC growth 2 -> 4']['s_cross']['verdict'] == 'reproduced'  # 10% vs 0%
+  assert vs_baseline['s_cross'] is None  # the baseline has no S_cross
   corr = report['correlation_s_cross_fd']
   assert corr['settings']['n'] == 3 and corr['settings']['names'] == ['sim_uc2', 'sim_uc4', 'random_uc4']
   assert corr['runs']['n'] == 9 and corr['settings']['r'] < 0  # more focus, lower FD in these numbers
