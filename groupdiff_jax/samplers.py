@@ -109,6 +109,36 @@ def combine_guidance(cond, uncond, scale, guided_channels=None):
   return jnp.concatenate([guided[..., :guided_channels], cond[..., guided_channels:]], axis=-1)
 
 
+def guidance_applies(noise_level, guidance):
+  """Whether a model call at noise level tau (module docstring) is guided: low <= tau <= high."""
+  return (noise_level >= guidance.guidance_low) & (noise_level <= guidance.guidance_high)
+
+
+def group_attention_on(noise_level, group_stage_fraction):
+  """Whether a model call at noise level tau uses group attention: done fraction 1 - tau < f (f >= 1: always)."""
+  if group_stage_fraction >= 1.0:
+    return jnp.asarray(True)
+  if group_stage_fraction <= 0.0:
+    return jnp.asarray(False)
+  return noise_level > 1.0 - group_stage_fraction
+
+
+def branch_rngs(rng):
+  """(conditional, unconditional) keys of one guided model call from its key `rng`."""
+  return jax.random.split(rng)
+
+
+def branch_sample_ids(rng, num_images, group_size, max_group_size, fixed=False):
+  """Sample ids [num_images] a branch of `make_guided_model_fn` draws from its key (None: no sample table).
+
+  A probe that wants the ids a sampler step actually used (e.g. S_cross on
+  the sampler's trajectory) calls this with `branch_rngs(step_key)[i]`.
+  """
+  if max_group_size <= 0:
+    return None
+  return draw_sample_ids(rng, num_images // group_size, group_size, max_group_size, fixed)
+
+
 def make_guided_model_fn(apply_fn, params, labels, guidance, *, null_class, max_group_size, data_channels,
                          keep_extra_channels=False):
   """model(x [B,H,W,C], t_model, noise_level, rng) -> output, with CFG and groups.
@@ -137,9 +167,7 @@ def make_guided_model_fn(apply_fn, params, labels, guidance, *, null_class, max_
   null_labels = jnp.full_like(labels, null_class)
 
   def branch(x, t_model, branch_labels, group_size, rng, group_attention):
-    ids = None
-    if max_group_size > 0:
-      ids = draw_sample_ids(rng, num_images // group_size, group_size, max_group_size, guidance.fixed_sample_ids)
+    ids = branch_sample_ids(rng, num_images, group_size, max_group_size, guidance.fixed_sample_ids)
     t_batch = jnp.broadcast_to(jnp.asarray(t_model), (num_images,))
     out = apply_fn({'params': params}, x, t_batch, branch_labels, ids, group_size=group_size,
                    group_attention=group_attention)
@@ -147,7 +175,7 @@ def make_guided_model_fn(apply_fn, params, labels, guidance, *, null_class, max_
 
   def model_with(group_attention):
     def fn(x, t_model, noise_level, rng):
-      cond_rng, uncond_rng = jax.random.split(rng)
+      cond_rng, uncond_rng = branch_rngs(rng)
       cond = branch(x, t_model, labels, guidance.cond_group_size, cond_rng, group_attention)
       if guidance.cfg_scale == 1.0:
         return cond
@@ -158,8 +186,7 @@ def make_guided_model_fn(apply_fn, params, labels, guidance, *, null_class, max_
                                  guidance.guided_channels)
         return jnp.concatenate([mixed, cond[..., data_channels:]], axis=-1)  # variance: conditional branch
 
-      in_interval = (noise_level >= guidance.guidance_low) & (noise_level <= guidance.guidance_high)
-      return jax.lax.cond(in_interval, guided, lambda _: cond, None)
+      return jax.lax.cond(guidance_applies(noise_level, guidance), guided, lambda _: cond, None)
     return fn
 
   with_groups, without_groups = model_with(True), model_with(False)
@@ -169,7 +196,7 @@ def make_guided_model_fn(apply_fn, params, labels, guidance, *, null_class, max_
     return without_groups
 
   def model(x, t_model, noise_level, rng):
-    early = noise_level > 1.0 - guidance.group_stage_fraction  # done fraction 1 - tau < f
+    early = group_attention_on(noise_level, guidance.group_stage_fraction)
     return jax.lax.cond(early, with_groups, without_groups, x, t_model, noise_level, rng)
 
   return model

@@ -1,14 +1,15 @@
-"""The toy Table 1 sweep (experiments/table1.py) end to end at a tiny size, and its data."""
+"""The toy Table 1/2 sweep (experiments/table1.py) end to end at a tiny size, its settings and its data."""
 
 import json
 import math
 import os
 
 import numpy as np
+import pytest
 
 from configs import toy_table1
-from experiments import table1
-from groupdiff_jax import step_plan, train
+from experiments import table1, table1_settings
+from groupdiff_jax import errors, step_plan, train
 from groupdiff_jax.data import toy_shapes
 
 
@@ -43,21 +44,63 @@ def test_make_batches_serves_similarity_groups_that_share_colours():
   np.testing.assert_array_equal(again['labels'], groups['labels'])
 
 
-def test_table1_smoke_writes_rows_with_finite_values(tmp_path):
-  out = str(tmp_path / 'table1')
-  result = table1.main([
-      f'--out={out}', '--settings=sim_uc2', '--seeds=0', '--num_steps=3', '--num_samples=16',
-      '--chunk=16', '--probe_images=8', '--num_images=300', '--hidden_size=32', '--depth=1', '--batch_size=8',
-      '--classifier_steps=2', '--held_out=32', '--sample_steps=4'])
-  rows = {row['setting']: row for row in result['rows']}
-  assert list(rows) == ['sim_uc2']  # (one setting: each compiles its own step and sampler)
-  for row in rows.values():
-    assert row['num_runs'] == 1 and math.isfinite(row['fd_toy_mean']) and row['fd_toy_mean'] >= 0
-    assert 0 <= row['class_accuracy_mean'] <= 1
-  assert abs(rows['sim_uc2']['s_cross_mean']) < 1e-4  # one other member: max = mean (the paper's 0.00%)
-  with open(os.path.join(out, 'results.json')) as f:
-    assert len(json.load(f)['rows']) == 1
-  with open(os.path.join(out, 'table.md')) as f:
-    assert len(f.read().strip().splitlines()) == 2 + 1  # header, rule, the setting
-  for name in ('runs/sim_uc2_seed0.json', 'samples_sim_uc2.png'):  # (plots need two settings)
-    assert os.path.exists(os.path.join(out, name)), name
+SMOKE_ARGS = ['--seeds=0', '--num_steps=3', '--num_samples=16', '--chunk=16', '--probe_images=8',
+              '--num_images=300', '--hidden_size=32', '--depth=1', '--batch_size=8', '--classifier_steps=2',
+              '--held_out=32', '--sample_steps=4']
+
+
+def test_table1_smoke_table2_row_reuses_the_trained_model_and_reports_trajectory_s_cross(tmp_path):
+  out, runs = str(tmp_path / 'table1'), str(tmp_path / 'kept_runs')
+  report_path = str(tmp_path / 'docs' / 'table1.json')
+  argv = [f'--out={out}', f'--runs={runs}', f'--json={report_path}', '--settings=sim_uc4_stage0.4'] + SMOKE_ARGS
+  result = table1.main(argv)
+  rows = {row['name']: row for row in result['settings']}
+  assert list(rows) == ['sim_uc4', 'sim_uc4_stage0.4']  # the trained row a Table 2 row needs comes first
+  with open(report_path) as f:
+    report = json.load(f)
+  assert report == json.loads(json.dumps(result))
+  for key in ('evaluator_real_accuracy', 'machine', 'commands', 'wall_seconds', 'settings', 'comparisons',
+              'correlation_s_cross_fd'):
+    assert key in report, key
+  assert 0 <= report['evaluator_real_accuracy'] <= 1 and report['commands'][0].startswith('python -m')
+  for row in report['settings']:
+    for key in ('name', 'group_size', 'grouping', 'sigma_tv', 'seeds', 'fd', 'fd_per_seed', 'class_accuracy',
+                'class_accuracy_per_seed', 's_cross', 's_cross_per_seed', 's_cross_per_stage', 's_cross_per_layer'):
+      assert key in row, key
+    assert row['seeds'] == [0] and row['group_size'] == 4 and row['grouping'] == 'similarity'
+    assert math.isfinite(row['fd']) and row['fd'] >= 0 and 0 <= row['class_accuracy'] <= 1
+    assert 0 <= row['s_cross'] <= 100 and 0 < row['self_mass_fraction'] < 1
+    assert sum(row['share_histogram']['counts']) > 0
+  # 4 steps at t = 0, 0.25, 0.5, 0.75: all probed for 'all'; with group attention in 0-0.4 only t = 0, 0.25.
+  assert all(v is not None for v in rows['sim_uc4']['s_cross_per_stage'].values())
+  assert [v is not None for v in rows['sim_uc4_stage0.4']['s_cross_per_stage'].values()] == [True, True, False, False]
+  assert list(rows['sim_uc4']['s_cross_per_layer']) == ['0']
+  (comparison,) = [c for c in report['comparisons'] if c['b'] == 'sim_uc4']
+  assert comparison['a'] == 'sim_uc4_stage0.4' and comparison['n'] == 1 and comparison['verdict'] == 'inconclusive'
+  with open(os.path.join(runs, 'sim_uc4_stage0.4_seed0.json')) as f:
+    run = json.load(f)
+  assert run['train_seconds'] == 0.0 and run['s_cross']['probed'] == [True, True, False, False]
+  assert run['s_cross_renoised']['stages_with_group_attention'] == [0.0, 0.25]
+  assert len(os.listdir(os.path.join(runs, 'params'))) == 1
+
+  # Resume (the sweep loop alone: no evaluator needed when nothing is left to run): every run is finished.
+  args = table1.parse_args(argv)
+  done = []
+  table1.run_sweep(args, table1.base_config(args), list(rows), [0], None, None, None, done.append)
+  assert done == []
+  other = table1.parse_args([a if not a.startswith('--num_samples') else '--num_samples=8' for a in argv])
+  with pytest.raises(errors.UserError, match='another config'):
+    table1.run_sweep(other, table1.base_config(other), list(rows), [0], None, None, None, done.append)
+
+
+def test_removed_group_layers_take_a_third_of_the_blocks():
+  assert table1_settings.removed_group_layers(28, 'first') == (9, None)  # the paper's layers 1-9 of 28
+  assert table1_settings.removed_group_layers(4, 'first') == (1, None)
+  assert table1_settings.removed_group_layers(4, 'last') == (0, 3)
+  with pytest.raises(errors.ConfigError, match='depth'):
+    table1_settings.removed_group_layers(1, 'first')
+
+
+def test_unknown_settings_are_refused():
+  with pytest.raises(errors.ConfigError, match='Unknown settings'):
+    table1_settings.check_settings(['sim_uc3'])

@@ -79,6 +79,26 @@ def member_mass_from_qk(q, k, group_size, scale=None):
 
 
 @jax.jit
+def member_shares(mass):
+  """a_ij: member i's mass on member j != i renormalised over j != i.
+
+  Args:
+    mass: [..., N, N] member masses (N >= 2; the diagonal is ignored).
+
+  Returns:
+    [..., N, N] float32, rows sum to 1 over j != i, diagonal 0; a member
+    that puts no mass on others gets the uniform 1 / (N - 1).
+  """
+  n = mass.shape[-1]
+  mass = mass.astype(jnp.float32)
+  others = ~jnp.eye(n, dtype=bool)  # [N, N]
+  off = jnp.where(others, mass, 0.0)
+  total = off.sum(-1, keepdims=True)  # [..., N, 1]
+  share = jnp.where(total > 0, off / jnp.where(total > 0, total, 1.0), 1.0 / (n - 1))
+  return jnp.where(others, share, 0.0)
+
+
+@jax.jit
 def s_cross_from_mass(mass):
   """S_cross from member masses.
 
@@ -93,12 +113,8 @@ def s_cross_from_mass(mass):
   n = mass.shape[-1]
   if n < 2:
     return jnp.zeros(mass.shape[:-2], jnp.float32)
-  mass = mass.astype(jnp.float32)
   others = ~jnp.eye(n, dtype=bool)  # [N, N]
-  off = jnp.where(others, mass, 0.0)
-  total = off.sum(-1, keepdims=True)  # [..., N, 1]
-  share = jnp.where(total > 0, off / jnp.where(total > 0, total, 1.0), 1.0 / (n - 1))  # a_ij
-  share = jnp.where(others, share, 0.0)
+  share = member_shares(mass)  # a_ij
   focus = jnp.max(jnp.where(others, share, -jnp.inf), axis=-1) - share.sum(-1) / (n - 1)  # [..., N]
   return focus.mean(-1)
 
