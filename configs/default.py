@@ -77,7 +77,8 @@ def get_config():
   config.train.max_nonfinite_steps = 10  # stop after this many skipped (NaN/inf) steps in a row
   # While training (train_monitor.py): a grid of sample.grid_groups groups (EMA, the config's sampler, fixed
   # noise) every sample_every steps into TensorBoard and <workdir>/progress/step_<k>.png; FID of
-  # eval.num_samples samples every eval_every steps (needs eval.reference_batch and eval.inception_graph);
+  # eval.num_samples samples every eval_every steps (needs eval.reference_batch and eval.inception_graph;
+  # on data.name='toy_shapes' the toy evaluator's FD instead, evaluation/toy_features.py);
   # 0 = off. profile_steps=(start, stop): a jax.profiler trace of those steps into <workdir>/profile/ on
   # process profile_process.
   config.train.sample_every = 0
@@ -136,4 +137,5 @@ def get_config():
   config.eval.reference_batch = config_dict.placeholder(str)  # e.g. VIRTUAL_imagenet256_labeled.npz (guided-diffusion)
   config.eval.inception_graph = config_dict.placeholder(str)  # classify_image_graph_def.pb (guided-diffusion)
   config.eval.num_samples = 10_000  # train.eval_every: samples per FID during training (scalar fid_10k)
+  config.eval.toy_feature_steps = 3000  # toy_shapes: training steps of the FD scorer (once, saved in the workdir)
   return config

@@ -21,7 +21,10 @@ runs at which step:
   computed once) and writes `fid_10k` (named by the count) and
   eval/step_<k>/fid.json; the sample files are then removed. Without
   `eval.reference_batch` and `eval.inception_graph` it is skipped with one
-  note.
+  note. On the toy shapes (data.name='toy_shapes') the toy evaluator
+  (evaluation/toy_features.py) scores them instead: `fd_toy_<n>` and
+  `class_accuracy_<n>`, with a feature net trained once on the run's data
+  (`eval.toy_feature_steps`) and kept in <workdir>/toy_feature_net.msgpack.
 - `train.profile_steps=(start, stop)`: a jax.profiler trace of steps
   [start, stop) into <workdir>/profile/ (TensorBoard's profile plugin,
   Perfetto) on process `train.profile_process`.
@@ -46,6 +49,7 @@ PROGRESS_DIR = 'progress'
 EVAL_DIR = 'eval'
 PROFILE_DIR = 'profile'
 CONFIG_FILE = 'config.json'
+TOY_FEATURE_NET = 'toy_feature_net.msgpack'
 GRID_STREAM = 2  # the grids' fixed noise: PRNGKey(seed + GRID_STREAM) (the sample job uses seed + 1)
 GIB = 2**30
 
@@ -210,7 +214,10 @@ class TrainMonitor:
       if cost['ratio'] is not None:
         log('Sample grid every %d steps: %.3g FLOPs (%d groups), %.2f%% of the training FLOPs between two grids.',
             self.sample_every, cost['grid_flops'], config.sample.grid_groups, 100 * cost['ratio'])
-    if self.eval_every and not (config.eval.get('reference_batch') and config.eval.get('inception_graph')):
+    self.toy_scorer = is_toy(config)
+    self._toy = None
+    if self.eval_every and not self.toy_scorer and not (config.eval.get('reference_batch') and
+                                                        config.eval.get('inception_graph')):
       log('No FID during training: set eval.reference_batch and eval.inception_graph (train.eval_every=%d).',
           self.eval_every)
       self.eval_every = 0
@@ -293,13 +300,25 @@ class TrainMonitor:
     self.log('Step %d: sample grid %s.', step, path)
 
   # --- FID ------------------------------------------------------------------------------
-  def write_fid(self, step, params):
-    from groupdiff_jax.evaluation import evaluator, fid as fid_lib, inception
+  def _eval_samples(self, step, params):
+    """(samples npz path or None on other processes, out_dir): eval.num_samples images by the sample job."""
     num = self.config.eval.num_samples
     per_group = self.config.sample.images_per_group
     config = _with_sample(self.config, num_groups=-(-num // per_group), s_cross=False)
     out_dir = os.path.join(self.workdir, EVAL_DIR, f'step_{step}')
-    path = sample_job.sample_and_save(config, out_dir, params, step, log=lambda *_: None)
+    return sample_job.sample_and_save(config, out_dir, params, step, log=lambda *_: None), out_dir
+
+  def _remove_samples(self, path, out_dir):
+    samples_dir = os.path.join(out_dir, sample_job.SAMPLES_DIR)
+    for stale in [path] + [os.path.join(samples_dir, f) for f in os.listdir(samples_dir) if f.startswith('chunk_')]:
+      os.remove(stale)  # the images: gigabytes at ImageNet scale; the scores and samples.png stay
+
+  def write_fid(self, step, params):
+    if self.toy_scorer:
+      return self.write_toy_fd(step, params)
+    from groupdiff_jax.evaluation import evaluator, fid as fid_lib, inception
+    num = self.config.eval.num_samples
+    path, out_dir = self._eval_samples(step, params)
     if path is None:  # not process 0
       return
     graph, reference = self.config.eval.inception_graph, self.config.eval.reference_batch
@@ -316,9 +335,63 @@ class TrainMonitor:
     name = fid_name(num)
     sample_job.write_json(os.path.join(out_dir, 'fid.json'), {name: value, 'step': step, 'num_samples': num,
                                                                'reference_batch': os.path.abspath(reference)})
-    for stale in [path] + [os.path.join(out_dir, sample_job.SAMPLES_DIR, f)
-                           for f in os.listdir(os.path.join(out_dir, sample_job.SAMPLES_DIR)) if f.startswith('chunk_')]:
-      os.remove(stale)  # the images: gigabytes at ImageNet scale; fid.json and samples.png stay
+    self._remove_samples(path, out_dir)
     self.writer.write_scalars(step, {name: value})
     self.log('Step %d: %s = %.4g (%s).', step, name, value, out_dir)
+
+  def write_toy_fd(self, step, params):
+    """The toy evaluator's FD and class accuracy of eval.num_samples samples (scalars fd_toy_<n>, ...)."""
+    from groupdiff_jax.evaluation import toy_features
+    num = self.config.eval.num_samples
+    path, out_dir = self._eval_samples(step, params)
+    if path is None:  # not process 0
+      return
+    if self._toy is None:
+      self._toy = toy_scorer(self.config, self.workdir, self.log)
+    featurize, reference = self._toy
+    with np.load(path) as f:
+      samples, labels = f['arr_0'][:num], f['labels'][:num]
+    scores = toy_features.score_samples(featurize, samples, labels, reference)
+    suffix = fid_name(num)[len('fid_'):]
+    values = {f'fd_toy_{suffix}': float(scores['fd']), f'class_accuracy_{suffix}': scores['class_accuracy']}
+    sample_job.write_json(os.path.join(out_dir, 'fd_toy.json'), {**values, 'step': step, 'num_samples': num})
+    self._remove_samples(path, out_dir)
+    self.writer.write_scalars(step, values)
+    self.log('Step %d: %s.', step, ', '.join(f'{k} = {v:.4g}' for k, v in values.items()))
+
+
+def is_toy(config):
+  """Whether quality during training is scored by the toy evaluator (the toy shapes) rather than FID."""
+  return config.data.get('name') == 'toy_shapes'
+
+
+def toy_scorer(config, workdir, log=logging.info):
+  """(featurize, reference FIDStatistics) of the toy evaluator for this run's data.
+
+  The feature net is trained once on the run's toy images
+  (eval.toy_feature_steps) and saved as <workdir>/toy_feature_net.msgpack,
+  which a resumed run loads, so a run's FD curve is measured by one scorer.
+  """
+  from flax import serialization
+  from groupdiff_jax.data import toy_shapes
+  from groupdiff_jax.evaluation import fid as fid_lib, toy_features
+  data = config.data
+  images, labels, attributes, _ = toy_shapes.load_toy_shapes(
+      data.get('num_images', 20000), data.get('dataset_seed', 0), data.image_size, data.get('embedding_dims', 32),
+      data.get('num_neighbors', 16))
+  path = os.path.join(workdir, TOY_FEATURE_NET)
+  if os.path.exists(path):
+    with open(path, 'rb') as f:
+      params = serialization.msgpack_restore(f.read())
+  else:
+    steps = config.eval.get('toy_feature_steps', toy_features.DEFAULT_TRAIN_STEPS)
+    log('Training the toy evaluator\'s feature net (%d steps) for FD during training ...', steps)
+    params = toy_features.train_feature_net(images, labels, attributes, steps, seed=config.seed)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+      f.write(serialization.msgpack_serialize(jax.device_get(params)))
+    os.replace(tmp, path)
+  featurize = toy_features.make_featurizer(params)
+  reference = fid_lib.FIDStatistics.from_features(featurize(images)[0])
+  return featurize, reference
 

@@ -136,6 +136,37 @@ def test_fid_scalar_with_a_tiny_reference_and_a_standin_inception(tmp_path):
   assert fids[2] == pytest.approx(expected, rel=1e-4)
 
 
+def test_toy_fd_scalar_with_the_toy_evaluator(tmp_path):
+  from configs import toy_table1
+  from flax import serialization
+  from groupdiff_jax.evaluation import fid, toy_features
+  config = toy_table1.get_config()
+  config.update_from_flattened_dict({
+      'model.depth': 1, 'model.hidden_size': 32, 'model.num_heads': 2, 'train.batch_size': 8,
+      'train.group_ratio': 0.0, 'train.num_steps': 2, 'train.log_every': 2, 'train.sample_every': 0,
+      'train.eval_every': 2, 'data.num_images': 120, 'data.num_neighbors': 4, 'data.grouping': 'class',
+      'eval.num_samples': 8, 'eval.toy_feature_steps': 3, 'sample.num_steps': 2, 'sample.num_groups': 2,
+      'sample.groups_per_batch': 2})
+  workdir = str(tmp_path / 'run')
+  state = train.train_and_evaluate(config, workdir)
+  accumulator = events(workdir)
+  fd, accuracy = tensor_values(accumulator, 'fd_toy_8'), tensor_values(accumulator, 'class_accuracy_8')
+  assert list(fd) == [2] and list(accuracy) == [2]
+  with open(os.path.join(workdir, 'eval', 'step_2', 'fd_toy.json')) as f:
+    assert json.load(f)['fd_toy_8'] == pytest.approx(fd[2], rel=1e-6)
+  # The same samples made by the sample job, scored with the saved net against the training images.
+  with open(os.path.join(workdir, train_monitor.TOY_FEATURE_NET), 'rb') as f:
+    featurize = toy_features.make_featurizer(serialization.msgpack_restore(f.read()))
+  images = train.make_batches(config).images
+  reference = fid.FIDStatistics.from_features(featurize(images)[0])
+  path = sample_job.sample_and_save(train_monitor._with_sample(config, num_groups=2), str(tmp_path / 'again'),
+                                    state.ema_params, 2, log=lambda *_: None)
+  with np.load(path) as f:
+    expected = toy_features.score_samples(featurize, f['arr_0'], f['labels'], reference)
+  assert fd[2] == pytest.approx(expected['fd'], rel=1e-4)
+  assert accuracy[2] == pytest.approx(expected['class_accuracy'])
+
+
 def test_no_fid_without_a_reference_is_one_note():
   notes = []
   monitor = train_monitor.TrainMonitor(tiny_config(**{'train.eval_every': 5, 'train.sample_every': 0}), 'unused', None, None,
