@@ -22,20 +22,20 @@ CONFIGS = ('configs/sit_xl.py', 'configs/dit_xl.py')
 TOPOLOGIES = {'v4-32': 'v4:2x2x4', 'v5e-64': 'v5e:8x8', 'v5e-256': 'v5e:16x16', 'v5p-64': 'v5p:4x4x2',
               'v5p-256': 'v5p:4x4x8', 'v6e-64': 'v6e:8x8'}
 
-# (accelerator, global batch) -> fsdp (data = the rest), or the reason no mesh fits.
+# (accelerator, global batch) -> (fsdp, remat) (data = the rest of the devices), or why no mesh fits.
 RECOMMENDED = {
-    ('v4-32', 256): 1,  # 14.3 of 16 GiB per TensorCore
-    ('v4-32', 1024): 'does not fit even with remat=dots_saveable (compiler: 15.95G temporaries > 15.25G HBM)',
-    ('v5e-64', 256): 4,  # 5.1 of 16 GiB
-    ('v5e-64', 1024): 8,  # 7.8 of 16 GiB
+    ('v4-32', 256): (1, 'none'),  # 14.3 of 16 GiB per TensorCore
+    ('v4-32', 1024): (4, 'full'),  # 5.1 of 16 GiB; data only with dots_saveable: refused (15.95G > 15.25G)
+    ('v5e-64', 256): (4, 'none'),  # 5.1 of 16 GiB
+    ('v5e-64', 1024): (8, 'none'),  # 7.8 of 16 GiB
     ('v5e-256', 256): 'cannot run: 64 groups of 4 over 256 devices (whole groups per device); use batch 1024',
-    ('v5e-256', 1024): 4,  # 5.1 of 16 GiB
-    ('v5p-64', 256): 1,  # 14.6 of 95 GiB
-    ('v5p-64', 1024): 1,  # 21.0 of 95 GiB
+    ('v5e-256', 1024): (4, 'none'),  # 5.1 of 16 GiB
+    ('v5p-64', 256): (1, 'none'),  # 14.6 of 95 GiB
+    ('v5p-64', 1024): (1, 'none'),  # 21.0 of 95 GiB
     ('v5p-256', 256): 'cannot run: 64 groups of 4 over 128 devices (whole groups per device); use batch 1024',
-    ('v5p-256', 1024): 1,  # 14.5 of 95 GiB
-    ('v6e-64', 256): 1,  # 14.7 of 32 GiB
-    ('v6e-64', 1024): 1,  # 15.6 of 32 GiB
+    ('v5p-256', 1024): (1, 'none'),  # 14.5 of 95 GiB
+    ('v6e-64', 256): (1, 'none'),  # 14.7 of 32 GiB
+    ('v6e-64', 1024): (1, 'none'),  # 15.6 of 32 GiB
 }
 
 
@@ -44,13 +44,15 @@ class NoMesh(ValueError):
 
 
 def mesh_flags(accelerator, batch_size):
-  """The `--config.mesh.*` flags for a pod, [] when the table has no entry; NoMesh when none fits."""
+  """The `--config.mesh.*` (and remat) flags for a pod, [] when the table has no entry; NoMesh when none fits."""
   entry = RECOMMENDED.get((accelerator, int(batch_size)))
   if entry is None:
     return []
   if isinstance(entry, str):
     raise NoMesh(f'{accelerator} at global batch {batch_size}: {entry} (docs/scaling.md).')
-  return ['--config.mesh.data=-1', f'--config.mesh.fsdp={entry}']
+  fsdp, remat = entry
+  flags = ['--config.mesh.data=-1', f'--config.mesh.fsdp={fsdp}']
+  return flags + ([f'--config.model.remat={remat}'] if remat != 'none' else [])
 
 
 def main(argv):

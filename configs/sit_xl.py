@@ -21,7 +21,8 @@ Mesh per TPU pod (compiled for each, docs/scaling.md; the default mesh is
 all devices on `data`): v5e-64 `--config.mesh.fsdp=4` (batch 256) or
 `fsdp=8` (batch 1024; 16 GiB chips cannot hold the replicated 10 GB of
 float32 state plus activations); v5p-64, v6e-64, v4-32 (batch 256) and
-v5p-256 (batch 1024) the default; v5e-256 `--config.train.batch_size=1024
+v5p-256 (batch 1024) the default; v4-32 at batch 1024
+`--config.mesh.fsdp=4 --config.model.remat=full`; v5e-256 `--config.train.batch_size=1024
 --config.mesh.fsdp=4`. Batch 256 cannot run on more than 64 devices (64
 groups of 4, whole groups per device). The same table as code:
 configs/pod_meshes.py (launch/tpu_pod.sh applies it). `--mode=compile

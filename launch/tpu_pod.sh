@@ -13,7 +13,7 @@
 #    (the VM went away), or the slice SUSPENDED/FAILED. Then it re-creates the slice if it is not
 #    ACTIVE, reinstalls and reruns, which resumes (at most MAX_RESTARTS times, then exit 1).
 # Overrides (mesh included, e.g. --config.mesh.fsdp=8) pass through unchanged to every worker.
-# Mesh: for configs/sit_xl.py and configs/dit_xl.py the mesh that fits ACCELERATOR at the global batch
+# Mesh: for configs/sit_xl.py and configs/dit_xl.py the mesh (and remat) that fits ACCELERATOR at the batch
 # (256, or --config.train.batch_size=N) comes from configs/pod_meshes.py and goes before your overrides
 # (yours win); a pod that cannot run that batch stops here (exit 2). MESH_PRESET=0 turns this off.
 # POLL_SECONDS (60) between state checks, RETRY_SECONDS (30) before a restart.

@@ -32,7 +32,8 @@ def test_every_recommended_mesh_is_one_the_compiler_said_fits(key):
     # No mesh the compiler was given fits (or, for 'cannot run', none could be built: next test).
     assert not any(r['fits'] for r in same)
   else:
-    match = [r for r in same if r['mesh']['fsdp'] == entry and r['remat'] == 'none']
+    fsdp, remat = entry
+    match = [r for r in same if r['mesh']['fsdp'] == fsdp and r['remat'] == remat]
     assert match and all(r['fits'] for r in match), (key, [(r['mesh'], r['fits']) for r in same])
 
 
@@ -46,6 +47,8 @@ def test_cannot_run_entries_follow_from_whole_groups_per_device():
 
 def test_flags_and_errors():
   assert pod_meshes.mesh_flags('v5e-64', '1024') == ['--config.mesh.data=-1', '--config.mesh.fsdp=8']
+  assert pod_meshes.mesh_flags('v4-32', 1024) == ['--config.mesh.data=-1', '--config.mesh.fsdp=4',
+                                                   '--config.model.remat=full']
   assert pod_meshes.mesh_flags('v5p-8', 256) == []
   with pytest.raises(pod_meshes.NoMesh, match='use batch 1024'):
     pod_meshes.mesh_flags('v5p-256', 256)
