@@ -56,6 +56,22 @@ ROWS = (
       NO_SAMPLER, GROUPS_ONLY]),
     ('sit_xl_l4_b1024_v4_32_fsdp4_full', 'configs/sit_xl.py', 'v4:2x2x4', 1,
      [B1024, '--config.mesh.fsdp=4', '--config.model.remat=full', NO_SAMPLER, SINGLES_ONLY]),
+    # The other variants on the pods (2026-12-02 session): GroupDiff-f-4, DiT-XL/2 and UC16 beyond v5e-64.
+    ('sit_xl_uc16_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1,
+     ['--config.train.group_size=16', '--config.model.max_group_size=16', '--config.mesh.fsdp=4',
+      NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_f4_b1024_v5e64_fsdp8', 'configs/sit_xl.py', 'v5e:8x8', 1,
+     [B1024, '--config.train.mode=groupdiff_f', '--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b1024_v5e64_fsdp8', 'configs/dit_xl.py', 'v5e:8x8', 1,
+     [B1024, '--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_uc16_b1024_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1,
+     [B1024, '--config.train.group_size=16', '--config.model.max_group_size=16', NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_f4_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1,
+     ['--config.train.mode=groupdiff_f', NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b256_v5p64', 'configs/dit_xl.py', 'v5p:4x4x2', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_f4_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1,
+     ['--config.train.mode=groupdiff_f', NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b1024_v6e64', 'configs/dit_xl.py', 'v6e:8x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
 )
 
 
