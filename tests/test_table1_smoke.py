@@ -48,7 +48,7 @@ def test_table1_smoke_writes_rows_with_finite_values(tmp_path):
   result = table1.main([
       f'--out={out}', '--settings=sim_uc2', '--seeds=0', '--num_steps=3', '--num_samples=16',
       '--chunk=16', '--probe_images=8', '--num_images=300', '--hidden_size=32', '--depth=1', '--batch_size=8',
-      '--classifier_steps=2', '--held_out=32', '--sample_steps=4'])
+      '--feature_steps=2', '--held_out=32', '--sample_steps=4'])
   rows = {row['setting']: row for row in result['rows']}
   assert list(rows) == ['sim_uc2']  # (one setting: each compiles its own step and sampler)
   for row in rows.values():
