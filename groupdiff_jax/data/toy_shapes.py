@@ -57,25 +57,33 @@ def _hsv_to_rgb(h, s, v):
   return np.stack([r, g, b], -1)
 
 
+def _radius(u, v):
+  return np.sqrt(u * u + v * v)
+
+
+# Inside-tests of the SHAPES, in order, at local coordinates u, v (unit radius; v points down the image).
+_INSIDE = (
+    lambda u, v: _radius(u, v) < 1.0,  # disc
+    lambda u, v: np.maximum(np.abs(u), np.abs(v)) < 0.8,  # square
+    lambda u, v: (v > -0.5) & (np.sqrt(3) * np.abs(u) + v < 1.0),  # triangle
+    lambda u, v: (((np.abs(u) < 0.3) & (np.abs(v) < 0.95))
+                  | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95))),  # plus
+    lambda u, v: (_radius(u, v) < 1.0) & (_radius(u, v) > 0.55),  # ring
+    lambda u, v: np.abs(u) + np.abs(v) / 0.5 < 1.0,  # diamond (a rhombus: not a rotated square)
+    lambda u, v: (np.abs(u) < 0.95) & (np.abs(v) < 0.35),  # bar
+    lambda u, v: (np.abs(u) < 0.85 * np.abs(v)) & (np.abs(v) < 0.95),  # hourglass (tip to tip, vertical axis)
+    lambda u, v: (_radius(u, v) < 1.0) & (v > -0.15),  # half disc
+    lambda u, v: _radius(u, v) < 0.55 + 0.4 * np.cos(5 * np.arctan2(v, u)),  # star
+)
+
+
 def _shape_masks(shape, u, v):
-  """Inside-masks of shape ids `shape` [B] at local coordinates u, v [B, P, P] (unit radius)."""
-  r = np.sqrt(u * u + v * v)
-  au, av = np.abs(u), np.abs(v)
-  angle = np.arctan2(v, u)
-  masks = [
-      r < 1.0,  # disc
-      np.maximum(au, av) < 0.8,  # square
-      (v > -0.5) & (np.sqrt(3) * au + v < 1.0),  # triangle
-      ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95)),  # plus
-      (r < 1.0) & (r > 0.55),  # ring
-      au + av / 0.5 < 1.0,  # diamond (a rhombus: not a rotated square)
-      (au < 0.95) & (av < 0.35),  # bar
-      (au < 0.85 * av) & (av < 0.95),  # hourglass (two triangles tip to tip, vertical axis)
-      (r < 1.0) & (v > -0.15),  # half disc
-      r < 0.55 + 0.4 * np.cos(5 * angle),  # star
-  ]
-  stacked = np.stack(masks, 0)  # [10, B, P, P]
-  return stacked[shape, np.arange(len(shape))]
+  """Inside-masks bool [B, P, P] of shape ids `shape` [B] at local coordinates u, v [B, P, P]."""
+  masks = np.zeros(u.shape, bool)
+  for shape_id in np.unique(shape):
+    members = shape == shape_id
+    masks[members] = _INSIDE[shape_id](u[members], v[members])
+  return masks
 
 
 def _render(fg, bg, size, x, y, rotation, texture, shape, image_size):

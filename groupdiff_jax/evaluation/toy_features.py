@@ -76,6 +76,29 @@ def _check_images(images, what):
     raise errors.UserError(f'{what} must be RGB images [M, S, S, 3] in [-1, 1]; got shape {shape}.')
 
 
+_NET = FeatureNet()
+_ADAM = optax.scale_by_adam()
+
+
+@jax.jit
+def _train_step(params, opt_state, x, y, tex, reg, learning_rate):
+  """One Adam step on class + texture cross-entropy + attribute MSE; (params, opt_state, loss)."""
+  def loss_fn(p):
+    _, logits, tex_logits, pred = _NET.apply({'params': p}, x)
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            + optax.softmax_cross_entropy_with_integer_labels(tex_logits, tex).mean()
+            + jnp.mean((pred - reg) ** 2))
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt_state = _ADAM.update(grads, opt_state)
+  params = jax.tree_util.tree_map(lambda p, u: p - learning_rate * u, params, updates)
+  return params, opt_state, loss
+
+
+@jax.jit
+def _features_and_logits(params, x):
+  return _NET.apply({'params': params}, x)[:2]
+
+
 def train_feature_net(images, labels, attributes, steps, seed=0, batch_size=256):
   """FeatureNet params trained on class + texture + attribute regression.
 
@@ -96,44 +119,29 @@ def train_feature_net(images, labels, attributes, steps, seed=0, batch_size=256)
     raise errors.UserError(f'The feature net needs at least 1 training step; got steps={steps}.')
   if not 1 <= batch_size <= len(images):
     raise errors.UserError(f'Feature-net batch_size={batch_size} must be in [1, {len(images)}] (the images).')
-  net = FeatureNet()
-  params = net.init(jax.random.PRNGKey(seed), jnp.asarray(images[:1]))['params']
-  tx = optax.adam(optax.cosine_decay_schedule(LEARNING_RATE, steps))
-  opt_state = tx.init(params)
+  params = _NET.init(jax.random.PRNGKey(seed), jnp.asarray(images[:1], jnp.float32))['params']
+  opt_state = _ADAM.init(params)
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)
   targets = attribute_targets(attributes)
   texture = np.asarray(attributes)[:, toy_shapes.ATTRIBUTES.index('texture')].astype(np.int32)
-
-  @jax.jit
-  def step(params, opt_state, x, y, tex, reg):
-    def loss_fn(p):
-      _, logits, tex_logits, pred = net.apply({'params': p}, x)
-      return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-              + optax.softmax_cross_entropy_with_integer_labels(tex_logits, tex).mean()
-              + jnp.mean((pred - reg) ** 2))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
   rng = np.random.default_rng(seed)
-  for _ in range(steps):
+  for i in range(steps):
     index = rng.choice(len(images), batch_size, replace=False)
-    params, opt_state, loss = step(params, opt_state, images[index], labels[index], texture[index], targets[index])
+    learning_rate = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * i / steps))  # cosine decay to 0
+    params, opt_state, loss = _train_step(params, opt_state, images[index], labels[index], texture[index],
+                                          targets[index], np.float32(learning_rate))
   logging.info('Feature net: %d steps, final loss %.3f.', steps, float(loss))
   return params
 
 
 def make_featurizer(params, batch_size=1024):
   """featurize(images [M, S, S, 3] in [-1, 1]) -> (features float64 [M, FEATURES], predicted class int [M])."""
-  net = FeatureNet()
-  apply = jax.jit(lambda p, x: net.apply({'params': p}, x)[:2])
-
   def featurize(images):
     _check_images(images, 'Images to featurize')
     feats, preds = [], []
     for i in range(0, len(images), batch_size):
-      f, logits = apply(params, jnp.asarray(images[i:i + batch_size], jnp.float32))
+      f, logits = _features_and_logits(params, jnp.asarray(images[i:i + batch_size], jnp.float32))
       feats.append(np.asarray(f, np.float64))
       preds.append(np.asarray(jnp.argmax(logits, -1)))
     return np.concatenate(feats), np.concatenate(preds)
