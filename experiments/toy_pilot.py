@@ -8,8 +8,8 @@ groups, 20% label dropout) on the toy shapes with configs/toy_table1.py
 --num_samples images from the EMA model and scores them with the toy
 feature net (evaluation/toy_features.py): sample class accuracy and FD_toy,
 at each guidance scale of --cfg_scales (the curve). The feature net is
-trained once per --feature_steps and cached beside the JSON
-(toy_features_<steps>.msgpack, with its held-out real accuracy and FD).
+trained at the start, or read from --feature_cache where an earlier pilot
+left it (with its held-out real accuracy and FD).
 
 The JSON at --out keeps one entry per --name (a rerun of a name replaces
 it): the flags, the config, the curve, wall times, and the evaluator's
@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -45,15 +46,18 @@ def parse_args(argv=None):
   parser.add_argument('--eval_every', type=int, default=500, help='training steps between evaluations')
   parser.add_argument('--cfg_scales', default=None, help='comma-separated guidance scales (default: --cfg_scale)')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--feature_cache', default=None,
+                      help='folder caching the trained feature net across pilots (default: retrain)')
   table1.add_config_flags(parser)  # --num_steps, --variant, --hidden_size, --depth, --sample_steps, ...
   return parser.parse_args(argv)
 
 
-def load_or_train_evaluator(cache_dir, args, images, labels, attributes, held_images, held_labels):
-  """(featurize, reference statistics, {'accuracy', 'fd', 'train_seconds', 'steps'}) of the cached feature net."""
-  path = os.path.join(cache_dir, f'toy_features_{args.feature_steps}.msgpack')
-  info_path = path + '.json'
-  if os.path.exists(path) and os.path.exists(info_path):
+def load_or_train_evaluator(args, images, labels, attributes, held_images, held_labels):
+  """(featurize, reference statistics, {'accuracy', 'fd', 'train_seconds', 'steps'}) of the feature net."""
+  name = f'toy_features_{args.feature_steps}_dataset{args.num_images or len(images)}.msgpack'
+  path = os.path.join(args.feature_cache, name) if args.feature_cache else None
+  info_path = f'{path}.json' if path else None
+  if path and os.path.exists(path) and os.path.exists(info_path):
     template = toy_features.FeatureNet().init(jax.random.PRNGKey(0), images[:1])['params']
     with open(path, 'rb') as f:
       params = serialization.from_bytes(template, f.read())
@@ -66,10 +70,12 @@ def load_or_train_evaluator(cache_dir, args, images, labels, attributes, held_im
   featurize = toy_features.make_featurizer(params)
   reference = fid.FIDStatistics.from_features(featurize(images)[0])
   info.update(toy_features.evaluate_real(featurize, held_images, held_labels, reference))
-  with open(path, 'wb') as f:
-    f.write(serialization.to_bytes(params))
-  with open(info_path, 'w') as f:
-    json.dump(info, f, indent=2)
+  if path:
+    os.makedirs(args.feature_cache, exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(serialization.to_bytes(params))
+    with open(info_path, 'w') as f:
+      json.dump(info, f, indent=2)
   return featurize, reference, info
 
 
@@ -97,8 +103,8 @@ def main(argv=None):
   images, labels, attributes, _ = toy_shapes.load_toy_shapes(data.num_images, data.dataset_seed, data.image_size,
                                                              data.embedding_dims, data.num_neighbors)
   held_images, held_labels, _ = toy_shapes.make_shapes(args.held_out, table1.HELD_OUT_SEED, data.image_size)
-  featurize, reference, evaluator = load_or_train_evaluator(os.path.dirname(os.path.abspath(args.out)), args,
-                                                            images, labels, attributes, held_images, held_labels)
+  featurize, reference, evaluator = load_or_train_evaluator(args, images, labels, attributes, held_images,
+                                                            held_labels)
   print(f"Evaluator: held-out real accuracy {evaluator['accuracy']:.4f}, FD_toy {evaluator['fd']:.3f}.", flush=True)
 
   configs = {}
@@ -135,7 +141,7 @@ def main(argv=None):
     with open(args.out) as f:
       entries = {e['name']: e for e in json.load(f)['pilots']}
   entries[args.name] = {
-      'name': args.name, 'argv': argv, 'cfg_scales': scales, 'curve': curve, 'losses': losses,
+      'name': args.name, 'argv': sys.argv[1:] if argv is None else argv, 'cfg_scales': scales, 'curve': curve, 'losses': losses,
       'train_seconds': train_seconds, 'eval_seconds': eval_seconds[0], 'wall_seconds': time.time() - start,
       'num_samples': args.num_samples, 'evaluator': evaluator,
       'model': {k: config.model[k] for k in ('variant', 'depth', 'hidden_size', 'num_heads')},
