@@ -14,7 +14,7 @@ left it (with its held-out real accuracy and FD).
 The JSON at --out keeps one entry per --name (a rerun of a name replaces
 it): the flags, the config, the curve, wall times, and the evaluator's
 numbers; the PNGs beside it (<stem>_accuracy.png, <stem>_fd.png) plot every
-entry's curve at its first guidance scale, and <stem>_samples_<name>.png is
+entry's curve at its best guidance scale, and <stem>_samples_<name>.png is
 the last evaluation's grid (one class per row).
 """
 
@@ -79,13 +79,19 @@ def load_or_train_evaluator(args, images, labels, attributes, held_images, held_
   return featurize, reference, info
 
 
+def best_scale(curve):
+  """The guidance scale with the highest class accuracy at the last evaluated step of `curve`."""
+  last = max(p['step'] for p in curve)
+  return max((p for p in curve if p['step'] == last), key=lambda p: p['class_accuracy'])['cfg_scale']
+
+
 def write_plots(out, entries):
-  """Accuracy and FD_toy vs training steps, one line per entry (its first guidance scale)."""
+  """Accuracy and FD_toy vs training steps, one line per entry (at its best guidance scale)."""
   stem = os.path.splitext(out)[0]
   for key, label, suffix in (('class_accuracy', 'sample class accuracy', 'accuracy'), ('fd', 'FD_toy', 'fd')):
     series = []
     for entry in entries.values():
-      scale = entry['cfg_scales'][0]
+      scale = best_scale(entry['curve'])
       points = [p for p in entry['curve'] if p['cfg_scale'] == scale]
       series.append({'label': f"{entry['name']} (cfg {scale:g})", 'x': [float(p['step']) for p in points],
                      'y': [p[key] for p in points]})
@@ -116,7 +122,27 @@ def main(argv=None):
   config = configs[scales[0]]
   model = model_from_config(config.model)
   caches = {scale: {} for scale in scales}  # a sampler per guidance scale (the scale is compiled in)
-  curve, eval_seconds, last = [], [0.0], {}
+  curve, eval_seconds, last, train_start = [], [0.0], {}, [time.time()]
+
+  def write_entry(losses=None):
+    """This pilot's entry in the JSON (rewritten after every evaluation, so a cut-short pilot is kept)."""
+    entries = {}
+    if os.path.exists(args.out):
+      with open(args.out) as f:
+        entries = {e['name']: e for e in json.load(f)['pilots']}
+    entries[args.name] = {
+        'name': args.name, 'argv': sys.argv[1:] if argv is None else argv, 'finished': losses is not None,
+        'cfg_scales': scales, 'curve': curve, 'losses': losses,
+        'train_seconds': time.time() - train_start[0] - eval_seconds[0], 'eval_seconds': eval_seconds[0],
+        'wall_seconds': time.time() - start, 'num_samples': args.num_samples, 'evaluator': evaluator,
+        'model': {k: config.model[k] for k in ('variant', 'depth', 'hidden_size', 'num_heads')},
+        'train': {'num_steps': config.train.num_steps, 'batch_size': config.train.batch_size,
+                  'lr': config.optim.lr, 'ema_decay': config.optim.ema_decay},
+        'sample': {'sampler': config.sample.sampler, 'num_steps': config.sample.num_steps}}
+    with open(args.out, 'w') as f:
+      json.dump({'pilots': list(entries.values())}, f, indent=2)
+    write_plots(args.out, entries)
+    return entries[args.name]
 
   def evaluate(steps_done, state):
     if steps_done % args.eval_every and steps_done != config.train.num_steps:
@@ -131,32 +157,16 @@ def main(argv=None):
       print(f"step {steps_done} cfg {scale:g}: class acc {scores['class_accuracy']:.3f}, FD_toy {scores['fd']:.2f}",
             flush=True)
     eval_seconds[0] += time.time() - tic
+    write_entry()
 
-  tic = time.time()
+  train_start[0] = time.time()
   _, losses = table1.train_run(config, model, sharding.make_mesh(), caches[scales[0]], on_step=evaluate)
-  train_seconds = time.time() - tic - eval_seconds[0]
-
-  entries = {}
-  if os.path.exists(args.out):
-    with open(args.out) as f:
-      entries = {e['name']: e for e in json.load(f)['pilots']}
-  entries[args.name] = {
-      'name': args.name, 'argv': sys.argv[1:] if argv is None else argv, 'cfg_scales': scales, 'curve': curve, 'losses': losses,
-      'train_seconds': train_seconds, 'eval_seconds': eval_seconds[0], 'wall_seconds': time.time() - start,
-      'num_samples': args.num_samples, 'evaluator': evaluator,
-      'model': {k: config.model[k] for k in ('variant', 'depth', 'hidden_size', 'num_heads')},
-      'train': {'num_steps': config.train.num_steps, 'batch_size': config.train.batch_size, 'lr': config.optim.lr,
-                'ema_decay': config.optim.ema_decay},
-      'sample': {'sampler': config.sample.sampler, 'num_steps': config.sample.num_steps}}
-  with open(args.out, 'w') as f:
-    json.dump({'pilots': list(entries.values())}, f, indent=2)
-  write_plots(args.out, entries)
+  entry = write_entry(losses)
   per_group = config.sample.images_per_group
-  best = max(scales, key=lambda s: [p for p in curve if p['cfg_scale'] == s][-1]['class_accuracy'])
-  save_grid(last[best][:10 * per_group], per_group, f'{os.path.splitext(args.out)[0]}_samples_{args.name}.png')
-  print(f"{args.name}: train {train_seconds:.0f} s, evaluations {eval_seconds[0]:.0f} s, wall "
-        f"{time.time() - start:.0f} s.", flush=True)
-  return entries[args.name]
+  save_grid(last[best_scale(curve)][:10 * per_group], per_group, f'{os.path.splitext(args.out)[0]}_samples_{args.name}.png')
+  print(f"{args.name}: train {entry['train_seconds']:.0f} s, evaluations {entry['eval_seconds']:.0f} s, wall "
+        f"{entry['wall_seconds']:.0f} s.", flush=True)
+  return entry
 
 
 if __name__ == '__main__':

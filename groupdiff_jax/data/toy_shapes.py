@@ -8,18 +8,18 @@ size, position, a small rotation (+-MAX_ROTATION_DEGREES) and texture
 
 Every class must be recognisable at 16x16, or neither a classifier nor a
 generative model can be judged on it. Two choices keep them apart:
-- Rotation is small (+-15 degrees), not a full circle: under any rotation a
+- Rotation is small (+-15 degrees), not a full circle: with any rotation a
   plus turned by 45 degrees is a cross, a square turned by 45 degrees is
   close to a diamond, and a bar or an hourglass has no fixed orientation.
   With +-15 degrees each class keeps its orientation.
 - An 'hourglass' (two triangles meeting tip to tip, vertical axis) replaces
   the former 'cross' (a plus turned by 45 degrees), which differed from the
   plus only by the rotation.
-With these (and no other change), a small CNN reaches >= 99% class accuracy
-on held-out images (evaluation/toy_features.py), against ~52% before.
+With these, the toy scorer (evaluation/toy_features.py, 3,000 steps) is right
+on 97.9% of 2,048 held-out images (dataset seed 1); on the former data (full
+rotations, a cross) a 400-step scorer was right on ~52%.
 
-Neighbours in
-pixel space (PCA embedding) therefore share colours, size and position,
+Neighbours in pixel space (PCA embedding) share colours, size and position,
 much as ImageNet neighbours share pose and colour, while random groups share
 nothing and class groups share only the shape. Everything is a pure
 function of the seed (numpy only; no downloads).
