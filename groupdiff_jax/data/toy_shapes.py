@@ -16,7 +16,7 @@ generative model can be judged on it. Two choices keep them apart:
   the former 'cross' (a plus turned by 45 degrees), which differed from the
   plus only by the rotation.
 With these, the toy scorer (evaluation/toy_features.py, 3,000 steps) is right
-on 97.9% of 2,048 held-out images (dataset seed 1); on the former data (full
+on 98.0% of 2,048 held-out images (dataset seed 1); on the former data (full
 rotations, a cross) a 400-step scorer was right on ~52%.
 
 Neighbours in pixel space (PCA embedding) share colours, size and position,
