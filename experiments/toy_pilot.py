@@ -134,7 +134,8 @@ def main(argv=None):
         'name': args.name, 'argv': sys.argv[1:] if argv is None else argv, 'finished': losses is not None,
         'cfg_scales': scales, 'curve': curve, 'losses': losses,
         'train_seconds': time.time() - train_start[0] - eval_seconds[0], 'eval_seconds': eval_seconds[0],
-        'wall_seconds': time.time() - start, 'num_samples': args.num_samples, 'evaluator': evaluator,
+        'wall_seconds': time.time() - start, 'cpu_seconds': time.process_time(),  # all threads, whole process
+        'num_samples': args.num_samples, 'evaluator': evaluator,
         'model': {k: config.model[k] for k in ('variant', 'depth', 'hidden_size', 'num_heads')},
         'train': {'num_steps': config.train.num_steps, 'batch_size': config.train.batch_size,
                   'lr': config.optim.lr, 'ema_decay': config.optim.ema_decay},
@@ -163,7 +164,8 @@ def main(argv=None):
   _, losses = table1.train_run(config, model, sharding.make_mesh(), caches[scales[0]], on_step=evaluate)
   entry = write_entry(losses)
   per_group = config.sample.images_per_group
-  save_grid(last[best_scale(curve)][:10 * per_group], per_group, f'{os.path.splitext(args.out)[0]}_samples_{args.name}.png')
+  grid_path = f'{os.path.splitext(args.out)[0]}_samples_{args.name}.png'
+  save_grid(last[best_scale(curve)][:10 * per_group], per_group, grid_path)
   print(f"{args.name}: train {entry['train_seconds']:.0f} s, evaluations {entry['eval_seconds']:.0f} s, wall "
         f"{entry['wall_seconds']:.0f} s.", flush=True)
   return entry
