@@ -26,7 +26,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 from flax import serialization
 
 from experiments import plots, table1
@@ -41,13 +40,14 @@ SETTING = 'baseline'
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', required=True, help='pilot JSON (PNGs and the feature-net cache beside it)')
+  parser.add_argument('--out', required=True, help='pilot JSON (its PNGs are written beside it)')
   parser.add_argument('--name', required=True, help='this configuration\'s entry in the JSON')
   parser.add_argument('--eval_every', type=int, default=500, help='training steps between evaluations')
   parser.add_argument('--cfg_scales', default=None, help='comma-separated guidance scales (default: --cfg_scale)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--feature_cache', default=None,
-                      help='folder caching the trained feature net across pilots (default: retrain)')
+                      help='folder caching the trained feature net across pilots, keyed by --feature_steps and '
+                      'the dataset size (empty it when toy_shapes.py changes; default: retrain)')
   table1.add_config_flags(parser)  # --num_steps, --variant, --hidden_size, --depth, --sample_steps, ...
   return parser.parse_args(argv)
 
