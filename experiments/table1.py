@@ -20,7 +20,8 @@ FID. Also the CNN's class accuracy on the samples (vs their conditioning
 classes). meta.json holds the CNN's accuracy on held-out real images
 (`evaluator_real_accuracy`) and their FD_toy (`fd_real_held_out`).
 Grouped settings: S_cross (evaluation/s_cross_probe.py) of the
-unconditional group branch at 4 stages of the sampling trajectory (t = 0, 0.25, 0.5, 0.75 in SiT time, 0 = noise).
+unconditional group branch at 4 stages of the sampling trajectory (t = 0,
+0.25, 0.5, 0.75 in SiT time, 0 = noise).
 
 Every run writes <out>/runs/<setting>_seed<k>.json as it finishes (a rerun
 skips finished runs), then <out>/results.json and <out>/table.md are
