@@ -41,7 +41,7 @@ LEARNING_RATE = 2e-3  # Adam, cosine-decayed to 0 over the training steps
 # 4-8 on 2 cores): 1,500 steps of 256: 96.3% held-out accuracy, FD 1.07, 103 s; 3,000 steps of
 # 128: 98.0% held-out, FD 1.89, 200 s (a first run of that recipe: 97.9%, FD 1.73, and 2,048 of
 # the training images themselves FD 2.76, the finite-sample floor). Samples of the pilot's models
-# score FD 300-1100 (docs/toy_pilot.json).
+# score FD 148-5256 (docs/toy_pilot.json).
 DEFAULT_TRAIN_STEPS = 3000
 DEFAULT_BATCH_SIZE = 128
 
