@@ -25,6 +25,9 @@ images; FD_toy of 512 samples moves by tens between evaluations):
 - the same with lr 2e-3: 30% (283), 48% (191), 53% (201) after
   1000-3000 steps: faster early; at 3000 steps 4 points more accuracy,
   FD_toy 201 vs 148.
+- width 96, lr 2e-3: 14% (897), 39% (227), 47% (182) after 500-1500
+  steps, at 0.198 s a step (1.46x width 64): per CPU second no better
+  than width 64 (47.5% after 2000 steps, ~272 s).
 - batch 128 instead of 32 (patch 4): no better per step (9-10% after 1000
   steps), ~3x the time per step (cut short; not in the JSON).
 Patch 2 trains at ~0.136 s a step on one CPU core (the lr 2e-3 pilot: 408 s
