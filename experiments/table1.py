@@ -15,15 +15,18 @@ Trains and samples, for 3 seeds each, on the generated toy shapes
                      the blocks (inference-time changes, as the paper's)
 
 Quality: the Frechet distance (evaluation/fid.py) between the generated and
-the real images in the feature space of a small CNN trained on the same data
-("FD_toy", NOT comparable with ImageNet FID), and that network's accuracy on
-the samples' conditioning classes. S_cross of the unconditional group branch
-on the sampler's own trajectory (evaluation/s_cross_trajectory.py: every
-step's x_t with the ids the branch drew), per step, per stage (STAGES) and
-per layer, with the attention's self mass and the histogram of a_ij; beside
-it the re-noised probe of the final samples (evaluation/s_cross_sampling.py).
-Comparisons: paired over seeds, 95% t-interval and verdict
-(experiments/table1_stats.py).
+the real images in the 64-d feature space of a small CNN trained on the same
+data (evaluation/toy_features.py: shape class, texture, colours, size,
+position, rotation): "FD_toy", NOT comparable with ImageNet FID; also the
+CNN's class accuracy on the samples (vs their conditioning classes).
+meta.json holds the CNN's accuracy on held-out real images
+(`evaluator_real_accuracy`) and their FD_toy (`fd_real_held_out`). S_cross
+of the unconditional group branch on the sampler's own trajectory
+(evaluation/s_cross_trajectory.py: every step's x_t with the ids the branch
+drew), per step, per stage (STAGES) and per layer, with the attention's self
+mass and the histogram of a_ij; beside it the re-noised probe of the final
+samples (evaluation/s_cross_sampling.py). Comparisons: paired over seeds,
+95% t-interval and verdict (experiments/table1_stats.py).
 
 Resume: every run writes <runs>/<setting>_seed<k>.json as it finishes
 (default <out>/runs; a directory inside the repository survives sessions),
@@ -49,12 +52,10 @@ import shlex
 import sys
 import time
 
-import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from configs import toy_table1
 from experiments import plots, table1_report
@@ -62,7 +63,7 @@ from experiments.table1_settings import (DEFAULT_SETTINGS, SETTINGS, check_setti
                                          training_config)
 from groupdiff_jax import errors, samplers, sharding, step_plan, train, train_step
 from groupdiff_jax.data import toy_shapes
-from groupdiff_jax.evaluation import fid, s_cross_sampling, s_cross_trajectory
+from groupdiff_jax.evaluation import fid, s_cross_sampling, s_cross_trajectory, toy_features
 from groupdiff_jax.models.dit import model_from_config
 from groupdiff_jax.sample import group_labels, save_grid, to_uint8
 
@@ -70,77 +71,16 @@ STAGES = (0.0, 0.25, 0.5, 0.75)  # SiT time (0 = noise): starts of the stages S_
 HELD_OUT_SEED = 1  # dataset seed of the held-out real images (classifier test, FD floor)
 
 
-# --- Feature network for FD_toy ----------------------------------------------
-
-class FeatureNet(nn.Module):
-  """Small CNN: 64-d features (pre-activation), heads for class, texture and attributes."""
-  features: int = 64
-
-  @nn.compact
-  def __call__(self, x):  # x: [B, 16, 16, 3] in [-1, 1]
-    x = nn.relu(nn.Conv(32, (3, 3))(x))
-    x = nn.avg_pool(x, (2, 2), (2, 2))  # [B, 8, 8, 32]
-    x = nn.relu(nn.Conv(64, (3, 3))(x))
-    x = nn.avg_pool(x, (2, 2), (2, 2))  # [B, 4, 4, 64]
-    feats = nn.Dense(self.features)(x.reshape(x.shape[0], -1))  # [B, F]
-    h = nn.relu(feats)
-    return feats, nn.Dense(toy_shapes.NUM_CLASSES)(h), nn.Dense(len(toy_shapes.TEXTURES))(h), nn.Dense(9)(h)
-
-
-def attribute_targets(attributes):
-  """Regression targets [M, 9] of roughly unit scale: colours, size, x, y."""
-  a = attributes
-  return np.concatenate([a[:, :6], (a[:, 6:7] - 0.5) * 4, a[:, 7:9] * 4], -1).astype(np.float32)
-
-
-def train_classifier(images, labels, attributes, steps, seed=0, batch_size=256):
-  """Params of FeatureNet trained on class + texture + attribute regression."""
-  net = FeatureNet()
-  params = net.init(jax.random.PRNGKey(seed), images[:1])['params']
-  tx = optax.adam(2e-3)
-  opt_state = tx.init(params)
-  targets = attribute_targets(attributes)
-  texture = attributes[:, 10].astype(np.int32)
-
-  @jax.jit
-  def step(params, opt_state, x, y, tex, reg):
-    def loss_fn(p):
-      _, logits, tex_logits, pred = net.apply({'params': p}, x)
-      return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-              + optax.softmax_cross_entropy_with_integer_labels(tex_logits, tex).mean()
-              + jnp.mean((pred - reg) ** 2))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  rng = np.random.default_rng(seed)
-  for _ in range(steps):
-    index = rng.choice(len(images), batch_size, replace=False)
-    params, opt_state, loss = step(params, opt_state, images[index], labels[index], texture[index], targets[index])
-  logging.info('Classifier: final loss %.3f.', float(loss))
-  return params
-
-
-def make_featurizer(params, batch_size=1024):
-  net = FeatureNet()
-  apply = jax.jit(lambda p, x: net.apply({'params': p}, x)[:2])
-
-  def featurize(images):
-    """(features [M, 64] float64, predicted class [M]) of images in [-1, 1]."""
-    feats, preds = [], []
-    for i in range(0, len(images), batch_size):
-      f, logits = apply(params, jnp.asarray(images[i:i + batch_size]))
-      feats.append(np.asarray(f, np.float64))
-      preds.append(np.asarray(jnp.argmax(logits, -1)))
-    return np.concatenate(feats), np.concatenate(preds)
-
-  return featurize
 
 
 # --- One run -------------------------------------------------------------------
 
-def train_run(config, model, mesh, cache):
-  """Train one run; `cache` holds the setting's jitted step (shared by its seeds)."""
+def train_run(config, model, mesh, cache, on_step=None):
+  """Train one run; `cache` holds the setting's jitted step (shared by its seeds).
+
+  `on_step(steps_done, state)`, if given, is called after every step
+  (experiments/toy_pilot.py evaluates the EMA model from it).
+  """
   state, shardings = train_step.create_sharded_train_state(model, config, mesh, jax.random.PRNGKey(config.seed))
   if 'run_step' not in cache:
     cache['run_step'] = train_step.make_jitted_train_step(config, mesh, shardings)
@@ -157,12 +97,12 @@ def train_run(config, model, mesh, cache):
     name = step_plan.step_kind_name(config.seed, step, kinds, config.train.group_ratio)
     state, metrics = run_step(state, batches.batch(step, kinds[name]), kinds[name])
     window.append(metrics['loss'])
+    if on_step is not None:
+      on_step(step + 1, state)
     if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.num_steps:
       losses.append(float(np.mean(jax.device_get(window))))
       window = []
   return state, losses
-
-
 
 
 def sample_run(config, model, params, cache, num_samples, chunk, probe_images):
@@ -266,10 +206,9 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
       samples, sample_labels, trajectory, renoised = sample_run(config, model, params, caches[name],
                                                                 args.num_samples, args.chunk, args.probe_images)
       sample_seconds = time.time() - tic
-      feats, pred = featurize(samples.astype(np.float32) / 127.5 - 1.0)
-      record = {'setting': name, 'seed': seed, 'config_hash': run_hash,
-                'fd': float(reference.fid(fid.FIDStatistics.from_features(feats))),
-                'class_accuracy': float((pred == sample_labels).mean()), 's_cross': trajectory,
+      scores = toy_features.score_samples(featurize, samples, sample_labels, reference)
+      record = {'setting': name, 'seed': seed, 'config_hash': run_hash, 'fd': float(scores['fd']),
+                'class_accuracy': scores['class_accuracy'], 's_cross': trajectory,
                 's_cross_renoised': renoised, 'evaluator_real_accuracy': evaluator_accuracy,
                 'group_layers': list(config.model.group_layers) if config.model.get('group_layers') else None,
                 'group_stage_fraction': config.sample.group_stage_fraction,
@@ -290,6 +229,25 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
 
 # --- Main ------------------------------------------------------------------------
 
+def add_config_flags(parser):
+  """Flags that change configs/toy_table1.py or the scoring (shared with experiments/toy_pilot.py)."""
+  parser.add_argument('--num_steps', type=int, default=None, help='training steps (default: the config)')
+  parser.add_argument('--num_samples', type=int, default=512)
+  parser.add_argument('--sample_steps', type=int, default=None, help='sampler steps (default: the config)')
+  parser.add_argument('--sampler', default=None, help="'euler' | 'heun' (default: the config)")
+  parser.add_argument('--cfg_scale', type=float, default=None, help='guidance scale (default: the config)')
+  parser.add_argument('--chunk', type=int, default=512, help='images sampled per jitted call')
+  parser.add_argument('--num_images', type=int, default=None, help='toy dataset size (default: the config)')
+  parser.add_argument('--variant', default=None, help="model variant, e.g. 'SiT-S/2' for patch 2 (default: config)")
+  parser.add_argument('--hidden_size', type=int, default=None)
+  parser.add_argument('--depth', type=int, default=None)
+  parser.add_argument('--batch_size', type=int, default=None)
+  parser.add_argument('--lr', type=float, default=None, help='learning rate (default: the config)')
+  parser.add_argument('--feature_steps', type=int, default=toy_features.DEFAULT_TRAIN_STEPS,
+                      help='training steps of the scoring feature net (evaluation/toy_features.py)')
+  parser.add_argument('--held_out', type=int, default=2048, help='held-out real images (scorer test, FD floor)')
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', required=True, help='output folder (meta.json, table.md, grids, plots)')
@@ -300,18 +258,8 @@ def parse_args(argv=None):
   parser.add_argument('--settings', default=','.join(DEFAULT_SETTINGS),
                       help=f'comma-separated names of {list(SETTINGS)}')
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--num_steps', type=int, default=None, help='training steps (default: the config)')
-  parser.add_argument('--num_samples', type=int, default=512)
-  parser.add_argument('--sample_steps', type=int, default=None, help='sampler steps')
-  parser.add_argument('--sampler', default=None, help="'euler' | 'heun' (default: the config)")
-  parser.add_argument('--chunk', type=int, default=512, help='images sampled per jitted call')
   parser.add_argument('--probe_images', type=int, default=256, help='images probed for S_cross')
-  parser.add_argument('--num_images', type=int, default=None, help='toy dataset size (default: the config)')
-  parser.add_argument('--hidden_size', type=int, default=None)
-  parser.add_argument('--depth', type=int, default=None)
-  parser.add_argument('--batch_size', type=int, default=None)
-  parser.add_argument('--classifier_steps', type=int, default=400)
-  parser.add_argument('--held_out', type=int, default=2048, help='held-out real images (FD floor)')
+  add_config_flags(parser)
   args = parser.parse_args(argv)
   args.runs = args.runs or os.path.join(args.out, 'runs')
   args.json = args.json or os.path.join(args.out, 'table1.json')
@@ -325,7 +273,8 @@ def base_config(args):
     for value, section, key in ((args.num_steps, 'train', 'num_steps'), (args.sample_steps, 'sample', 'num_steps'),
                                 (args.num_images, 'data', 'num_images'), (args.hidden_size, 'model', 'hidden_size'),
                                 (args.depth, 'model', 'depth'), (args.batch_size, 'train', 'batch_size'),
-                                (args.sampler, 'sample', 'sampler')):
+                                (args.sampler, 'sample', 'sampler'), (args.cfg_scale, 'sample', 'cfg_scale'),
+                                (args.variant, 'model', 'variant'), (args.lr, 'optim', 'lr')):
       if value is not None:
         config[section][key] = value
   return config
@@ -353,22 +302,20 @@ def main(argv=None):
   images, labels, attributes, _ = toy_shapes.load_toy_shapes(data.num_images, data.dataset_seed, data.image_size,
                                                              data.embedding_dims, data.num_neighbors)
   held_images, held_labels, _ = toy_shapes.make_shapes(args.held_out, HELD_OUT_SEED, data.image_size)
-  classifier = train_classifier(images, labels, attributes, args.classifier_steps)
-  featurize = make_featurizer(classifier)
-  real_feats, _ = featurize(images)
-  reference = fid.FIDStatistics.from_features(real_feats)
-  held_feats, held_pred = featurize(to_uint8(held_images).astype(np.float32) / 127.5 - 1.0)
-  floor = reference.fid(fid.FIDStatistics.from_features(held_feats))
-  meta = {'classifier_held_out_accuracy': float((held_pred == held_labels).mean()),
-          'fd_toy_real_held_out': float(floor), 'held_out_images': args.held_out,
+  feature_params = toy_features.train_feature_net(images, labels, attributes, args.feature_steps)
+  featurize = toy_features.make_featurizer(feature_params)
+  reference = fid.FIDStatistics.from_features(featurize(images)[0])
+  real = toy_features.evaluate_real(featurize, held_images, held_labels, reference)
+  meta = {'evaluator_real_accuracy': real['accuracy'], 'fd_real_held_out': real['fd'],
+          'held_out_images': args.held_out, 'held_out_dataset_seed': HELD_OUT_SEED,
+          'feature_steps': args.feature_steps,
           'num_images': data.num_images, 'num_samples': args.num_samples, 'seeds': seeds, 'settings': settings,
           'config': base.to_dict(), 'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, '
                                                f'{jax.devices()[0].platform}', 'setup_seconds': time.time() - start}
   with open(os.path.join(args.out, 'meta.json'), 'w') as f:
     json.dump(meta, f, indent=2)
-  print(f"Classifier held-out accuracy {meta['classifier_held_out_accuracy']:.3f}; FD_toy of {args.held_out} real "
-        f"held-out images: {floor:.3f} (setup {meta['setup_seconds']:.0f} s).", flush=True)
-
+  print(f"Evaluator: held-out real accuracy {real['accuracy']:.3f}; FD_toy of {args.held_out} real held-out "
+        f"images: {real['fd']:.3f} (setup {meta['setup_seconds']:.0f} s).", flush=True)
 
   # --- Runs -----------------------------------------------------------------------
   invocations_path = os.path.join(args.out, 'invocations.json')

@@ -45,7 +45,7 @@ def test_make_batches_serves_similarity_groups_that_share_colours():
 
 
 SMOKE_ARGS = ['--seeds=0', '--num_steps=3', '--num_samples=16', '--chunk=16', '--probe_images=8',
-              '--num_images=300', '--hidden_size=32', '--depth=1', '--batch_size=8', '--classifier_steps=2',
+              '--num_images=300', '--hidden_size=32', '--depth=1', '--batch_size=8', '--feature_steps=2',
               '--held_out=32', '--sample_steps=4']
 
 

@@ -3,8 +3,23 @@
 `make_shapes(count, seed)` draws `count` RGB images (16x16 by default) of
 one shape each. The class is the shape type (10 classes); continuous and
 discrete attributes vary within a class: foreground and background colour,
-size, position, rotation and texture (solid, stripes, dots). Neighbours in
-pixel space (PCA embedding) therefore share colours, size and position,
+size, position, a small rotation (+-MAX_ROTATION_DEGREES) and texture
+(solid, stripes, dots).
+
+Every class must be recognisable at 16x16, or neither a classifier nor a
+generative model can be judged on it. Two choices keep them apart:
+- Rotation is small (+-15 degrees), not a full circle: with any rotation a
+  plus turned by 45 degrees is a cross, a square turned by 45 degrees is
+  close to a diamond, and a bar or an hourglass has no fixed orientation.
+  With +-15 degrees each class keeps its orientation.
+- An 'hourglass' (two triangles meeting tip to tip, vertical axis) replaces
+  the former 'cross' (a plus turned by 45 degrees), which differed from the
+  plus only by the rotation.
+With these, the toy scorer (evaluation/toy_features.py, 3,000 steps) is right
+on 98.0% of 2,048 held-out images (dataset seed 1); on the former data (full
+rotations, a cross) a 400-step scorer was right on ~52%.
+
+Neighbours in pixel space (PCA embedding) share colours, size and position,
 much as ImageNet neighbours share pose and colour, while random groups share
 nothing and class groups share only the shape. Everything is a pure
 function of the seed (numpy only; no downloads).
@@ -21,9 +36,10 @@ import numpy as np
 from groupdiff_jax.data.array_batches import ArrayBatches, neighbor_lists, pca_embeddings
 
 NUM_CLASSES = 10
-SHAPES = ('disc', 'square', 'triangle', 'plus', 'ring', 'diamond', 'bar', 'cross', 'half_disc', 'star')
+SHAPES = ('disc', 'square', 'triangle', 'plus', 'ring', 'diamond', 'bar', 'hourglass', 'half_disc', 'star')
 TEXTURES = ('solid', 'stripes', 'dots')
 SUPERSAMPLE = 4  # shapes are rasterised at 4x and box-filtered (anti-aliasing)
+MAX_ROTATION_DEGREES = 15.0  # rotation is uniform in [-15, 15] degrees: classes keep their orientation
 # Attributes returned per image (float32 columns of `attributes`).
 ATTRIBUTES = ('fg_r', 'fg_g', 'fg_b', 'bg_r', 'bg_g', 'bg_b', 'size', 'x', 'y', 'rotation', 'texture')
 
@@ -40,26 +56,33 @@ def _hsv_to_rgb(h, s, v):
   return np.stack([r, g, b], -1)
 
 
+def _radius(u, v):
+  return np.sqrt(u * u + v * v)
+
+
+# Inside-tests of the SHAPES, in order, at local coordinates u, v (unit radius; v points down the image).
+_INSIDE = (
+    lambda u, v: _radius(u, v) < 1.0,  # disc
+    lambda u, v: np.maximum(np.abs(u), np.abs(v)) < 0.8,  # square
+    lambda u, v: (v > -0.5) & (np.sqrt(3) * np.abs(u) + v < 1.0),  # triangle
+    lambda u, v: (((np.abs(u) < 0.3) & (np.abs(v) < 0.95))
+                  | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95))),  # plus
+    lambda u, v: (_radius(u, v) < 1.0) & (_radius(u, v) > 0.55),  # ring
+    lambda u, v: np.abs(u) + np.abs(v) / 0.5 < 1.0,  # diamond (a rhombus: not a rotated square)
+    lambda u, v: (np.abs(u) < 0.95) & (np.abs(v) < 0.35),  # bar
+    lambda u, v: (np.abs(u) < 0.85 * np.abs(v)) & (np.abs(v) < 0.95),  # hourglass (tip to tip, vertical axis)
+    lambda u, v: (_radius(u, v) < 1.0) & (v > -0.15),  # half disc
+    lambda u, v: _radius(u, v) < 0.55 + 0.4 * np.cos(5 * np.arctan2(v, u)),  # star
+)
+
+
 def _shape_masks(shape, u, v):
-  """Inside-masks of shape ids `shape` [B] at local coordinates u, v [B, P, P] (unit radius)."""
-  r = np.sqrt(u * u + v * v)
-  au, av = np.abs(u), np.abs(v)
-  d1, d2 = np.abs(u + v) / np.sqrt(2), np.abs(u - v) / np.sqrt(2)
-  angle = np.arctan2(v, u)
-  masks = [
-      r < 1.0,  # disc
-      np.maximum(au, av) < 0.8,  # square
-      (v > -0.5) & (np.sqrt(3) * au + v < 1.0),  # triangle
-      ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95)),  # plus
-      (r < 1.0) & (r > 0.55),  # ring
-      au + av / 0.5 < 1.0,  # diamond (a rhombus: not a rotated square)
-      (au < 0.95) & (av < 0.35),  # bar
-      ((d1 < 0.25) & (d2 < 0.95)) | ((d2 < 0.25) & (d1 < 0.95)),  # cross
-      (r < 1.0) & (v > -0.15),  # half disc
-      r < 0.55 + 0.4 * np.cos(5 * angle),  # star
-  ]
-  stacked = np.stack(masks, 0)  # [10, B, P, P]
-  return stacked[shape, np.arange(len(shape))]
+  """Inside-masks bool [B, P, P] of shape ids `shape` [B] at local coordinates u, v [B, P, P]."""
+  masks = np.zeros(u.shape, bool)
+  for shape_id in np.unique(shape):
+    members = shape == shape_id
+    masks[members] = _INSIDE[shape_id](u[members], v[members])
+  return masks
 
 
 def _render(fg, bg, size, x, y, rotation, texture, shape, image_size):
@@ -91,7 +114,8 @@ def make_shapes(count, seed, image_size=16, chunk=1000):
     images float32 [count, S, S, 3] in [-1, 1], labels int32 [count] (the
     shape, balanced over the 10 classes), attributes float32
     [count, len(ATTRIBUTES)] (colours in [0, 1], size, centre x, y in
-    [-1, 1] image units, rotation in radians, texture id).
+    [-1, 1] image units, rotation in radians in
+    [-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES] degrees, texture id).
   """
   rng = np.random.default_rng([seed, 0x5A])
   labels = rng.permutation(np.arange(count) % NUM_CLASSES).astype(np.int32)
@@ -99,7 +123,8 @@ def make_shapes(count, seed, image_size=16, chunk=1000):
   bg = _hsv_to_rgb(rng.uniform(0, 1, count), rng.uniform(0.2, 0.9, count), rng.uniform(0.05, 0.45, count))
   size = rng.uniform(0.35, 0.7, count)
   x, y = rng.uniform(-0.25, 0.25, count), rng.uniform(-0.25, 0.25, count)
-  rotation = rng.uniform(0, 2 * np.pi, count)
+  max_rotation = np.deg2rad(MAX_ROTATION_DEGREES)
+  rotation = rng.uniform(-max_rotation, max_rotation, count)
   texture = rng.integers(0, len(TEXTURES), count)
   images = np.concatenate([
       _render(fg[i:i + chunk], bg[i:i + chunk], size[i:i + chunk], x[i:i + chunk], y[i:i + chunk],
