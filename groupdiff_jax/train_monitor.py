@@ -386,7 +386,8 @@ def toy_scorer(config, workdir, log=logging.info):
   else:
     steps = config.eval.get('toy_feature_steps', toy_features.DEFAULT_TRAIN_STEPS)
     log('Training the toy evaluator\'s feature net (%d steps) for FD during training ...', steps)
-    params = toy_features.train_feature_net(images, labels, attributes, steps, seed=config.seed)
+    params = toy_features.train_feature_net(images, labels, attributes, steps, seed=config.seed,
+                                            batch_size=min(toy_features.DEFAULT_BATCH_SIZE, len(images)))
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
       f.write(serialization.msgpack_serialize(jax.device_get(params)))
