@@ -72,6 +72,8 @@ def get_config():
   config.data.image_size = 16
   config.data.num_images = 20_000
   config.data.dataset_seed = 0
+  config.data.textures = 'solid,stripes,dots'  # comma-separated names of toy_shapes.TEXTURES
+  config.data.size_range = (0.35, 0.7)  # uniform shape size (toy_shapes.make_shapes)
   config.data.grouping = 'official_plan'  # 'official_plan' (similarity) | 'class' | 'random'
   config.data.embedding_dims = 32  # PCA of the pixels, L2-normalised: the similarity embedding
   config.data.num_neighbors = 16
