@@ -246,6 +246,9 @@ def add_config_flags(parser):
   parser.add_argument('--feature_steps', type=int, default=toy_features.DEFAULT_TRAIN_STEPS,
                       help='training steps of the scoring feature net (evaluation/toy_features.py)')
   parser.add_argument('--held_out', type=int, default=2048, help='held-out real images (scorer test, FD floor)')
+  parser.add_argument('--textures', default=None,
+                      help="comma-separated toy shape textures, e.g. 'solid' (default: the config)")
+  parser.add_argument('--size_range', default=None, help="toy shape sizes 'low,high', e.g. '0.5,0.8' (default: config)")
 
 
 def parse_args(argv=None):
@@ -277,6 +280,14 @@ def base_config(args):
                                 (args.variant, 'model', 'variant'), (args.lr, 'optim', 'lr')):
       if value is not None:
         config[section][key] = value
+    if args.textures is not None:
+      config.data.textures = args.textures
+    if args.size_range is not None:
+      try:
+        config.data.size_range = tuple(float(s) for s in args.size_range.split(','))
+      except ValueError:
+        raise errors.ConfigError(f"--size_range must be 'low,high' numbers; got {args.size_range!r}.") from None
+  toy_shapes.data_options(config.data)  # a bad --textures / --size_range fails here, before any work
   return config
 
 
@@ -299,9 +310,10 @@ def main(argv=None):
   data = base.data
 
   # --- Data, feature network, reference statistics ------------------------------
+  options = toy_shapes.data_options(data)
   images, labels, attributes, _ = toy_shapes.load_toy_shapes(data.num_images, data.dataset_seed, data.image_size,
-                                                             data.embedding_dims, data.num_neighbors)
-  held_images, held_labels, _ = toy_shapes.make_shapes(args.held_out, HELD_OUT_SEED, data.image_size)
+                                                             data.embedding_dims, data.num_neighbors, **options)
+  held_images, held_labels, _ = toy_shapes.make_shapes(args.held_out, HELD_OUT_SEED, data.image_size, **options)
   feature_params = toy_features.train_feature_net(images, labels, attributes, args.feature_steps)
   featurize = toy_features.make_featurizer(feature_params)
   reference = fid.FIDStatistics.from_features(featurize(images)[0])

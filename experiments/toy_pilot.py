@@ -52,9 +52,17 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def load_or_train_evaluator(args, images, labels, attributes, held_images, held_labels):
-  """(featurize, reference statistics, {'accuracy', 'fd', 'train_seconds', 'steps'}) of the feature net."""
-  name = f'toy_features_{args.feature_steps}_dataset{args.num_images or len(images)}.msgpack'
+def load_or_train_evaluator(args, images, labels, attributes, held_images, held_labels, options):
+  """(featurize, reference statistics, {'accuracy', 'fd', 'train_seconds', 'steps'}) of the feature net.
+
+  The cache file is named by the feature steps, the dataset size and, away
+  from the defaults, the data `options` (toy_shapes.data_options).
+  """
+  data_tag = ''
+  if options['textures'] != toy_shapes.TEXTURES or options['size_range'] != toy_shapes.SIZE_RANGE:
+    low, high = options['size_range']
+    data_tag = f"_{'-'.join(options['textures'])}_size{low:g}-{high:g}"
+  name = f'toy_features_{args.feature_steps}_dataset{args.num_images or len(images)}{data_tag}.msgpack'
   path = os.path.join(args.feature_cache, name) if args.feature_cache else None
   info_path = f'{path}.json' if path else None
   if path and os.path.exists(path) and os.path.exists(info_path):
@@ -106,11 +114,13 @@ def main(argv=None):
   base = table1.base_config(args)
   scales = [float(s) for s in args.cfg_scales.split(',')] if args.cfg_scales else [base.sample.cfg_scale]
   data = base.data
+  options = toy_shapes.data_options(data)
   images, labels, attributes, _ = toy_shapes.load_toy_shapes(data.num_images, data.dataset_seed, data.image_size,
-                                                             data.embedding_dims, data.num_neighbors)
-  held_images, held_labels, _ = toy_shapes.make_shapes(args.held_out, table1.HELD_OUT_SEED, data.image_size)
+                                                             data.embedding_dims, data.num_neighbors, **options)
+  held_images, held_labels, _ = toy_shapes.make_shapes(args.held_out, table1.HELD_OUT_SEED, data.image_size,
+                                                       **options)
   featurize, reference, evaluator = load_or_train_evaluator(args, images, labels, attributes, held_images,
-                                                            held_labels)
+                                                            held_labels, options)
   print(f"Evaluator: held-out real accuracy {evaluator['accuracy']:.4f}, FD_toy {evaluator['fd']:.3f}.", flush=True)
 
   configs = {}
@@ -139,7 +149,8 @@ def main(argv=None):
         'model': {k: config.model[k] for k in ('variant', 'depth', 'hidden_size', 'num_heads')},
         'train': {'num_steps': config.train.num_steps, 'batch_size': config.train.batch_size,
                   'lr': config.optim.lr, 'ema_decay': config.optim.ema_decay},
-        'sample': {'sampler': config.sample.sampler, 'num_steps': config.sample.num_steps}}
+        'sample': {'sampler': config.sample.sampler, 'num_steps': config.sample.num_steps},
+        'data': {'textures': list(options['textures']), 'size_range': list(options['size_range'])}}
     with open(args.out, 'w') as f:
       json.dump({'pilots': list(entries.values())}, f, indent=2)
     write_plots(args.out, entries)

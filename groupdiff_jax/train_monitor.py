@@ -378,7 +378,7 @@ def toy_scorer(config, workdir, log=logging.info):
   data = config.data
   images, labels, attributes, _ = toy_shapes.load_toy_shapes(
       data.get('num_images', 20000), data.get('dataset_seed', 0), data.image_size, data.get('embedding_dims', 32),
-      data.get('num_neighbors', 16))
+      data.get('num_neighbors', 16), **toy_shapes.data_options(data))
   path = os.path.join(workdir, TOY_FEATURE_NET)
   if os.path.exists(path):
     with open(path, 'rb') as f:

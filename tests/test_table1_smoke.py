@@ -26,6 +26,41 @@ def test_toy_shapes_are_a_pure_function_of_the_seed():
   assert np.bincount(labels, minlength=10).tolist() == [6] * 10  # balanced classes
 
 
+def test_toy_shapes_options_draw_only_the_given_textures_and_sizes():
+  default = toy_shapes.make_shapes(40, seed=3)
+  explicit = toy_shapes.make_shapes(40, seed=3, textures=toy_shapes.TEXTURES, size_range=toy_shapes.SIZE_RANGE)
+  for a, b in zip(default, explicit):
+    np.testing.assert_array_equal(a, b)
+  _, _, attributes = toy_shapes.make_shapes(200, seed=3, textures=('solid', 'dots'), size_range=(0.5, 0.8))
+  columns = {name: attributes[:, i] for i, name in enumerate(toy_shapes.ATTRIBUTES)}
+  assert set(columns['texture'].tolist()) == {toy_shapes.TEXTURES.index('solid'), toy_shapes.TEXTURES.index('dots')}
+  assert columns['size'].min() >= 0.5 and columns['size'].max() <= 0.8
+
+
+@pytest.mark.parametrize('textures, size_range', [(('checks',), (0.3, 0.6)), ((), (0.3, 0.6)),
+                                                  (('solid',), (0.6, 0.3)), (('solid',), (0.0, 0.5))])
+def test_toy_shapes_options_reject_bad_values(textures, size_range):
+  with pytest.raises(errors.ConfigError):
+    toy_shapes.make_shapes(10, seed=0, textures=textures, size_range=size_range)
+
+
+def test_config_data_textures_and_size_range_reach_the_batches():
+  config = toy_table1.get_config()
+  with config.unlocked():
+    config.data.num_images = 100
+    config.data.textures = 'solid'
+    config.data.size_range = (0.5, 0.8)
+  assert toy_shapes.data_options(config.data) == {'textures': ('solid',), 'size_range': (0.5, 0.8)}
+  batch_images = train.make_batches(config).images
+  solid_images, _, _ = toy_shapes.make_shapes(100, 0, textures=('solid',), size_range=(0.5, 0.8))
+  np.testing.assert_array_equal(batch_images, solid_images)
+  args = table1.parse_args(['--out=/unused', '--textures=solid,dots', '--size_range=0.5,0.8'])
+  data = table1.base_config(args).data
+  assert (data.textures, tuple(data.size_range)) == ('solid,dots', (0.5, 0.8))
+  with pytest.raises(errors.ConfigError):
+    table1.base_config(table1.parse_args(['--out=/unused', '--size_range=half']))
+
+
 def test_make_batches_serves_similarity_groups_that_share_colours():
   config = toy_table1.get_config()
   with config.unlocked():
