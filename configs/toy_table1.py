@@ -1,6 +1,6 @@
-"""Toy reproduction of the paper's Table 1 (experiments/table1.py, docs/results.md).
+"""Toy reproduction of the paper's Tables 1 and 2 (experiments/table1.py, docs/results.md).
 
-  JAX_PLATFORMS=cpu python -m experiments.table1 --out=/tmp/table1   # 7 settings x 3 seeds
+  JAX_PLATFORMS=cpu python -m experiments.table1 --out=docs/toy_table1 --json=docs/table1.json
 
 A tiny SiT (4 blocks, width 64, patch 2 on 16x16 RGB: 64 tokens) on the
 generated toy shapes (groupdiff_jax/data/toy_shapes.py: 10 shape classes,
