@@ -43,6 +43,7 @@ compiled once and reused by its seeds.
 
 import argparse
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
@@ -324,26 +325,31 @@ def main(argv=None):
           'num_images': data.num_images, 'num_samples': args.num_samples, 'seeds': seeds, 'settings': settings,
           'config': base.to_dict(), 'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, '
                                                f'{jax.devices()[0].platform}', 'setup_seconds': time.time() - start}
-  with open(os.path.join(args.out, 'meta.json'), 'w') as f:
-    json.dump(meta, f, indent=2)
+  table1_report.write_json(os.path.join(args.out, 'meta.json'), meta)
   print(f"Evaluator: held-out real accuracy {real['accuracy']:.3f}; FD_toy of {args.held_out} real held-out "
         f"images: {real['fd']:.3f} (setup {meta['setup_seconds']:.0f} s).", flush=True)
 
   # --- Runs -----------------------------------------------------------------------
   invocations_path = os.path.join(args.out, 'invocations.json')
-  invocations = read_json(invocations_path, [])
   invocation = {'command': 'python -m experiments.table1 ' + shlex.join(sys.argv[1:] if argv is None else argv),
                 'started_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}',
                 'wall_seconds': 0.0, 'runs': []}
-  invocations.append(invocation)
+  invocation_key = (invocation['started_utc'], os.getpid())
 
   def report():
+    # Under a lock and re-read: another invocation over other seeds or settings may share the folder. The
+    # report holds every setting with runs, not only this invocation's.
     invocation['wall_seconds'] = time.time() - start
-    table1_report.write_json(invocations_path, invocations)
-    result = table1_report.build_report(table1_report.load_runs(args.runs), read_json(
-        os.path.join(args.out, 'meta.json'), {}), invocations, settings)
-    table1_report.write_report(result, args.json, os.path.join(args.out, 'table.md'))
+    with open(invocations_path + '.lock', 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      invocations = [i for i in read_json(invocations_path, [])
+                     if (i['started_utc'], i.get('pid')) != invocation_key] + [{**invocation, 'pid': os.getpid()}]
+      invocations.sort(key=lambda i: i['started_utc'])
+      table1_report.write_json(invocations_path, invocations)
+      result = table1_report.build_report(table1_report.load_runs(args.runs), read_json(
+          os.path.join(args.out, 'meta.json'), {}), invocations, list(SETTINGS))
+      table1_report.write_report(result, args.json, os.path.join(args.out, 'table.md'))
     return result
 
   def on_run_done(record):

@@ -190,7 +190,7 @@ def write_report(report, json_path, table_path):
 
 def write_json(path, value):
   """json.dump to path through a temporary file, so an interrupted write never leaves half a file."""
-  tmp = f'{path}.tmp'
+  tmp = f'{path}.{os.getpid()}.tmp'  # per process: two sweeps over other seeds may share the folder
   with open(tmp, 'w') as f:
     json.dump(value, f, indent=2)
   os.replace(tmp, path)

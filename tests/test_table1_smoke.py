@@ -127,6 +127,14 @@ def test_table1_smoke_table2_row_reuses_the_trained_model_and_reports_trajectory
   with pytest.raises(errors.UserError, match='another config'):
     table1.run_sweep(other, table1.base_config(other), list(rows), [0], None, None, None, done.append)
 
+  # A second invocation over another setting in the same folder (as two sweeps on two cores would): the report
+  # keeps every setting with runs, and the invocation log keeps both calls.
+  second = table1.main([a if not a.startswith('--settings') else '--settings=baseline' for a in argv])
+  assert [row['name'] for row in second['settings']] == ['baseline', 'sim_uc4', 'sim_uc4_stage0.4']
+  with open(os.path.join(out, 'invocations.json')) as f:
+    invocations = json.load(f)
+  assert [i['runs'] for i in invocations] == [['sim_uc4_seed0', 'sim_uc4_stage0.4_seed0'], ['baseline_seed0']]
+
 
 def test_removed_group_layers_take_a_third_of_the_blocks():
   assert table1_settings.removed_group_layers(28, 'first') == (9, None)  # the paper's layers 1-9 of 28
