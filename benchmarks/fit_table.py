@@ -7,15 +7,12 @@ ROWS: (name, config, topology, num_slices, overrides). A row that failed (does n
 as missing with its log's last line.
 """
 
-import glob
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from groupdiff_jax import compile_job  # pylint: disable=wrong-import-position
 # Rows in the order they are compiled (most informative first). Pod names count chips as Google Cloud does:
 # v4-32 = 16 chips (v4:2x2x4), v5e-64 = 64 (v5e:8x8), v5e-256 = 256 (v5e:16x16), v5p-64 = 32 (v5p:4x4x2),
 # v5p-256 = 128 (v5p:4x4x8), v6e-64 = 64 (v6e:8x8). A SiT-XL/2 train step takes 5-11 min to compile on
@@ -26,6 +23,8 @@ NO_SAMPLER = '--config.compile.sampler=False'
 SINGLES_ONLY = '--config.compile.step_kinds=singles'
 GROUPS_ONLY = '--config.compile.step_kinds=groups'
 B1024 = '--config.train.batch_size=1024'
+UC16 = ('--config.train.group_size=16', '--config.model.max_group_size=16')
+F4 = '--config.train.mode=groupdiff_f'
 ROWS = (
     ('sit_xl_l4_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, []),
     ('sit_xl_l4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER]),
@@ -72,6 +71,38 @@ ROWS = (
     ('sit_xl_f4_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1,
      ['--config.train.mode=groupdiff_f', NO_SAMPLER, SINGLES_ONLY]),
     ('dit_xl_l4_b1024_v6e64', 'configs/dit_xl.py', 'v6e:8x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
+    # The rest of the cross product (2026-12-02, second session). First the rows refused before compiling
+    # (their groups cannot be split over the devices), then the compiled ones, with the recommended mesh of
+    # configs/pod_meshes.py for their pod and batch.
+    ('sit_xl_uc16_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [*UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [*UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [*UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [*UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b1024_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b1024_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_f4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [F4, NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_f4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [F4, NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b256_v5e256', 'configs/dit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b256_v5p256', 'configs/dit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_f4_b1024_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [B1024, F4, NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b1024_v5p64', 'configs/dit_xl.py', 'v5p:4x4x2', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_uc16_b1024_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b1024_v4_32_fsdp4_full', 'configs/sit_xl.py', 'v4:2x2x4', 1,
+     [B1024, *UC16, '--config.mesh.fsdp=4', '--config.model.remat=full', NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_f4_b256_v4_32', 'configs/sit_xl.py', 'v4:2x2x4', 1, [F4, NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b256_v4_32', 'configs/dit_xl.py', 'v4:2x2x4', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b256_v6e64', 'configs/dit_xl.py', 'v6e:8x8', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_f4_b1024_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [B1024, F4, NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_f4_b1024_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [B1024, F4, NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b1024_v5p256', 'configs/dit_xl.py', 'v5p:4x4x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_f4_b1024_v5e256_fsdp4', 'configs/sit_xl.py', 'v5e:16x16', 1,
+     [B1024, F4, '--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b1024_v5e256_fsdp4', 'configs/dit_xl.py', 'v5e:16x16', 1,
+     [B1024, '--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_f4_b1024_v4_32_fsdp4_full', 'configs/sit_xl.py', 'v4:2x2x4', 1,
+     [B1024, F4, '--config.mesh.fsdp=4', '--config.model.remat=full', NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b1024_v4_32_fsdp4_full', 'configs/dit_xl.py', 'v4:2x2x4', 1,
+     [B1024, '--config.mesh.fsdp=4', '--config.model.remat=full', NO_SAMPLER, SINGLES_ONLY]),
 )
 
 

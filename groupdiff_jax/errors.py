@@ -10,6 +10,8 @@ The subclasses also derive from the built-in type the error used to be, so
 `except ValueError` / `except FileNotFoundError` callers keep working.
 """
 
+import json
+
 EXIT_OK = 0  # finished: training reached train.num_steps, or the job is complete
 EXIT_USER_ERROR = 2  # bad input (config, data, weights, workdir): fix what the message names
 # Preempted (SIGTERM / maintenance event): the checkpoint at the current step
@@ -36,6 +38,19 @@ class MissingInputError(UserError, FileNotFoundError):
 
 class WeightsError(UserError, ValueError):
   """A checkpoint or weights file that does not match, is corrupt or unreadable."""
+
+
+def read_json_object(path, error, what_to_do):
+  """The JSON object (dict) in `path`; an unreadable file or another JSON type raises `error` naming the file
+  and ending in `what_to_do`."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise error(f'{path}: not a readable JSON file ({e}); {what_to_do}') from e
+  if not isinstance(value, dict):
+    raise error(f'{path}: holds a JSON {type(value).__name__}, not an object; {what_to_do}')
+  return value
 
 
 def _parse_flags(argv):

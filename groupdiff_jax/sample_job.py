@@ -48,7 +48,6 @@ Latent models (model.in_channels = 4) are decoded with the SD-VAE of
 `sample.decode_batch_size` latents per call, to uint8 [n, 256, 256, 3].
 """
 
-import dataclasses
 import functools
 import glob
 import json
@@ -56,8 +55,6 @@ import logging
 import math
 import os
 import shutil
-import time
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -65,23 +62,18 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from groupdiff_jax import checkpoint, convert, errors, sample, sharding
+from groupdiff_jax import checkpoint, convert, errors, sample, sample_chunks, sharding
 from groupdiff_jax.data.progress import Progress
 from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.encoders import vae_weights
 from groupdiff_jax.evaluation import s_cross_sampling
 from groupdiff_jax.models.dit import model_from_config
 
-SAMPLES_DIR = 'samples'
-JOB_FILE = 'job.json'
 SETTINGS_FILE = 'sample_settings.json'
 GRID_FILE = 'samples.png'
 S_CROSS_FILE = 's_cross.json'
 IMAGE_CHANNELS = (1, 3)  # model.in_channels of image-space models; anything else is a VAE latent
 S_CROSS_STREAM = 1  # fold_in(chunk key, this): the S_cross probe's noise and sample ids
-ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip entry times: the assembled npz is byte-identical run to run
-# config.sample fields that change how the output is written or measured, not the images.
-OUTPUT_ONLY_FIELDS = ('decode_batch_size', 'grid_groups', 's_cross', 's_cross_stages', 's_cross_groups')
 VAE_SOURCE = ('stabilityai/sd-vae-ft-mse (the official GroupDiff decoder): huggingface-cli download '
               'stabilityai/sd-vae-ft-mse diffusion_pytorch_model.safetensors --local-dir /weights/sd-vae-ft-mse')
 REFERENCE_BATCH_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/'
@@ -89,53 +81,10 @@ REFERENCE_BATCH_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul
 
 
 # --- The plan: which groups each chunk holds, which process makes it ----------
-@dataclasses.dataclass(frozen=True)
-class ChunkPlan:
-  """num_groups groups of images_per_group, groups_per_chunk at a time."""
-  num_groups: int
-  images_per_group: int
-  groups_per_chunk: int
-  num_classes: int
-
-  @property
-  def num_chunks(self):
-    return -(-self.num_groups // self.groups_per_chunk)
-
-  @property
-  def num_images(self):
-    return self.num_groups * self.images_per_group
-
-  def groups(self, chunk):
-    """[start, stop) of the real groups of `chunk`."""
-    start = chunk * self.groups_per_chunk
-    return start, min(start + self.groups_per_chunk, self.num_groups)
-
-  def labels(self, chunk):
-    """int32 [groups_per_chunk * N]: every slot of the chunk, the empty ones of the last chunk included."""
-    start = chunk * self.groups_per_chunk
-    groups = np.arange(start, start + self.groups_per_chunk) % self.num_classes
-    return np.repeat(groups, self.images_per_group).astype(np.int32)
-
-  def num_chunk_images(self, chunk):
-    start, stop = self.groups(chunk)
-    return (stop - start) * self.images_per_group
-
-  def chunks_of_process(self, process_index, process_count):
-    """The chunks process `process_index` generates: c % process_count == process_index."""
-    return list(range(process_index, self.num_chunks, process_count))
 
 
-def plan_from_config(config):
-  s = config.sample
-  if s.num_groups < 1 or s.groups_per_batch < 1:
-    raise errors.ConfigError(f'sample.num_groups={s.num_groups} and sample.groups_per_batch={s.groups_per_batch} '
-                             'must be positive (e.g. --config.sample.num_groups=8 --config.sample.groups_per_batch=8).')
-  return ChunkPlan(s.num_groups, s.images_per_group, min(s.groups_per_batch, s.num_groups),
-                   config.model.num_classes)
 
 
-def chunk_path(samples_dir, chunk):
-  return os.path.join(samples_dir, f'chunk_{chunk:06d}.npz')
 
 
 def is_latent(model_config):
@@ -148,7 +97,7 @@ def check_config(config):
   sample.check_group_sizes(config.sample, config.model)
   if config.model.get('objective', 'sit') == 'dit':
     sample.dit_schedule(config.sample)
-  plan_from_config(config)
+  sample_chunks.plan_from_config(config)
   if is_latent(config.model):
     path = config.sample.get('vae_path')
     if not path:
@@ -197,7 +146,7 @@ def _cached_sampler(model, sample_config, model_config, mesh):
 def chunk_sampler(model, config, mesh):
   """sample.make_sampler for the config, compiled once per (model, generation settings, mesh) in a process
   (a demo that trains then samples, resumed parts of a job, tests)."""
-  generation = {k: v for k, v in config.sample.to_dict().items() if k not in OUTPUT_ONLY_FIELDS}
+  generation = {k: v for k, v in config.sample.to_dict().items() if k not in sample_chunks.OUTPUT_ONLY_FIELDS}
   return _cached_sampler(model, ml_collections.FrozenConfigDict(generation),
                          ml_collections.FrozenConfigDict(config.model.to_dict()), mesh)
 
@@ -242,8 +191,6 @@ def make_decoder(vae_params, vae_config, mesh, batch_size):
   return decode
 
 
-class SamplesDirError(errors.DataError, RuntimeError):
-  """<workdir>/samples/ lost or changed a chunk between generation and assembly (RuntimeError: as before)."""
 
 
 class NonfiniteSamplesError(FloatingPointError):
@@ -271,157 +218,34 @@ def check_finite(x, what, chunk, plan, step):
 
 
 # --- Chunk files ---------------------------------------------------------------
-def write_atomically(path, write):
-  """write(file object) into path + '.tmp', then rename it onto path."""
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
-def write_json(path, record):
-  write_atomically(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
-def read_chunk(path, plan, chunk, need_s_cross=False):
-  """The arrays of a complete chunk file, or None (missing, truncated, corrupt or not this chunk's)."""
-  if not os.path.exists(path):
-    return None
-  try:
-    with np.load(path) as data:
-      arrays = {name: data[name] for name in data.files}
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-    logging.warning('Chunk file %s is unreadable (%s); generating it again.', path, error)
-    return None
-  count = plan.num_chunk_images(chunk)
-  images, labels = arrays.get('images'), arrays.get('labels')
-  if (images is None or labels is None or images.dtype != np.uint8 or images.ndim != 4 or len(images) != count
-      or not np.array_equal(labels, plan.labels(chunk)[:count])):
-    logging.warning('Chunk file %s does not hold chunk %d; generating it again.', path, chunk)
-    return None
-  if need_s_cross and 's_cross_mass' not in arrays:
-    return None
-  return arrays
 
 
-def job_record(config, step):
-  """What the chunks depend on (compared on resume), JSON-normalised."""
-  sample_fields = {k: v for k, v in config.sample.to_dict().items() if k not in OUTPUT_ONLY_FIELDS}
-  record = dict(sample=sample_fields, model=config.model.to_dict(), seed=config.seed, checkpoint_step=step)
-  return json.loads(json.dumps(record))
 
 
-def prepare_directory(samples_dir, record):
-  """Process 0: create samples_dir, or move it aside if its chunks come from other settings."""
-  job_path = os.path.join(samples_dir, JOB_FILE)
-  previous = None
-  if os.path.exists(job_path):
-    try:
-      with open(job_path) as f:
-        previous = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # e.g. cut short by a crash
-      logging.warning('%s is not readable JSON (%s); its chunks are treated as stale.', job_path, e)
-  if isinstance(previous, dict):
-    if previous == record:
-      return
-    changed = sorted(f'{section}.{k}' for section in ('sample', 'model') for k in
-                     set(previous.get(section, {})) | set(record[section])
-                     if previous.get(section, {}).get(k) != record[section].get(k))
-    changed += [k for k in ('seed', 'checkpoint_step') if previous.get(k) != record[k]]
-    aside = f'{samples_dir}_stale_{time.strftime("%Y%m%d-%H%M%S")}'
-    logging.warning('%s holds samples of other settings (%s); moved it to %s.', samples_dir, ', '.join(changed),
-                    aside)
-    shutil.move(samples_dir, aside)
-  elif os.path.exists(job_path) or (os.path.isdir(samples_dir) and
-                                    glob.glob(os.path.join(samples_dir, 'chunk_*.npz'))):
-    aside = f'{samples_dir}_stale_{time.strftime("%Y%m%d-%H%M%S")}'
-    logging.warning('%s holds chunks without a readable %s; moved it to %s.', samples_dir, JOB_FILE, aside)
-    shutil.move(samples_dir, aside)
-  os.makedirs(samples_dir, exist_ok=True)
-  write_json(job_path, record)
 
 
 # --- Assembly: the ADM sample batch, the grid, the settings --------------------------
-def _zip_entry(name):
-  info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
-  info.compress_type = zipfile.ZIP_STORED  # as np.savez
-  return info
 
 
-def samples_path(samples_dir, num_images, image_side):
-  """<samples_dir>/samples_<N>x<H>x<W>x3.npz, the ADM sample batch."""
-  return os.path.join(samples_dir, f'samples_{num_images}x{image_side}x{image_side}x3.npz')
 
 
-def assemble(samples_dir, plan, image_side):
-  """Stream every chunk into samples_<N>x<H>x<W>x3.npz (arr_0 uint8 [N, H, W, 3], labels int32 [N]).
-
-  One chunk in memory at a time; greyscale is repeated to RGB (the ADM
-  evaluator reads 3 channels). Returns the path.
-  """
-  shape = (plan.num_images, image_side, image_side, 3)
-  path = samples_path(samples_dir, plan.num_images, image_side)
-  labels = []
-
-  def write(f):
-    with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive:
-      with archive.open(_zip_entry('arr_0.npy'), 'w', force_zip64=True) as member:
-        np.lib.format.write_array_header_1_0(
-            member, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False,
-                     'shape': shape})
-        for chunk in range(plan.num_chunks):
-          arrays = read_chunk(chunk_path(samples_dir, chunk), plan, chunk)
-          if arrays is None:
-            raise SamplesDirError(f'{chunk_path(samples_dir, chunk)} is missing or invalid: rerun the same sample '
-                                  'command to generate it again (with several hosts, --workdir must be on storage '
-                                  'that every host sees).')
-          images = arrays['images']
-          if images.shape[1:3] != shape[1:3]:
-            raise SamplesDirError(f'{chunk_path(samples_dir, chunk)} holds images of {images.shape[1:3]}, not '
-                                  f'{shape[1:3]}: move {samples_dir} away and sample again.')
-          rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
-          member.write(np.ascontiguousarray(rgb).tobytes())
-          labels.append(arrays['labels'])
-      with archive.open(_zip_entry('labels.npy'), 'w') as member:
-        np.lib.format.write_array(member, np.concatenate(labels).astype(np.int32), version=(1, 0))
-
-  write_atomically(path, write)
-  return path
 
 
-def chunk_nfes(samples_dir, plan):
-  """The NFE per branch each chunk's sampler used (differs between chunks only for dopri5)."""
-  nfes = []
-  for chunk in range(plan.num_chunks):
-    with np.load(chunk_path(samples_dir, chunk)) as data:
-      nfes.append(int(data['nfe']))
-  return nfes
 
 
-def first_groups(samples_dir, plan, num_groups):
-  """uint8 [<= num_groups * N, H, W, C] of the first groups, from the chunk files."""
-  wanted = min(num_groups, plan.num_groups) * plan.images_per_group
-  images, chunk = [], 0
-  while sum(len(i) for i in images) < wanted:
-    images.append(read_chunk(chunk_path(samples_dir, chunk), plan, chunk)['images'])
-    chunk += 1
-  return np.concatenate(images)[:wanted]
 
 
-def nfe_summary(nfes):
-  """One number when every chunk used the same NFE (fixed-step samplers), else min/mean/max (dopri5)."""
-  if len(set(nfes)) == 1:
-    return nfes[0]
-  return dict(min=min(nfes), mean=float(np.mean(nfes)), max=max(nfes))
 
 
 def settings_record(config, plan, step, nfes, mesh):
   s, m = config.sample, config.model
   latent = is_latent(m)
   record = {
-      'sampler': s.sampler, 'nfe_per_branch': nfe_summary(nfes), 'num_steps': s.num_steps,
+      'sampler': s.sampler, 'nfe_per_branch': sample_chunks.nfe_summary(nfes), 'num_steps': s.num_steps,
       'cfg_scale': s.cfg_scale, 'guidance_interval': [s.guidance_low, s.guidance_high],
       'guided_channels': s.guided_channels or 'all', 'cond_group_size': s.cond_group_size,
       'uncond_group_size': s.uncond_group_size, 'images_per_group': s.images_per_group,
@@ -444,15 +268,6 @@ def settings_record(config, plan, step, nfes, mesh):
   return json.loads(json.dumps(record))
 
 
-def gather_s_cross(samples_dir, plan, sample_config):
-  """Masses [S_on, L, G, n, n] of the first sample.s_cross_groups groups, from the chunk files."""
-  layers, masses, chunk = None, [], 0
-  while chunk < plan.num_chunks and plan.groups(chunk)[0] < sample_config.s_cross_groups:
-    arrays = read_chunk(chunk_path(samples_dir, chunk), plan, chunk, need_s_cross=True)
-    layers = arrays['s_cross_layers']
-    masses.append(arrays['s_cross_mass'])
-    chunk += 1
-  return layers, np.concatenate(masses, axis=2)
 
 
 # --- The job -------------------------------------------------------------------------
@@ -490,10 +305,11 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   # (Flax ignores extra params: a depth-2 config would sample silently from 2 blocks of a depth-4 checkpoint).
   checkpoint.check_param_tree(checkpoint.flat_params(params), checkpoint.flat_params(expected_params(model, config)),
                               f'The checkpoint of step {step} in {workdir}')
-  plan = plan_from_config(config)
-  samples_dir = os.path.join(workdir, SAMPLES_DIR)
+  plan = sample_chunks.plan_from_config(config)
+  samples_dir = os.path.join(workdir, sample_chunks.SAMPLES_DIR)
+  chunk_file = functools.partial(sample_chunks.chunk_path, samples_dir)
   if main_process:
-    prepare_directory(samples_dir, job_record(config, step))
+    sample_chunks.prepare_directory(samples_dir, sample_chunks.job_record(config, step))
   _barrier('groupdiff_jax.sample_job.prepare')
 
   mesh = local_mesh(plan.groups_per_chunk, devices)
@@ -513,9 +329,9 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
 
   mine = plan.chunks_of_process(process_index, process_count)
   for chunk in mine:
-    if os.path.exists(chunk_path(samples_dir, chunk) + '.tmp'):
-      os.remove(chunk_path(samples_dir, chunk) + '.tmp')  # a write that was interrupted
-  todo = [c for c in mine if read_chunk(chunk_path(samples_dir, c), plan, c, needs_s_cross(c)) is None]
+    if os.path.exists(chunk_file(chunk) + '.tmp'):
+      os.remove(chunk_file(chunk) + '.tmp')  # a write that was interrupted
+  todo = [c for c in mine if sample_chunks.read_chunk(chunk_file(c), plan, c, needs_s_cross(c)) is None]
   done_images = sum(plan.num_chunk_images(c) for c in mine if c not in todo)
   say(f'{plan.num_images} images: {plan.num_groups} groups of {plan.images_per_group}, {plan.num_chunks} chunks '
       f'of {plan.groups_per_chunk} groups; process {process_index} of {process_count} makes {len(mine)} chunks '
@@ -543,9 +359,10 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
       start, stop = plan.groups(chunk)
       probed = (min(stop, config.sample.s_cross_groups) - start) * plan.images_per_group
       layers, mass = s_cross_sampling.s_cross_masses(model, params, x[:probed], arrays['labels'][:probed],
-                                    jax.random.fold_in(key, S_CROSS_STREAM), config.sample, config.model)
+                                                     jax.random.fold_in(key, S_CROSS_STREAM), config.sample,
+                                                     config.model)
       arrays.update(s_cross_layers=layers, s_cross_mass=mass)
-    write_atomically(chunk_path(samples_dir, chunk), lambda f: np.savez(f, **arrays))
+    sample_chunks.write_atomically(chunk_file(chunk), lambda f: np.savez(f, **arrays))
     done_images += len(x)
     if main_process:
       progress(done_images)
@@ -553,25 +370,27 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   if not main_process:
     return None
 
-  missing = [c for c in range(plan.num_chunks) if not os.path.exists(chunk_path(samples_dir, c))]
+  missing = [c for c in range(plan.num_chunks) if not os.path.exists(chunk_file(c))]
   if missing:
-    say(f'{len(missing)} of {plan.num_chunks} chunks still to generate (first: {chunk_path(samples_dir, missing[0])}); '
+    say(f'{len(missing)} of {plan.num_chunks} chunks still to generate (first: {chunk_file(missing[0])}); '
         'rerun the same command to continue.')
     return None
-  path = samples_path(samples_dir, plan.num_images, image_side)
-  newest_chunk = max(os.path.getmtime(chunk_path(samples_dir, c)) for c in range(plan.num_chunks))
+  path = sample_chunks.samples_path(samples_dir, plan.num_images, image_side)
+  newest_chunk = max(os.path.getmtime(chunk_file(c)) for c in range(plan.num_chunks))
   if os.path.exists(path) and os.path.getmtime(path) >= newest_chunk:
     say(f'{path} holds every chunk already.')
   else:
-    assemble(samples_dir, plan, image_side)
-  grid = sample.save_grid(first_groups(samples_dir, plan, config.sample.grid_groups), plan.images_per_group,
-                          os.path.join(samples_dir, GRID_FILE), scale=sample.grid_scale(image_side))
+    sample_chunks.assemble(samples_dir, plan, image_side)
+  grid = sample.save_grid(sample_chunks.first_groups(samples_dir, plan, config.sample.grid_groups),
+                          plan.images_per_group, os.path.join(samples_dir, GRID_FILE),
+                          scale=sample.grid_scale(image_side))
   shutil.copyfile(grid, os.path.join(workdir, GRID_FILE))
-  settings = settings_record(config, plan, step, chunk_nfes(samples_dir, plan), mesh)
-  write_json(os.path.join(samples_dir, SETTINGS_FILE), settings)
+  settings = settings_record(config, plan, step, sample_chunks.chunk_nfes(samples_dir, plan), mesh)
+  sample_chunks.write_json(os.path.join(samples_dir, SETTINGS_FILE), settings)
   if measure:
-    report = s_cross_sampling.s_cross_report(*gather_s_cross(samples_dir, plan, config.sample), config.sample)
-    write_json(os.path.join(samples_dir, S_CROSS_FILE), report)
+    report = s_cross_sampling.s_cross_report(*sample_chunks.gather_s_cross(samples_dir, plan, config.sample),
+                                             config.sample)
+    sample_chunks.write_json(os.path.join(samples_dir, S_CROSS_FILE), report)
     say(f'S_cross ({report["branch"]} branch, {report["num_groups"]} groups): {report["mean_percent"]}% -> '
         f'{os.path.join(samples_dir, S_CROSS_FILE)}')
   say(f'Samples for the evaluator: {os.path.abspath(path)}')
@@ -594,15 +413,15 @@ def evaluate_samples(config, workdir, log=print):
     needed.append(f'--config.eval.inception_graph=/path/classify_image_graph_def.pb ({inception.INCEPTION_URL})')
   if needed:
     raise errors.ConfigError('--mode=eval needs ' + ' and '.join(needed) + '.')
-  found = sorted(glob.glob(os.path.join(workdir, SAMPLES_DIR, 'samples_*.npz')))
+  samples_dir = os.path.join(workdir, sample_chunks.SAMPLES_DIR)
+  found = sorted(glob.glob(os.path.join(samples_dir, 'samples_*.npz')))
   if not found:
-    raise errors.MissingInputError(f'No samples_*.npz in {os.path.join(workdir, SAMPLES_DIR)}: run --mode=sample '
-                                   'with the same config and workdir first.')
+    raise errors.MissingInputError(f'No samples_*.npz in {samples_dir}: run --mode=sample with the same config '
+                                   'and workdir first.')
   if len(found) > 1:
-    raise errors.DataError(f'Several sample batches in {os.path.join(workdir, SAMPLES_DIR)}: {found}; keep one '
-                           '(move the others away).')
+    raise errors.DataError(f'Several sample batches in {samples_dir}: {found}; keep one (move the others away).')
   results = evaluator.evaluate(config.eval.reference_batch, found[0], config.eval.inception_graph, log=log)
   output = evaluator.default_output_path(found[0])
-  write_json(output, results)
+  sample_chunks.write_json(output, results)
   log(f'FID {results["fid"]}, IS {results["inception_score"]} -> {output}')
   return results, output

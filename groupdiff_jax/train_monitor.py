@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-from groupdiff_jax import errors, sample, sample_job, sharding, step_plan
+from groupdiff_jax import errors, sample, sample_chunks, sample_job, sharding, step_plan
 
 PROGRESS_DIR = 'progress'
 EVAL_DIR = 'eval'
@@ -77,7 +77,7 @@ def config_lines(config):
 def save_config(config, workdir):
   """<workdir>/config.json (written atomically)."""
   path = os.path.join(workdir, CONFIG_FILE)
-  sample_job.write_json(path, json.loads(json.dumps(config.to_dict(), default=str)))
+  sample_chunks.write_json(path, json.loads(json.dumps(config.to_dict(), default=str)))
   return path
 
 
@@ -272,7 +272,7 @@ class TrainMonitor:
     if self._grid is None:
       config = _with_sample(self.config, num_groups=self.config.sample.grid_groups,
                             groups_per_batch=self.config.sample.grid_groups, s_cross=False)
-      plan = sample_job.plan_from_config(config)
+      plan = sample_chunks.plan_from_config(config)
       mesh = sample_job.local_mesh(plan.groups_per_chunk)
       decode = None
       if sample_job.is_latent(config.model):
@@ -309,7 +309,7 @@ class TrainMonitor:
     return sample_job.sample_and_save(config, out_dir, params, step, log=lambda *_: None), out_dir
 
   def _remove_samples(self, path, out_dir):
-    samples_dir = os.path.join(out_dir, sample_job.SAMPLES_DIR)
+    samples_dir = os.path.join(out_dir, sample_chunks.SAMPLES_DIR)
     for stale in [path] + [os.path.join(samples_dir, f) for f in os.listdir(samples_dir) if f.startswith('chunk_')]:
       os.remove(stale)  # the images: gigabytes at ImageNet scale; the scores and samples.png stay
 
@@ -333,7 +333,7 @@ class TrainMonitor:
       pool = net.features(samples.batches(net.batch_size), total=len(samples))[0][:num]  # [num, D]
     value = float(fid_lib.FIDStatistics.from_features(pool).fid(self._reference))
     name = fid_name(num)
-    sample_job.write_json(os.path.join(out_dir, 'fid.json'), {name: value, 'step': step, 'num_samples': num,
+    sample_chunks.write_json(os.path.join(out_dir, 'fid.json'), {name: value, 'step': step, 'num_samples': num,
                                                                'reference_batch': os.path.abspath(reference)})
     self._remove_samples(path, out_dir)
     self.writer.write_scalars(step, {name: value})
@@ -354,7 +354,7 @@ class TrainMonitor:
     scores = toy_features.score_samples(featurize, samples, labels, reference)
     suffix = fid_name(num)[len('fid_'):]
     values = {f'fd_toy_{suffix}': float(scores['fd']), f'class_accuracy_{suffix}': scores['class_accuracy']}
-    sample_job.write_json(os.path.join(out_dir, 'fd_toy.json'), {**values, 'step': step, 'num_samples': num})
+    sample_chunks.write_json(os.path.join(out_dir, 'fd_toy.json'), {**values, 'step': step, 'num_samples': num})
     self._remove_samples(path, out_dir)
     self.writer.write_scalars(step, values)
     self.log('Step %d: %s.', step, ', '.join(f'{k} = {v:.4g}' for k, v in values.items()))

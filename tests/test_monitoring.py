@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from configs import digits, sit_xl
-from groupdiff_jax import platforms, sample_job, train, train_monitor
+from groupdiff_jax import platforms, sample_chunks, sample_job, train, train_monitor
 from groupdiff_jax.models.dit import model_from_config
 from tests import test_evaluation
 
@@ -87,7 +87,7 @@ def test_the_grid_is_the_sample_jobs_sampler_with_fixed_noise(grid_run):
   np.testing.assert_array_equal(first, again)
   assert first.shape == (2 * 4, 16, 16, 1) and first.dtype == np.uint8
   # The labels are those of the sample job's first chunk: group g has class g.
-  plan = sample_job.plan_from_config(train_monitor._with_sample(config, num_groups=2, groups_per_batch=2))
+  plan = sample_chunks.plan_from_config(train_monitor._with_sample(config, num_groups=2, groups_per_batch=2))
   np.testing.assert_array_equal(plan.labels(0), np.repeat([0, 1], 4))
 
 

@@ -22,7 +22,7 @@ import safetensors.numpy
 from PIL import Image
 
 from configs import digits
-from groupdiff_jax import sample, sample_job, sharding
+from groupdiff_jax import sample, sample_chunks, sample_job, sharding
 from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.encoders import vae_weights
 from groupdiff_jax.evaluation import evaluator
@@ -127,7 +127,7 @@ def test_processes_split_the_chunks_and_give_the_single_process_output(uninterru
   assert sample_job.sample_and_save(config, workdir, params, step=7, process_index=1, process_count=2) is None
   path = sample_job.sample_and_save(config, workdir, params, step=7, process_index=0, process_count=2)
   assert filecmp.cmp(path, reference, shallow=False)
-  assert sample_job.ChunkPlan(10, 4, 3, 10).chunks_of_process(1, 3) == [1]  # 4 chunks, c % 3 == 1
+  assert sample_chunks.ChunkPlan(10, 4, 3, 10).chunks_of_process(1, 3) == [1]  # 4 chunks, c % 3 == 1
 
 
 def test_other_settings_move_old_samples_aside(uninterrupted, tmp_path):
@@ -135,19 +135,19 @@ def test_other_settings_move_old_samples_aside(uninterrupted, tmp_path):
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
   samples_dir = os.path.join(copy, 'samples')
-  record = sample_job.job_record(config, 7)
-  sample_job.prepare_directory(samples_dir, record)  # same settings: kept
+  record = sample_chunks.job_record(config, 7)
+  sample_chunks.prepare_directory(samples_dir, record)  # same settings: kept
   assert len(chunk_files(copy)) == 3
   changed = config.copy_and_resolve_references()
   changed.sample.cfg_scale = 3.0
-  sample_job.prepare_directory(samples_dir, sample_job.job_record(changed, 7))
+  sample_chunks.prepare_directory(samples_dir, sample_chunks.job_record(changed, 7))
   assert chunk_files(copy) == []
   (stale,) = [d for d in os.listdir(copy) if d.startswith('samples_stale_')]
   assert len(os.listdir(os.path.join(copy, stale))) > 3  # moved, not deleted
   # Fields that only change how outputs are written or measured keep the chunks.
   output_only = config.copy_and_resolve_references()
   output_only.sample.update(s_cross=True, decode_batch_size=3, grid_groups=1)
-  assert sample_job.job_record(output_only, 7) == record
+  assert sample_chunks.job_record(output_only, 7) == record
 
 
 def test_a_cut_short_job_file_moves_its_chunks_aside(uninterrupted, tmp_path):
@@ -155,13 +155,13 @@ def test_a_cut_short_job_file_moves_its_chunks_aside(uninterrupted, tmp_path):
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
   samples_dir = os.path.join(copy, 'samples')
-  job_path = os.path.join(samples_dir, sample_job.JOB_FILE)
+  job_path = os.path.join(samples_dir, sample_chunks.JOB_FILE)
   with open(job_path) as f:
     text = f.read()
   with open(job_path, 'w') as f:
     f.write(text[:len(text) // 2])
-  record = sample_job.job_record(config, 7)
-  sample_job.prepare_directory(samples_dir, record)
+  record = sample_chunks.job_record(config, 7)
+  sample_chunks.prepare_directory(samples_dir, record)
   assert chunk_files(copy) == []
   (stale,) = [d for d in os.listdir(copy) if d.startswith('samples_stale_')]
   assert len(os.listdir(os.path.join(copy, stale))) > 3
@@ -174,7 +174,7 @@ WORKER = textwrap.dedent('''
     sys.path.insert(0, os.getcwd())
     import jax, numpy as np
     from tests.test_sample_job import tiny_config, random_params
-    from groupdiff_jax import sample_job, sharding
+    from groupdiff_jax import sample_chunks, sample_job, sharding
     from groupdiff_jax.models.dit import model_from_config
     assert jax.local_device_count() == 4
     workdir = sys.argv[1]
@@ -186,7 +186,7 @@ WORKER = textwrap.dedent('''
     # Where one chunk's images live: the job's (cached) sampler on its mesh.
     mesh = sample_job.local_mesh(2)
     run = sample_job.chunk_sampler(model_from_config(config.model), config, mesh)
-    x, _ = run(jax.device_put(params, sharding.replicated(mesh)), sample_job.plan_from_config(config).labels(0),
+    x, _ = run(jax.device_put(params, sharding.replicated(mesh)), sample_chunks.plan_from_config(config).labels(0),
                jax.random.PRNGKey(0))
     shards = sorted(len(s.data) for s in x.addressable_shards)
     print('RESULT ' + json.dumps(dict(path=path, used=used, shards=shards)))
@@ -219,7 +219,7 @@ def test_latents_are_decoded_with_the_vae_in_batches(tmp_path):
     images = data['arr_0']
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8  # 8x8x4 latents, VAE factor 2
   # The same as decoding the chunk's latents in one call (latents / scaling_factor, then the decoder).
-  plan = sample_job.plan_from_config(config)
+  plan = sample_chunks.plan_from_config(config)
   mesh = sample_job.local_mesh(2)
   run = sample_job.chunk_sampler(model_from_config(config.model), config, mesh)  # the job's, compiled already
   latents, _ = run(jax.device_put(params, sharding.replicated(mesh)), plan.labels(0),

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from configs import digits
-from groupdiff_jax import checkpoint, convert, distributed, errors, sample, sample_job, samplers, transport
+from groupdiff_jax import (checkpoint, convert, distributed, errors, sample, sample_chunks, sample_job, samplers,
+                           transport)
 from groupdiff_jax.data import shards, tfds_source
 from groupdiff_jax.encoders import vae_weights, vit
 from groupdiff_jax.evaluation import evaluator, fid, inception, s_cross_sampling
@@ -226,7 +227,7 @@ def test_missing_checkpoints_and_weights_files(tmp_path):
 
 
 def test_error_classes_of_files_keep_their_old_bases():
-  for cls, old in ((checkpoint.NoRestorableCheckpoint, RuntimeError), (sample_job.SamplesDirError, RuntimeError),
+  for cls, old in ((checkpoint.NoRestorableCheckpoint, RuntimeError), (sample_chunks.SamplesDirError, RuntimeError),
                    (tfds_source.DatasetNotReady, RuntimeError), (shards.ShardError, RuntimeError),
                    (vit.WeightsError, ValueError), (vae_weights.VAEWeightsError, ValueError)):
     assert issubclass(cls, errors.UserError) and issubclass(cls, old), cls
@@ -255,12 +256,14 @@ def test_an_unreadable_job_file_of_a_sharded_job_is_named(tmp_path, text):
     shards.ShardedJob(str(tmp_path), {'encoder': 'x'}, num_rows=4, shard_size=2)
 
 
-def test_an_unreadable_embeddings_meta_is_named(tmp_path):
+@pytest.mark.parametrize('text, problem', [('{"encoder": ', r'not a readable JSON file \(.*\)'),
+                                           ('["dinov2"]', 'holds a JSON list, not an object')])
+def test_an_unreadable_embeddings_meta_is_named(tmp_path, text, problem):
   from groupdiff_jax.data import neighbors_job
   rows = np.eye(4, 8, dtype=np.float32)
   np.save(tmp_path / 'embeddings.npy', rows)
-  (tmp_path / 'meta.json').write_text('{"encoder": ')
-  with pytest.raises(errors.UserError, match=r'meta\.json: not readable JSON'):
+  (tmp_path / 'meta.json').write_text(text)
+  with pytest.raises(errors.UserError, match=rf'meta\.json: {problem}; rewrite it with the embedding job'):
     neighbors_job.load_embeddings(str(tmp_path))
 
 

@@ -60,14 +60,7 @@ def read_meta(directory):
   path = os.path.join(directory, META)
   if not os.path.exists(path):
     raise StoreError(f'{path}: missing meta.json; rewrite the store with its job.')
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise StoreError(f'{path}: not a readable JSON file ({e}); rewrite the store with its job.') from e
-  if not isinstance(meta, dict):
-    raise StoreError(f'{path}: holds a JSON {type(meta).__name__}, not an object; rewrite the store with its job.')
-  return meta
+  return errors.read_json_object(path, StoreError, 'rewrite the store with its job.')
 
 
 def write_meta(directory, meta):

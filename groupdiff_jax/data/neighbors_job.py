@@ -24,12 +24,11 @@ queries.
 top_k); it is also the recall reference.
 """
 
-import json
 import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from groupdiff_jax import errors
 from groupdiff_jax.data import latent_store, pipeline, retrieval
@@ -64,12 +63,8 @@ def load_embeddings(directory):
   meta_path = os.path.join(directory, 'meta.json')
   meta = {}
   if os.path.exists(meta_path):
-    try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise JobInputError(f'{meta_path}: not readable JSON ({e}); rewrite it with the embedding job '
-                          f'(or delete it: it only carries the encoder name).') from e
+    meta = errors.read_json_object(meta_path, JobInputError, 'rewrite it with the embedding job (or delete it: '
+                                   'it only carries the encoder name).')
   return embeddings, meta
 
 

@@ -39,15 +39,8 @@ class ShardedJob:
     settings = dict(settings, num_rows=num_rows, shard_size=shard_size)
     path = os.path.join(output_dir, 'job.json')
     if os.path.exists(path):
-      try:
-        with open(path) as f:
-          previous = json.load(f)
-      except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardError(f'{path}: not readable JSON ({e}); restart the job with a new --output_dir (or delete '
-                         f'{output_dir} to start over).') from e
-      if not isinstance(previous, dict):
-        raise ShardError(f'{path}: holds a JSON {type(previous).__name__}, not the job\'s settings; restart the job '
-                         f'with a new --output_dir.')
+      previous = errors.read_json_object(path, ShardError, f'restart the job with a new --output_dir (or delete '
+                                         f'{output_dir} to start over).')
       changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
       if changed:
         raise ShardError(f'{path}: this directory was started with other settings {changed} (before, now); '
