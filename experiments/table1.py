@@ -13,6 +13,9 @@ Trains and samples, for 3 seeds each, on the generated toy shapes
                      attention only in the first 0.2 / 0.4 / 0.6 of the
                      trajectory, or removed from the first / last third of
                      the blocks (inference-time changes, as the paper's)
+  Diagnostics        (table 3, not in the paper) the trained baseline and
+                     sim_uc4 sampled at CFG 1 (conditional branch alone),
+                     and sim_uc4 without group attention at any step
 
 Quality: the Frechet distance (evaluation/fid.py) between the generated and
 the real images in the 64-d feature space of a small CNN trained on the same
@@ -31,14 +34,17 @@ samples (evaluation/s_cross_sampling.py). Comparisons: paired over seeds,
 Resume: every run writes <runs>/<setting>_seed<k>.json as it finishes
 (default <out>/runs; a directory inside the repository survives sessions),
 and a rerun with the same arguments skips it (other arguments: an error
-naming the file). Trained models that a Table 2 row reuses are kept in
+naming the file). Trained models that a sampling-only row reuses are kept in
 --params_dir (default <runs>/params, ~1.3 MB per model at the toy size;
 a missing one is retrained from the config and seed; whether that is
 bit-identical to the lost one is not checked). After every run the report
 (--json, default <out>/table1.json: experiments/table1_report.py) and
 <out>/table.md are rewritten, so a partial sweep is usable. Seeds are the
 outer loop. One process: the jitted train step and sampler of a setting are
-compiled once and reused by its seeds.
+compiled once and reused by its seeds. Two processes on two cores may share
+--out and --runs when they run disjoint (seed, setting) pairs (e.g. --seeds=0
+and --seeds=1): the invocation log is merged under a lock and the report holds
+every setting with runs.
 """
 
 import argparse
@@ -111,7 +117,8 @@ def sample_run(config, model, params, cache, num_samples, chunk, probe_images):
 
   The first chunk's first `probe_images` images (whole groups) are probed
   on the sampler's trajectory and, after sampling, by the re-noised probe;
-  the S_cross reports are None for the baseline (no group branch).
+  the S_cross reports are None for the baseline (no group branch), at CFG 1 (the group branch does not run)
+  and where group attention is off at every step (sample.group_stage_fraction = 0).
   """
   per_group, group_size = config.sample.images_per_group, config.sample.uncond_group_size
   chunk = max(per_group, chunk // per_group * per_group)
@@ -120,7 +127,10 @@ def sample_run(config, model, params, cache, num_samples, chunk, probe_images):
   labels = np.asarray(group_labels(num_samples // per_group, per_group, config.model.num_classes))
   key, renoise_key = jax.random.split(jax.random.PRNGKey(config.seed + 1))
   shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
-  probe_images = min(probe_images, chunk) // max(group_size, 1) * max(group_size, 1) if group_size > 1 else 0
+  fraction = config.sample.group_stage_fraction
+  grouped_branch_runs = group_size > 1 and config.sample.cfg_scale != 1.0  # CFG 1: the conditional singles alone
+  grouped_somewhere = grouped_branch_runs and any(s_cross_sampling.group_attention_at(s, fraction) for s in STAGES)
+  probe_images = min(probe_images, chunk) // group_size * group_size if grouped_somewhere else 0
   images, record, probed_x = [], None, None
   for i in range(0, len(labels), chunk):
     part = labels[i:i + chunk]
@@ -171,7 +181,9 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
   caches = {name: {} for name in settings}
   trained_caches = {}
   params_dir = args.params_dir
-  sources = {SETTINGS[name].trained_from for name in settings} - {None}
+  # Kept for every row that any sampling-only row reuses, whether or not this invocation runs that row: a
+  # later invocation (another seed range, the diagnostics) then samples from it without training again.
+  sources = {setting.trained_from for setting in SETTINGS.values()} - {None}
   sample_args = dict(num_samples=args.num_samples, chunk=args.chunk, probe_images=args.probe_images)
 
   def params_path(name, seed):  # named by the training config's digest: another config never loads it

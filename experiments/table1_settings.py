@@ -35,6 +35,7 @@ class Setting:
   trained_from: Optional[str] = None
   group_stage_fraction: float = 1.0
   remove_group_layers: Optional[str] = None  # 'first' | 'last' third of the blocks
+  cfg_scale: Optional[float] = None  # sampling guidance (None: the config's)
 
   @property
   def sigma_tv(self):
@@ -60,6 +61,15 @@ SETTINGS = {
                                 'official_plan', table=2, trained_from='sim_uc4', remove_group_layers='first'),
     'sim_uc4_no_last': Setting('sim_uc4, no group attention in the last third of the blocks', 4,
                                'official_plan', table=2, trained_from='sim_uc4', remove_group_layers='last'),
+    # Diagnostics (table 3; not in the paper): where the gap between GroupDiff-l and the baseline comes from.
+    # CFG 1 samples from the conditional branch alone (no unconditional group branch); stage0 runs the
+    # unconditional branch without group attention (each image alone) at every step.
+    'baseline_cfg1': Setting('Baseline sampled at CFG 1 (conditional branch only)', 1, None, table=3,
+                             trained_from='baseline', cfg_scale=1.0),
+    'sim_uc4_cfg1': Setting('sim_uc4 sampled at CFG 1 (conditional branch only)', 4, 'official_plan', table=3,
+                            trained_from='sim_uc4', cfg_scale=1.0),
+    'sim_uc4_stage0': Setting('sim_uc4, no group attention at any sampling step', 4, 'official_plan', table=3,
+                              trained_from='sim_uc4', group_stage_fraction=0.0),
 }
 # The default sweep: every row but UC = 16 (optional: --settings=...,sim_uc16).
 DEFAULT_SETTINGS = tuple(name for name in SETTINGS if name != 'sim_uc16')
@@ -82,6 +92,11 @@ COMPARISONS = (
     ('group attention in 0-0.6 vs all', 'sim_uc4_stage0.6', 'sim_uc4', 'lower', 'no number; 0-0.4 direction', None),
     ('no group attention in first vs last blocks', 'sim_uc4_no_first', 'sim_uc4_no_last', 'higher',
      'removing it from layers 1-9 (of 28) is catastrophic', None),
+    # Diagnostics: the paper's direction is its claim (GroupDiff-l better than the baseline; group attention helps).
+    ('sim_uc4 vs baseline at CFG 1 (conditional branches)', 'sim_uc4_cfg1', 'baseline_cfg1', 'lower',
+     'diagnostic; no paper number', None),
+    ('no group attention at sampling vs all (UC=4)', 'sim_uc4_stage0', 'sim_uc4', 'higher',
+     'diagnostic; no paper number', None),
 )
 
 
@@ -146,6 +161,8 @@ def setting_config(base, name, seed, num_samples):
     config.sample.uncond_group_size = setting.group_size
     config.sample.num_groups = num_samples // per_group
     config.sample.group_stage_fraction = setting.group_stage_fraction
+    if setting.cfg_scale is not None:
+      config.sample.cfg_scale = setting.cfg_scale
     if setting.remove_group_layers:
       depth = config.model.get('depth') or dit.parse_variant(config.model.variant)['depth']
       config.model.group_layers = removed_group_layers(depth, setting.remove_group_layers)

@@ -144,6 +144,21 @@ def test_removed_group_layers_take_a_third_of_the_blocks():
     table1_settings.removed_group_layers(1, 'first')
 
 
+def test_diagnostic_rows_sample_the_trained_models_at_cfg_1_or_without_group_attention():
+  base = toy_table1.get_config()
+  assert table1_settings.check_settings(['sim_uc4_cfg1', 'baseline_cfg1', 'sim_uc4_stage0']) == [
+      'sim_uc4', 'sim_uc4_cfg1', 'baseline', 'baseline_cfg1', 'sim_uc4_stage0']
+  for name, source in (('sim_uc4_cfg1', 'sim_uc4'), ('baseline_cfg1', 'baseline'), ('sim_uc4_stage0', 'sim_uc4')):
+    # A sampling-only row trains nothing of its own: the source's training config, to the key.
+    assert table1.config_hash(table1_settings.training_config(base, name, 1)) == table1.config_hash(
+        table1_settings.training_config(base, source, 1))
+  cfg1 = table1_settings.setting_config(base, 'sim_uc4_cfg1', 1, 64).sample
+  stage0 = table1_settings.setting_config(base, 'sim_uc4_stage0', 1, 64).sample
+  assert (cfg1.cfg_scale, cfg1.group_stage_fraction, cfg1.uncond_group_size) == (1.0, 1.0, 4)
+  assert (stage0.cfg_scale, stage0.group_stage_fraction) == (base.sample.cfg_scale, 0.0)
+  assert base.sample.cfg_scale != 1.0
+
+
 def test_unknown_settings_are_refused():
   with pytest.raises(errors.ConfigError, match='Unknown settings'):
     table1_settings.check_settings(['sim_uc3'])
