@@ -29,6 +29,7 @@ the attention kernels' time, stated in the report as `attention_model`.
 """
 
 import concurrent.futures
+import contextlib
 import functools
 import json
 import math
@@ -44,8 +45,8 @@ from groupdiff_jax import errors, sample, sample_job, sharding, step_plan
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
-# Per chip (per_device divides by the devices a chip shows as): HBM bytes and dense bf16 peak FLOP/s, from Google Cloud's TPU
-# system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
+# Per chip (per_device divides by the devices a chip shows as): HBM bytes and dense bf16 peak FLOP/s, from
+# Google Cloud's TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
 # /v6e): v4 32 GiB, 275 TFLOP/s; v5e 16 GiB, 197 TFLOP/s; v5p 95 GiB,
 # 459 TFLOP/s; v6e (Trillium) 32 GiB, 918 TFLOP/s.
 CHIPS = {
@@ -337,8 +338,24 @@ def compile_all(programs, log, topology, workers=0):
     except DoesNotFit as error:
       return name, error
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(lowered)))) as pool:
+  with without_persistent_cache(), concurrent.futures.ThreadPoolExecutor(
+      max_workers=max(1, min(workers, len(lowered)))) as pool:
     return dict(pool.map(one, lowered))
+
+
+@contextlib.contextmanager
+def without_persistent_cache():
+  """JAX's persistent compilation cache off while compiling for abstract devices: their executables cannot
+  be read back on this host (a user's JAX_COMPILATION_CACHE_DIR would log a failed read per program)."""
+  from jax.experimental.compilation_cache import compilation_cache
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', enabled)
+    compilation_cache.reset_cache()
 
 
 def _sampler_lowering(config, model, abstract, devices):
@@ -445,8 +462,9 @@ def run(config, workdir, log=print):
   report = compile_report(config, log, include_sampler=config.compile.get('sampler', True), keep_going=True)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'compile_report.json')
-  with open(path, 'w') as f:
+  with open(path + '.tmp', 'w') as f:  # a cut-short write never looks like a report (fit_table skips reports)
     json.dump(report, f, indent=1)
+  os.replace(path + '.tmp', path)
   log(format_report(report))
   log(f'Report: {path}')
   if not report['fits']:

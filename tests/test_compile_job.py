@@ -13,20 +13,6 @@ from groupdiff_jax import compile_job, errors
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module', autouse=True)
-def no_persistent_cache():
-  """The suite's XLA cache (conftest.py) off here: executables of abstract TPU devices cannot be read back."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache as jax_cache
-  jax.config.update('jax_enable_compilation_cache', False)
-  jax_cache.reset_cache()
-  os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'  # subprocesses (main --mode=compile)
-  yield
-  del os.environ['JAX_ENABLE_COMPILATION_CACHE']
-  jax.config.update('jax_enable_compilation_cache', True)
-  jax_cache.reset_cache()
-
-
 def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
   config = digits.get_config()
   config.model.depth = 2
@@ -71,9 +57,27 @@ def test_compiles_for_v5e_with_mosaic_kernels_and_local_group_attention(impl):
   assert abs(argument - state) <= 0.1 * state, (argument, state)
 
 
-def test_xla_attention_has_no_mosaic_kernel():
-  config = tiny_config('xla')
-  report = compile_job.compile_report(config, log=lambda _: None, include_sampler=False)
+def test_xla_attention_has_no_mosaic_kernel_and_nothing_enters_a_persistent_cache(tmp_path):
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as jax_cache
+  # A cache of our own that would keep every executable (the suite's is shared by other workers).
+  names = {'jax_compilation_cache_dir': str(tmp_path / 'cache'), 'jax_persistent_cache_min_compile_time_secs': 0.0,
+           'jax_persistent_cache_min_entry_size_bytes': 0, 'jax_enable_compilation_cache': True}
+  previous = {name: getattr(jax.config, name) for name in names}
+  for name, value in names.items():
+    jax.config.update(name, value)
+  jax_cache.reset_cache()
+  try:
+    report = compile_job.compile_report(tiny_config('xla'), log=lambda _: None, include_sampler=False)
+    # Executables of abstract TPU devices cannot be read back on this host: the job keeps them out of the cache
+    # (without the guard: one jit_train_step entry per step kind; host programs such as PRNGKey may enter).
+    entries = os.listdir(tmp_path / 'cache') if (tmp_path / 'cache').exists() else []
+    assert not [e for e in entries if e.startswith('jit_train_step')], entries
+    assert jax.config.jax_enable_compilation_cache is True  # restored for what runs after
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    jax_cache.reset_cache()
   assert all(p['mosaic_kernels'] == 0 for p in report['programs'].values())
   assert all(p['compiler_flops_per_device'] > 0 for p in report['programs'].values())
 
