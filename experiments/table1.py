@@ -14,8 +14,9 @@ Trains and samples, for 3 seeds each, on the generated toy shapes
                      trajectory, or removed from the first / last third of
                      the blocks (inference-time changes, as the paper's)
   Diagnostics        (table 3, not in the paper) the trained baseline and
-                     sim_uc4 sampled at CFG 1 (conditional branch alone),
-                     and sim_uc4 without group attention at any step
+                     sim_uc4 sampled at CFG 1 (conditional branch alone)
+                     and 1.5, and sim_uc4 without group attention at any
+                     step
 
 Quality: the Frechet distance (evaluation/fid.py) between the generated and
 the real images in the 64-d feature space of a small CNN trained on the same

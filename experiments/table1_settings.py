@@ -62,12 +62,16 @@ SETTINGS = {
     'sim_uc4_no_last': Setting('sim_uc4, no group attention in the last third of the blocks', 4,
                                'official_plan', table=2, trained_from='sim_uc4', remove_group_layers='last'),
     # Diagnostics (table 3; not in the paper): where the gap between GroupDiff-l and the baseline comes from.
-    # CFG 1 samples from the conditional branch alone (no unconditional group branch); stage0 runs the
-    # unconditional branch without group attention (each image alone) at every step.
+    # CFG 1 samples from the conditional branch alone (no unconditional group branch); CFG 1.5 is weaker guidance
+    # than the sweep's 3; stage0 runs the unconditional branch without group attention (each image alone).
     'baseline_cfg1': Setting('Baseline sampled at CFG 1 (conditional branch only)', 1, None, table=3,
                              trained_from='baseline', cfg_scale=1.0),
     'sim_uc4_cfg1': Setting('sim_uc4 sampled at CFG 1 (conditional branch only)', 4, 'official_plan', table=3,
                             trained_from='sim_uc4', cfg_scale=1.0),
+    'baseline_cfg1.5': Setting('Baseline sampled at CFG 1.5', 1, None, table=3, trained_from='baseline',
+                               cfg_scale=1.5),
+    'sim_uc4_cfg1.5': Setting('sim_uc4 sampled at CFG 1.5', 4, 'official_plan', table=3, trained_from='sim_uc4',
+                              cfg_scale=1.5),
     'sim_uc4_stage0': Setting('sim_uc4, no group attention at any sampling step', 4, 'official_plan', table=3,
                               trained_from='sim_uc4', group_stage_fraction=0.0),
 }
@@ -94,6 +98,8 @@ COMPARISONS = (
      'removing it from layers 1-9 (of 28) is catastrophic', None),
     # Diagnostics: the paper's direction is its claim (GroupDiff-l better than the baseline; group attention helps).
     ('sim_uc4 vs baseline at CFG 1 (conditional branches)', 'sim_uc4_cfg1', 'baseline_cfg1', 'lower',
+     'diagnostic; no paper number', None),
+    ('sim_uc4 vs baseline at CFG 1.5', 'sim_uc4_cfg1.5', 'baseline_cfg1.5', 'lower',
      'diagnostic; no paper number', None),
     ('no group attention at sampling vs all (UC=4)', 'sim_uc4_stage0', 'sim_uc4', 'higher',
      'diagnostic; no paper number', None),
