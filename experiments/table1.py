@@ -136,7 +136,7 @@ def sample_run(config, model, params, cache, num_samples, chunk, probe_images):
   for i in range(0, len(labels), chunk):
     part = labels[i:i + chunk]
     if len(part) < chunk:  # keep one compiled shape: pad the last chunk
-      part = np.concatenate([part, labels[:chunk - len(part)]])
+      part = np.resize(part, chunk)  # labels repeated: the padding is sampled and dropped
     noise_key, step_key = jax.random.split(jax.random.fold_in(key, i))
     x, chunk_record = cache['sampler'](params, jax.random.normal(noise_key, (chunk,) + shape), jnp.asarray(part),
                                        step_key, probe_images if i == 0 else 0)
@@ -161,16 +161,22 @@ def config_hash(config, **extra):
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def check_finished(path, expected_hash):
-  """True when `path` holds a finished run of this config; an error when it holds another config's."""
+def check_finished(path, expected_hash, feature_steps=toy_features.DEFAULT_TRAIN_STEPS):
+  """True when `path` holds a finished run of this config, scored by an evaluator of `feature_steps`; an error
+  when it holds another config's or another evaluator's (its FD would not be comparable)."""
   if not os.path.exists(path):
     return False
-  with open(path) as f:
-    found = json.load(f).get('config_hash')
+  record = errors.read_json_object(path, errors.DataError, 'delete the file to redo the run.')
+  found = record.get('config_hash')
   if found != expected_hash:
     raise errors.UserError(f'{path} holds a run of another config (config_hash {found}, this sweep '
                            f'{expected_hash}): resume with the arguments it was started with, or pass another '
                            '--runs directory (or delete the file to redo the run).')
+  scored_by = record.get('feature_steps', toy_features.DEFAULT_TRAIN_STEPS)  # runs before the field: the default
+  if scored_by != feature_steps:
+    raise errors.UserError(f'{path} was scored by an evaluator of {scored_by} training steps, this sweep '
+                           f'--feature_steps={feature_steps}: resume with --feature_steps={scored_by}, or pass '
+                           'another --runs directory.')
   return True
 
 
@@ -198,8 +204,7 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
     state, losses = train_run(config, model, mesh, cache)
     if name in sources:
       os.makedirs(params_dir, exist_ok=True)
-      with open(params_path(name, seed), 'wb') as f:
-        f.write(flax.serialization.to_bytes(jax.device_get(state.ema_params)))
+      table1_report.write_bytes(params_path(name, seed), flax.serialization.to_bytes(jax.device_get(state.ema_params)))
     return state.ema_params, losses, time.time() - tic
 
   for seed in seeds:
@@ -208,7 +213,7 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
       config = setting_config(base, name, seed, args.num_samples)
       run_hash = config_hash(config, **sample_args)
       path = os.path.join(args.runs, f'{name}_seed{seed}.json')
-      if check_finished(path, run_hash):
+      if check_finished(path, run_hash, args.feature_steps):
         continue
       if setting.trained_from and os.path.exists(params_path(setting.trained_from, seed)):
         with open(params_path(setting.trained_from, seed), 'rb') as f:
@@ -221,7 +226,8 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
                                                                 args.num_samples, args.chunk, args.probe_images)
       sample_seconds = time.time() - tic
       scores = toy_features.score_samples(featurize, samples, sample_labels, reference)
-      record = {'setting': name, 'seed': seed, 'config_hash': run_hash, 'fd': float(scores['fd']),
+      record = {'setting': name, 'seed': seed, 'config_hash': run_hash, 'feature_steps': args.feature_steps,
+                'fd': float(scores['fd']),
                 'class_accuracy': scores['class_accuracy'], 's_cross': trajectory,
                 's_cross_renoised': renoised, 'evaluator_real_accuracy': evaluator_accuracy,
                 'group_layers': list(config.model.group_layers) if config.model.get('group_layers') else None,
@@ -230,9 +236,10 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
                 'sample_seconds': sample_seconds, 'num_samples': len(samples),
                 'nfe_per_branch': samplers.number_of_function_evaluations(config.sample.num_steps,
                                                                           config.sample.sampler)}
-      if seed == seeds[0]:
+      grid_path = os.path.join(args.out, f'samples_{name}.png')
+      if seed == 0 or not os.path.exists(grid_path):  # seed 0's grid, whichever invocation runs it
         per_group = config.sample.images_per_group  # one jointly generated group per row, one class per row
-        save_grid(samples[:10 * per_group], per_group, os.path.join(args.out, f'samples_{name}.png'))
+        save_grid(samples[:10 * per_group], per_group, grid_path)
       table1_report.write_json(path, record)
       has_s_cross = trajectory and trajectory['mean_percent'] is not None
       s_cross_text = f"{trajectory['mean_percent']:.2f}%" if has_s_cross else '-'
@@ -335,19 +342,30 @@ def main(argv=None):
   meta = {'evaluator_real_accuracy': real['accuracy'], 'fd_real_held_out': real['fd'],
           'held_out_images': args.held_out, 'held_out_dataset_seed': HELD_OUT_SEED,
           'feature_steps': args.feature_steps,
-          'num_images': data.num_images, 'num_samples': args.num_samples, 'seeds': seeds, 'settings': settings,
+          'num_images': data.num_images, 'num_samples': args.num_samples,
           'config': base.to_dict(), 'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, '
-                                               f'{jax.devices()[0].platform}', 'setup_seconds': time.time() - start}
-  table1_report.write_json(os.path.join(args.out, 'meta.json'), meta)
+                                               f'{jax.devices()[0].platform}'}
+  # What every invocation sharing --out has in common (per-invocation facts go to invocations.json). The
+  # evaluator is a pure function of the data and --feature_steps: another one's numbers mean the runs' FD are
+  # not comparable.
+  meta_path = os.path.join(args.out, 'meta.json')
+  previous = read_json(meta_path, {})
+  if previous.get('evaluator_real_accuracy', real['accuracy']) != real['accuracy']:
+    logging.warning('%s: an earlier invocation\'s evaluator scored %.6f on the held-out images, this one %.6f: '
+                    'its runs were scored by another network.', meta_path, previous['evaluator_real_accuracy'],
+                    real['accuracy'])
+  table1_report.write_json(meta_path, meta)
+  setup_seconds = time.time() - start
   print(f"Evaluator: held-out real accuracy {real['accuracy']:.3f}; FD_toy of {args.held_out} real held-out "
-        f"images: {real['fd']:.3f} (setup {meta['setup_seconds']:.0f} s).", flush=True)
+        f"images: {real['fd']:.3f} (setup {setup_seconds:.0f} s).", flush=True)
 
   # --- Runs -----------------------------------------------------------------------
   invocations_path = os.path.join(args.out, 'invocations.json')
   invocation = {'command': 'python -m experiments.table1 ' + shlex.join(sys.argv[1:] if argv is None else argv),
                 'started_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}',
-                'wall_seconds': 0.0, 'runs': []}
+                'seeds': seeds, 'settings': settings, 'setup_seconds': setup_seconds, 'wall_seconds': 0.0,
+                'runs': []}
   invocation_key = (invocation['started_utc'], os.getpid())
 
   def report():
@@ -369,7 +387,7 @@ def main(argv=None):
     invocation['runs'].append(f"{record['setting']}_seed{record['seed']}")
     report()
 
-  evaluator_accuracy = meta.get('evaluator_real_accuracy', meta.get('classifier_held_out_accuracy'))
+  evaluator_accuracy = meta['evaluator_real_accuracy']
   run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accuracy, on_run_done)
   result = report()
   plots.table1_figures(result, args.out)

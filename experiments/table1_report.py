@@ -140,10 +140,10 @@ def build_report(runs, meta, invocations, settings):
     if run['setting'] in settings:
       by_setting.setdefault(run['setting'], []).append(run)
   rows = {name: setting_row(name, by_setting[name]) for name in settings if name in by_setting}
-  accuracy = meta.get('evaluator_real_accuracy', meta.get('classifier_held_out_accuracy'))
+  accuracy = meta.get('evaluator_real_accuracy')
   return {
       'evaluator_real_accuracy': accuracy,
-      'fd_real_held_out': meta.get('fd_toy_real_held_out'),
+      'fd_real_held_out': meta.get('fd_real_held_out'),
       'machine': meta.get('machine'),
       'commands': [i['command'] for i in invocations],
       'wall_seconds': float(sum(i['wall_seconds'] for i in invocations)),
@@ -186,6 +186,14 @@ def write_report(report, json_path, table_path):
   write_json(json_path, report)
   with open(table_path, 'w') as f:
     f.write(markdown_table(report))
+
+
+def write_bytes(path, data):
+  """data to path through a temporary file (a cut-short write never looks like a finished file)."""
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
 
 
 def write_json(path, value):

@@ -38,11 +38,12 @@ def sweep_runs():
 
 
 def test_rows_comparisons_and_correlation_from_runs():
-  meta = {'classifier_held_out_accuracy': 0.97, 'machine': 'test', 'fd_toy_real_held_out': 0.1}
+  meta = {'evaluator_real_accuracy': 0.97, 'machine': 'test', 'fd_real_held_out': 0.1}  # as table1.main writes
   invocations = [{'command': 'python -m experiments.table1 --out=x', 'wall_seconds': 30.0},
                  {'command': 'python -m experiments.table1 --out=x', 'wall_seconds': 12.0}]
   report = table1_report.build_report(sweep_runs(), meta, invocations, SETTINGS)
-  assert report['evaluator_real_accuracy'] == 0.97 and report['wall_seconds'] == 42.0 and report['num_runs'] == 12
+  assert report['evaluator_real_accuracy'] == 0.97 and report['fd_real_held_out'] == 0.1
+  assert report['wall_seconds'] == 42.0 and report['num_runs'] == 12
   assert report['run_seconds'] == 12 * 12.0
   rows = {r['name']: r for r in report['settings']}
   assert rows['sim_uc4']['fd'] == pytest.approx(7.0) and rows['sim_uc4']['fd_sd'] == pytest.approx(1.0)

@@ -98,6 +98,7 @@ def test_table1_smoke_table2_row_reuses_the_trained_model_and_reports_trajectory
               'correlation_s_cross_fd'):
     assert key in report, key
   assert 0 <= report['evaluator_real_accuracy'] <= 1 and report['commands'][0].startswith('python -m')
+  assert report['fd_real_held_out'] == report['meta']['fd_real_held_out'] >= 0
   for row in report['settings']:
     for key in ('name', 'group_size', 'grouping', 'sigma_tv', 'seeds', 'fd', 'fd_per_seed', 'class_accuracy',
                 'class_accuracy_per_seed', 's_cross', 's_cross_per_seed', 's_cross_per_stage', 's_cross_per_layer'):
@@ -126,6 +127,9 @@ def test_table1_smoke_table2_row_reuses_the_trained_model_and_reports_trajectory
   other = table1.parse_args([a if not a.startswith('--num_samples') else '--num_samples=8' for a in argv])
   with pytest.raises(errors.UserError, match='another config'):
     table1.run_sweep(other, table1.base_config(other), list(rows), [0], None, None, None, done.append)
+  rescored = table1.parse_args(argv + ['--feature_steps=3'])  # another evaluator: FD not comparable
+  with pytest.raises(errors.UserError, match='--feature_steps=2'):
+    table1.run_sweep(rescored, table1.base_config(rescored), list(rows), [0], None, None, None, done.append)
 
   # A second invocation over another setting in the same folder (as two sweeps on two cores would): the report
   # keeps every setting with runs, and the invocation log keeps both calls.
