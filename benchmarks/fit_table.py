@@ -1,10 +1,10 @@
 """Fit table of docs/scaling.md from compile reports: every number is the TPU compiler's.
 
   python benchmarks/fit_table.py run  OUT_DIR        # compile each row (--mode=compile), one subprocess per row
-  python benchmarks/fit_table.py table OUT_DIR       # markdown table from OUT_DIR/*/compile_report.json
+  python benchmarks/fit_table.py table OUT_DIR       # markdown table: ROWS in order, from OUT_DIR/<row>/
 
-ROWS: (name, config, topology, num_slices, overrides). A row that failed (does not fit, or was not run) appears
-as missing with its log's last line.
+ROWS: (name, config, topology, num_slices, overrides). A row refused before compiling shows its log's last
+`Error:` line; a row not compiled yet shows as missing.
 """
 
 import json
@@ -39,11 +39,12 @@ ROWS = (
      ['--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b256_2slices_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 2,
      ['--config.mesh.dcn_data=2', NO_SAMPLER, SINGLES_ONLY]),
-    ('dit_xl_l4_b256_v5e64_fsdp4', 'configs/dit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b256_v5e64_fsdp4', 'configs/dit_xl.py', 'v5e:8x8', 1,
+     ['--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_f4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1,
-     ['--config.train.mode=groupdiff_f', '--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
+     [F4, '--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_uc16_b256_v4_32', 'configs/sit_xl.py', 'v4:2x2x4', 1,
-     ['--config.train.group_size=16', '--config.model.max_group_size=16', NO_SAMPLER, GROUPS_ONLY]),
+     [*UC16, NO_SAMPLER, GROUPS_ONLY]),
     ('sit_xl_l4_b1024_v5e64_fsdp8', 'configs/sit_xl.py', 'v5e:8x8', 1,
      [B1024, '--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b1024_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
@@ -51,25 +52,25 @@ ROWS = (
     ('sit_xl_l4_b1024_v4_32_dots', 'configs/sit_xl.py', 'v4:2x2x4', 1,
      [B1024, '--config.model.remat=dots_saveable', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_uc16_b1024_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1,
-     [B1024, '--config.train.group_size=16', '--config.model.max_group_size=16', '--config.mesh.fsdp=4',
+     [B1024, *UC16, '--config.mesh.fsdp=4',
       NO_SAMPLER, GROUPS_ONLY]),
     ('sit_xl_l4_b1024_v4_32_fsdp4_full', 'configs/sit_xl.py', 'v4:2x2x4', 1,
      [B1024, '--config.mesh.fsdp=4', '--config.model.remat=full', NO_SAMPLER, SINGLES_ONLY]),
     # The other variants on the pods (2026-12-02 session): GroupDiff-f-4, DiT-XL/2 and UC16 beyond v5e-64.
     ('sit_xl_uc16_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1,
-     ['--config.train.group_size=16', '--config.model.max_group_size=16', '--config.mesh.fsdp=4',
+     [*UC16, '--config.mesh.fsdp=4',
       NO_SAMPLER, GROUPS_ONLY]),
     ('sit_xl_f4_b1024_v5e64_fsdp8', 'configs/sit_xl.py', 'v5e:8x8', 1,
-     [B1024, '--config.train.mode=groupdiff_f', '--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
+     [B1024, F4, '--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
     ('dit_xl_l4_b1024_v5e64_fsdp8', 'configs/dit_xl.py', 'v5e:8x8', 1,
      [B1024, '--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_uc16_b1024_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1,
-     [B1024, '--config.train.group_size=16', '--config.model.max_group_size=16', NO_SAMPLER, GROUPS_ONLY]),
+     [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
     ('sit_xl_f4_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1,
-     ['--config.train.mode=groupdiff_f', NO_SAMPLER, SINGLES_ONLY]),
+     [F4, NO_SAMPLER, SINGLES_ONLY]),
     ('dit_xl_l4_b256_v5p64', 'configs/dit_xl.py', 'v5p:4x4x2', 1, [NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_f4_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1,
-     ['--config.train.mode=groupdiff_f', NO_SAMPLER, SINGLES_ONLY]),
+     [F4, NO_SAMPLER, SINGLES_ONLY]),
     ('dit_xl_l4_b1024_v6e64', 'configs/dit_xl.py', 'v6e:8x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
     # The rest of the cross product (2026-12-02, second session). First the rows refused before compiling
     # (their groups cannot be split over the devices), then the compiled ones, with the recommended mesh of

@@ -4,12 +4,17 @@ Each entry was compiled for the pod's topology with `--mode=compile`
 (benchmarks/fit_table.py; reports in benchmarks/fit_reports/) for
 SiT-XL/2 + GroupDiff-l-4 (configs/sit_xl.py); DiT-XL/2 (configs/dit_xl.py)
 compiled to the same bytes on v5e-64. `launch/tpu_pod.sh` puts these flags
-before the user's own, so an explicit `--config.mesh.fsdp=...` still wins:
+before the user's own, and leaves them out when the user sets any mesh axis,
+remat, train.mode or train.group_size (an entry is a whole mesh for
+GroupDiff-l-4):
 
   python3 configs/pod_meshes.py v5e-64 256    # prints: --config.mesh.data=-1 --config.mesh.fsdp=4
 
 `data=-1` takes the remaining devices, so the flags hold however the pod
-lists its devices (libtpu shows a v4 chip's 2 TensorCores as 2 devices).
+lists its devices. The abstract v4 topology of libtpu shows a chip's 2
+TensorCores as 2 devices of half the HBM; a real v4 pod in megacore mode
+shows one device per chip: the per-chip bytes agree, the batch per device
+doubles (not checked on a v4 pod).
 Plain Python, no imports: the launching machine needs no JAX.
 """
 

@@ -68,7 +68,7 @@ def get_config():
   config.model.max_group_size = 4
 
   config.train.batch_size = 32
-  config.train.num_steps = 3000  # pilot (docstring): baseline class accuracy 53% at CFG 3, ~7 min on one core
+  config.train.num_steps = 3000  # pilot (docs/toy_pilot.json): baseline 81.8% class accuracy at CFG 3, ~8 min/core
   config.train.group_size = 4
   # 20% of the images in unconditional groups (ImageNet: 10%); the baseline
   # (group_ratio 0) drops 20% of the labels instead, the same CFG dropout.
@@ -99,5 +99,7 @@ def get_config():
   config.sample.images_per_group = 4
   config.sample.cond_group_size = 1
   config.sample.uncond_group_size = 4
-  config.sample.cfg_scale = 3.0  # pilot: lowest FD_toy of 1.5/3/5 (patch 4) and 3/5/8 (patch 2)
+  # Pilot: CFG 3 is what gets the baseline's samples over 75% class accuracy (81.8%; CFG 1.5: 73.2%), at a cost
+  # in FD_toy (1004; CFG 1.5: 157).
+  config.sample.cfg_scale = 3.0
   return config

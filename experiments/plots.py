@@ -180,7 +180,7 @@ def table1_figures(report, out, prefix='table1_'):
     series = []
     for r in report['settings']:
       points = [(float(k), v) for k, v in (r.get(key) or {}).items() if v is not None]
-      if points and r['group_size'] > 2:
+      if points and r['group_size'] > 2:  # S_cross is 0 by definition for groups of 2
         series.append({'label': r['name'], 'x': [p[0] for p in points], 'y': [p[1] for p in points]})
     if series:
       paths.append(plot(path(name), series, xlabel, 'S_cross (%)', f"S_cross per {name.split('_')[-1]} "

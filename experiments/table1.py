@@ -79,10 +79,7 @@ STAGES = (0.0, 0.25, 0.5, 0.75)  # SiT time (0 = noise): starts of the stages S_
 HELD_OUT_SEED = 1  # dataset seed of the held-out real images (classifier test, FD floor)
 
 
-
-
 # --- One run -------------------------------------------------------------------
-
 def train_run(config, model, mesh, cache, on_step=None):
   """Train one run; `cache` holds the setting's jitted step (shared by its seeds).
 
@@ -181,7 +178,6 @@ def check_finished(path, expected_hash, feature_steps=toy_features.DEFAULT_TRAIN
 
 
 # --- The sweep -----------------------------------------------------------------
-
 def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accuracy, on_run_done):
   """Every (seed, setting) run not yet in args.runs; `on_run_done(record)` after each."""
   mesh = sharding.make_mesh()
@@ -249,7 +245,6 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
 
 
 # --- Main ------------------------------------------------------------------------
-
 def add_config_flags(parser):
   """Flags that change configs/toy_table1.py or the scoring (shared with experiments/toy_pilot.py)."""
   parser.add_argument('--num_steps', type=int, default=None, help='training steps (default: the config)')

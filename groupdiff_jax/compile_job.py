@@ -20,7 +20,9 @@ count; the compiler's `optimal_seconds` and the MFU it implies (a compiler
 estimate, never a measurement); collectives of the optimized HLO (count,
 result bytes); Mosaic kernels; compile time. The programs are lowered one by
 one, then compiled side by side (`compile.workers` threads: the compiler
-releases the GIL), so the job takes about the longest compile, not the sum.
+releases the GIL), so with a core per program the job takes about the longest
+compile, not the sum (with fewer cores, each program's `compile_seconds`
+includes the time it shared its core).
 
 Mosaic kernels are opaque to the cost analysis (no FLOPs, ~ns). The estimate
 adds the analytic attention FLOPs of the step (forward + backward, per
@@ -183,7 +185,7 @@ ADVICE = ('shard parameters/optimizer state over more devices (--config.mesh.fsd
 
 
 class DoesNotFit(errors.ConfigError):
-  """The TPU compiler refused a program: it needs more HBM than a chip has."""
+  """The TPU compiler refused a program: it needs more HBM than a device has."""
 
   def __init__(self, message, compiler_message, compile_seconds):
     super().__init__(message)
@@ -401,7 +403,8 @@ def _gib(value):
 def format_report(report):
   lines = [f"{report['topology']} x{report['num_slices']} ({report['device_kind']}, {report['devices']} devices, "
            f"mesh {report['mesh']}), batch {report['batch_size']}, attention {report['attention_impl']}, "
-           f"remat {report['remat']}, HBM {_gib(report['chip']['hbm_bytes'])}/chip, headroom {report['headroom']:.0%}",
+           f"remat {report['remat']}, HBM {_gib(report['chip']['hbm_bytes'])}/device, "
+           f"headroom {report['headroom']:.0%}",
            'describe estimate per device: ' + ', '.join(
                f'{k} {_gib(v)}' for k, v in report['describe_estimate_bytes_per_device'].items())]
   head = (f"{'program':<28}{'args':>8}{'out':>8}{'temp':>8}{'alias':>8}{'peak':>8} {'fits':<5}{'TFLOP':>7}"

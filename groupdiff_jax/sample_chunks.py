@@ -108,8 +108,18 @@ def read_chunk(path, plan, chunk, need_s_cross=False):
       or not np.array_equal(labels, plan.labels(chunk)[:count])):
     logging.warning('Chunk file %s does not hold chunk %d; generating it again.', path, chunk)
     return None
-  if need_s_cross and 's_cross_mass' not in arrays:
+  if 'nfe' not in arrays or (need_s_cross and 's_cross_mass' not in arrays):
     return None
+  return arrays
+
+
+def valid_chunk(samples_dir, plan, chunk, need_s_cross=False):
+  """read_chunk of a chunk the job generated already; SamplesDirError when it went missing or bad since."""
+  path = chunk_path(samples_dir, chunk)
+  arrays = read_chunk(path, plan, chunk, need_s_cross)
+  if arrays is None:
+    raise SamplesDirError(f'{path} is missing or invalid: rerun the same sample command to generate it again '
+                          '(with several hosts, --workdir must be on storage that every host sees).')
   return arrays
 
 
@@ -178,11 +188,7 @@ def assemble(samples_dir, plan, image_side):
             member, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False,
                      'shape': shape})
         for chunk in range(plan.num_chunks):
-          arrays = read_chunk(chunk_path(samples_dir, chunk), plan, chunk)
-          if arrays is None:
-            raise SamplesDirError(f'{chunk_path(samples_dir, chunk)} is missing or invalid: rerun the same sample '
-                                  'command to generate it again (with several hosts, --workdir must be on storage '
-                                  'that every host sees).')
+          arrays = valid_chunk(samples_dir, plan, chunk)
           images = arrays['images']
           if images.shape[1:3] != shape[1:3]:
             raise SamplesDirError(f'{chunk_path(samples_dir, chunk)} holds images of {images.shape[1:3]}, not '
@@ -201,8 +207,7 @@ def chunk_nfes(samples_dir, plan):
   """The NFE per branch each chunk's sampler used (differs between chunks only for dopri5)."""
   nfes = []
   for chunk in range(plan.num_chunks):
-    with np.load(chunk_path(samples_dir, chunk)) as data:
-      nfes.append(int(data['nfe']))
+    nfes.append(int(valid_chunk(samples_dir, plan, chunk)['nfe']))
   return nfes
 
 
@@ -211,7 +216,7 @@ def first_groups(samples_dir, plan, num_groups):
   wanted = min(num_groups, plan.num_groups) * plan.images_per_group
   images, chunk = [], 0
   while sum(len(i) for i in images) < wanted:
-    images.append(read_chunk(chunk_path(samples_dir, chunk), plan, chunk)['images'])
+    images.append(valid_chunk(samples_dir, plan, chunk)['images'])
     chunk += 1
   return np.concatenate(images)[:wanted]
 
@@ -227,7 +232,7 @@ def gather_s_cross(samples_dir, plan, sample_config):
   """Masses [S_on, L, G, n, n] of the first sample.s_cross_groups groups, from the chunk files."""
   layers, masses, chunk = None, [], 0
   while chunk < plan.num_chunks and plan.groups(chunk)[0] < sample_config.s_cross_groups:
-    arrays = read_chunk(chunk_path(samples_dir, chunk), plan, chunk, need_s_cross=True)
+    arrays = valid_chunk(samples_dir, plan, chunk, need_s_cross=True)
     layers = arrays['s_cross_layers']
     masses.append(arrays['s_cross_mass'])
     chunk += 1

@@ -80,13 +80,7 @@ REFERENCE_BATCH_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul
                        'VIRTUAL_imagenet256_labeled.npz')
 
 
-# --- The plan: which groups each chunk holds, which process makes it ----------
-
-
-
-
-
-
+# --- Config checks ---------------------------------------------------------------
 def is_latent(model_config):
   return model_config.in_channels not in IMAGE_CHANNELS
 
@@ -191,8 +185,6 @@ def make_decoder(vae_params, vae_config, mesh, batch_size):
   return decode
 
 
-
-
 class NonfiniteSamplesError(FloatingPointError):
   """A decoded image holds NaN/inf; args[0] is its index in the chunk (sample_and_save names chunk and group)."""
 
@@ -217,30 +209,7 @@ def check_finite(x, what, chunk, plan, step):
         'was written; sample from an earlier checkpoint or check the weights.')
 
 
-# --- Chunk files ---------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-# --- Assembly: the ADM sample batch, the grid, the settings --------------------------
-
-
-
-
-
-
-
-
-
-
-
-
+# --- The settings record ------------------------------------------------------
 def settings_record(config, plan, step, nfes, mesh):
   s, m = config.sample, config.model
   latent = is_latent(m)
@@ -266,8 +235,6 @@ def settings_record(config, plan, step, nfes, mesh):
   if m.get('objective', 'sit') == 'dit':
     record['timestep_respacing'] = sample.timestep_respacing(s)
   return json.loads(json.dumps(record))
-
-
 
 
 # --- The job -------------------------------------------------------------------------

@@ -214,9 +214,9 @@ class TrainMonitor:
       if cost['ratio'] is not None:
         log('Sample grid every %d steps: %.3g FLOPs (%d groups), %.2f%% of the training FLOPs between two grids.',
             self.sample_every, cost['grid_flops'], config.sample.grid_groups, 100 * cost['ratio'])
-    self.toy_scorer = is_toy(config)
+    self.use_toy_eval = is_toy(config)
     self._toy = None
-    if self.eval_every and not self.toy_scorer and not (config.eval.get('reference_batch') and
+    if self.eval_every and not self.use_toy_eval and not (config.eval.get('reference_batch') and
                                                         config.eval.get('inception_graph')):
       log('No FID during training: set eval.reference_batch and eval.inception_graph (train.eval_every=%d).',
           self.eval_every)
@@ -314,7 +314,7 @@ class TrainMonitor:
       os.remove(stale)  # the images: gigabytes at ImageNet scale; the scores and samples.png stay
 
   def write_fid(self, step, params):
-    if self.toy_scorer:
+    if self.use_toy_eval:
       return self.write_toy_fd(step, params)
     from groupdiff_jax.evaluation import evaluator, fid as fid_lib, inception
     num = self.config.eval.num_samples

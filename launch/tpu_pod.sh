@@ -14,11 +14,13 @@
 #    ACTIVE, reinstalls and reruns, which resumes (at most MAX_RESTARTS times, then exit 1).
 # Overrides (mesh included, e.g. --config.mesh.fsdp=8) pass through unchanged to every worker.
 # Mesh: for configs/sit_xl.py and configs/dit_xl.py the mesh (and remat) that fits ACCELERATOR at the batch
-# (256, or --config.train.batch_size=N) comes from configs/pod_meshes.py and goes before your overrides
-# (yours win); a pod that cannot run that batch stops here (exit 2). MESH_PRESET=0 turns this off.
+# (256, or --config.train.batch_size N) comes from configs/pod_meshes.py and goes before your overrides;
+# any --config.mesh.*, train.mode, train.group_size or model.remat of yours turns it off (the presets are
+# for GroupDiff-l-4 and set the whole mesh). A pod that cannot run that batch stops here (exit 2).
+# MESH_PRESET=0 turns this off.
 # POLL_SECONDS (60) between state checks, RETRY_SECONDS (30) before a restart.
 set -euo pipefail
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 for var in ZONE ACCELERATOR NAME BUCKET; do
   if [ -z "${!var:-}" ]; then
@@ -65,25 +67,43 @@ install() {
 }
 
 run() {
+  local quoted=""  # each argument quoted for the remote shell: an override with spaces stays one argument
+  if [ "$#" -gt 0 ]; then quoted=$(printf ' %q' "$@"); fi
   $TPU ssh "$NAME" --zone="$ZONE" --worker=all --command="
     cd ~/$REPO_DIR && . .venv/bin/activate &&
-    JAX_DISTRIBUTED_AUTO=1 python -m groupdiff_jax.main --config=$CONFIG --workdir=$WORKDIR $*"
+    JAX_DISTRIBUTED_AUTO=1 python -m groupdiff_jax.main --config=$CONFIG --workdir=$WORKDIR$quoted"
 }
 
 cd "$(dirname "$0")/.."
 mesh_flags=""
 if [ "$MESH_PRESET" = 1 ] && { [ "$CONFIG" = configs/sit_xl.py ] || [ "$CONFIG" = configs/dit_xl.py ]; }; then
-  batch=256
-  for arg in "$@"; do case "$arg" in --config.train.batch_size=*) batch=${arg#*=} ;; esac; done
-  mesh_flags=$(python3 configs/pod_meshes.py "$ACCELERATOR" "$batch") || exit "$EXIT_USER_ERROR"
-  echo "mesh for $ACCELERATOR at batch $batch: ${mesh_flags:-as in the config (no entry in configs/pod_meshes.py)}"
+  batch=256 own_mesh=""
+  previous=""
+  for arg in "$@"; do
+    case "$arg" in
+      --config.train.batch_size=*) batch=${arg#*=} ;;
+      --config.mesh.*|--config.train.mode*|--config.train.group_size*|--config.model.remat*) own_mesh=${arg%%=*} ;;
+    esac
+    if [ "$previous" = --config.train.batch_size ]; then batch=$arg; fi  # the two-argument form
+    previous=$arg
+  done
+  if [ -n "$own_mesh" ]; then
+    # The presets are measured for GroupDiff-l-4 with their own (data, fsdp) and remat: with any of these set
+    # by hand, a preset flag beside it could make a mesh that does not multiply out.
+    echo "mesh preset off: $own_mesh is given (configs/pod_meshes.py is for GroupDiff-l-4 and sets the whole mesh)"
+  else
+    mesh_flags=$(python3 configs/pod_meshes.py "$ACCELERATOR" "$batch") || exit "$EXIT_USER_ERROR"
+    echo "mesh for $ACCELERATOR at batch $batch: ${mesh_flags:-as in the config (no entry in configs/pod_meshes.py)}"
+  fi
 fi
 for attempt in $(seq 0 "$MAX_RESTARTS"); do
   create
   install
   code=0; run $mesh_flags "$@" || code=$?
   if [ "$code" = 0 ]; then echo "done: $WORKDIR"; exit 0; fi
-  if [ "$code" = "$EXIT_USER_ERROR" ]; then echo "run failed (exit $code: see the error above); not retrying" >&2; exit "$code"; fi
+  if [ "$code" = "$EXIT_USER_ERROR" ]; then
+    echo "run failed (exit $code: see the error above); not retrying" >&2; exit "$code"
+  fi
   case "$code" in
     "$EXIT_PREEMPTED") why="preempted, checkpoint saved" ;;
     255) why="ssh lost the workers" ;;

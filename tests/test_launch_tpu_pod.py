@@ -101,13 +101,34 @@ def test_help(tmp_path):
 
 
 def test_xl_configs_get_the_pods_mesh_before_the_users_overrides(tmp_path):
-  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[0], args=['--config.mesh.fsdp=8'], ACCELERATOR='v5e-64',
-                             CONFIG='configs/sit_xl.py')
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[0], args=['--config.train.num_steps=10'],
+                             ACCELERATOR='v5e-64', CONFIG='configs/sit_xl.py')
   assert result.returncode == 0, result.stderr
   assert 'mesh for v5e-64 at batch 256: --config.mesh.data=-1 --config.mesh.fsdp=4' in result.stdout
   command = next(a for a in calls[-1] if a.startswith('--command='))
-  # The user's flag comes last, so it wins (absl: the last value of a repeated flag).
-  assert command.rstrip().endswith('--config.mesh.data=-1 --config.mesh.fsdp=4 --config.mesh.fsdp=8')
+  assert command.rstrip().endswith('--config.mesh.data=-1 --config.mesh.fsdp=4 --config.train.num_steps=10')
+
+
+@pytest.mark.parametrize('own', [['--config.mesh.fsdp=8'], ['--config.model.remat=full'],
+                                 ['--config.train.group_size=16']])
+def test_a_mesh_or_variant_of_the_users_turns_the_preset_off(tmp_path, own):
+  # The preset sets the whole mesh for GroupDiff-l-4: beside a hand-set axis its other axis could leave a mesh
+  # that does not multiply out (data=-1 with fsdp=8 is fine; a preset fsdp=4 with the user's data=64 is not).
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[0], args=own, ACCELERATOR='v5e-64',
+                             CONFIG='configs/sit_xl.py')
+  assert result.returncode == 0, result.stderr
+  assert f"mesh preset off: {own[0].split('=')[0]} is given" in result.stdout
+  command = next(a for a in calls[-1] if a.startswith('--command='))
+  assert command.rstrip().endswith(own[0]) and command.count('--config.mesh') == own[0].count('--config.mesh')
+
+
+def test_the_batch_in_two_argument_form_and_overrides_with_spaces_reach_the_workers_intact(tmp_path):
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[0], ACCELERATOR='v5e-256', CONFIG='configs/sit_xl.py',
+                             args=['--config.train.batch_size', '1024', '--config.sample.vae_path=/w/a b.safetensors'])
+  assert result.returncode == 0, result.stderr
+  assert 'mesh for v5e-256 at batch 1024' in result.stdout
+  command = next(a for a in calls[-1] if a.startswith('--command='))
+  assert r'--config.sample.vae_path=/w/a\ b.safetensors' in command  # one argument for the remote shell
 
 
 def test_the_batch_from_the_command_line_picks_the_row(tmp_path):
@@ -131,4 +152,5 @@ def test_no_mesh_flags_for_other_configs_unknown_pods_or_mesh_preset_0(tmp_path)
     (tmp_path / str(i)).mkdir()
     result, calls = run_script(tmp_path / str(i), ['ACTIVE'], runs=[0], **env)
     assert result.returncode == 0, result.stderr
-    assert '--config.mesh' not in next(a for a in calls[-1] if a.startswith('--command='))
+    command = next(a for a in calls[-1] if a.startswith('--command='))
+    assert '--config.mesh' not in command and "''" not in command  # no empty argument without overrides
