@@ -369,8 +369,10 @@ def toy_scorer(config, workdir, log=logging.info):
   """(featurize, reference FIDStatistics) of the toy evaluator for this run's data.
 
   The feature net is trained once on the run's toy images
-  (eval.toy_feature_steps) and saved as <workdir>/toy_feature_net.msgpack,
-  which a resumed run loads, so a run's FD curve is measured by one scorer.
+  (eval.toy_feature_steps, seed 0) and saved as
+  <workdir>/toy_feature_net.msgpack with what it was trained on; a resumed
+  run loads it (trains it again if the data or steps changed), so a run's FD
+  curve is measured by one scorer.
   """
   from flax import serialization
   from groupdiff_jax.data import toy_shapes
@@ -380,18 +382,30 @@ def toy_scorer(config, workdir, log=logging.info):
       data.get('num_images', 20000), data.get('dataset_seed', 0), data.image_size, data.get('embedding_dims', 32),
       data.get('num_neighbors', 16), **toy_shapes.data_options(data))
   path = os.path.join(workdir, TOY_FEATURE_NET)
+  steps = config.eval.get('toy_feature_steps', toy_features.DEFAULT_TRAIN_STEPS)
+  # What the net was trained on: a saved net of other data or steps is trained again, not trusted.
+  trained_on = json.loads(json.dumps({'num_images': len(images), 'dataset_seed': data.get('dataset_seed', 0),
+                                      'image_size': data.image_size, 'steps': steps, 'seed': 0,
+                                      **toy_shapes.data_options(data)}))
+  saved = None
   if os.path.exists(path):
     with open(path, 'rb') as f:
-      params = serialization.msgpack_restore(f.read())
-  else:
-    steps = config.eval.get('toy_feature_steps', toy_features.DEFAULT_TRAIN_STEPS)
+      saved = serialization.msgpack_restore(f.read())
+    if not isinstance(saved, dict) or saved.get('trained_on') != trained_on:
+      log('%s was trained on other data or steps (%s, now %s); training it again.', path,
+          saved.get('trained_on') if isinstance(saved, dict) else None, trained_on)
+      saved = None
+  if saved is None:
     log('Training the toy evaluator\'s feature net (%d steps) for FD during training ...', steps)
-    params = toy_features.train_feature_net(images, labels, attributes, steps, seed=config.seed,
+    # Seed 0 whatever the run's seed: runs of one data set are scored by one network (as experiments/table1.py).
+    params = toy_features.train_feature_net(images, labels, attributes, steps, seed=0,
                                             batch_size=min(toy_features.DEFAULT_BATCH_SIZE, len(images)))
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
-      f.write(serialization.msgpack_serialize(jax.device_get(params)))
+      f.write(serialization.msgpack_serialize({'params': jax.device_get(params), 'trained_on': trained_on}))
     os.replace(tmp, path)
+  else:
+    params = saved['params']
   featurize = toy_features.make_featurizer(params)
   reference = fid_lib.FIDStatistics.from_features(featurize(images)[0])
   return featurize, reference

@@ -156,7 +156,9 @@ def test_toy_fd_scalar_with_the_toy_evaluator(tmp_path):
     assert json.load(f)['fd_toy_8'] == pytest.approx(fd[2], rel=1e-6)
   # The same samples made by the sample job, scored with the saved net against the training images.
   with open(os.path.join(workdir, train_monitor.TOY_FEATURE_NET), 'rb') as f:
-    featurize = toy_features.make_featurizer(serialization.msgpack_restore(f.read()))
+    saved = serialization.msgpack_restore(f.read())
+  assert saved['trained_on']['num_images'] == 120 and saved['trained_on']['steps'] == 3
+  featurize = toy_features.make_featurizer(saved['params'])
   images = train.make_batches(config).images
   reference = fid.FIDStatistics.from_features(featurize(images)[0])
   path = sample_job.sample_and_save(train_monitor._with_sample(config, num_groups=2), str(tmp_path / 'again'),
@@ -165,6 +167,13 @@ def test_toy_fd_scalar_with_the_toy_evaluator(tmp_path):
     expected = toy_features.score_samples(featurize, f['arr_0'], f['labels'], reference)
   assert fd[2] == pytest.approx(expected['fd'], rel=1e-4)
   assert accuracy[2] == pytest.approx(expected['class_accuracy'])
+  # A saved net of other data (here: other steps) is trained again, not trusted.
+  logged = []
+  config.eval.toy_feature_steps = 4
+  train_monitor.toy_scorer(config, workdir, log=lambda *args: logged.append(args[0] % args[1:]))
+  assert any('trained on other data or steps' in line for line in logged)
+  with open(os.path.join(workdir, train_monitor.TOY_FEATURE_NET), 'rb') as f:
+    assert serialization.msgpack_restore(f.read())['trained_on']['steps'] == 4
 
 
 def test_no_fid_without_a_reference_is_one_note():
