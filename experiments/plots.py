@@ -134,8 +134,13 @@ def bar_plot(path, bars, ylabel, title, width=640, height=440):
 # --- Figures of the toy Table 1/2 sweep (experiments/table1.py) -----------------
 
 TABLE2_BARS = (('sim_uc4', 'all'), ('sim_uc4_stage0.2', '0-0.2'), ('sim_uc4_stage0.4', '0-0.4'),
-               ('sim_uc4_stage0.6', '0-0.6'), ('sim_uc4_no_first', 'no first\nblocks'),
+               ('sim_uc4_stage0.6', '0-0.6'), ('sim_uc4_stage0', 'none'), ('sim_uc4_no_first', 'no first\nblocks'),
                ('sim_uc4_no_last', 'no last\nblocks'))
+# The diagnostics: the baseline (colour 0) and sim_uc4 (colour 1) at three guidance scales.
+DIAGNOSTIC_BARS = (('baseline_cfg1', 'baseline\nCFG 1', 0), ('sim_uc4_cfg1', 'UC=4\nCFG 1', 1),
+                   ('baseline_cfg1.5', 'baseline\nCFG 1.5', 0), ('sim_uc4_cfg1.5', 'UC=4\nCFG 1.5', 1),
+                   ('baseline', 'baseline\nCFG 3', 0), ('sim_uc4', 'UC=4\nCFG 3', 1),
+                   ('sim_uc4_stage0', 'UC=4 CFG 3\nno group attn', 1))
 
 
 def _known(rows, *keys):
@@ -148,7 +153,8 @@ def table1_figures(report, out, prefix='table1_'):
   fd_vs_group_size (mean +- sd over seeds), s_cross_vs_fd (trajectory
   S_cross, Pearson r and n in the title), s_cross_per_stage,
   s_cross_per_layer, share_histogram (a_ij of the grouped Table 1 rows),
-  table2_bars (FD of the Table 2 rows beside 'all' = sim_uc4). A figure
+  table2_bars (FD of the Table 2 rows beside 'all' = sim_uc4),
+  diagnostics_fd / diagnostics_class_accuracy (DIAGNOSTIC_BARS). A figure
   whose rows have no data yet is left out.
   """
   rows = {r['name']: r for r in report['settings']}
@@ -202,4 +208,13 @@ def table1_figures(report, out, prefix='table1_'):
              else 1} for n, label in table2]
     paths.append(bar_plot(path('table2_bars'), bars, 'FD_toy (lower is better)',
                           'Table 2: group attention per stage / per block range (sim_uc4, mean ± sd)'))
+  metrics = (('fd', 'FD_toy (lower is better)', 1), ('class_accuracy', 'class accuracy % (higher is better)', 100))
+  for key, label, scale in metrics:
+    found = [(n, text, colour) for n, text, colour in DIAGNOSTIC_BARS if n in rows and rows[n][key] is not None]
+    if len(found) >= 2:
+      bars = [{'label': text, 'value': scale * rows[n][key], 'colour': colour,
+               'err': None if rows[n].get(f'{key}_sd') is None else scale * rows[n][f'{key}_sd']}
+              for n, text, colour in found]
+      paths.append(bar_plot(path(f'diagnostics_{key}'), bars, label,
+                            'Diagnostics: baseline vs UC=4 by guidance scale (mean ± sd)'))
   return paths
