@@ -136,28 +136,28 @@ def prepare_directory(samples_dir, record):
   previous = None
   if os.path.exists(job_path):
     try:
-      with open(job_path) as f:
-        previous = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # e.g. cut short by a crash
-      logging.warning('%s is not readable JSON (%s); its chunks are treated as stale.', job_path, e)
-  if isinstance(previous, dict):
+      previous = errors.read_json_object(job_path, SamplesDirError, 'its chunks are treated as stale.')
+    except SamplesDirError as e:  # e.g. cut short by a crash: not the user's to fix, the chunks are redone
+      logging.warning('%s', e)
+  if previous is not None:
     if previous == record:
       return
     changed = sorted(f'{section}.{k}' for section in ('sample', 'model') for k in
                      set(previous.get(section, {})) | set(record[section])
                      if previous.get(section, {}).get(k) != record[section].get(k))
     changed += [k for k in ('seed', 'checkpoint_step') if previous.get(k) != record[k]]
-    aside = f'{samples_dir}_stale_{time.strftime("%Y%m%d-%H%M%S")}'
-    logging.warning('%s holds samples of other settings (%s); moved it to %s.', samples_dir, ', '.join(changed),
-                    aside)
-    shutil.move(samples_dir, aside)
+    _move_aside(samples_dir, f'samples of other settings ({", ".join(changed)})')
   elif os.path.exists(job_path) or (os.path.isdir(samples_dir) and
                                     glob.glob(os.path.join(samples_dir, 'chunk_*.npz'))):
-    aside = f'{samples_dir}_stale_{time.strftime("%Y%m%d-%H%M%S")}'
-    logging.warning('%s holds chunks without a readable %s; moved it to %s.', samples_dir, JOB_FILE, aside)
-    shutil.move(samples_dir, aside)
+    _move_aside(samples_dir, f'chunks without a readable {JOB_FILE}')
   os.makedirs(samples_dir, exist_ok=True)
   write_json(job_path, record)
+
+
+def _move_aside(samples_dir, what):
+  aside = f'{samples_dir}_stale_{time.strftime("%Y%m%d-%H%M%S")}'
+  logging.warning('%s holds %s; moved it to %s.', samples_dir, what, aside)
+  shutil.move(samples_dir, aside)
 
 
 def _zip_entry(name):
