@@ -45,7 +45,8 @@ outer loop. One process: the jitted train step and sampler of a setting are
 compiled once and reused by its seeds. Two processes on two cores may share
 --out and --runs when they run disjoint (seed, setting) pairs (e.g. --seeds=0
 and --seeds=1): the invocation log is merged under a lock and the report holds
-every setting with runs.
+every setting with runs. `--report_only` rewrites the report, table and
+figures from the finished runs without training or sampling anything.
 """
 
 import argparse
@@ -278,6 +279,8 @@ def parse_args(argv=None):
                       help=f'comma-separated names of {list(SETTINGS)}')
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--probe_images', type=int, default=256, help='images probed for S_cross')
+  parser.add_argument('--report_only', action='store_true',
+                      help='rewrite the report, table and figures from the finished runs; train and sample nothing')
   add_config_flags(parser)
   args = parser.parse_args(argv)
   args.runs = args.runs or os.path.join(args.out, 'runs')
@@ -322,6 +325,8 @@ def main(argv=None):
     os.makedirs(directory, exist_ok=True)
   settings = check_settings([s for s in args.settings.split(',') if s])
   seeds = [int(s) for s in args.seeds.split(',') if s]
+  if args.report_only:
+    return write_report_and_figures(args, read_json(os.path.join(args.out, 'invocations.json'), []))
   base = base_config(args)
   data = base.data
 
@@ -373,9 +378,7 @@ def main(argv=None):
                      if (i['started_utc'], i.get('pid')) != invocation_key] + [{**invocation, 'pid': os.getpid()}]
       invocations.sort(key=lambda i: i['started_utc'])
       table1_report.write_json(invocations_path, invocations)
-      result = table1_report.build_report(table1_report.load_runs(args.runs), read_json(
-          os.path.join(args.out, 'meta.json'), {}), invocations, list(SETTINGS))
-      table1_report.write_report(result, args.json, os.path.join(args.out, 'table.md'))
+      result = build_report(args, invocations)
     return result
 
   def on_run_done(record):
@@ -384,10 +387,25 @@ def main(argv=None):
 
   evaluator_accuracy = meta['evaluator_real_accuracy']
   run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accuracy, on_run_done)
-  result = report()
+  report()
+  result = write_report_and_figures(args, read_json(invocations_path, []))
+  print(f'Wall time {time.time() - start:.0f} s.')
+  return result
+
+
+def build_report(args, invocations):
+  """docs/table1.json and <out>/table.md from every finished run in args.runs (all settings, in SETTINGS order)."""
+  result = table1_report.build_report(table1_report.load_runs(args.runs), read_json(
+      os.path.join(args.out, 'meta.json'), {}), invocations, list(SETTINGS))
+  table1_report.write_report(result, args.json, os.path.join(args.out, 'table.md'))
+  return result
+
+
+def write_report_and_figures(args, invocations):
+  result = build_report(args, invocations)
   plots.table1_figures(result, args.out)
   print(table1_report.markdown_table(result))
-  print(f'Wall time {time.time() - start:.0f} s. Report: {os.path.abspath(args.json)}')
+  print(f'Report: {os.path.abspath(args.json)}')
   return result
 
 

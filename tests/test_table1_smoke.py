@@ -138,6 +138,13 @@ def test_table1_smoke_table2_row_reuses_the_trained_model_and_reports_trajectory
   with open(os.path.join(out, 'invocations.json')) as f:
     invocations = json.load(f)
   assert [i['runs'] for i in invocations] == [['sim_uc4_seed0', 'sim_uc4_stage0.4_seed0'], ['baseline_seed0']]
+  # The report alone, from the runs on disk: nothing trained or sampled, no invocation logged.
+  os.remove(report_path)
+  again = table1.main(argv + ['--report_only'])
+  assert json.loads(json.dumps(again['settings'])) == json.loads(json.dumps(second['settings']))
+  assert os.path.exists(report_path) and os.path.exists(os.path.join(out, 'table1_table2_bars.png'))
+  with open(os.path.join(out, 'invocations.json')) as f:
+    assert len(json.load(f)) == 2
 
 
 def test_removed_group_layers_take_a_third_of_the_blocks():
