@@ -153,8 +153,9 @@ def table(out_dir):
     path = os.path.join(workdir, 'compile_report.json')
     where = f'{topology} x{slices}'
     if not os.path.exists(path):
-      reason = _refusal(workdir) or 'not compiled'
-      lines.append(f'| {name} | {where} | | | | | | | | | no | {reason} | | | |')
+      refusal = _refusal(workdir)  # refused before compiling: does not run; else not compiled yet: unknown
+      verdict, reason = ('no', refusal) if refusal else ('not compiled yet', '')
+      lines.append(f'| {name} | {where} | | | | | | | | | {verdict} | {reason} | | | |')
       continue
     report = json.load(open(path))
     chip = _chip(report)
