@@ -154,8 +154,8 @@ def table1_figures(report, out, prefix='table1_'):
   S_cross, Pearson r and n in the title), s_cross_per_stage,
   s_cross_per_layer, share_histogram (a_ij of the grouped Table 1 rows),
   table2_bars (FD of the Table 2 rows beside 'all' = sim_uc4),
-  diagnostics_fd / diagnostics_class_accuracy (DIAGNOSTIC_BARS). A figure
-  whose rows have no data yet is left out.
+  diagnostics_fd / diagnostics_class_accuracy (DIAGNOSTIC_BARS, once a
+  diagnostic row has data). A figure whose rows have no data yet is left out.
   """
   rows = {r['name']: r for r in report['settings']}
   path = lambda name: f'{out}/{prefix}{name}.png'
@@ -211,7 +211,8 @@ def table1_figures(report, out, prefix='table1_'):
   metrics = (('fd', 'FD_toy (lower is better)', 1), ('class_accuracy', 'class accuracy % (higher is better)', 100))
   for key, label, scale in metrics:
     found = [(n, text, colour) for n, text, colour in DIAGNOSTIC_BARS if n in rows and rows[n][key] is not None]
-    if len(found) >= 2:
+    # baseline and sim_uc4 alone are already in the other figures: draw this one once a diagnostic row has data.
+    if len(found) >= 2 and any(n not in ('baseline', 'sim_uc4') for n, _, _ in found):
       bars = [{'label': text, 'value': scale * rows[n][key], 'colour': colour,
                'err': None if rows[n].get(f'{key}_sd') is None else scale * rows[n][f'{key}_sd']}
               for n, text, colour in found]

@@ -78,7 +78,7 @@ def test_figures_are_written_for_the_rows_that_have_data(tmp_path):
   paths = plots.table1_figures(report, str(tmp_path))
   names = sorted(os.path.basename(p) for p in paths)
   assert names == ['table1_fd_vs_group_size.png', 'table1_s_cross_per_layer.png', 'table1_s_cross_per_stage.png',
-                   'table1_s_cross_vs_fd.png', 'table1_share_histogram.png']  # no Table 2 rows: no bars
+                   'table1_s_cross_vs_fd.png', 'table1_share_histogram.png']  # no Table 2 or diagnostic rows: no bars
   for path in paths:
     assert os.path.getsize(path) > 0
 
@@ -90,3 +90,10 @@ def test_write_json_replaces_the_file_whole(tmp_path):
   with open(path) as f:
     assert json.load(f) == {'b': 2}
   assert os.listdir(tmp_path) == ['r.json']
+
+
+def test_diagnostic_bars_once_a_diagnostic_row_has_data(tmp_path):
+  runs = sweep_runs() + [run('baseline_cfg1', seed, 5.0 + seed, 0.8) for seed in range(3)]
+  report = table1_report.build_report(runs, {}, [], SETTINGS + ['baseline_cfg1'])
+  names = {os.path.basename(p) for p in plots.table1_figures(report, str(tmp_path))}
+  assert {'table1_diagnostics_fd.png', 'table1_diagnostics_class_accuracy.png'} <= names
