@@ -83,8 +83,8 @@ ROWS = (
     ('sit_xl_uc16_b1024_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
     ('sit_xl_f4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [F4, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_f4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [F4, NO_SAMPLER, SINGLES_ONLY]),
-    ('dit_xl_l4_b256_v5e256', 'configs/dit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER, SINGLES_ONLY]),
-    ('dit_xl_l4_b256_v5p256', 'configs/dit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b256_v5e256', 'configs/dit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # refused: 64 groups, 256 chips
+    ('dit_xl_l4_b256_v5p256', 'configs/dit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # refused: 64 groups, 128 chips
     ('sit_xl_f4_b1024_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [B1024, F4, NO_SAMPLER, SINGLES_ONLY]),
     ('dit_xl_l4_b1024_v5p64', 'configs/dit_xl.py', 'v5p:4x4x2', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_uc16_b1024_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
@@ -144,6 +144,12 @@ def _chip(report):
   return chip
 
 
+def _label(program, p):
+  """The program's name; GroupDiff-f's conditional step (kind 'singles', of conditional groups) says so."""
+  groups = {int(size) for _, size, conditional in p.get('kind', ()) if conditional == 'True' and int(size) > 1}
+  return program + ''.join(f' (cond. groups of {size})' for size in sorted(groups))
+
+
 def table(out_dir):
   """The markdown fit table, one line per compiled program, in ROWS order; refused and missing rows too."""
   lines = ['| row | topology | mesh (data, fsdp) | batch | remat | program | args GiB | temp GiB | peak GiB '
@@ -162,7 +168,7 @@ def table(out_dir):
     budget = (1 - report['headroom']) * chip['hbm_bytes']
     mesh = f"{report['mesh']['data']}, {report['mesh']['fsdp']}"
     for program, p in report['programs'].items():
-      head = f"| {name} | {where} | {mesh} | {report['batch_size']} | {report['remat']} | {program} |"
+      head = f"| {name} | {where} | {mesh} | {report['batch_size']} | {report['remat']} | {_label(program, p)} |"
       if 'compiler_refused' in p:
         lines.append(f"{head} | | | {chip['hbm_bytes'] / 2**30:.0f} | no: {p['compiler_refused']} | | | | "
                      f"{p['compile_seconds']:.0f} |")

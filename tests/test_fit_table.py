@@ -1,0 +1,44 @@
+"""benchmarks/fit_table.py's table from hand-made compile reports (no compiling)."""
+
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2**30
+
+
+def fit_table():
+  spec = importlib.util.spec_from_file_location('fit_table', os.path.join(ROOT, 'benchmarks', 'fit_table.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def report(kind, peak_gib):
+  program = {'memory_bytes_per_device': {'argument': 2 * GIB, 'temp': 1 * GIB, 'peak': peak_gib * GIB},
+             'collectives': {'all-reduce': {'count': 3, 'bytes': GIB // 2}}, 'compile_seconds': 12.0, 'kind': kind,
+             'estimated_step_seconds (compiler estimate)': 0.5, 'mfu (compiler estimate)': 0.25}
+  return {'topology': 'v5p:2x2x2', 'mesh': {'data': 8, 'fsdp': 1}, 'batch_size': 32, 'remat': 'none',
+          'headroom': 0.1, 'chip': {'hbm_bytes': 10 * GIB, 'bf16_flops': 1e12, 'devices_per_chip': 1},
+          'programs': {'train_step/singles': program}}
+
+
+def test_rows_label_conditional_groups_and_judge_the_fit_against_hbm_less_headroom(tmp_path, monkeypatch, capsys):
+  module = fit_table()
+  rows = (('f_row', 'c.py', 'v5p:2x2x2', 1, []), ('l_row', 'c.py', 'v5p:2x2x2', 1, []),
+          ('refused_row', 'c.py', 'v5p:2x2x2', 1, []), ('queued_row', 'c.py', 'v5p:2x2x2', 1, []))
+  monkeypatch.setattr(module, 'ROWS', rows)
+  for name, kind, peak in (('f_row', [['32', '4', 'True']], 8.5), ('l_row', [['32', '1', 'True']], 9.5)):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / 'compile_report.json').write_text(json.dumps(report(kind, peak)))
+  os.makedirs(tmp_path / 'refused_row')
+  (tmp_path / 'refused_row' / 'log.txt').write_text('noise\nError: 8 groups over 16 devices.\n')
+  module.table(str(tmp_path))
+  cells = [[c.strip() for c in line.strip('|').split('|')] for line in capsys.readouterr().out.splitlines()[2:]]
+  lines = {row[0]: row for row in cells}
+  assert lines['f_row'][5] == 'train_step/singles (cond. groups of 4)' and lines['f_row'][10] == 'yes'  # 8.5 <= 9
+  assert lines['l_row'][5] == 'train_step/singles' and lines['l_row'][10] == 'no'  # 9.5 > 0.9 x 10 GiB
+  assert lines['f_row'][8:15] == ['8.50', '10', 'yes', '3, 0.50', '0.500', '25%', '12']
+  assert lines['refused_row'][10:12] == ['no', 'Error: 8 groups over 16 devices.']
+  assert lines['queued_row'][10] == 'not compiled yet'
