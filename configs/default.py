@@ -55,6 +55,9 @@ def get_config():
   config.compile.topology = 'v5p:2x2x2'  # get_topology_desc names: v4:2x2x4, v5e:8x8, v5p:4x4x4, v6e:8x8
   config.compile.num_slices = 1  # > 1: multi-slice; mesh.dcn_data * mesh.dcn_fsdp must equal it
   config.compile.headroom = 0.1  # fits when the peak bytes per device <= (1 - headroom) * HBM
+  # refused before compiling when describe's estimate per device exceeds precheck_ratio x (1 - headroom) x HBM;
+  # 0 always compiles (the compiler's own verdict)
+  config.compile.precheck_ratio = 2.0
   config.compile.sampler = True  # also compile the sample job's sampling call (False: train steps only)
   config.compile.step_kinds = ''  # train step kinds to compile, e.g. 'singles' or 'singles,groups'; '' = all
   config.compile.workers = 0  # programs compiled side by side (0: one per CPU core); 1 saves host memory

@@ -12,6 +12,8 @@ train step of every step kind (train_step.make_jitted_train_step) and the
 sample job's sampling call (sample.make_sampler on one process's devices).
 Kernels are chosen for the target devices (group_attention.target_platform),
 so splash attention is a Mosaic kernel (`tpu_custom_call`).
+A config that describe's estimate puts far over HBM (`compile.precheck_ratio`)
+is refused before anything is lowered (precheck).
 
 Per program, DIR/compile_report.json holds: memory_analysis() bytes per
 device, the chip's HBM and a fit verdict with `compile.headroom`; describe's
@@ -256,6 +258,7 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
   arch = describe_lib.arch_from_config(config.model)
   shards = sharding.num_batch_shards(mesh)
   budget = (1.0 - cc.headroom) * chip['hbm_bytes']
+  precheck(config, estimate, budget, chip, mesh)
   report = {'topology': cc.topology, 'num_slices': cc.num_slices, 'devices': mesh.size, 'mesh': dict(mesh.shape),
             'device_kind': devices[0].device_kind, 'chip': dict(chip), 'headroom': cc.headroom,
             'attention_impl': config.model.attention_impl, 'remat': config.model.get('remat', 'none'),
@@ -432,12 +435,51 @@ def format_report(report):
   return '\n'.join(lines)
 
 
+def _advice(state_bytes, budget, mesh_shape, devices, remat):
+  """The changes that could make a step fit: fsdp when the state matters, remat when off, a smaller batch."""
+  advice = []
+  if mesh_shape.get(sharding.FSDP_AXIS, 1) < devices and state_bytes > 0.3 * budget:
+    advice.append('shard parameters/optimizer state over more devices (--config.mesh.fsdp=... with '
+                  '--config.mesh.data=-1)')
+  if remat == 'none':
+    advice.append('rematerialise activations (--config.model.remat=dots_saveable or full)')
+  advice.append('or a smaller global batch (--config.train.batch_size)')
+  return advice
+
+
+def precheck(config, estimate, budget, chip, mesh):
+  """ConfigError, before anything is lowered, when describe's estimate is far over the budget.
+
+  Far: over compile.precheck_ratio x budget for some step kind (0 turns the
+  check off). Across the fit table's compiled steps describe's estimate was
+  0.74-1.13x the compiler's peak, so a 2x margin refuses only configs that
+  cannot fit; closer calls go to the compiler.
+  """
+  ratio = config.compile.get('precheck_ratio', 2.0)
+  if not ratio:
+    return
+  memory = estimate['memory_bytes_per_device']
+  state = sum(v for k, v in memory.items() if k not in ('total', 'activations (largest kind)'))
+  name, kind = max(estimate['kinds'].items(), key=lambda item: item[1]['activation_bytes_per_device'])
+  activations = kind['activation_bytes_per_device']
+  if state + activations <= ratio * budget:
+    return
+  cc, remat = config.compile, config.model.get('remat', 'none')
+  advice = _advice(state, budget, dict(mesh.shape), mesh.size, remat)
+  raise errors.ConfigError(
+      f'{config.model.variant} at train.batch_size={config.train.batch_size} on {mesh.size} devices of '
+      f'{cc.topology} (mesh {dict(mesh.shape)}, remat={remat}): describe estimates {_gib(state + activations)} per '
+      f'device for train_step/{name} (state {_gib(state)}, activations {_gib(activations)} for '
+      f'{kind["per_device_images"]} images per device), over {ratio:g}x the {_gib(budget)} a device has with '
+      f'{cc.headroom:.0%} headroom ({_gib(chip["hbm_bytes"])} HBM): not compiled. To fit: ' +
+      '; '.join(advice) + ' (--config.compile.precheck_ratio=0 compiles it anyway).')
+
+
 def fit_advice(report):
   """What would make a config that does not fit fit, from the report."""
   budget = (1 - report['headroom']) * report['chip']['hbm_bytes']
   refused = [(name, p) for name, p in report['programs'].items() if 'compiler_refused' in p]
   compiled = [(name, p) for name, p in report['programs'].items() if 'compiler_refused' not in p]
-  advice = []
   if refused:
     name, p = refused[0]
     need = f'{name} was refused by the TPU compiler ({p["compiler_refused"]})'
@@ -450,12 +492,7 @@ def fit_advice(report):
     need = (f'{name} needs {_gib(m["peak"])} per device (arguments {_gib(m["argument"])}, temporaries '
             f'{_gib(m["temp"])})')
     argument = m['argument']
-  if report['mesh'].get(sharding.FSDP_AXIS, 1) < report['devices'] and argument > 0.3 * budget:
-    advice.append('shard parameters/optimizer state over more devices (--config.mesh.fsdp=... with '
-                  '--config.mesh.data=-1)')
-  if report['remat'] == 'none':
-    advice.append('rematerialise activations (--config.model.remat=dots_saveable or full)')
-  advice.append('or a smaller global batch (--config.train.batch_size)')
+  advice = _advice(argument, budget, report['mesh'], report['devices'], report['remat'])
   return (f'{need} but a {report["topology"]} chip has {_gib(report["chip"]["hbm_bytes"])} HBM '
           f'({_gib(budget)} with {report["headroom"]:.0%} headroom); ' + '; '.join(advice) + '.')
 

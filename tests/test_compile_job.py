@@ -2,13 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from configs import digits
-from groupdiff_jax import compile_job, errors
+from configs import digits, sit_xl
+from groupdiff_jax import compile_job, describe, errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +92,7 @@ def test_a_4096_image_batch_does_not_fit_v5e_2x2_and_says_by_how_much(tmp_path):
   config.model.num_heads = 6
   config.compile.step_kinds = 'groups'  # the largest program alone: one compile instead of three
   config.compile.sampler = False
+  config.compile.precheck_ratio = 0.0  # the compiler's verdict, not describe's precheck
   # Refused by the TPU compiler itself (temporaries over the chip's HBM) or by the headroom verdict: either
   # way one ConfigError with the per-device bytes, the HBM and what to change.
   with pytest.raises(errors.ConfigError, match=r'does not fit.*\d+\.\d+G.*HBM') as info:
@@ -106,6 +108,43 @@ def test_a_4096_image_batch_does_not_fit_v5e_2x2_and_says_by_how_much(tmp_path):
   budget = (1 - report['headroom']) * report['chip']['hbm_bytes']
   state_matters = 'compiler_refused' in program or program['memory_bytes_per_device']['argument'] > 0.3 * budget
   assert ('--config.mesh.fsdp' in str(info.value)) == state_matters
+
+
+def test_sit_xl_far_over_hbm_is_refused_from_describe_before_anything_is_compiled(monkeypatch, tmp_path):
+  def no_compile(*args, **kwargs):
+    raise AssertionError('compiled although describe put it far over HBM')
+
+  monkeypatch.setattr(compile_job, 'compile_all', no_compile)
+  config = sit_xl.get_config()
+  config.compile.topology = 'v5e:2x2'
+  config.train.batch_size = 4096
+  with pytest.raises(errors.ConfigError) as info:
+    compile_job.run(config, str(tmp_path), log=lambda _: None)
+  message = str(info.value)
+  # 4096 images over 4 devices; a v5e device has 16 GiB, 14.40 GiB of it with the default 10% headroom.
+  assert 'train.batch_size=4096 on 4 devices' in message and 'for 1024 images per device' in message
+  assert '14.40G' in message and '16.00G HBM' in message and 'not compiled' in message
+  estimate = float(re.search(r'estimates (\d+\.\d+)G per device', message).group(1))
+  assert estimate > 2 * 14.40
+  assert 'remat' in message and 'train.batch_size)' in message and 'precheck_ratio=0' in message
+  assert not (tmp_path / 'compile_report.json').exists()
+
+
+def test_the_precheck_lets_the_official_recipe_through_to_the_compiler():
+  # SiT-XL/2 at batch 256 on v5p:2x2x2 fits (the fit table's compiled rows): the precheck must not refuse it.
+  config = sit_xl.get_config()
+  config.compile.topology = 'v5p:2x2x2'
+  devices = compile_job.abstract_devices(config.compile.topology)
+  chip = compile_job.per_device(compile_job.CHIPS['v5p'], devices)
+  mesh = compile_job.target_mesh(config, devices, 1)
+  estimate = describe.describe(config, mesh=mesh, cost_analysis=False)
+  compile_job.precheck(config, estimate, 0.9 * chip['hbm_bytes'], chip, mesh)
+  # The same estimate against a budget under half of it is refused, and ratio 0 turns the check off.
+  total = estimate['memory_bytes_per_device']['total']
+  with pytest.raises(errors.ConfigError, match='not compiled'):
+    compile_job.precheck(config, estimate, 0.49 * total, chip, mesh)
+  config.compile.precheck_ratio = 0.0
+  compile_job.precheck(config, estimate, 0.49 * total, chip, mesh)
 
 
 def test_fit_advice_names_the_bytes_and_the_remedies():
