@@ -98,13 +98,40 @@ def make_mesh(mesh_config=None, devices=None):
                                                 process_is_granule=devices[0].platform != 'tpu')
     return Mesh(grid, MESH_AXES)
   shape = mesh_shape(len(devices), get('data', -1), get('fsdp', 1))
-  try:
-    grid = mesh_utils.create_device_mesh(shape, devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    # No topology-aware layout for these devices (e.g. forced CPU devices):
-    # plain row-major order.
-    grid = np.asarray(devices).reshape(shape)
+  grid = None
+  if _has_chip_layout(devices):
+    try:
+      grid = mesh_utils.create_device_mesh(shape, devices)
+    except NotImplementedError:
+      # The (data, fsdp) sizes are not products of the physical axes (fsdp=4 on an 8x8 slice).
+      pass
+  if grid is None:
+    grid = np.asarray(devices).reshape(shape)  # row-major: the order the devices are listed in
   return Mesh(grid, MESH_AXES)
+
+
+# Kinds whose chips jax's mesh_utils lays out with several devices (cores) each; on the others it asks
+# for one device per chip ("megacore").
+_MULTI_CORE_LAYOUT_KINDS = ('TPU v2', 'TPU v3', 'TPU v5p', 'TPU7x', 'TPU7', 'TPU8i')
+
+
+def _has_chip_layout(devices):
+  """Whether mesh_utils.create_device_mesh can place `devices` by their chips' coordinates.
+
+  Not TPU: always (it keeps their order). TPU: only when the chips fill a
+  cuboid (not, e.g., the first 3 of a host's 4 chips: sample_job.local_mesh)
+  and each chip shows one device, or several on a kind laid out by core
+  (abstract v4 topologies list both TensorCores of a chip); else jax raises
+  an AssertionError and the devices keep row-major order.
+  """
+  if devices[0].platform != 'tpu':
+    return True
+  chips = {tuple(d.coords) for d in devices}
+  box = math.prod(max(c[i] for c in chips) - min(c[i] for c in chips) + 1 for i in range(3))
+  cores = len(devices) // len(chips)
+  if box != len(chips) or cores * len(chips) != len(devices):
+    return False
+  return cores == 1 or devices[0].device_kind in _MULTI_CORE_LAYOUT_KINDS
 
 
 def replicated(mesh):

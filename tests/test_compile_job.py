@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from jax.experimental import mesh_utils
 
 from configs import digits, sit_xl
-from groupdiff_jax import compile_job, describe, errors
+from groupdiff_jax import compile_job, describe, errors, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,3 +224,17 @@ def test_a_v4_chip_shows_as_two_devices_that_share_its_hbm_and_peak():
   assert chip == {'hbm_bytes': 16 * 2**30, 'bf16_flops': 137.5e12, 'devices_per_chip': 2}
   v5e = compile_job.abstract_devices('v5e:2x2')
   assert compile_job.per_device(compile_job.CHIPS['v5e'], v5e)['hbm_bytes'] == 16 * 2**30
+
+
+def test_meshes_follow_the_chips_where_jax_can_lay_them_out_and_keep_the_listed_order_elsewhere():
+  def ids(mesh):
+    return [d.id for d in mesh.devices.flat]
+
+  v5p = compile_job.abstract_devices('v5p:2x2x2')  # a 2x2x2 cuboid, one device per chip: jax's torus layout
+  torus = [d.id for d in mesh_utils.create_device_mesh((4, 2), v5p).flat]
+  assert ids(sharding.make_mesh({'data': 4, 'fsdp': 2}, v5p)) == torus != [d.id for d in v5p]
+  # Listed (row-major) order where jax cannot lay them out: both TensorCores of a v4 chip listed as devices,
+  # 3 of 4 chips (no cuboid), fsdp=4 on an 8x8 slice (4 is no product of the physical axes 8, 8).
+  for devices, fsdp in [(compile_job.abstract_devices('v4:2x2x2'), 2), (compile_job.abstract_devices('v5e:2x2')[:3], 1),
+                        (compile_job.abstract_devices('v5e:8x8'), 4)]:
+    assert ids(sharding.make_mesh({'data': -1, 'fsdp': fsdp}, devices)) == [d.id for d in devices]
