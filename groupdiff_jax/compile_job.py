@@ -459,11 +459,11 @@ def precheck(config, estimate, budget, chip, mesh):
   if not ratio:
     return
   memory = estimate['memory_bytes_per_device']
-  state = sum(v for k, v in memory.items() if k not in ('total', 'activations (largest kind)'))
-  name, kind = max(estimate['kinds'].items(), key=lambda item: item[1]['activation_bytes_per_device'])
-  activations = kind['activation_bytes_per_device']
-  if state + activations <= ratio * budget:
+  if memory['total'] <= ratio * budget:  # total: the state + the largest step kind's activations
     return
+  activations = memory['activations (largest kind)']
+  state = memory['total'] - activations
+  name, kind = max(estimate['kinds'].items(), key=lambda item: item[1]['activation_bytes_per_device'])
   cc, remat = config.compile, config.model.get('remat', 'none')
   advice = _advice(state, budget, dict(mesh.shape), mesh.size, remat)
   raise errors.ConfigError(
