@@ -118,7 +118,7 @@ _MULTI_CORE_LAYOUT_KINDS = ('TPU v2', 'TPU v3', 'TPU v5p', 'TPU7x', 'TPU7', 'TPU
 def _has_chip_layout(devices):
   """Whether mesh_utils.create_device_mesh can place `devices` by their chips' coordinates.
 
-  Not TPU: always (it keeps their order). TPU: only when the chips fill a
+  Not TPU: always (CPU devices keep their order, GPUs are sorted by id). TPU: only when the chips fill a
   cuboid (not, e.g., the first 3 of a host's 4 chips: sample_job.local_mesh)
   and each chip shows one device, or several on a kind laid out by core
   (abstract v4 topologies list both TensorCores of a chip); else jax raises
