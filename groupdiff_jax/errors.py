@@ -20,6 +20,11 @@ EXIT_USER_ERROR = 2  # bad input (config, data, weights, workdir): fix what the 
 EXIT_PREEMPTED = 75
 
 
+class StorageUnavailable(Exception):
+  """Storage (a bucket, a network disk) stayed unreachable through the retries: not the user's mistake and not
+  corruption; `run_main` exits EXIT_PREEMPTED so that the launchers requeue the run."""
+
+
 class UserError(Exception):
   """A mistake in what the user gave us; the message is the whole report."""
 
@@ -44,8 +49,8 @@ def read_json_object(path, error, what_to_do):
   """The JSON object (dict) in `path`; an unreadable file or another JSON type raises `error` naming the file
   and ending in `what_to_do`."""
   try:
-    with open(path) as f:
-      value = json.load(f)
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    value = json.loads(epath.Path(path).read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise error(f'{path}: not a readable JSON file ({e}); {what_to_do}') from e
   if not isinstance(value, dict):
@@ -72,7 +77,8 @@ def _parse_flags(argv):
 
 
 def run_main(main):
-  """`absl.app.run(main)` for a command-line entry point: a UserError is one message and exit 2.
+  """`absl.app.run(main)` for a command-line entry point: a UserError is one message and exit 2, storage that
+  stayed unreachable (StorageUnavailable) one message and exit 75.
 
   Flag errors (an unknown `--config.<key>`, a value of the wrong type, a
   missing required flag) end the same way, before `main` runs. Any other
@@ -89,5 +95,9 @@ def run_main(main):
       logging.shutdown()
       print(f'Error: {error}', file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
+    except StorageUnavailable as error:
+      logging.shutdown()
+      print(f'Error: {error}', file=sys.stderr)
+      sys.exit(EXIT_PREEMPTED)
 
   app.run(guarded, flags_parser=_parse_flags)

@@ -9,7 +9,6 @@ groups), the uint8 conversion and the PNG grid.
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from groupdiff_jax import diffusion as gd
 from groupdiff_jax import errors
@@ -189,6 +188,7 @@ def grid_array(images, images_per_row, scale=4):
 
 def save_grid(images, images_per_row, path, scale=4):
   """Write uint8 [B, H, W, C] as a PNG grid whose rows hold `images_per_row`, upscaled `scale` times."""
+  from groupdiff_jax import storage  # pylint: disable=g-import-not-at-top
   grid = grid_array(images, images_per_row, scale)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  storage.save_png(path, grid[..., 0] if grid.shape[-1] == 1 else grid)
   return path

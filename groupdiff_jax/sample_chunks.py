@@ -6,17 +6,15 @@ missing, truncated, corrupt or stale ones before it generates anything.
 """
 
 import dataclasses
-import glob
 import json
 import logging
-import os
-import shutil
 import time
 import zipfile
 
 import numpy as np
+from etils import epath
 
-from groupdiff_jax import errors
+from groupdiff_jax import errors, storage
 
 SAMPLES_DIR = 'samples'
 JOB_FILE = 'job.json'
@@ -71,7 +69,7 @@ def plan_from_config(config):
 
 
 def chunk_path(samples_dir, chunk):
-  return os.path.join(samples_dir, f'chunk_{chunk:06d}.npz')
+  return str(epath.Path(samples_dir) / f'chunk_{chunk:06d}.npz')
 
 
 class SamplesDirError(errors.DataError, RuntimeError):
@@ -79,13 +77,8 @@ class SamplesDirError(errors.DataError, RuntimeError):
 
 
 def write_atomically(path, write):
-  """write(file object) into path + '.tmp', then rename it onto path."""
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """write(file object) into path + '.tmp', then rename it onto path (in a bucket: one object upload)."""
+  storage.write_atomically(path, write)
 
 
 def write_json(path, record):
@@ -94,12 +87,13 @@ def write_json(path, record):
 
 def read_chunk(path, plan, chunk, need_s_cross=False):
   """The arrays of a complete chunk file, or None (missing, truncated, corrupt or not this chunk's)."""
-  if not os.path.exists(path):
+  if not storage.retry(epath.Path(path).exists, path):
     return None
   try:
-    with np.load(path) as data:
-      arrays = {name: data[name] for name in data.files}
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    arrays = storage.retry(lambda: _load_npz(path), path)
+  except errors.StorageUnavailable:
+    raise
+  except Exception as error:  # OSError, ValueError, EOFError, BadZipFile; tf.errors.* for a bucket object
     logging.warning('Chunk file %s is unreadable (%s); generating it again.', path, error)
     return None
   count = plan.num_chunk_images(chunk)
@@ -111,6 +105,11 @@ def read_chunk(path, plan, chunk, need_s_cross=False):
   if 'nfe' not in arrays or (need_s_cross and 's_cross_mass' not in arrays):
     return None
   return arrays
+
+
+def _load_npz(path):
+  with epath.Path(path).open('rb') as f, np.load(f) as data:
+    return {name: data[name] for name in data.files}
 
 
 def valid_chunk(samples_dir, plan, chunk, need_s_cross=False):
@@ -132,9 +131,10 @@ def job_record(config, step):
 
 def prepare_directory(samples_dir, record):
   """Process 0: create samples_dir, or move it aside if its chunks come from other settings."""
-  job_path = os.path.join(samples_dir, JOB_FILE)
+  samples_dir = epath.Path(samples_dir)
+  job_path = samples_dir / JOB_FILE
   previous = None
-  if os.path.exists(job_path):
+  if job_path.exists():
     try:
       previous = errors.read_json_object(job_path, SamplesDirError, 'its chunks are treated as stale.')
     except SamplesDirError as e:  # e.g. cut short by a crash: not the user's to fix, the chunks are redone
@@ -147,17 +147,16 @@ def prepare_directory(samples_dir, record):
                      if previous.get(section, {}).get(k) != record[section].get(k))
     changed += [k for k in ('seed', 'checkpoint_step') if previous.get(k) != record[k]]
     _move_aside(samples_dir, f'samples of other settings ({", ".join(changed)})')
-  elif os.path.exists(job_path) or (os.path.isdir(samples_dir) and
-                                    glob.glob(os.path.join(samples_dir, 'chunk_*.npz'))):
+  elif job_path.exists() or (samples_dir.is_dir() and list(samples_dir.glob('chunk_*.npz'))):
     _move_aside(samples_dir, f'chunks without a readable {JOB_FILE}')
-  os.makedirs(samples_dir, exist_ok=True)
+  samples_dir.mkdir(parents=True, exist_ok=True)
   write_json(job_path, record)
 
 
 def _move_aside(samples_dir, what):
   aside = f'{samples_dir}_stale_{time.strftime("%Y%m%d-%H%M%S")}'
   logging.warning('%s holds %s; moved it to %s.', samples_dir, what, aside)
-  shutil.move(samples_dir, aside)
+  storage.move_tree(samples_dir, aside)
 
 
 def _zip_entry(name):
@@ -168,7 +167,7 @@ def _zip_entry(name):
 
 def samples_path(samples_dir, num_images, image_side):
   """<samples_dir>/samples_<N>x<H>x<W>x3.npz, the ADM sample batch."""
-  return os.path.join(samples_dir, f'samples_{num_images}x{image_side}x{image_side}x3.npz')
+  return str(epath.Path(samples_dir) / f'samples_{num_images}x{image_side}x{image_side}x3.npz')
 
 
 def assemble(samples_dir, plan, image_side):

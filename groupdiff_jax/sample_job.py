@@ -30,7 +30,7 @@ Files in <workdir>/samples/:
                          settings are moved aside to samples_stale_<time>/
   chunk_000123.npz       images uint8 [n, H, W, C], labels int32 [n], nfe
                          (and S_cross masses), written atomically (tmp file +
-                         os.replace); a rerun skips valid chunks and
+                         a rename; one object upload in a bucket); a rerun skips valid chunks and
                          regenerates missing, truncated or corrupt ones
   samples_<N>x<H>x<W>x3.npz  process 0, once every chunk exists: the ADM
                          sample batch, arr_0 uint8 [N, H, W, 3] (greyscale
@@ -49,20 +49,18 @@ Latent models (model.in_channels = 4) are decoded with the SD-VAE of
 """
 
 import functools
-import glob
 import json
 import logging
 import math
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
-from groupdiff_jax import checkpoint, convert, errors, sample, sample_chunks, sharding
+from groupdiff_jax import checkpoint, convert, errors, sample, sample_chunks, sharding, storage
 from groupdiff_jax.data.progress import Progress
 from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.encoders import vae_weights
@@ -99,7 +97,7 @@ def check_config(config):
           f'model.in_channels={config.model.in_channels}: this model samples SD-VAE latents, which the sample job '
           'decodes to images. Set --config.sample.vae_path=/path/to/diffusion_pytorch_model.safetensors, '
           f'from {VAE_SOURCE}.')
-    if not os.path.exists(path):
+    if not storage.retry(epath.Path(path).exists, path):
       raise errors.MissingInputError(f'sample.vae_path={path} does not exist; get the file from {VAE_SOURCE} and '
                                      'pass its path as --config.sample.vae_path=PATH.')
   if config.sample.get('s_cross', False):
@@ -226,7 +224,7 @@ def settings_record(config, plan, step, nfes, mesh):
       'model': {'variant': m.variant, 'objective': m.get('objective', 'sit'), 'path': m.get('path', 'linear'),
                 'prediction': m.get('prediction', 'velocity'), 'learn_sigma': m.learn_sigma,
                 'max_group_size': m.max_group_size, 'in_channels': m.in_channels, 'input_size': m.input_size},
-      'vae': ({'path': os.path.abspath(s.vae_path), 'dtype': 'float32',
+      'vae': ({'path': str(storage.path(s.vae_path)), 'dtype': 'float32',
                'scaling_factor': vae_lib.SD_VAE_CONFIG.scaling_factor} if latent else None),
       'processes': jax.process_count(), 'devices': jax.device_count(),
       'devices_per_process_used': mesh.size, 'platform': jax.default_backend(),
@@ -273,7 +271,7 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   checkpoint.check_param_tree(checkpoint.flat_params(params), checkpoint.flat_params(expected_params(model, config)),
                               f'The checkpoint of step {step} in {workdir}')
   plan = sample_chunks.plan_from_config(config)
-  samples_dir = os.path.join(workdir, sample_chunks.SAMPLES_DIR)
+  samples_dir = str(storage.path(workdir) / sample_chunks.SAMPLES_DIR)
   chunk_file = functools.partial(sample_chunks.chunk_path, samples_dir)
   if main_process:
     sample_chunks.prepare_directory(samples_dir, sample_chunks.job_record(config, step))
@@ -296,8 +294,9 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
 
   mine = plan.chunks_of_process(process_index, process_count)
   for chunk in mine:
-    if os.path.exists(chunk_file(chunk) + '.tmp'):
-      os.remove(chunk_file(chunk) + '.tmp')  # a write that was interrupted
+    leftover = epath.Path(chunk_file(chunk) + '.tmp')
+    if leftover.exists():
+      leftover.unlink()  # a write that was interrupted
   todo = [c for c in mine if sample_chunks.read_chunk(chunk_file(c), plan, c, needs_s_cross(c)) is None]
   done_images = sum(plan.num_chunk_images(c) for c in mine if c not in todo)
   say(f'{plan.num_images} images: {plan.num_groups} groups of {plan.images_per_group}, {plan.num_chunks} chunks '
@@ -337,31 +336,33 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   if not main_process:
     return None
 
-  missing = [c for c in range(plan.num_chunks) if not os.path.exists(chunk_file(c))]
+  missing = [c for c in range(plan.num_chunks) if not storage.retry(epath.Path(chunk_file(c)).exists, chunk_file(c))]
   if missing:
     say(f'{len(missing)} of {plan.num_chunks} chunks still to generate (first: {chunk_file(missing[0])}); '
         'rerun the same command to continue.')
     return None
   path = sample_chunks.samples_path(samples_dir, plan.num_images, image_side)
-  newest_chunk = max(os.path.getmtime(chunk_file(c)) for c in range(plan.num_chunks))
-  if os.path.exists(path) and os.path.getmtime(path) >= newest_chunk:
+  mtime = lambda file: storage.retry(epath.Path(file).stat, file).mtime
+  newest_chunk = max(mtime(chunk_file(c)) for c in range(plan.num_chunks))
+  if epath.Path(path).exists() and mtime(path) >= newest_chunk:
     say(f'{path} holds every chunk already.')
   else:
     sample_chunks.assemble(samples_dir, plan, image_side)
   grid = sample.save_grid(sample_chunks.first_groups(samples_dir, plan, config.sample.grid_groups),
-                          plan.images_per_group, os.path.join(samples_dir, GRID_FILE),
+                          plan.images_per_group, str(epath.Path(samples_dir) / GRID_FILE),
                           scale=sample.grid_scale(image_side))
-  shutil.copyfile(grid, os.path.join(workdir, GRID_FILE))
+  workdir_grid = storage.path(workdir) / GRID_FILE
+  storage.retry(lambda: epath.Path(grid).copy(workdir_grid, overwrite=True), workdir_grid)
   settings = settings_record(config, plan, step, sample_chunks.chunk_nfes(samples_dir, plan), mesh)
-  sample_chunks.write_json(os.path.join(samples_dir, SETTINGS_FILE), settings)
+  sample_chunks.write_json(epath.Path(samples_dir) / SETTINGS_FILE, settings)
   if measure:
     report = s_cross_sampling.s_cross_report(*sample_chunks.gather_s_cross(samples_dir, plan, config.sample),
                                              config.sample)
-    sample_chunks.write_json(os.path.join(samples_dir, S_CROSS_FILE), report)
+    sample_chunks.write_json(epath.Path(samples_dir) / S_CROSS_FILE, report)
     say(f'S_cross ({report["branch"]} branch, {report["num_groups"]} groups): {report["mean_percent"]}% -> '
-        f'{os.path.join(samples_dir, S_CROSS_FILE)}')
-  say(f'Samples for the evaluator: {os.path.abspath(path)}')
-  say(f'Sample grid (each row one jointly generated group): {os.path.abspath(os.path.join(workdir, GRID_FILE))}')
+        f'{epath.Path(samples_dir) / S_CROSS_FILE}')
+  say(f'Samples for the evaluator: {path}')
+  say(f'Sample grid (each row one jointly generated group): {workdir_grid}')
   return path
 
 
@@ -380,8 +381,8 @@ def evaluate_samples(config, workdir, log=print):
     needed.append(f'--config.eval.inception_graph=/path/classify_image_graph_def.pb ({inception.INCEPTION_URL})')
   if needed:
     raise errors.ConfigError('--mode=eval needs ' + ' and '.join(needed) + '.')
-  samples_dir = os.path.join(workdir, sample_chunks.SAMPLES_DIR)
-  found = sorted(glob.glob(os.path.join(samples_dir, 'samples_*.npz')))
+  samples_dir = storage.path(workdir) / sample_chunks.SAMPLES_DIR
+  found = sorted(str(p) for p in samples_dir.glob('samples_*.npz'))
   if not found:
     raise errors.MissingInputError(f'No samples_*.npz in {samples_dir}: run --mode=sample with the same config '
                                    'and workdir first.')

@@ -2,14 +2,14 @@
 
 import inspect
 import logging
-import os
 import time
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from groupdiff_jax import checkpoint, convert, errors, preemption, sharding, step_plan, train_monitor, validation
+from groupdiff_jax import checkpoint, convert, errors, preemption, sharding, step_plan, storage, train_monitor
+from groupdiff_jax import validation
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
@@ -43,6 +43,9 @@ LATENT_HELP = """Produce them with the data jobs (README, "ImageNet data (latent
   python -m groupdiff_jax.data.embeddings_job --encoder=dinov2_l14 --weights=.../dinov2-large --output_dir=EMB_DIR
   python -m groupdiff_jax.data.neighbors_job --embeddings_dir=EMB_DIR --output_dir={neighbors_dir} --k=100
 then pass --config.data.latent_dir=... --config.data.neighbors_dir=..."""
+LOCAL_HELP = ('the latent store and neighbour lists are memory-mapped. Copy them to the same local path on every '
+              'host first, e.g. `gcloud storage cp -r gs://BUCKET/latents /data/` (launch/tpu_pod.sh does it with '
+              'LATENTS_URI=... LOCAL_LATENTS=...), and pass that local path.')
 
 
 def check_data(config):
@@ -51,11 +54,13 @@ def check_data(config):
     return
   data = config.data
   latent_dir, neighbors_dir = data.get('latent_dir', ''), data.get('neighbors_dir', '')
-  missing = [os.path.join(latent_dir, f) for f in ('latents.npy', 'labels.npy')
-             if not os.path.exists(os.path.join(latent_dir, f))]
+  for field, value in (('config.data.latent_dir', latent_dir), ('config.data.neighbors_dir', neighbors_dir)):
+    storage.require_local(value, field, LOCAL_HELP)
+  missing = [str(storage.path(latent_dir) / f) for f in ('latents.npy', 'labels.npy')
+             if not (storage.path(latent_dir) / f).exists()]
   if data.get('grouping', 'official_plan') in ('official_plan', 'tau_random'):
-    path = os.path.join(neighbors_dir, 'neighbors.npy')
-    missing += [] if os.path.exists(path) else [path]
+    path = storage.path(neighbors_dir) / 'neighbors.npy'
+    missing += [] if path.exists() else [str(path)]
   if missing:
     raise errors.MissingInputError(f'config.data.name={data.name!r} needs the ImageNet latent store and neighbour lists: '
                             f'{", ".join(missing)} not found.\n'
@@ -178,7 +183,7 @@ def train_and_evaluate(config, workdir):
   manager.wait_until_finished()
   writer.flush()
   if is_main:
-    print(f'Metrics (TensorBoard): {os.path.abspath(workdir)}\nCheckpoints: {manager.directory}')
+    print(f'Metrics (TensorBoard): {storage.path(workdir)}\nCheckpoints: {manager.directory}')
   return state
 
 

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-from groupdiff_jax import errors, sample, sample_chunks, sample_job, sharding, step_plan
+from groupdiff_jax import errors, sample, sample_chunks, sample_job, sharding, step_plan, storage
 
 PROGRESS_DIR = 'progress'
 EVAL_DIR = 'eval'
@@ -76,7 +76,7 @@ def config_lines(config):
 
 def save_config(config, workdir):
   """<workdir>/config.json (written atomically)."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = storage.path(workdir) / CONFIG_FILE
   sample_chunks.write_json(path, json.loads(json.dumps(config.to_dict(), default=str)))
   return path
 
@@ -294,8 +294,7 @@ class TrainMonitor:
     per_row = self.config.sample.images_per_group
     scale = sample.grid_scale(images.shape[1])
     grid = sample.grid_array(images, per_row, scale)  # [H', W', C]
-    os.makedirs(os.path.join(self.workdir, PROGRESS_DIR), exist_ok=True)
-    path = sample.save_grid(images, per_row, os.path.join(self.workdir, PROGRESS_DIR, f'step_{step}.png'), scale)
+    path = sample.save_grid(images, per_row, storage.path(self.workdir) / PROGRESS_DIR / f'step_{step}.png', scale)
     self.writer.write_images(step, {'samples': grid[None]})
     self.log('Step %d: sample grid %s.', step, path)
 

@@ -9,10 +9,9 @@ config keys are refused by ml_collections itself (`--config.train.x=`
 fails while parsing the flags, naming the key).
 """
 
-import os
-import tempfile
+import uuid
 
-from groupdiff_jax import errors, sharding, step_plan
+from groupdiff_jax import errors, sharding, step_plan, storage
 
 
 class WorkdirError(errors.UserError, PermissionError):
@@ -20,15 +19,29 @@ class WorkdirError(errors.UserError, PermissionError):
 
 
 def check_workdir_writable(workdir):
-  """Create `workdir` if needed and write (then remove) a file in it."""
-  path = os.path.abspath(workdir)
+  """Create `workdir` if needed (a local folder or a bucket prefix) and write (then remove) a file in it.
+
+  Transient storage faults are retried (storage.retry); a folder it had to create is removed again when the
+  check fails, so that a refused command leaves nothing behind.
+  """
+  path = storage.path(workdir)
+  created = not storage.retry(path.exists, path)
+  probe = path / f'.write_test_{uuid.uuid4().hex}'
   try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test_'):
-      pass
-  except OSError as error:
-    raise WorkdirError(f'--workdir={path} is not a writable directory ({error.strerror or error}); choose '
-                          f'another --workdir or fix its permissions.') from error
+    storage.retry(lambda: path.mkdir(parents=True, exist_ok=True), path)
+    storage.retry(lambda: probe.write_bytes(b''), probe)
+    storage.retry(probe.unlink, probe)
+  except errors.StorageUnavailable:
+    raise
+  except Exception as error:  # OSError locally; tf.errors.* (PermissionDenied...) for a bucket
+    if created and not storage.is_remote(path):
+      try:
+        path.rmdir()
+      except OSError:
+        pass
+    reason = getattr(error, 'strerror', None) or storage.first_line(error)
+    raise WorkdirError(f'--workdir={path} is not a writable directory ({reason}); choose '
+                       f'another --workdir or fix its permissions.') from error
 
 
 def check_group_size(config):
