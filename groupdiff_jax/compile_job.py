@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from groupdiff_jax import describe as describe_lib
-from groupdiff_jax import errors, sample, sample_job, sharding, step_plan
+from groupdiff_jax import errors, sample, sample_job, sharding, step_plan, storage
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
@@ -500,11 +500,9 @@ def fit_advice(report):
 def run(config, workdir, log=print):
   """The job: compile, write DIR/compile_report.json, print the table; ConfigError if it does not fit."""
   report = compile_report(config, log, include_sampler=config.compile.get('sampler', True), keep_going=True)
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'compile_report.json')
-  with open(path + '.tmp', 'w') as f:  # a cut-short write never looks like a report (fit_table skips reports)
-    json.dump(report, f, indent=1)
-  os.replace(path + '.tmp', path)
+  path = storage.path(workdir) / 'compile_report.json'
+  # Atomic: a cut-short write never looks like a report (fit_table skips reports).
+  storage.write_atomically(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
   log(format_report(report))
   log(f'Report: {path}')
   if not report['fits']:

@@ -183,6 +183,7 @@ def write_atomically(target, write):
         write(_Stream(f))
     retry(upload, target)
     return
+  target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / (target.name + '.tmp')
   with tmp.open('wb') as f:
     write(f)

@@ -22,13 +22,13 @@ prepare it and exits.
 """
 
 import functools
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 from groupdiff_jax import errors
 from groupdiff_jax.data import latent_store, shards, tfds_source
@@ -165,7 +165,7 @@ def define_flags():
 def main(argv):
   del argv
   from groupdiff_jax.encoders import vae_weights
-  if not FLAGS.vae_path or not os.path.exists(FLAGS.vae_path):
+  if not FLAGS.vae_path or not epath.Path(FLAGS.vae_path).exists():
     raise errors.UserError(f'extract_latents_job: --vae_path={FLAGS.vae_path!r} does not exist. Download it with\n  '
                      f'huggingface-cli download stabilityai/sd-vae-ft-ema diffusion_pytorch_model.safetensors '
                      f'--local-dir /weights/sd-vae-ft-ema')

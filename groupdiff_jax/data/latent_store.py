@@ -12,19 +12,21 @@ Neighbour lists (one directory):
   scores.npy     float16 [M, K] cosine similarities
   meta.json      tau, K, index parameters, measured recall
 
-Arrays are memory-mapped for reading. NumPy writes bfloat16 (ml_dtypes) as
+Arrays are memory-mapped for reading, so the readers need a local copy (a
+gs:// directory is refused with how to copy it to each host); the writers
+write to any path (storage.py: a local folder or a bucket). NumPy writes bfloat16 (ml_dtypes) as
 the opaque type '<V2'; reading views it back as bfloat16. Every check fails
 with a message that names the file, the value found and what to do.
 """
 
 import hashlib
 import json
-import os
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
-from groupdiff_jax import errors
+from groupdiff_jax import errors, storage
 
 LATENTS, LABELS, META = 'latents.npy', 'labels.npy', 'meta.json'
 NEIGHBORS, SCORES = 'neighbors.npy', 'scores.npy'
@@ -46,8 +48,13 @@ def _as_bfloat16(array):
   return array.view(ml_dtypes.bfloat16) if array.dtype == np.dtype('V2') else array
 
 
+COPY_HOW = ('copy it to the same local path on every host first (e.g. `gcloud storage cp -r gs://BUCKET/DIR /data/`; '
+            'launch/tpu_pod.sh does it with LATENTS_URI=... LOCAL_LATENTS=...) and pass that path.')
+
+
 def _load(path, what):
-  if not os.path.exists(path):
+  storage.require_local(path, 'the memory-mapped store file', COPY_HOW)
+  if not epath.Path(path).exists():
     raise StoreError(f'{path}: missing ({what}). Write it with the job named in the module docstring of '
                      f'groupdiff_jax/data/latent_store.py.')
   try:
@@ -57,17 +64,15 @@ def _load(path, what):
 
 
 def read_meta(directory):
-  path = os.path.join(directory, META)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / META
+  if not path.exists():
     raise StoreError(f'{path}: missing meta.json; rewrite the store with its job.')
   return errors.read_json_object(path, StoreError, 'rewrite the store with its job.')
 
 
 def write_meta(directory, meta):
-  tmp = os.path.join(directory, META + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, META))
+  storage.write_atomically(epath.Path(directory) / META,
+                           lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
 
 
 # ---------------------------------------------------------------- latent store
@@ -77,14 +82,14 @@ def checksum(paths, chunk_bytes=1 << 24):
   """sha256 over the raw bytes of `paths`, in order (streamed)."""
   digest = hashlib.sha256()
   for path in paths:
-    with open(path, 'rb') as f:
+    with epath.Path(path).open('rb') as f:
       while chunk := f.read(chunk_bytes):
         digest.update(chunk)
   return 'sha256:' + digest.hexdigest()
 
 
 def store_checksum(directory):
-  return checksum([os.path.join(directory, LATENTS), os.path.join(directory, LABELS)])
+  return checksum([epath.Path(directory) / LATENTS, epath.Path(directory) / LABELS])
 
 
 def write_latent_store(directory, latents, labels, meta=None):
@@ -97,14 +102,18 @@ def write_latent_store(directory, latents, labels, meta=None):
   labels = np.asarray(labels)
   if _dtype_name(latents) not in LATENT_DTYPES:
     raise StoreError(f'latents dtype {latents.dtype} is not one of {LATENT_DTYPES}; cast before writing.')
-  os.makedirs(directory, exist_ok=True)
-  np.save(os.path.join(directory, LATENTS), latents)
-  np.save(os.path.join(directory, LABELS), labels.astype(np.int32))
+  _save(epath.Path(directory) / LATENTS, latents)
+  _save(epath.Path(directory) / LABELS, labels.astype(np.int32))
   meta = dict(meta or {})
   meta.update(count=int(len(latents)), checksum=store_checksum(directory), dtype=_dtype_name(latents),
               flipped=bool(latents.ndim == 5))
   write_meta(directory, meta)
   return directory
+
+
+def _save(path, array):
+  """np.save to any path (atomically: nothing under the name until it is whole)."""
+  storage.write_atomically(path, lambda f: np.save(f, array))
 
 
 class LatentStore:
@@ -119,11 +128,12 @@ class LatentStore:
 
   def __init__(self, directory, verify_checksum=False, num_classes=None):
     self.directory = directory
-    if not os.path.isdir(directory):
+    storage.require_local(directory, 'config.data.latent_dir (the latent store, memory-mapped)', COPY_HOW)
+    if not epath.Path(directory).is_dir():
       raise StoreError(f'{directory}: no latent store here (config.data.latent_dir). Run the latent extraction '
                        f'job: python -m groupdiff_jax.data.extract_latents_job --output_dir={directory} ...')
     self.meta = read_meta(directory)
-    latents_path, labels_path = os.path.join(directory, LATENTS), os.path.join(directory, LABELS)
+    latents_path, labels_path = str(epath.Path(directory) / LATENTS), str(epath.Path(directory) / LABELS)
     self.latents = _as_bfloat16(_load(latents_path, 'latents float16/bfloat16 [M, 32, 32, 4]'))
     self.labels = np.asarray(_load(labels_path, 'labels int32 [M]'))
     validate_latents(self.latents, self.labels, self.meta, latents_path, labels_path, num_classes)
@@ -174,9 +184,8 @@ def validate_latents(latents, labels, meta, latents_path='latents.npy', labels_p
 
 def write_neighbors(directory, neighbors, scores, meta=None):
   """neighbors int [M, K] and scores [M, K] (stored float16) plus meta.json."""
-  os.makedirs(directory, exist_ok=True)
-  np.save(os.path.join(directory, NEIGHBORS), np.asarray(neighbors, np.int32))
-  np.save(os.path.join(directory, SCORES), np.asarray(scores, np.float16))
+  _save(epath.Path(directory) / NEIGHBORS, np.asarray(neighbors, np.int32))
+  _save(epath.Path(directory) / SCORES, np.asarray(scores, np.float16))
   meta = dict(meta or {})
   meta.update(count=int(len(neighbors)), K=int(np.shape(neighbors)[1]))
   write_meta(directory, meta)
@@ -190,10 +199,11 @@ def read_neighbors(directory, num_rows=None, min_neighbors=1):
     num_rows: M of the latent store the lists must match (None: not checked).
     min_neighbors: the least K that works (N-1 for groups of N).
   """
-  if not os.path.isdir(directory):
+  storage.require_local(directory, 'config.data.neighbors_dir (neighbour lists, memory-mapped)', COPY_HOW)
+  if not epath.Path(directory).is_dir():
     raise StoreError(f'{directory}: no neighbour lists here (config.data.neighbors_dir). Run '
                      f'python -m groupdiff_jax.data.neighbors_job --embeddings_dir=... --output_dir={directory}.')
-  path, scores_path = os.path.join(directory, NEIGHBORS), os.path.join(directory, SCORES)
+  path, scores_path = str(epath.Path(directory) / NEIGHBORS), str(epath.Path(directory) / SCORES)
   neighbors = _load(path, 'int32 [M, K]')
   scores = _load(scores_path, 'float16 [M, K]')
   meta = read_meta(directory)

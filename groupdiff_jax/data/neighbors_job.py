@@ -24,13 +24,12 @@ queries.
 top_k); it is also the recall reference.
 """
 
-import os
 import time
 
 import numpy as np
 from absl import flags
 
-from groupdiff_jax import errors
+from groupdiff_jax import errors, storage
 from groupdiff_jax.data import latent_store, pipeline, retrieval
 from groupdiff_jax.data.progress import Progress
 
@@ -46,8 +45,9 @@ class JobInputError(errors.UserError, ValueError):
 
 def load_embeddings(directory):
   """Memory-mapped embeddings [M, D] and their meta (dict, may be empty), validated."""
-  path = os.path.join(directory, EMBEDDINGS)
-  if not os.path.exists(path):
+  storage.require_local(directory, '--embeddings_dir (memory-mapped)', latent_store.COPY_HOW)
+  path = storage.path(directory) / EMBEDDINGS
+  if not path.exists():
     raise JobInputError(f'{path}: missing. Write it with python -m groupdiff_jax.data.embeddings_job '
                         f'(L2-normalised float32/float16 [M, D] in the latent store\'s row order).')
   embeddings = np.load(path, mmap_mode='r')
@@ -60,9 +60,9 @@ def load_embeddings(directory):
     bad = int(np.argmax(np.abs(norms - 1)))
     raise JobInputError(f'{path}: rows are not L2-normalised (a sampled row has norm {norms[bad]:.4f}); '
                         f'the embedding job writes unit rows: normalise them (retrieval.l2_normalize) and rewrite.')
-  meta_path = os.path.join(directory, 'meta.json')
+  meta_path = storage.path(directory) / 'meta.json'
   meta = {}
-  if os.path.exists(meta_path):
+  if meta_path.exists():
     meta = errors.read_json_object(meta_path, JobInputError, 'rewrite it with the embedding job (or delete it: '
                                    'it only carries the encoder name).')
   return embeddings, meta
@@ -74,7 +74,7 @@ def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_
   """The job; returns the meta dict it wrote. Arguments as the flags."""
   if method not in ('scann', 'exact'):
     raise JobInputError(f"--method={method!r}; use 'scann' or 'exact'.")
-  if os.path.exists(os.path.join(output_dir, latent_store.NEIGHBORS)) and not overwrite:
+  if (storage.path(output_dir) / latent_store.NEIGHBORS).exists() and not overwrite:
     raise JobInputError(f'{output_dir} already holds neighbors.npy; pass --overwrite to replace it.')
   embeddings, embeddings_meta = load_embeddings(embeddings_dir)
   num_rows = len(embeddings)
@@ -133,7 +133,7 @@ def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_
   meta = {'K': k, 'tau': tau, 'method': method, 'index': params, 'recall': recall,
           'recall_queries': int(len(queries)), 'search_seconds': round(search_s, 2),
           'exact_sample_seconds': round(exact_s, 2),
-          'anchors_with_n_minus_1_above_tau': coverage, 'embeddings_dir': os.path.abspath(embeddings_dir),
+          'anchors_with_n_minus_1_above_tau': coverage, 'embeddings_dir': str(storage.path(embeddings_dir)),
           'encoder': embeddings_meta.get('encoder'), 'count': num_rows}
   latent_store.write_neighbors(output_dir, neighbors, scores, meta)
   print(f'Wrote {output_dir}: recall@{k} {recall:.4f} on {len(queries)} queries, search {search_s:.1f} s '

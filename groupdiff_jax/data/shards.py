@@ -2,7 +2,8 @@
 
 A job splits its M rows into shards of `shard_size` consecutive rows.
 Shard k (rows [k*S, min((k+1)*S, M))) is written to a temporary file and
-renamed into `shards/{k:06d}.npz`, so a shard on disk is always complete; a
+renamed into `shards/{k:06d}.npz` (in a bucket: one object upload), so a
+shard on disk is always complete; a
 rerun skips the shards present and computes the rest. Hosts take the
 shards k with k % process_count == process_index. `job.json` records the
 settings of the first run; a rerun with other settings is refused (mixed
@@ -12,13 +13,13 @@ order, into the final arrays once every shard exists.
 """
 
 import json
-import os
 import time
 
 import numpy as np
-
-from groupdiff_jax import errors
+from etils import epath
 from numpy.lib import format as npy_format
+
+from groupdiff_jax import errors, storage
 
 SHARD_DIR = 'shards'
 
@@ -34,11 +35,11 @@ class ShardedJob:
     self.output_dir, self.num_rows, self.shard_size = output_dir, num_rows, shard_size
     self.process_index, self.process_count = process_index, process_count
     self.num_shards = -(-num_rows // shard_size)
-    self.shard_dir = os.path.join(output_dir, SHARD_DIR)
-    os.makedirs(self.shard_dir, exist_ok=True)
+    self.shard_dir = str(storage.path(output_dir) / SHARD_DIR)
+    storage.retry(lambda: epath.Path(self.shard_dir).mkdir(parents=True, exist_ok=True), self.shard_dir)
     settings = dict(settings, num_rows=num_rows, shard_size=shard_size)
-    path = os.path.join(output_dir, 'job.json')
-    if os.path.exists(path):
+    path = storage.path(output_dir) / 'job.json'
+    if path.exists():
       previous = errors.read_json_object(path, ShardError, f'restart the job with a new --output_dir (or delete '
                                          f'{output_dir} to start over).')
       changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
@@ -53,65 +54,59 @@ class ShardedJob:
     return shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_rows)
 
   def path(self, shard):
-    return os.path.join(self.shard_dir, f'{shard:06d}.npz')
+    return str(epath.Path(self.shard_dir) / f'{shard:06d}.npz')
+
+  def _exists(self, shard):
+    return storage.retry(epath.Path(self.path(shard)).exists, self.path(shard))
 
   def done(self):
-    return sorted(s for s in range(self.num_shards) if os.path.exists(self.path(s)))
+    return sorted(s for s in range(self.num_shards) if self._exists(s))
 
   def todo(self):
     """This host's shards not yet on disk."""
-    return [s for s in range(self.process_index, self.num_shards, self.process_count) if not os.path.exists(self.path(s))]
+    return [s for s in range(self.process_index, self.num_shards, self.process_count) if not self._exists(s)]
 
   def write(self, shard, **arrays):
     start, end = self.rows(shard)
     for name, value in arrays.items():
       if len(value) != end - start:
         raise ShardError(f'shard {shard}: {name} has {len(value)} rows, expected {end - start} (rows {start}:{end}).')
-    tmp = self.path(shard) + f'.tmp{self.process_index}.npz'
-    np.savez(tmp, **arrays)
-    os.replace(tmp, self.path(shard))
+    storage.write_atomically(self.path(shard), lambda f: np.savez(f, **arrays))
 
   def read(self, shard):
-    with np.load(self.path(shard)) as data:
-      return {k: data[k] for k in data.files}
+    return storage.load_npz(self.path(shard))
 
   def report(self, line):
-    _write_json(os.path.join(self.output_dir, f'progress_{self.process_index}.json'),
+    _write_json(storage.path(self.output_dir) / f'progress_{self.process_index}.json',
                 {'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'line': line, 'shards_done': len(self.done()),
                  'num_shards': self.num_shards})
 
   def finalize(self, outputs):
     """Concatenate every shard into .npy files: outputs {array name in shard: file name}. Returns paths."""
-    missing = [s for s in range(self.num_shards) if not os.path.exists(self.path(s))]
+    missing = [s for s in range(self.num_shards) if not self._exists(s)]
     if missing:
       raise ShardError(f'{self.shard_dir}: {len(missing)} of {self.num_shards} shards missing (first: {missing[0]}); '
                        f'run the job again with the same flags (every host) to finish them.')
     first = self.read(0)
-    files = {}
-    for name, file_name in outputs.items():
-      sample = first[name]
-      path = os.path.join(self.output_dir, file_name)
-      files[name] = npy_format.open_memmap(path + '.tmp.npy', mode='w+', dtype=sample.dtype,
-                                           shape=(self.num_rows,) + sample.shape[1:])
-    for shard in range(self.num_shards):
-      data = self.read(shard)
-      start, end = self.rows(shard)
-      for name, array in files.items():
-        if len(data[name]) != end - start:
-          raise ShardError(f'{self.path(shard)}: {len(data[name])} rows of {name}, expected {end - start}; delete '
-                           f'this shard file and run the job again to redo it.')
-        array[start:end] = data[name]
     paths = []
-    for name, array in files.items():
-      array.flush()
-      del array
-      path = os.path.join(self.output_dir, outputs[name])
-      os.replace(path + '.tmp.npy', path)
+    for name, file_name in outputs.items():  # streamed: one shard in memory at a time, any storage
+      sample = first[name]
+      path = str(storage.path(self.output_dir) / file_name)
+
+      def write(f, name=name, sample=sample):
+        npy_format.write_array_header_1_0(f, {'descr': npy_format.dtype_to_descr(sample.dtype),
+                                              'fortran_order': False, 'shape': (self.num_rows,) + sample.shape[1:]})
+        for shard in range(self.num_shards):
+          data = self.read(shard)
+          start, end = self.rows(shard)
+          if len(data[name]) != end - start:
+            raise ShardError(f'{self.path(shard)}: {len(data[name])} rows of {name}, expected {end - start}; '
+                             f'delete this shard file and run the job again to redo it.')
+          f.write(np.ascontiguousarray(data[name], sample.dtype).tobytes())
+      storage.write_atomically(path, write)
       paths.append(path)
     return paths
 
 
 def _write_json(path, value):
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  storage.write_atomically(path, lambda f: f.write(json.dumps(value, indent=2, sort_keys=True).encode()))
