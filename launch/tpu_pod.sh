@@ -19,8 +19,12 @@
 # for GroupDiff-l-4 and set the whole mesh). A pod that cannot run that batch stops here (exit 2).
 # MESH_PRESET=0 turns this off.
 # POLL_SECONDS (60) between state checks, RETRY_SECONDS (30) before a restart.
+# ImageNet latents: the latent store and neighbour lists are memory-mapped, so they must be on each worker's
+# local disk (a gs:// data.latent_dir is refused). LATENTS_URI=gs://.../latents NEIGHBORS_URI=gs://.../neighbors
+# copies them (`gcloud storage rsync -r`, at every install) to LOCAL_DATA (/tmp/groupdiff_data) on every worker
+# and passes --config.data.latent_dir / neighbors_dir pointing there.
 set -euo pipefail
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 for var in ZONE ACCELERATOR NAME BUCKET; do
   if [ -z "${!var:-}" ]; then
@@ -40,6 +44,16 @@ MESH_PRESET=${MESH_PRESET:-1}
 EXIT_USER_ERROR=2  # groupdiff_jax/errors.py
 EXIT_PREEMPTED=75
 REPO_DIR=groupdiff_jax
+LOCAL_DATA=${LOCAL_DATA:-/tmp/groupdiff_data}
+data_flags=""; stage_data=":"
+if [ -n "${LATENTS_URI:-}" ]; then
+  data_flags="--config.data.latent_dir=$LOCAL_DATA/latents"
+  stage_data="$stage_data && mkdir -p $LOCAL_DATA/latents && gcloud storage rsync -r $LATENTS_URI $LOCAL_DATA/latents"
+fi
+if [ -n "${NEIGHBORS_URI:-}" ]; then
+  data_flags="$data_flags --config.data.neighbors_dir=$LOCAL_DATA/neighbors"
+  stage_data="$stage_data && mkdir -p $LOCAL_DATA/neighbors && gcloud storage rsync -r $NEIGHBORS_URI $LOCAL_DATA/neighbors"
+fi
 TPU="gcloud compute tpus tpu-vm"
 QR="gcloud compute tpus queued-resources"
 
@@ -63,7 +77,8 @@ install() {
   $TPU ssh "$NAME" --zone="$ZONE" --worker=all --command="
     set -e; mkdir -p ~/$REPO_DIR && tar xzf /tmp/$REPO_DIR.tgz -C ~/$REPO_DIR && cd ~/$REPO_DIR &&
     python3 -m venv .venv && . .venv/bin/activate && pip install -q -U pip &&
-    pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+    pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html &&
+    ( $stage_data )"
 }
 
 run() {
@@ -99,7 +114,7 @@ fi
 for attempt in $(seq 0 "$MAX_RESTARTS"); do
   create
   install
-  code=0; run $mesh_flags "$@" || code=$?
+  code=0; run $mesh_flags $data_flags "$@" || code=$?
   if [ "$code" = 0 ]; then echo "done: $WORKDIR"; exit 0; fi
   if [ "$code" = "$EXIT_USER_ERROR" ]; then
     echo "run failed (exit $code: see the error above); not retrying" >&2; exit "$code"

@@ -154,3 +154,14 @@ def test_no_mesh_flags_for_other_configs_unknown_pods_or_mesh_preset_0(tmp_path)
     assert result.returncode == 0, result.stderr
     command = next(a for a in calls[-1] if a.startswith('--command='))
     assert '--config.mesh' not in command and "''" not in command  # no empty argument without overrides
+
+
+def test_latents_from_a_bucket_are_copied_to_every_worker_and_passed_as_local_paths(tmp_path):
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[0], LATENTS_URI='gs://b/latents',
+                             NEIGHBORS_URI='gs://b/neighbors', LOCAL_DATA='/data/gd', CONFIG='configs/digits.py')
+  assert result.returncode == 0, result.stderr
+  install = next(a for call in calls for a in call if a.startswith('--command=') and 'pip install' in a)
+  assert 'gcloud storage rsync -r gs://b/latents /data/gd/latents' in install
+  assert 'gcloud storage rsync -r gs://b/neighbors /data/gd/neighbors' in install
+  command = next(a for a in calls[-1] if a.startswith('--command='))
+  assert '--config.data.latent_dir=/data/gd/latents --config.data.neighbors_dir=/data/gd/neighbors' in command
