@@ -14,6 +14,7 @@ the launchers requeue the run. Nothing else is retried here: a missing
 file, a permission error or corrupt data is the caller's to report.
 """
 
+import io
 import logging
 import os
 import re
@@ -125,7 +126,6 @@ def read_text(source):
 
 def save_npz(target, **arrays):
   """np.savez to any path (written in memory, then as one object: no partial file under its name)."""
-  import io  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
@@ -134,7 +134,6 @@ def save_npz(target, **arrays):
 
 def load_npz(source):
   """{name: array} of an .npz at any path."""
-  import io  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   with np.load(io.BytesIO(read_bytes(source))) as data:
     return {name: data[name] for name in data.files}
@@ -142,7 +141,6 @@ def load_npz(source):
 
 def save_png(target, image):
   """A uint8 (H, W) or (H, W, C) image as a PNG at any path."""
-  import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format='PNG')
@@ -163,6 +161,9 @@ class _Stream:
 
   def tell(self):
     return self._position
+
+  def read(self, *unused):  # numpy takes an object without `read` for a file name
+    raise io.UnsupportedOperation('write-only')
 
   def seekable(self):
     return False

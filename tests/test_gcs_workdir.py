@@ -132,3 +132,25 @@ def test_an_outage_during_restore_or_save_exits_75_and_moves_no_checkpoint(gcs):
   assert code == 0, stderr[-3000:]
   assert 'Resumed from step 2' in stderr
   assert committed_steps(gcs, 'outage') == [2, 4]
+
+
+def test_two_processes_on_one_bucket_workdir_write_one_checkpoint(gcs):
+  from tests.test_checkpoint_multihost import WORKER  # pylint: disable=g-import-not-at-top
+  from tests.test_multihost import free_port  # pylint: disable=g-import-not-at-top
+  address = f'127.0.0.1:{free_port()}'
+  environment = env(gcs, XLA_FLAGS='--xla_force_host_platform_device_count=2', TF_CPP_MIN_LOG_LEVEL='3')
+  procs = [subprocess.Popen([sys.executable, '-c', WORKER, f'gs://{gcs.bucket}/multi', address, str(i), 'none'],
+                            cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for proc in procs:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert '"step": 4' in stdout and '"kernel_value": 4.0' in stdout, stdout[-2000:]
+  objects = gcs.objects('multi/')
+  assert committed_steps(gcs, 'multi') == [2, 4]
+  # One checkpoint per step, holding both processes' shards (one OCDBT tree each), one metadata file.
+  for step in (2, 4):
+    assert sum(name == f'multi/checkpoints/{step}/_CHECKPOINT_METADATA' for name in objects) == 1
+    assert {name.split('/')[4] for name in objects if '/ocdbt.process_' in name and f'/{step}/' in name} == {
+        'ocdbt.process_0', 'ocdbt.process_1'}
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))
