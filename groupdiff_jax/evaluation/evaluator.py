@@ -24,14 +24,14 @@ memory. Results are printed and written as JSON beside the samples
 
 import argparse
 import json
-import os
 import sys
 import time
 import zipfile
 
 import numpy as np
+from etils import epath
 
-from groupdiff_jax import errors
+from groupdiff_jax import errors, storage
 from groupdiff_jax.evaluation import fid as fid_lib
 from groupdiff_jax.evaluation import inception as inception_lib
 from groupdiff_jax.evaluation import precision_recall as pr_lib
@@ -64,10 +64,10 @@ class NpzImages:
 
 def npz_keys(path):
   """Names of the arrays in an npz; clear errors for a missing or non-npz file."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise errors.MissingInputError(f'No such file: {path}; check the path of the .npz.')
   try:
-    with zipfile.ZipFile(path) as zf:
+    with epath.Path(path).open('rb') as raw, zipfile.ZipFile(raw) as zf:
       return [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
   except zipfile.BadZipFile as e:
     raise errors.DataError(f'{path}: not an .npz file (np.savez output). {_SAVE_HINT}') from e
@@ -76,7 +76,7 @@ def npz_keys(path):
 def _stream_batches(path, member, shape, dtype, offset):
   def read(batch_size):
     row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
-    with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+    with epath.Path(path).open('rb') as raw, zipfile.ZipFile(raw) as zf, zf.open(member) as f:
       f.read(offset)  # skip the .npy header
       for start in range(0, shape[0], batch_size):
         count = min(batch_size, shape[0] - start)
@@ -90,7 +90,7 @@ def _stream_batches(path, member, shape, dtype, offset):
 
 def _npy_header(path, member):
   """(shape, fortran_order, dtype) and data offset of a .npy in a zip, or None."""
-  with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+  with epath.Path(path).open('rb') as raw, zipfile.ZipFile(raw) as zf, zf.open(member) as f:
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
       header = np.lib.format.read_array_header_1_0(f)
@@ -110,7 +110,7 @@ def open_images(path, key=IMAGES_KEY):
   header, offset = _npy_header(path, member)
   if header is None or header[1] or header[2].hasobject:
     # Unusual .npy (version 3, Fortran order, objects): read it whole.
-    array = np.load(path)[key]
+    array = storage.load_npz(path)[key]
     shape, dtype = array.shape, array.dtype
     reader = lambda bs: (array[i:i + bs] for i in range(0, len(array), bs))
   else:
@@ -240,9 +240,9 @@ def evaluate(ref_path, sample_path, inception_graph, *, batch_size=inception_lib
       num_samples=len(samples),
       num_reference_images=len(ref_images) if ref_images is not None else None,
       reference_statistics=ref_source,
-      ref_batch=os.path.abspath(ref_path),
-      sample_batch=os.path.abspath(sample_path),
-      inception_graph=os.path.abspath(inception_graph),
+      ref_batch=str(storage.path(ref_path)),
+      sample_batch=str(storage.path(sample_path)),
+      inception_graph=str(storage.path(inception_graph)),
       settings=dict(protocol='ADM (guided-diffusion evaluations/evaluator.py)',
                     batch_size=batch_size, is_split_size=is_split_size,
                     pr_neighborhood=pr_lib.NEIGHBORHOOD_SIZE, pr_precision=pr_precision),
@@ -280,8 +280,7 @@ def main(argv=None):
                      ('precision', 'Precision'), ('recall', 'Recall')):
     log(f'{label}: {results[key]}')
   output = args.output_json or default_output_path(args.sample_batch)
-  with open(output, 'w') as f:
-    json.dump(results, f, indent=2)
+  storage.write_text(output, json.dumps(results, indent=2))
   log(f'Wrote {output}')
   return 0
 

@@ -18,12 +18,12 @@ reads and writes that layout.
 """
 
 import dataclasses
-import os
 import warnings
 
 import numpy as np
+from etils import epath
 
-from groupdiff_jax import errors
+from groupdiff_jax import errors, storage
 
 # Key names of an ADM reference batch: (mean, covariance) for FID and sFID.
 POOL_KEYS = ('mu', 'sigma')
@@ -132,7 +132,7 @@ class FIDStatistics:
     arrays = dict(zip(POOL_KEYS, (self.mu, self.sigma)))
     if self.has_spatial:
       arrays.update(zip(SPATIAL_KEYS, (self.mu_s, self.sigma_s)))
-    np.savez(path, **arrays, **extra_arrays)
+    storage.save_npz(path, **arrays, **extra_arrays)
 
   @classmethod
   def load(cls, path):
@@ -149,10 +149,10 @@ def maybe_load(path):
 
   Only the statistics arrays are read, never `arr_0` (np.load is lazy).
   """
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise errors.MissingInputError(f'No such file: {path}; check the path of the .npz.')
   try:
-    data = np.load(path)
+    data = np.load(epath.Path(path).open('rb'))
     keys = set(data.files)
   except (OSError, ValueError, EOFError, AttributeError) as error:  # not an npz (np.load of a .npy: no .files)
     raise errors.DataError(f'{path}: not an .npz file (np.savez output): {error}') from None

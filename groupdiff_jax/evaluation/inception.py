@@ -22,9 +22,9 @@ nothing else in the package should pay that.
 """
 
 import dataclasses
-import os
 
 import numpy as np
+from etils import epath
 
 from groupdiff_jax import errors
 
@@ -55,7 +55,7 @@ def missing_graph_message(path):
 
 def check_graph_path(path):
   """Raises MissingInputError (a FileNotFoundError), saying where the graph comes from, if path is not a file."""
-  if not path or not os.path.isfile(path):
+  if not path or not epath.Path(path).is_file():
     raise errors.MissingInputError(missing_graph_message(path))
 
 
@@ -65,7 +65,7 @@ def load_graph_def(path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (lazy: ~5 s)
 
   graph_def = tf.compat.v1.GraphDef()
-  with open(path, 'rb') as f:
+  with epath.Path(path).open('rb') as f:
     try:
       graph_def.ParseFromString(f.read())
     except Exception as e:  # protobuf raises DecodeError, a plain Exception subclass.
