@@ -147,6 +147,8 @@ class GcsEmulator:
       client.close()
 
   def start(self):
+    if self.process is not None:  # killed from outside (a test's fault injection): reap it
+      self.process.wait()
     self.process = subprocess.Popen(
         [BINARY, '-scheme', 'http', '-port', str(self.http_port), '-host', '127.0.0.1', '-backend', 'filesystem',
          '-filesystem-root', os.path.join(self.root, 'objects'), '-external-url', f'https://{HOSTS[0]}',
