@@ -76,7 +76,7 @@ def config_lines(config):
 
 def save_config(config, workdir):
   """<workdir>/config.json (written atomically)."""
-  path = storage.path(workdir) / CONFIG_FILE
+  path = str(storage.path(workdir) / CONFIG_FILE)
   sample_chunks.write_json(path, json.loads(json.dumps(config.to_dict(), default=str)))
   return path
 
