@@ -150,7 +150,7 @@ def save_error(manager, error):
   for a transient storage fault, or None when `error` is not a storage error (a bug: the caller re-raises it
   with its traceback)."""
   if storage.is_transient(error):
-    return storage.unavailable(manager.directory, error)
+    return storage.unavailable(manager.directory, error, retried=False)  # the clients retried the writes
   reason = _storage_error(error)
   if reason is None:
     return None

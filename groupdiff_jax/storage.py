@@ -76,10 +76,13 @@ def is_transient(error):
   return False
 
 
-def unavailable(where, error):
+def unavailable(where, error, retried=True):
+  """The StorageUnavailable for `error` at `where` (`retried`: after this module's retries, else after the
+  storage client's own, e.g. a background checkpoint write)."""
+  after = f' after {RETRIES} retries' if retried else ''
   return errors.StorageUnavailable(
-      f'Storage at {where} is unreachable ({first_line(error)}) after {RETRIES} retries; nothing was moved or '
-      f'lost: rerun the same command (exit {errors.EXIT_PREEMPTED}: the launchers requeue it) when it is back.')
+      f'Storage at {where} is unreachable ({first_line(error)}){after}; nothing was moved or lost: rerun the '
+      f'same command (exit {errors.EXIT_PREEMPTED}: the launchers requeue it) when it is back.')
 
 
 def first_line(error):
