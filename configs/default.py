@@ -89,6 +89,10 @@ def get_config():
   config.train.profile_steps = ()
   config.train.profile_process = 0
   config.train.poison_step = -1  # tests: this step's images become NaN (-1: never)
+  # tests/debugging: after this step the process sends itself train.signal_name, as Ctrl-C (SIGINT) or a
+  # scheduler (SIGTERM) would; 0: a new run, just before its first step is compiled; -1: never
+  config.train.signal_at_step = -1
+  config.train.signal_name = 'SIGINT'
   # Start a new run (step 0, fresh optimizer) from the weights of another workdir or of convert.py's
   # output: its EMA params become params and EMA. Ignored once the workdir has a checkpoint (resume).
   config.train.init_from = config_dict.placeholder(str)
