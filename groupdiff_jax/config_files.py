@@ -28,7 +28,7 @@ import ml_collections
 
 from groupdiff_jax import errors
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), 'configs')
 _OVERRIDE = re.compile(r'^--?(?:no)?config\.([^=]+)')
 
 
@@ -56,7 +56,7 @@ def make_shipped_configs_importable():
   init = os.path.join(CONFIGS_DIR, '__init__.py')
   loaded = sys.modules.get('configs')
   if not os.path.isfile(init) or (loaded is not None and
-                                  os.path.abspath(getattr(loaded, '__file__', '') or '') == init):
+                                  os.path.realpath(getattr(loaded, '__file__', '') or '') == init):
     return
   spec = importlib.util.spec_from_file_location('configs', init, submodule_search_locations=[CONFIGS_DIR])
   module = importlib.util.module_from_spec(spec)

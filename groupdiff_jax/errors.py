@@ -93,7 +93,8 @@ def run_main(main, argv=None, check_argv=None):
     try:
       return main(argv)
     except UserError as error:
-      logging.shutdown()
+      for handler in logging.getLogger().handlers:
+        handler.flush()  # the log so far, then the message last (shutdown would close the handlers' streams)
       print(f'Error: {error}', file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
 

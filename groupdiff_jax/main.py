@@ -109,5 +109,11 @@ def run(interrupts):
     sample_job.sample_and_save(config, workdir)
 
 
+def cli(argv=None):
+  """The command line (argv defaults to sys.argv): the config file and its overrides are checked first
+  (config_files.py), then `main` runs; exits with the code of errors.py."""
+  errors.run_main(main, argv, check_argv=config_files.check_argv)
+
+
 if __name__ == '__main__':
-  errors.run_main(main, check_argv=config_files.check_argv)
+  cli()
