@@ -3,6 +3,12 @@
 Other configs import this and change a few fields. Every field can be
 overridden on the command line, e.g. `--config.model.variant=SiT-B/2`.
 
+Configs are given by path, from any working directory
+(`--config=/path/to/configs/digits.py`): groupdiff_jax.main makes the name
+`configs` mean this folder (groupdiff_jax/config_files.py), so a config
+file of your own, anywhere, can start from a shipped one with
+`from configs import digits` (or `default`) and change a few fields.
+
 Official GroupDiff defaults: AdamW lr 1e-4 constant, betas (0.9, 0.95),
 weight decay 0.01 on weight matrices, clipping at global norm 3.0, EMA
 0.9999, 256 images per step, 10% of the images in unconditional groups of
