@@ -95,6 +95,13 @@ def test_cli_a_config_file_without_get_config(tmp_path, capsys):
   assert_one_error(result, f'{path} defines no get_config()', 'digits.py')
 
 
+def test_cli_a_key_error_inside_a_config_file_is_its_bug_with_a_traceback(tmp_path, capsys):
+  path = tmp_path / 'broken.py'
+  path.write_text('def get_config():\n  return {}["model"]\n')
+  with pytest.raises(KeyError, match='model'):  # not reported as an unknown field
+    cli_in_process.run_main(capsys, f'--config={path}', f'--workdir={tmp_path}')
+
+
 def test_cli_a_misspelled_field_names_the_nearest_fields_unescaped(tmp_path, capsys):
   result = run_digits(capsys, tmp_path, '--config.train.num_stepz=10')
   line = assert_one_error(result, '--config.train.num_stepz=10', "no field 'num_stepz'", 'did you mean train.num_steps',
