@@ -95,8 +95,10 @@ def host_batch(batches, step, kind, mesh):
 def train_and_evaluate(config, workdir):
   """Train per `config`, writing metrics and checkpoints to `workdir`.
 
-  Returns the final TrainState; on preemption (SIGTERM) it saves and returns
-  early, with state.step < config.train.num_steps.
+  Returns the final TrainState; on preemption (SIGTERM), or a first Ctrl-C
+  once the step is compiled (with preemption.Interrupts installed, as by
+  main.py), it saves and returns early, with state.step <
+  config.train.num_steps.
   """
   check_data(config)
   train_monitor.check_config(config)  # profile_steps, sample_every, eval_every
