@@ -82,7 +82,8 @@ def test_main_trains_writes_metrics_checkpoints_and_grid_then_resumes(tmp_path):
 def test_main_rejects_data_it_has_not_and_group_sizes_that_cannot_work(tmp_path, capsys):
   # In this process (tests/cli_in_process.py); the other first-contact mistakes: tests/test_user_errors.py.
   def run(*overrides):
-    return cli_in_process.run_main(capsys, '--config=configs/digits.py', f'--workdir={tmp_path / "run"}', *overrides)
+    return cli_in_process.run_main(capsys, f'--config={ROOT}/configs/digits.py', f'--workdir={tmp_path / "run"}',
+                                   *overrides)
   code, _, stderr = run('--config.data.name=imagenet_latents')
   assert code == 2 and "config.data.name='imagenet_latents'" in stderr
   assert 'ImageNet data (latents, embeddings, neighbours)' in stderr

@@ -15,6 +15,7 @@ import pytest
 
 from configs import digits
 from groupdiff_jax import checkpoint, errors, train
+from tests import cli_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'model.depth': 1, 'model.hidden_size': 32, 'model.num_heads': 2, 'train.batch_size': 16,
@@ -53,19 +54,20 @@ def test_half_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path)
   assert_trees_equal(saved(str(tmp_path / 'whole'))[1], saved(str(tmp_path / 'halves'))[1])
 
 
-def main_command(workdir, num_steps, *flags):
-  return [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/digits.py', f'--workdir={workdir}',
-          f'--config.train.num_steps={num_steps}', *[f'--config.{key}={value}' for key, value in TINY.items()], *flags]
+def main_flags(workdir, num_steps, *flags):
+  return [f'--config={ROOT}/configs/digits.py', f'--workdir={workdir}', f'--config.train.num_steps={num_steps}',
+          *[f'--config.{key}={value}' for key, value in TINY.items()], *flags]
 
 
-def test_sigterm_saves_the_reached_step_exits_75_and_the_checkpoint_is_exact(tmp_path):
-  # train.signal_at_step: the process sends itself SIGTERM after step 3, as a scheduler would.
+def test_sigterm_saves_the_reached_step_exits_75_and_the_checkpoint_is_exact(tmp_path, capsys, caplog):
+  # groupdiff_jax.main in this process (tests/cli_in_process.py; pytest runs tests in the main thread, where the
+  # SIGTERM handler goes); train.signal_at_step: the run sends itself SIGTERM after step 3, as a scheduler would.
   workdir = str(tmp_path / 'preempted')
-  run = subprocess.run(main_command(workdir, 100_000, '--config.train.signal_at_step=3',
-                                    '--config.train.signal_name=SIGTERM'),
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert run.returncode == errors.EXIT_PREEMPTED, run.stderr[-3000:]  # saved, rerun to resume
-  assert 'Preempted after step 3' in run.stderr
+  caplog.set_level(logging.WARNING)
+  code, _, stderr = cli_in_process.run_main(capsys, *main_flags(workdir, 100_000, '--config.train.signal_at_step=3',
+                                                                '--config.train.signal_name=SIGTERM'))
+  assert code == errors.EXIT_PREEMPTED, stderr[-3000:]  # saved, rerun to resume
+  assert 'Preempted after step 3' in caplog.text
   reached, preempted = saved(workdir)
   assert reached == 3  # between the periodic checkpoints (every 2)
   train.train_and_evaluate(tiny_config(**{'train.num_steps': 3}), str(tmp_path / 'whole'))
@@ -75,8 +77,10 @@ def test_sigterm_saves_the_reached_step_exits_75_and_the_checkpoint_is_exact(tmp
 def test_ctrl_c_after_the_first_step_saves_it_exits_130_and_the_rerun_resumes(tmp_path, caplog):
   # train.signal_at_step: SIGINT after step 1, as Ctrl-C would.
   workdir = str(tmp_path / 'run')
-  run = subprocess.run(main_command(workdir, 100_000, '--config.train.signal_at_step=1'), cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+  # A fresh process: Ctrl-C's real exit status and output.
+  run = subprocess.run([sys.executable, '-m', 'groupdiff_jax.main', *main_flags(workdir, 100_000,
+                                                                                '--config.train.signal_at_step=1')],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert run.returncode == errors.EXIT_INTERRUPTED, run.stderr[-3000:]
   assert 'Traceback' not in run.stderr and 'KeyboardInterrupt' not in run.stderr, run.stderr[-3000:]
   resume_lines = [line for line in run.stderr.splitlines() if 'rerun the same command' in line]

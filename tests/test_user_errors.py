@@ -44,7 +44,7 @@ def uint8_images(n, side=8, seed=0):
 # --- The command line: exit 2, one message, no traceback ------------------------------------------------------
 # In this process (tests/cli_in_process.py): an uncaught exception (a traceback) fails pytest.raises(SystemExit).
 def run_digits(capsys, workdir, *flags):
-  return cli_in_process.run_main(capsys, '--config=configs/digits.py', f'--workdir={workdir}', *flags)
+  return cli_in_process.run_main(capsys, f'--config={ROOT}/configs/digits.py', f'--workdir={workdir}', *flags)
 
 
 def assert_one_error(result, *names):
