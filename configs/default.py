@@ -3,6 +3,12 @@
 Other configs import this and change a few fields. Every field can be
 overridden on the command line, e.g. `--config.model.variant=SiT-B/2`.
 
+Configs are given by path, from any working directory
+(`--config=/path/to/configs/digits.py`): groupdiff_jax.main makes the name
+`configs` mean this folder (groupdiff_jax/config_files.py), so a config
+file of your own, anywhere, can start from a shipped one with
+`from configs import digits` (or `default`) and change a few fields.
+
 Official GroupDiff defaults: AdamW lr 1e-4 constant, betas (0.9, 0.95),
 weight decay 0.01 on weight matrices, clipping at global norm 3.0, EMA
 0.9999, 256 images per step, 10% of the images in unconditional groups of
@@ -89,6 +95,10 @@ def get_config():
   config.train.profile_steps = ()
   config.train.profile_process = 0
   config.train.poison_step = -1  # tests: this step's images become NaN (-1: never)
+  # tests/debugging: after this step the process sends itself train.signal_name, as Ctrl-C (SIGINT) or a
+  # scheduler (SIGTERM) would; 0: a new run, just before its first step is compiled; -1: never
+  config.train.signal_at_step = -1
+  config.train.signal_name = 'SIGINT'
   # Start a new run (step 0, fresh optimizer) from the weights of another workdir or of convert.py's
   # output: its EMA params become params and EMA. Ignored once the workdir has a checkpoint (resume).
   config.train.init_from = config_dict.placeholder(str)

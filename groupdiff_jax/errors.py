@@ -18,6 +18,10 @@ EXIT_USER_ERROR = 2  # bad input (config, data, weights, workdir): fix what the 
 # is saved; rerun the same command to resume. 75 is sysexits.h's EX_TEMPFAIL
 # ("temporary failure, the user is invited to retry"); launch/ requeues on it.
 EXIT_PREEMPTED = 75
+# Interrupted (Ctrl-C, SIGINT): 128 + SIGINT, as a shell reports it. In training the first Ctrl-C saves a
+# checkpoint at the step reached (rerun to resume), a second one stops at once (preemption.Interrupts).
+EXIT_INTERRUPTED = 130
+# Any other status (1, with a traceback) is a bug: please report it.
 
 
 class StorageUnavailable(Exception):
@@ -58,31 +62,34 @@ def read_json_object(path, error, what_to_do):
   return value
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, with a bad flag or unknown `--config.<key>` as one message and exit 2."""
+def _parse_flags(argv, check_argv=None):
+  """absl's flag parsing: a bad flag, or what `check_argv(argv)` raises as a UserError, is one message and exit 2;
+  `--help` (or `--helpfull`) prints the usage and exits 0."""
   import sys  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  names = {arg.split('=', 1)[0].lstrip('-') for arg in argv[1:] if arg.startswith('-')}
+  if names & {'help', 'helpshort', '?', 'helpfull'}:
+    app.usage(shorthelp='helpfull' not in names, writeto_stdout=True)
+    sys.exit(EXIT_OK)
   try:
+    if check_argv is not None:
+      check_argv(argv)
     return flags.FLAGS(argv)
   except flags.Error as error:
     print(f'Error: {error}\nPass --helpfull to see the flags.', file=sys.stderr)
-  except (AttributeError, KeyError) as error:
-    # ml_collections' config_flags: an override of a field the config does not have.
-    key = str(error).strip('"\'')
-    overrides = [a for a in argv[1:] if a.startswith('--config.') and key in a.split('=', 1)[0].split('.')]
-    where = ' '.join(overrides) or 'a --config.<field> override'
-    print(f'Error: the config has no field {key!r} ({where}); check the spelling against the config file '
-          f'(configs/default.py lists every field).', file=sys.stderr)
+  except UserError as error:
+    print(f'Error: {error}', file=sys.stderr)
   sys.exit(EXIT_USER_ERROR)
 
 
-def run_main(main):
+def run_main(main, argv=None, check_argv=None):
   """`absl.app.run(main)` for a command-line entry point: a UserError is one message and exit 2, storage that
   stayed unreachable (StorageUnavailable) one message and exit 75.
 
-  Flag errors (an unknown `--config.<key>`, a value of the wrong type, a
-  missing required flag) end the same way, before `main` runs. Any other
-  exception keeps its traceback.
+  Flag errors (a value of the wrong type, a missing required flag, what
+  `check_argv(argv)` raises before the flags are parsed: e.g. an unknown
+  `--config.<field>`) end the same way, before `main` runs. Any other
+  exception keeps its traceback. `argv` defaults to sys.argv.
   """
   import logging  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -91,13 +98,10 @@ def run_main(main):
   def guarded(argv):
     try:
       return main(argv)
-    except UserError as error:
-      logging.shutdown()
+    except (UserError, StorageUnavailable) as error:
+      for handler in logging.getLogger().handlers:
+        handler.flush()  # the log so far, then the message last (shutdown would close the handlers' streams)
       print(f'Error: {error}', file=sys.stderr)
-      sys.exit(EXIT_USER_ERROR)
-    except StorageUnavailable as error:
-      logging.shutdown()
-      print(f'Error: {error}', file=sys.stderr)
-      sys.exit(EXIT_PREEMPTED)
+      sys.exit(EXIT_PREEMPTED if isinstance(error, StorageUnavailable) else EXIT_USER_ERROR)
 
-  app.run(guarded, flags_parser=_parse_flags)
+  app.run(guarded, argv=argv, flags_parser=lambda argv: _parse_flags(argv, check_argv))

@@ -22,10 +22,17 @@ Modes:
 Multi-host: `jax.distributed` is initialised from the environment (TPU pod,
 Slurm, JAX_COORDINATOR_ADDRESS...) or from --coordinator_address,
 --num_processes, --process_id (distributed.py).
-Config fields are overridden with e.g. `--config.train.num_steps=100`.
+Config: --config is the path of a config file, from any working directory
+(configs/*.py, or a file of your own that starts from one of them with
+`from configs import digits`: config_files.py). configs/default.py lists
+every field with its default and meaning; override one with e.g.
+`--config.train.num_steps=100`.
 
 Exit codes (errors.py): 0 finished; 2 a user's mistake (one message, no
-traceback); 75 preempted with the checkpoint saved (rerun to resume).
+traceback); 75 preempted with the checkpoint saved (rerun to resume); 130
+interrupted by Ctrl-C (in training the first Ctrl-C saves a checkpoint at
+the step reached, a second one stops at once; preemption.py); 1, with a
+traceback, a bug.
 """
 
 import logging
@@ -35,11 +42,12 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from groupdiff_jax import distributed, errors, platforms, sample_job, train
+from groupdiff_jax import config_files, distributed, errors, platforms, preemption, sample_job, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module), e.g. configs/digits.py.',
-                                lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module), e.g. configs/digits.py. '
+                                'configs/default.py lists every field with its meaning; override one with '
+                                '--config.<field>=<value>, e.g. --config.train.num_steps=100.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard metrics and samples.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'describe', 'compile'], 'What to run.')
 flags.DEFINE_bool('describe_xla_check', True, 'describe: also compile small steps for XLA\'s FLOP count.')
@@ -61,36 +69,51 @@ class _QuietLibraries(logging.Filter):
 
 
 def main(argv):
-  """Runs the mode; a preempted run exits 75 (a UserError is one message and exit 2: errors.run_main)."""
+  """Runs the mode; a preempted run exits 75, an interrupted one 130 (a UserError is one message and exit 2:
+  errors.run_main)."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  with preemption.Interrupts() as interrupts:  # first thing: Ctrl-C in data setup or compilation is one line
+    run(interrupts)
+
+
+def run(interrupts):
+  """The mode of the parsed flags."""
+  config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
   logging.getLogger().setLevel(logging.INFO)
   for handler in logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
-  config = FLAGS.config
   platforms.skip_tpu_probe_without_tpu()  # before any backend starts
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX %s on %d %s device(s).', jax.__version__, jax.device_count(), jax.default_backend())
-  if FLAGS.mode == 'train':
-    state = train.train_and_evaluate(config, FLAGS.workdir)
+  if mode == 'train':
+    state = train.train_and_evaluate(config, workdir)
+    if interrupts.requested:  # Ctrl-C: the checkpoint of the step reached is saved; rerun to resume
+      sys.exit(errors.EXIT_INTERRUPTED)
     if int(jax.device_get(state.step)) < config.train.num_steps:
       # Preempted: the checkpoint is saved; rerun the same command to resume.
       sys.exit(errors.EXIT_PREEMPTED)
     if not sample_job.is_latent(config.model):
       params = state.ema_params if config.sample.use_ema else state.params
-      sample_job.sample_and_save(config, FLAGS.workdir, params, int(jax.device_get(state.step)))
-  elif FLAGS.mode == 'describe':
+      sample_job.sample_and_save(config, workdir, params, int(jax.device_get(state.step)))
+  elif mode == 'describe':
     from groupdiff_jax import describe
     print(describe.format_description(describe.describe(config, cost_analysis=FLAGS.describe_xla_check)))
-  elif FLAGS.mode == 'compile':
+  elif mode == 'compile':
     from groupdiff_jax import compile_job
-    compile_job.run(config, FLAGS.workdir)
-  elif FLAGS.mode == 'eval':
+    compile_job.run(config, workdir)
+  elif mode == 'eval':
     if distributed.is_main_process():
-      sample_job.evaluate_samples(config, FLAGS.workdir)
+      sample_job.evaluate_samples(config, workdir)
   else:
-    sample_job.sample_and_save(config, FLAGS.workdir)
+    sample_job.sample_and_save(config, workdir)
+
+
+def cli(argv=None):
+  """The command line (argv defaults to sys.argv): the config file and its overrides are checked first
+  (config_files.py), then `main` runs; exits with the code of errors.py."""
+  errors.run_main(main, argv, check_argv=config_files.check_argv)
 
 
 if __name__ == '__main__':
-  errors.run_main(main)
+  cli()

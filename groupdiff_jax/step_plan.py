@@ -62,11 +62,12 @@ def step_kinds(batch_size, group_size, group_ratio, mode='groupdiff_l', mixed_st
                              f'e.g. 4.')
   if not 0.0 <= group_ratio <= 1.0:
     raise errors.ConfigError(f'train.group_ratio={group_ratio} must be in [0, 1].')
-  if group_ratio > 0 and batch_size % group_size:
-    raise errors.ConfigError(f'train.batch_size={batch_size} is not divisible by train.group_size={group_size}.')
   cond_group_size = group_size if mode == 'groupdiff_f' else 1
-  if cond_group_size > 1 and batch_size % cond_group_size:
-    raise errors.ConfigError(f'train.batch_size={batch_size} is not divisible by train.group_size={group_size}.')
+  if (group_ratio > 0 or cond_group_size > 1) and batch_size % group_size:
+    below = batch_size // group_size * group_size
+    nearest = ' and '.join(str(size) for size in (below, below + group_size) if size > 0)
+    raise errors.ConfigError(f'train.batch_size={batch_size} is not whole groups of train.group_size={group_size}; '
+                             f'the nearest batch sizes that are: {nearest}.')
   conditional = SubBatch(batch_size, cond_group_size, True)
   if group_ratio == 0:
     return {SINGLES: (conditional,)}

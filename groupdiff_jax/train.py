@@ -2,6 +2,7 @@
 
 import inspect
 import logging
+import signal
 import time
 
 import jax
@@ -99,8 +100,10 @@ def host_batch(batches, step, kind, mesh):
 def train_and_evaluate(config, workdir):
   """Train per `config`, writing metrics and checkpoints to `workdir`.
 
-  Returns the final TrainState; on preemption (SIGTERM) it saves and returns
-  early, with state.step < config.train.num_steps.
+  Returns the final TrainState; on preemption (SIGTERM), or a first Ctrl-C
+  once the step is compiled (with preemption.Interrupts installed, as by
+  main.py), it saves and returns early, with state.step <
+  config.train.num_steps.
   """
   check_data(config)
   train_monitor.check_config(config)  # profile_steps, sample_every, eval_every
@@ -150,6 +153,8 @@ def train_and_evaluate(config, workdir):
   last_log = time.time()
   # checkpoint.saving: an exception that ends the loop first finishes (or reports) the in-flight save.
   with checkpoint.saving(manager), preemption.PreemptionWatch(manager) as watch:
+    if start_step == 0 and config.train.signal_at_step == 0:
+      send_test_signal(config)
     for step in progress:
       monitor.before_step(step)
       name = step_plan.step_kind_name(config.seed, step, kinds, config.train.group_ratio)
@@ -157,6 +162,7 @@ def train_and_evaluate(config, workdir):
       if step == config.train.poison_step:
         batch = poisoned(batch)
       state, metrics = run_step(state, batch, kinds[name])
+      watch.arm_interrupts()  # compiled: a first Ctrl-C now saves at the step reached
       checkpoint.check_save(manager)  # a failed background write stops the run at once, naming the path
       guard.push(step + 1, metrics['nonfinite'])
       pending.append(metrics)
@@ -170,10 +176,13 @@ def train_and_evaluate(config, workdir):
       last_log += monitor.after_step(step + 1, state)  # grids and FID do not count as training time
       if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == config.train.num_steps:
         checkpoint.save(manager, state, config=config)
+      if step + 1 == config.train.signal_at_step:
+        send_test_signal(config)
       if watch.stop_at(step + 1):
         checkpoint.save(manager, state, force=True, config=config)
-        logging.warning('Preempted after step %d: its checkpoint is saved in %s; rerun the same command to '
-                        'resume.', step + 1, manager.directory)
+        logging.warning('%s after step %d: its checkpoint is saved in %s; rerun the same command to resume.',
+                        'Interrupted (SIGINT)' if watch.signal_received == 'SIGINT' else 'Preempted', step + 1,
+                        manager.directory)
         break
     guard.flush()
   monitor.close()
@@ -185,6 +194,12 @@ def train_and_evaluate(config, workdir):
   if is_main:
     print(f'Metrics (TensorBoard): {storage.path(workdir)}\nCheckpoints: {manager.directory}')
   return state
+
+
+def send_test_signal(config):
+  """The process signals itself config.train.signal_name (config.train.signal_at_step: tests Ctrl-C and
+  preemption at a known step, as a user or a scheduler would)."""
+  signal.raise_signal(signal.Signals[config.train.signal_name])
 
 
 def poisoned(batch):

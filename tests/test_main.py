@@ -13,6 +13,7 @@ from configs import digits
 from groupdiff_jax import sharding, step_plan, train_step
 from groupdiff_jax.data.digits import DigitsBatches, load_digits
 from groupdiff_jax.models.dit import model_from_config
+from tests import cli_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,15 +79,14 @@ def test_main_trains_writes_metrics_checkpoints_and_grid_then_resumes(tmp_path):
   assert sampled.returncode == 0 and 'checkpoint of step 6' in sampled.stdout
 
 
-def test_main_rejects_unknown_config_keys_and_data(tmp_path):
-  bad_key = run_main(str(tmp_path / 'a'), '--config.train.num_stepz=3')
-  assert bad_key.returncode == 2 and 'num_stepz' in bad_key.stderr
-  bad_data = run_main(str(tmp_path / 'b'), '--config.data.name=imagenet_latents')
-  assert bad_data.returncode == 2 and "config.data.name='imagenet_latents'" in bad_data.stderr
-  assert 'ImageNet data (latents, embeddings, neighbours)' in bad_data.stderr
-  for override in ('--config.train.batch_size=18', '--config.train.group_size=0', '--config.train.group_size=-4'):
-    bad = run_main(str(tmp_path / 'c'), override)
-    assert bad.returncode == 2, (override, bad.stderr[-2000:])
-    assert bad.stderr.rstrip().splitlines()[-1].startswith('Error: train.')
-  for bad in (bad_key, bad_data):
-    assert 'Traceback' not in bad.stdout + bad.stderr
+def test_main_rejects_data_it_has_not_and_group_sizes_that_cannot_work(tmp_path, capsys):
+  # In this process (tests/cli_in_process.py); the other first-contact mistakes: tests/test_user_errors.py.
+  def run(*overrides):
+    return cli_in_process.run_main(capsys, f'--config={ROOT}/configs/digits.py', f'--workdir={tmp_path / "run"}',
+                                   *overrides)
+  code, _, stderr = run('--config.data.name=imagenet_latents')
+  assert code == 2 and "config.data.name='imagenet_latents'" in stderr
+  assert 'ImageNet data (latents, embeddings, neighbours)' in stderr
+  for override in ('--config.train.group_size=0', '--config.train.group_size=-4'):
+    code, _, stderr = run(override)
+    assert code == 2 and stderr.startswith('Error: train.group_size='), (override, stderr[-2000:])

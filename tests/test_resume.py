@@ -1,10 +1,12 @@
-"""Resume is bit-identical, also after a SIGTERM (preemption) mid-run."""
+"""Resume is bit-identical, also after a SIGTERM (preemption) or a Ctrl-C (SIGINT) mid-run.
 
+The signals come from the run itself at a known step (train.signal_at_step), never after a wait.
+"""
+
+import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 from configs import digits
 from groupdiff_jax import checkpoint, errors, train
+from tests import cli_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'model.depth': 1, 'model.hidden_size': 32, 'model.num_heads': 2, 'train.batch_size': 16,
@@ -51,32 +54,39 @@ def test_half_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path)
   assert_trees_equal(saved(str(tmp_path / 'whole'))[1], saved(str(tmp_path / 'halves'))[1])
 
 
-def main_command(workdir, num_steps):
-  return [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/digits.py', f'--workdir={workdir}',
-          f'--config.train.num_steps={num_steps}', '--config.train.checkpoint_every=3',
-          *[f'--config.{key}={value}' for key, value in TINY.items() if key != 'train.checkpoint_every']]
+def main_flags(workdir, num_steps, *flags):
+  return [f'--config={ROOT}/configs/digits.py', f'--workdir={workdir}', f'--config.train.num_steps={num_steps}',
+          *[f'--config.{key}={value}' for key, value in TINY.items()], *flags]
 
 
-def test_sigterm_saves_the_reached_step_exits_cleanly_and_a_restart_is_exact(tmp_path):
+def test_sigterm_saves_the_reached_step_exits_75_and_the_checkpoint_is_exact(tmp_path, capsys, caplog):
+  # groupdiff_jax.main in this process (tests/cli_in_process.py; pytest runs tests in the main thread, where the
+  # SIGTERM handler goes); train.signal_at_step: the run sends itself SIGTERM after step 3, as a scheduler would.
   workdir = str(tmp_path / 'preempted')
-  run = subprocess.Popen(main_command(workdir, 100_000), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-  deadline = time.time() + 240
-  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '3')):
-    assert run.poll() is None and time.time() < deadline, run.communicate()[1][-3000:]
-    time.sleep(0.2)
-  run.send_signal(signal.SIGTERM)
-  _, stderr = run.communicate(timeout=240)
-  assert run.returncode == errors.EXIT_PREEMPTED, stderr[-3000:]  # saved, rerun to resume
-  reached, _ = saved(workdir)
-  assert reached >= 3 and f'Preempted after step {reached}' in stderr
+  caplog.set_level(logging.WARNING)
+  code, _, stderr = cli_in_process.run_main(capsys, *main_flags(workdir, 100_000, '--config.train.signal_at_step=3',
+                                                                '--config.train.signal_name=SIGTERM'))
+  assert code == errors.EXIT_PREEMPTED, stderr[-3000:]  # saved, rerun to resume
+  assert 'Preempted after step 3' in caplog.text
+  reached, preempted = saved(workdir)
+  assert reached == 3  # between the periodic checkpoints (every 2)
+  train.train_and_evaluate(tiny_config(**{'train.num_steps': 3}), str(tmp_path / 'whole'))
+  assert_trees_equal(saved(str(tmp_path / 'whole'))[1], preempted)
 
-  restart = subprocess.run(main_command(workdir, reached + 2), cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert restart.returncode == 0, restart.stderr[-3000:]
-  assert f'Resumed from step {reached}' in restart.stderr
-  step, resumed = saved(workdir)
-  assert step == reached + 2
 
-  train.train_and_evaluate(tiny_config(**{'train.num_steps': reached + 2, 'train.checkpoint_every': 3}),
-                           str(tmp_path / 'whole'))
-  assert_trees_equal(saved(str(tmp_path / 'whole'))[1], resumed)
+def test_ctrl_c_after_the_first_step_saves_it_exits_130_and_the_rerun_resumes(tmp_path, caplog):
+  # train.signal_at_step: SIGINT after step 1, as Ctrl-C would.
+  workdir = str(tmp_path / 'run')
+  # A fresh process: Ctrl-C's real exit status and output.
+  run = subprocess.run([sys.executable, '-m', 'groupdiff_jax.main', *main_flags(workdir, 100_000,
+                                                                                '--config.train.signal_at_step=1')],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert run.returncode == errors.EXIT_INTERRUPTED, run.stderr[-3000:]
+  assert 'Traceback' not in run.stderr and 'KeyboardInterrupt' not in run.stderr, run.stderr[-3000:]
+  resume_lines = [line for line in run.stderr.splitlines() if 'rerun the same command' in line]
+  assert len(resume_lines) == 1 and 'Interrupted (SIGINT) after step 1' in resume_lines[0], run.stderr[-3000:]
+  assert saved(workdir)[0] == 1
+
+  caplog.set_level(logging.INFO)
+  rerun = train.train_and_evaluate(tiny_config(**{'train.num_steps': 2}), workdir)
+  assert 'Resumed from step 1' in caplog.text and int(rerun.step) == 2

@@ -2,8 +2,9 @@
 
 Every check here is reachable from a config value, a flag or a file; each
 test asserts the class and that the message names the value or file. The
-CLI tests run `python -m groupdiff_jax.main` and assert exit code 2, exactly
-one `Error:` line and no traceback. Internal invariants (shapes the code
+CLI tests run `groupdiff_jax.main`'s command line in this process (one in a
+fresh process: configs from another working directory) and assert exit
+code 2 and exactly one `Error:` line, the whole output. Internal invariants (shapes the code
 builds itself) keep the built-in exceptions: the last tests check that.
 """
 
@@ -23,6 +24,7 @@ from groupdiff_jax.data import shards, tfds_source
 from groupdiff_jax.encoders import vae_weights, vit
 from groupdiff_jax.evaluation import evaluator, fid, inception, s_cross_sampling
 from groupdiff_jax.models import dit, embeddings, group_attention
+from tests import cli_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,29 +42,28 @@ def uint8_images(n, side=8, seed=0):
 
 
 # --- The command line: exit 2, one message, no traceback ------------------------------------------------------
-def run_main(workdir, *flags):
-  cmd = [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/digits.py', f'--workdir={workdir}', *flags]
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+# In this process (tests/cli_in_process.py): an uncaught exception (a traceback) fails pytest.raises(SystemExit).
+def run_digits(capsys, workdir, *flags):
+  return cli_in_process.run_main(capsys, f'--config={ROOT}/configs/digits.py', f'--workdir={workdir}', *flags)
 
 
 def assert_one_error(result, *names):
-  assert result.returncode == errors.EXIT_USER_ERROR, result.stderr[-3000:]
-  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-  lines = [line for line in result.stderr.splitlines() if line.startswith('Error:')]
-  assert len(lines) == 1, result.stderr[-3000:]
-  message = result.stderr[result.stderr.index('Error:'):]
+  code, _, stderr = result
+  assert code == errors.EXIT_USER_ERROR, stderr[-3000:]
+  lines = stderr.rstrip('\n').splitlines()
+  assert len(lines) == 1 and lines[0].startswith('Error: '), stderr[-3000:]
   for name in names:
-    assert name in message, message
+    assert name in lines[0], lines[0]
+  return lines[0]
 
 
-def test_cli_sampling_with_a_sampler_of_the_other_objective(tmp_path):
+def test_cli_sampling_with_a_sampler_of_the_other_objective(tmp_path, capsys):
   # Checked before any checkpoint is looked for (the workdir is empty).
-  result = run_main(str(tmp_path / 'run'), '--mode=sample', '--config.sample.sampler=ddpm')
+  result = run_digits(capsys, tmp_path / 'run', '--mode=sample', '--config.sample.sampler=ddpm')
   assert_one_error(result, "sample.sampler='ddpm'", 'model.objective')
 
 
-def test_cli_eval_with_a_reference_without_images_or_statistics(tmp_path):
+def test_cli_eval_with_a_reference_without_images_or_statistics(tmp_path, capsys):
   workdir = tmp_path / 'run'
   os.makedirs(workdir / 'samples')
   np.savez(workdir / 'samples' / 'samples_8x8x8x3.npz', arr_0=uint8_images(8))
@@ -70,14 +71,71 @@ def test_cli_eval_with_a_reference_without_images_or_statistics(tmp_path):
   np.savez(reference, labels=np.arange(8))
   graph = tmp_path / 'graph.pb'
   graph.write_bytes(b'not read: the reference is refused first')
-  result = run_main(str(workdir), '--mode=eval', f'--config.eval.reference_batch={reference}',
-                    f'--config.eval.inception_graph={graph}')
+  result = run_digits(capsys, workdir, '--mode=eval', f'--config.eval.reference_batch={reference}',
+                      f'--config.eval.inception_graph={graph}')
   assert_one_error(result, reference, "'arr_0' images or precomputed statistics")
 
 
-def test_cli_training_with_an_unknown_attention_impl(tmp_path):
-  result = run_main(str(tmp_path / 'run'), '--config.model.attention_impl=flashy', '--config.train.num_steps=1')
+def test_cli_training_with_an_unknown_attention_impl(tmp_path, capsys):
+  result = run_digits(capsys, tmp_path / 'run', '--config.model.attention_impl=flashy', '--config.train.num_steps=1')
   assert_one_error(result, "model.attention_impl='flashy'", 'auto')
+
+
+def test_cli_a_config_file_that_does_not_exist_names_it_and_the_shipped_configs(tmp_path, capsys):
+  result = cli_in_process.run_main(capsys, '--config=configs/digitz.py', f'--workdir={tmp_path}')
+  line = assert_one_error(result, '--config=configs/digitz.py: no such file', 'digits.py, dit_b.py')
+  assert line.endswith(f'did you mean {os.path.join(ROOT, "configs", "digits.py")}?')
+  assert 'pod_meshes.py' not in line  # a helper module of configs/, not a config
+
+
+def test_cli_a_config_file_without_get_config(tmp_path, capsys):
+  path = tmp_path / 'settings.py'
+  path.write_text('batch_size = 64\n')
+  result = cli_in_process.run_main(capsys, f'--config={path}', f'--workdir={tmp_path}')
+  assert_one_error(result, f'{path} defines no get_config()', 'digits.py')
+
+
+def test_cli_a_key_error_inside_a_config_file_is_its_bug_with_a_traceback(tmp_path, capsys):
+  path = tmp_path / 'broken.py'
+  path.write_text('def get_config():\n  return {}["model"]\n')
+  with pytest.raises(KeyError, match='model'):  # not reported as an unknown field
+    cli_in_process.run_main(capsys, f'--config={path}', f'--workdir={tmp_path}')
+
+
+def test_cli_a_misspelled_field_names_the_nearest_fields_unescaped(tmp_path, capsys):
+  result = run_digits(capsys, tmp_path, '--config.train.num_stepz=10')
+  line = assert_one_error(result, '--config.train.num_stepz=10', "no field 'num_stepz'", 'did you mean train.num_steps',
+                          'configs/default.py')
+  assert '\\' not in line
+  result = run_digits(capsys, tmp_path, '--config.trian.num_steps=10')  # a misspelled section
+  assert_one_error(result, "the config has no field 'trian'; did you mean train?")
+
+
+def test_cli_a_batch_of_partial_groups_names_the_nearest_valid_sizes(tmp_path, capsys):
+  result = run_digits(capsys, tmp_path / 'run', '--config.train.batch_size=18')  # groups of 4
+  assert_one_error(result, 'train.batch_size=18', 'train.group_size=4', '16 and 20')
+
+
+def test_cli_help_exits_0_and_points_to_the_default_config(capsys):
+  code, stdout, _ = cli_in_process.run_main(capsys, '--help')
+  assert code == 0
+  assert 'configs/default.py lists every field' in ' '.join(stdout.split())  # the --config flag's help
+
+
+def test_cli_a_config_outside_the_repository_builds_on_a_shipped_one(tmp_path):
+  # A fresh process whose sys.path lacks the repository root (as for an installed package run from elsewhere):
+  # the user's config imports configs.digits, which imports configs.default.
+  packages = tmp_path / 'packages'
+  packages.mkdir()
+  (packages / 'groupdiff_jax').symlink_to(os.path.join(ROOT, 'groupdiff_jax'))
+  (tmp_path / 'mine.py').write_text('from configs import digits\n\n\ndef get_config():\n'
+                                    '  config = digits.get_config()\n  config.train.batch_size = 18\n'
+                                    '  return config\n')
+  env = dict(os.environ, PYTHONPATH=str(packages), JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-m', 'groupdiff_jax.main', '--config=mine.py', '--workdir=run'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == errors.EXIT_USER_ERROR, result.stderr[-3000:]
+  assert result.stderr.rstrip().splitlines()[-1].startswith('Error: train.batch_size=18'), result.stderr[-3000:]
 
 
 # --- Config values --------------------------------------------------------------------------------------------

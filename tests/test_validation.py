@@ -32,7 +32,8 @@ def test_a_good_config_passes_and_gives_the_step_kinds(tmp_path):
 
 
 def test_batch_not_divisible_by_group_size(tmp_path):
-  with pytest.raises(ValueError, match=r'train.batch_size=18 is not divisible by train.group_size=4'):
+  with pytest.raises(ValueError, match=r'train.batch_size=18 is not whole groups of train.group_size=4; the nearest '
+                                       r'batch sizes that are: 16 and 20\.'):
     validation.check_before_training(config_with(batch_size=18), str(tmp_path), fake_mesh(1))
 
 
@@ -78,8 +79,12 @@ def test_nonpositive_batch_size_is_a_config_error():
 
 
 def test_indivisible_batch_is_a_user_error():
-  with pytest.raises(errors.UserError, match='batch_size=18 is not divisible by train.group_size=4'):
+  with pytest.raises(errors.UserError, match='batch_size=18 is not whole groups of train.group_size=4'):
     step_plan.step_kinds(18, 4, 0.5)
+  with pytest.raises(errors.UserError, match='nearest batch sizes that are: 4.$'):  # none below
+    step_plan.step_kinds(3, 4, 0.5)
+  with pytest.raises(errors.UserError, match='nearest batch sizes that are: 16 and 20.$'):  # GroupDiff-f
+    step_plan.step_kinds(18, 4, 0.0, mode='groupdiff_f')
 
 
 def test_group_size_above_the_in_memory_neighbour_lists_is_refused():
