@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from groupdiff_jax import describe as describe_lib
-from groupdiff_jax import errors, sample, sample_job, sharding, step_plan, storage
+from groupdiff_jax import errors, sample, sharding, step_plan, storage
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
@@ -366,11 +366,11 @@ def without_persistent_cache():
 def _sampler_lowering(config, model, abstract, devices):
   """(lower_fn, devices, images per call) of the sample job's jitted call on one process's devices.
 
-  The mesh is sample_job.local_mesh over the first process's devices; the
+  The mesh is sample.local_mesh over the first process's devices; the
   inputs are abstract (EMA params replicated, labels batch-sharded).
   """
   local = [d for d in devices if d.process_index == devices[0].process_index]
-  mesh = sample_job.local_mesh(config.sample.groups_per_batch, local)
+  mesh = sample.local_mesh(config.sample.groups_per_batch, local)
   sampler = sample.make_sampler(model, config.sample, config.model, mesh)
   params = with_shardings(abstract.ema_params, jax.tree.map(lambda _: sharding.replicated(mesh), abstract.ema_params))
   images = config.sample.groups_per_batch * config.sample.images_per_group

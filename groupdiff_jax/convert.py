@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from groupdiff_jax import checkpoint, errors, weights_io
+from groupdiff_jax import checkpoint, converted, errors, weights_io
 from groupdiff_jax.models import dit, embeddings
 
 # ------------------------------------------------------------------------------------------ the declarative mapping
@@ -464,34 +464,6 @@ def infer_architecture(state: Mapping[str, Any], patch_size: int, in_channels: i
   return found
 
 
-# The settings converted.json records that shapes alone cannot check (time_convention) or that a config
-# must repeat (eval configs set them by hand).
-RECORDED_MODEL_FIELDS = ('learn_sigma', 'max_group_size', 'time_convention')
-
-
-def check_model_config(path, model_config) -> None:
-  """Raise when `model_config` disagrees with the conversion record in directory `path`.
-
-  Does nothing when `path` has no converted.json (a training workdir).
-  The time convention matters most: a wrong one gives a model that loads
-  and runs but samples noise.
-
-  Raises:
-    ValueError naming each field, both values and the override to pass.
-  """
-  record_path = os.path.join(os.fspath(path), 'converted.json')
-  if not os.path.isfile(record_path):
-    return
-  architecture = read_conversion_record(path).get('architecture', {})
-  configured = {name: model_config.get(name, dit.DiT.__dataclass_fields__[name].default)
-                for name in RECORDED_MODEL_FIELDS}
-  wrong = [f'model.{name}: the config has {configured[name]!r}, {record_path} says {architecture[name]!r} '
-           f'(pass --config.model.{name}={architecture[name]})'
-           for name in RECORDED_MODEL_FIELDS if name in architecture and configured[name] != architecture[name]]
-  if wrong:
-    raise errors.ConfigError('The model config does not match the converted weights:\n  ' + '\n  '.join(wrong))
-
-
 # ------------------------------------------------------------------------------------------ files in, files out
 
 
@@ -534,7 +506,7 @@ def save_converted_params(output, params, report, source='', variant=''):
   manager.save(0, args=ocp.args.StandardSave({'params': params, 'ema_params': params}))
   manager.wait_until_finished()
   record = dict(dataclasses.asdict(report), source=os.fspath(source), variant=variant)
-  with open(os.path.join(output, 'converted.json'), 'w') as f:
+  with open(os.path.join(output, converted.RECORD_FILE), 'w') as f:
     json.dump(record, f, indent=1, sort_keys=True)
 
 
@@ -542,11 +514,6 @@ def load_converted_params(path) -> dict:
   """The params written by `convert_checkpoint` to directory `path` (nested dict of jax arrays)."""
   params, _ = checkpoint.load_params(path, use_ema=True)
   return params
-
-
-def read_conversion_record(path) -> dict:
-  with open(os.path.join(path, 'converted.json')) as f:
-    return json.load(f)
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -10,6 +10,10 @@ FLOPs count a multiply-add as 2. (The DiT paper's "119 GFLOPs" for
 DiT-XL/2 counts multiply-adds, i.e. 238 GFLOPs here.) A train step is
 forward + backward = 3x the forward; with `model.remat='full'` the hardware
 does one more forward (reported separately: MFU uses the model FLOPs).
+
+Also the sampling costs the training monitor states (`sampling_flops`,
+`grid_cost`: a sample grid's FLOPs against the training FLOPs between two
+grids).
 """
 
 import dataclasses
@@ -84,6 +88,50 @@ def step_flops(arch, kind, remat='none'):
   forward = sum(sub.num_images * forward_flops(arch, sub.group_size)['total'] for sub in kind)
   extra = forward if remat == 'full' else 0
   return {'model': 3 * forward, 'hardware': 3 * forward + extra}
+
+
+def sampler_nfe(sample_config, model_config):
+  """Model evaluations per branch of one sampler run; None for the adaptive dopri5."""
+  from groupdiff_jax import diffusion as gd
+  from groupdiff_jax import sample, samplers
+  method = sample_config.sampler
+  if model_config.get('objective', 'sit') == 'dit':
+    return gd.create_schedule(sample.timestep_respacing(sample_config)).num_timesteps
+  if method == 'dopri5':
+    return None
+  if method == 'sde':
+    return sample_config.num_steps
+  return samplers.number_of_function_evaluations(sample_config.num_steps, method)
+
+
+def sampling_flops(config, num_images):
+  """Upper bound of the FLOPs of sampling `num_images` (NFE x forward FLOPs of both CFG branches, group attention
+  and guidance at every step); None for dopri5."""
+  arch = arch_from_config(config.model)
+  nfe = sampler_nfe(config.sample, config.model)
+  if nfe is None:
+    return None
+  s = config.sample
+  per_image = forward_flops(arch, s.cond_group_size)['total']
+  if s.cfg_scale != 1.0:
+    per_image += forward_flops(arch, s.uncond_group_size)['total']
+  return nfe * num_images * per_image
+
+
+def grid_cost(config):
+  """The grid's FLOPs against the training FLOPs between two grids (the cheapest step kind: an upper bound).
+
+  Returns {'grid_flops', 'train_step_flops', 'ratio'} (ratio None when
+  train.sample_every is 0 or the sampler is adaptive).
+  """
+  t = config.train
+  arch = arch_from_config(config.model)
+  kinds = step_plan.step_kinds(t.batch_size, t.group_size, t.group_ratio, t.mode, t.mixed_steps)
+  train_flops = min(step_flops(arch, kind)['model'] for kind in kinds.values())
+  grid = sampling_flops(config, config.sample.grid_groups * config.sample.images_per_group)
+  every = t.get('sample_every', 0)
+  ratio = grid / (every * train_flops) if grid is not None and every else None
+  return {'grid_flops': grid, 'train_step_flops': train_flops, 'ratio': ratio}
 
 
 def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention_impl, platform=None):

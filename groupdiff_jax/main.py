@@ -72,7 +72,7 @@ def main(argv):
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX %s on %d %s device(s).', jax.__version__, jax.device_count(), jax.default_backend())
   if FLAGS.mode == 'train':
-    state = train.train_and_evaluate(config, FLAGS.workdir)
+    state = train.train_and_evaluate(config, FLAGS.workdir, write_samples=sample_job.sample_and_save)
     if int(jax.device_get(state.step)) < config.train.num_steps:
       # Preempted: the checkpoint is saved; rerun the same command to resume.
       sys.exit(errors.EXIT_PREEMPTED)

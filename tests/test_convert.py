@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from groupdiff_jax import convert
+from groupdiff_jax import convert, converted
 from groupdiff_jax.models import dit
 from tests import reference_dit
 
@@ -162,7 +162,7 @@ def test_every_param_comes_from_the_file_with_the_right_layout(tmp_path, fmt):
                                 sd['sample_embedder.embedding_table.weight'])
   np.testing.assert_array_equal(params['final_layer']['adaLN_modulation_1']['bias'],
                                 sd['final_layer.adaLN_modulation.1.bias'])
-  record = convert.read_conversion_record(tmp_path / 'out')
+  record = converted.read_conversion_record(tmp_path / 'out')
   assert record['architecture']['max_group_size'] == 4 and record['architecture']['learn_sigma']
 
 

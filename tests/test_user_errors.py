@@ -21,7 +21,7 @@ from groupdiff_jax import (checkpoint, convert, distributed, errors, sample, sam
                            transport)
 from groupdiff_jax.data import shards, tfds_source
 from groupdiff_jax.encoders import vae_weights, vit
-from groupdiff_jax.evaluation import evaluator, fid, inception, s_cross_sampling
+from groupdiff_jax.evaluation import evaluator, fid, inception, s_cross
 from groupdiff_jax.models import dit, embeddings, group_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,7 +245,7 @@ def test_internal_invariants_stay_builtin_errors():
     transport.path_coefficients('curvy', jnp.float32(0.5))  # Transport() validates first
   assert not isinstance(error.value, errors.UserError)
   with pytest.raises(ValueError) as error:
-    s_cross_sampling.s_cross_branch(tiny_config(cond_group_size=1, uncond_group_size=1).sample)
+    s_cross.s_cross_branch(tiny_config(cond_group_size=1, uncond_group_size=1).sample)
   assert isinstance(error.value, errors.ConfigError)  # config-reachable: converted
 
 
