@@ -59,3 +59,8 @@ def test_jobs_do_not_import_each_other_only_main_dispatches():
   crossing = {name: sorted(job for job in imported_modules(path) if is_job(job) and job != name)
               for name, path in modules().items() if is_job(name) and name != 'groupdiff_jax.main'}
   assert {name: jobs for name, jobs in crossing.items() if jobs} == {}
+
+
+def test_no_file_of_the_package_is_over_450_lines():
+  lengths = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in PACKAGE.rglob('*.py')}
+  assert {name: n for name, n in lengths.items() if n > 450} == {}
