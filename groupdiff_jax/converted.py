@@ -1,12 +1,15 @@
-"""The conversion record `converted.json` that convert.py writes beside imported weights, and the check of a
-model config against it (train.py's `train.init_from`, the sample job's workdir).
+"""What convert.py writes: imported weights as a checkpoint plus the record `converted.json`, and the check of a
+model config against that record (train.py's `train.init_from`, the sample job's workdir).
 """
 
+import dataclasses
 import json
+import os
 
+import orbax.checkpoint as ocp
 from etils import epath
 
-from groupdiff_jax import errors
+from groupdiff_jax import checkpoint, errors
 from groupdiff_jax.models import dit
 
 RECORD_FILE = 'converted.json'
@@ -41,3 +44,31 @@ def check_model_config(path, model_config) -> None:
            for name in RECORDED_MODEL_FIELDS if name in architecture and configured[name] != architecture[name]]
   if wrong:
     raise errors.ConfigError('The model config does not match the converted weights:\n  ' + '\n  '.join(wrong))
+
+
+@dataclasses.dataclass
+class ConversionReport:
+  """What a conversion did, written beside the params as converted.json."""
+  weights: str = 'plain'  # the chosen set: model_ema | ema | model | state_dict | plain
+  mapped: int = 0  # keys that became params
+  ignored: dict = dataclasses.field(default_factory=dict)  # key -> why
+  skipped_entries: list = dataclasses.field(default_factory=list)  # top-level checkpoint entries, not weights
+  fresh: dict = dataclasses.field(default_factory=dict)  # param path -> how it was initialised
+  architecture: dict = dataclasses.field(default_factory=dict)
+
+
+def save_converted_params(output, params, report, source='', variant=''):
+  """Write `<output>/checkpoints/0` (orbax: params and ema_params) and `<output>/converted.json`."""
+  manager = checkpoint.checkpoint_manager(output, max_to_keep=1)
+  if manager.latest_step() is not None:
+    raise FileExistsError(f'{manager.directory} already holds a checkpoint; choose a new --output.')
+  manager.save(0, args=ocp.args.StandardSave({'params': params, 'ema_params': params}))
+  manager.wait_until_finished()
+  record = dict(dataclasses.asdict(report), source=os.fspath(source), variant=variant)
+  (epath.Path(output) / RECORD_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+def load_converted_params(path) -> dict:
+  """The params written by `convert_checkpoint` to directory `path` (nested dict of jax arrays)."""
+  params, _ = checkpoint.load_params(path, use_ema=True)
+  return params
