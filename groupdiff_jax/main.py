@@ -81,7 +81,7 @@ def main(argv):
       sample_job.sample_and_save(config, FLAGS.workdir, params, int(jax.device_get(state.step)))
   elif FLAGS.mode == 'describe':
     from groupdiff_jax import describe
-    print(describe.format_description(describe.describe(config, cost_analysis=FLAGS.describe_xla_check)))
+    describe.run(config, xla_check=FLAGS.describe_xla_check)
   elif FLAGS.mode == 'compile':
     from groupdiff_jax import compile_job
     compile_job.run(config, FLAGS.workdir)
