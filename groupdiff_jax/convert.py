@@ -57,7 +57,6 @@ must set `model.time_convention` to it: the model then feeds the network
 trainer work unchanged. The weights themselves are not changed.
 """
 
-import logging
 import os
 import re
 from collections.abc import Mapping
@@ -66,6 +65,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from groupdiff_jax import converted, errors, weights_io
 from groupdiff_jax.models import dit, embeddings

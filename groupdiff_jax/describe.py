@@ -21,12 +21,12 @@ grids).
 import concurrent.futures
 import dataclasses
 import functools
-import logging
 import math
 import os
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from groupdiff_jax import sharding, step_plan
 from groupdiff_jax import train_step as train_step_lib

@@ -11,13 +11,13 @@ integrators themselves are in samplers.py.
 """
 
 import functools
-import logging
 import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from groupdiff_jax import diffusion as gd

@@ -35,12 +35,12 @@ The config lines, config.json, the metric writer and device memory are in
 run_log.py; the FLOP costs in describe.py.
 """
 
-import logging
 import os
 import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from groupdiff_jax import describe, errors, run_log, sample, sample_chunks, sharding, storage
 

@@ -24,7 +24,6 @@ the finite-sample floor (experiments/table1.py reports both in its meta).
 """
 
 import json
-import logging
 import time
 
 import flax.linen as nn
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from etils import epath
 from flax import serialization
 
