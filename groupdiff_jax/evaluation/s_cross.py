@@ -256,12 +256,6 @@ def make_trajectory_sampler(model, model_config, sample_config):
   return sample
 
 
-def stage_of(t, stage_starts):
-  """Index of the stage [stage_starts[i], stage_starts[i + 1]) holding time t (SiT: 0 = noise), compared in
-  float32 as the sampler's times; a time before the first start belongs to stage 0."""
-  t = np.float32(t)
-  return max([0] + [i for i, start in enumerate(stage_starts) if np.float32(start) <= t])
-
 # --- Caller 2: re-noised final samples -----------------------------------------------
 def s_cross_branch(sample_config):
   """(name, group size, unconditional) of the branch whose attention over its group is measured.
