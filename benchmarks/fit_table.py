@@ -136,7 +136,7 @@ def _refusal(workdir):
 
 
 def _chip(report):
-  """Per-device HBM/peak; v4 reports written before compile_job.per_device (no 'devices_per_chip') gave a
+  """Per-device HBM/peak; v4 reports written before tpu_topology.per_device (no 'devices_per_chip') gave a
   whole chip (2 TensorCores, 2 devices) to each device: halve them (the same rule as per_device)."""
   chip = dict(report['chip'])
   if 'devices_per_chip' not in chip and report['topology'].startswith('v4:'):

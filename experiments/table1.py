@@ -26,10 +26,10 @@ CNN's class accuracy on the samples (vs their conditioning classes).
 meta.json holds the CNN's accuracy on held-out real images
 (`evaluator_real_accuracy`) and their FD_toy (`fd_real_held_out`). S_cross
 of the unconditional group branch on the sampler's own trajectory
-(evaluation/s_cross_trajectory.py: every step's x_t with the ids the branch
+(evaluation/s_cross.py, make_trajectory_sampler: every step's x_t with the ids the branch
 drew), per step, per stage (STAGES) and per layer, with the attention's self
 mass and the histogram of a_ij; beside it the re-noised probe of the final
-samples (evaluation/s_cross_sampling.py). Comparisons: paired over seeds,
+samples (evaluation/s_cross.py, renoised_masses). Comparisons: paired over seeds,
 95% t-interval and verdict (experiments/table1_stats.py).
 
 Resume: every run writes <runs>/<setting>_seed<k>.json as it finishes
@@ -72,7 +72,7 @@ from experiments.table1_settings import (DEFAULT_SETTINGS, SETTINGS, check_setti
                                          training_config)
 from groupdiff_jax import errors, samplers, sharding, step_plan, train, train_step
 from groupdiff_jax.data import toy_shapes
-from groupdiff_jax.evaluation import fid, s_cross_sampling, s_cross_trajectory, toy_features
+from groupdiff_jax.evaluation import s_cross, toy_features
 from groupdiff_jax.models.dit import model_from_config
 from groupdiff_jax.sample import group_labels, save_grid, to_uint8
 
@@ -122,13 +122,13 @@ def sample_run(config, model, params, cache, num_samples, chunk, probe_images):
   per_group, group_size = config.sample.images_per_group, config.sample.uncond_group_size
   chunk = max(per_group, chunk // per_group * per_group)
   if 'sampler' not in cache:
-    cache['sampler'] = s_cross_trajectory.make_trajectory_sampler(model, config.model, config.sample)
+    cache['sampler'] = s_cross.make_trajectory_sampler(model, config.model, config.sample)
   labels = np.asarray(group_labels(num_samples // per_group, per_group, config.model.num_classes))
   key, renoise_key = jax.random.split(jax.random.PRNGKey(config.seed + 1))
   shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
   fraction = config.sample.group_stage_fraction
   grouped_branch_runs = group_size > 1 and config.sample.cfg_scale != 1.0  # CFG 1: the conditional singles alone
-  grouped_somewhere = grouped_branch_runs and any(s_cross_sampling.group_attention_at(s, fraction) for s in STAGES)
+  grouped_somewhere = grouped_branch_runs and any(s_cross.group_attention_at(s, fraction) for s in STAGES)
   probe_images = min(probe_images, chunk) // group_size * group_size if grouped_somewhere else 0
   images, record, probed_x = [], None, None
   for i in range(0, len(labels), chunk):
@@ -143,13 +143,13 @@ def sample_run(config, model, params, cache, num_samples, chunk, probe_images):
       record, probed_x = chunk_record, x[:probe_images]
   trajectory = renoised = None
   if probe_images:
-    trajectory = s_cross_trajectory.trajectory_report(record, STAGES, group_size)
+    trajectory = s_cross.trajectory_report(record, STAGES, group_size)
     sample_config = config.sample.copy_and_resolve_references()
     with sample_config.unlocked():
       sample_config.s_cross_stages = STAGES
-    layers, mass = s_cross_sampling.s_cross_masses(model, params, probed_x, labels[:probe_images],
-                                                   renoise_key, sample_config, config.model)
-    renoised = s_cross_sampling.s_cross_report(layers, mass, sample_config)
+    layers, mass = s_cross.renoised_masses(model, params, probed_x, labels[:probe_images], renoise_key,
+                                           sample_config, config.model)
+    renoised = s_cross.renoised_report(layers, mass, sample_config)
   return np.concatenate(images), labels, trajectory, renoised
 
 
@@ -335,9 +335,7 @@ def main(argv=None):
   images, labels, attributes, _ = toy_shapes.load_toy_shapes(data.num_images, data.dataset_seed, data.image_size,
                                                              data.embedding_dims, data.num_neighbors, **options)
   held_images, held_labels, _ = toy_shapes.make_shapes(args.held_out, HELD_OUT_SEED, data.image_size, **options)
-  feature_params = toy_features.train_feature_net(images, labels, attributes, args.feature_steps)
-  featurize = toy_features.make_featurizer(feature_params)
-  reference = fid.FIDStatistics.from_features(featurize(images)[0])
+  featurize, reference, _ = toy_features.load_or_train(images, labels, attributes, args.feature_steps)
   real = toy_features.evaluate_real(featurize, held_images, held_labels, reference)
   meta = {'evaluator_real_accuracy': real['accuracy'], 'fd_real_held_out': real['fd'],
           'held_out_images': args.held_out, 'held_out_dataset_seed': HELD_OUT_SEED,

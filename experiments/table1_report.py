@@ -20,10 +20,10 @@ DEFINITIONS = {
     'class_accuracy': "fraction of generated images the evaluator classifies as their conditioning class",
     's_cross': "percent; METHOD.md section 4 (our reading) measured on the sampler's own trajectory: the x_t, "
                'time, null labels and sample ids of the unconditional group branch at every step that runs it '
-               'grouped (evaluation/s_cross_trajectory.py); masses averaged over those steps and the layers, then '
+               'grouped (evaluation/s_cross.py, make_trajectory_sampler); masses averaged over those steps and the layers, then '
                'scored; mean over the probed groups',
     's_cross_renoised': 'percent; the final samples noised back to each stage by the forward process, one probe '
-                        'pass per stage (evaluation/s_cross_sampling.py)',
+                        'pass per stage (evaluation/s_cross.py, renoised_masses)',
     'self_mass_fraction': "attention mass a member's queries keep on its own tokens (1/N: uniform over the group)",
     'share_histogram': 'counts of a_ij (j != i, renormalised over the other members) over probed steps, layers, '
                        'groups and members, summed over seeds; uniform_share = 1/(N-1)',
@@ -80,7 +80,7 @@ def setting_row(name, runs):
       's_cross_per_stage': _mean_of_dicts([t['per_stage_percent'] for t in trajectory]),
       's_cross_per_layer': _mean_of_dicts([t['per_layer_percent'] for t in trajectory]),
       's_cross_renoised': _mean_sd([t['mean_percent'] for t in renoised])[0],
-      's_cross_renoised_per_stage': _mean_of_dicts([t['per_stage'] for t in renoised]),
+      's_cross_renoised_per_stage': _mean_of_dicts([_renoised_per_stage(t) for t in renoised]),
       'self_mass_fraction': _mean_sd([t['self_mass_fraction'] for t in trajectory])[0],
       'self_mass_fraction_per_layer': _mean_of_dicts([t['self_mass_fraction_per_layer'] for t in trajectory]),
       'self_mass_fraction_per_stage': _mean_of_dicts([t['self_mass_fraction_per_stage'] for t in trajectory]),
@@ -93,10 +93,15 @@ def setting_row(name, runs):
   if histograms:
     row['share_histogram'] = {'edges': histograms[0]['edges'],
                               'counts': np.sum([h['counts'] for h in histograms], 0).astype(int).tolist()}
-  renoised_per_stage = row['s_cross_renoised_per_stage']  # s_cross_sampling reports fractions
-  row['s_cross_renoised_per_stage'] = {f'{float(k):g}': None if v is None else 100.0 * v  # keys as the trajectory's
-                                       for k, v in renoised_per_stage.items()}
   return row
+
+
+def _renoised_per_stage(renoised):
+  """{stage: percent} of a re-noised S_cross report; run records written before the one S_cross schema hold
+  fractions under 'per_stage' with keys str(float)."""
+  if 'per_stage_percent' in renoised:
+    return renoised['per_stage_percent']
+  return {f'{float(k):g}': None if v is None else 100.0 * v for k, v in renoised['per_stage'].items()}
 
 
 def comparisons(rows):

@@ -25,13 +25,11 @@ import os
 import sys
 import time
 
-import jax
-from flax import serialization
 
 from experiments import plots, table1
 from groupdiff_jax import sharding
 from groupdiff_jax.data import toy_shapes
-from groupdiff_jax.evaluation import fid, toy_features
+from groupdiff_jax.evaluation import toy_features
 from groupdiff_jax.models.dit import model_from_config
 from groupdiff_jax.sample import save_grid
 
@@ -64,26 +62,10 @@ def load_or_train_evaluator(args, images, labels, attributes, held_images, held_
     data_tag = f"_{'-'.join(options['textures'])}_size{low:g}-{high:g}"
   name = f'toy_features_{args.feature_steps}_dataset{args.num_images or len(images)}{data_tag}.msgpack'
   path = os.path.join(args.feature_cache, name) if args.feature_cache else None
-  info_path = f'{path}.json' if path else None
-  if path and os.path.exists(path) and os.path.exists(info_path):
-    template = toy_features.FeatureNet().init(jax.random.PRNGKey(0), images[:1])['params']
-    with open(path, 'rb') as f:
-      params = serialization.from_bytes(template, f.read())
-    with open(info_path) as f:
-      info = json.load(f)
-  else:
-    tic = time.time()
-    params = toy_features.train_feature_net(images, labels, attributes, args.feature_steps)
-    info = {'steps': args.feature_steps, 'train_seconds': time.time() - tic}
-  featurize = toy_features.make_featurizer(params)
-  reference = fid.FIDStatistics.from_features(featurize(images)[0])
+  featurize, reference, seconds = toy_features.load_or_train(images, labels, attributes, args.feature_steps, path,
+                                                             trained_on=options)
+  info = {'steps': args.feature_steps, 'train_seconds': seconds}
   info.update(toy_features.evaluate_real(featurize, held_images, held_labels, reference))
-  if path:
-    os.makedirs(args.feature_cache, exist_ok=True)
-    with open(path, 'wb') as f:
-      f.write(serialization.to_bytes(params))
-    with open(info_path, 'w') as f:
-      json.dump(info, f, indent=2)
   return featurize, reference, info
 
 

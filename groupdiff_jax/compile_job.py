@@ -36,150 +36,18 @@ import concurrent.futures
 import contextlib
 import functools
 import json
-import math
 import os
-import re
 import time
 
 import jax
 import jax.numpy as jnp
 
 from groupdiff_jax import describe as describe_lib
-from groupdiff_jax import errors, sample, sample_job, sharding, step_plan, storage
+from groupdiff_jax import errors, sample, sharding, step_plan, storage
 from groupdiff_jax import train_step as train_step_lib
+from groupdiff_jax.compiled_stats import COLLECTIVE_BYTES_RULE, analyse
 from groupdiff_jax.models.dit import model_from_config
-
-# Per chip (per_device divides by the devices a chip shows as): HBM bytes and dense bf16 peak FLOP/s, from
-# Google Cloud's TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
-# /v6e): v4 32 GiB, 275 TFLOP/s; v5e 16 GiB, 197 TFLOP/s; v5p 95 GiB,
-# 459 TFLOP/s; v6e (Trillium) 32 GiB, 918 TFLOP/s.
-CHIPS = {
-    'v4': {'hbm_bytes': 32 * 2**30, 'bf16_flops': 275e12},
-    'v5e': {'hbm_bytes': 16 * 2**30, 'bf16_flops': 197e12},
-    'v5p': {'hbm_bytes': 95 * 2**30, 'bf16_flops': 459e12},
-    'v6e': {'hbm_bytes': 32 * 2**30, 'bf16_flops': 918e12},
-}
-TOPOLOGY_FORM = ('<chip>:<AxB> or <chip>:<AxBxC>, chip one of ' + ', '.join(CHIPS) +
-                 '; e.g. v5e:2x2, v5e:8x8, v4:2x2x4, v5p:2x2x2, v5p:4x4x4, v6e:8x8')
-COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
-MOSAIC_TARGET = 'custom_call_target="tpu_custom_call"'
-PIP_TPU = "pip install -e '.[tpu]'"
-
-
-# --- Devices and mesh ---------------------------------------------------------
-def chip_of(topology):
-  """'v5p:2x2x2' -> 'v5p'; ConfigError naming the accepted form for anything else."""
-  match = re.fullmatch(r'(v4|v5e|v5p|v6e):(\d+)x(\d+)(x\d+)?', topology or '')
-  if not match:
-    raise errors.ConfigError(f'compile.topology={topology!r} is not a TPU topology name; use {TOPOLOGY_FORM}.')
-  return match.group(1)
-
-
-def abstract_devices(topology, num_slices=1):
-  """The abstract TPU devices of `num_slices` slices of `topology` (no TPU needed; libtpu is)."""
-  chip_of(topology)
-  try:
-    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-  except ImportError as error:
-    raise errors.ConfigError(f'--mode=compile needs libtpu (the TPU compiler), which is not installed: '
-                             f'run {PIP_TPU} (about 700 MB).') from error
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  try:
-    return list(topologies.get_topology_desc(platform='tpu', topology_name=topology,
-                                             num_slices=num_slices).devices)
-  except Exception as error:  # pylint: disable=broad-except
-    if 'libtpu_lockfile' in str(error):
-      raise errors.ConfigError('another process holds libtpu (/tmp/libtpu_lockfile): wait for it, or, since '
-                               '--mode=compile needs no TPU, run with ALLOW_MULTIPLE_LIBTPU_LOAD=1.') from error
-    raise errors.ConfigError(f'compile.topology={topology!r} (num_slices={num_slices}) was refused by the TPU '
-                             f'compiler ({str(error).splitlines()[0][:200]}); use {TOPOLOGY_FORM}.') from error
-
-
-def per_device(chip, devices):
-  """The chip's HBM and peak per JAX device: v4 topologies list each of a chip's 2 TensorCores as a device
-  (they share the chip's coordinates), so a device has half the chip; v5e/v5p/v6e have one device a chip."""
-  chips = {(getattr(d, 'slice_index', 0), tuple(d.coords)) for d in devices}
-  cores = max(1, len(devices) // max(1, len(chips)))
-  return {'hbm_bytes': chip['hbm_bytes'] // cores, 'bf16_flops': chip['bf16_flops'] / cores,
-          'devices_per_chip': cores}
-
-
-def target_mesh(config, devices, num_slices):
-  """sharding.make_mesh over the abstract devices; ConfigError when the mesh does not match them."""
-  m = config.mesh
-  dcn = m.get('dcn_data', 1) * m.get('dcn_fsdp', 1)
-  if dcn != num_slices:
-    raise errors.ConfigError(f'mesh.dcn_data={m.get("dcn_data", 1)} x mesh.dcn_fsdp={m.get("dcn_fsdp", 1)} = {dcn} '
-                             f'but compile.num_slices={num_slices}: the dcn_* axes span the slices; make their '
-                             'product the number of slices.')
-  try:
-    return sharding.make_mesh(m, devices)
-  except ValueError as error:
-    raise errors.ConfigError(f'{error} ({len(devices)} devices = {num_slices} slice(s) of '
-                             f'{config.compile.topology}); set --config.mesh.data / --config.mesh.fsdp so that '
-                             'their product (times dcn_*) is the device count.') from error
-
-
-def with_shardings(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-# --- Reading a compiled program -----------------------------------------------
-_SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'f32': 4,
-          's64': 8, 'u64': 8, 'f64': 8}
-
-
-COLLECTIVE_BYTES_RULE = 'per device, summed over tuple results (the larger half of an async -start)'
-
-
-def collectives(hlo_text):
-  """{op: {'count', 'bytes'}} of the collectives in optimized HLO text.
-
-  Bytes: the arrays of the instruction's result type, summed (XLA combines
-  many gradient all-reduces into one instruction with a tuple result). An
-  async `-start` returns (operands, results) in one tuple: the larger half
-  is counted (the result of a gather, the operand of a scatter), i.e. the
-  bytes moved per device.
-  """
-  out = {op: {'count': 0, 'bytes': 0} for op in COLLECTIVES}
-  pattern = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
-  for line in hlo_text.splitlines():
-    match = pattern.search(line)
-    if not match:
-      continue
-    sizes = [_BYTES[t] * math.prod(int(d) for d in dims.split(',') if d) for t, dims in _SHAPE.findall(match.group(1))]
-    if match.group(3) and len(sizes) > 1:
-      half = len(sizes) // 2
-      moved = max(sum(sizes[:half]), sum(sizes[half:]))
-    else:
-      moved = sum(sizes)
-    out[match.group(2)]['count'] += 1
-    out[match.group(2)]['bytes'] += moved
-  return out
-
-
-def _first(value):
-  return value[0] if isinstance(value, (list, tuple)) else value
-
-
-def analyse(compiled, compile_seconds):
-  """memory, cost, collectives and Mosaic kernels of a jax Compiled."""
-  mem = compiled.memory_analysis()
-  memory = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
-            for k in ('argument', 'output', 'temp', 'alias', 'generated_code')}
-  # Live at the peak: inputs, outputs not aliased to (donated) inputs, temporaries, code.
-  memory['peak'] = memory['argument'] + memory['output'] - memory['alias'] + memory['temp'] + memory['generated_code']
-  cost = _first(compiled.cost_analysis()) or {}
-  text = compiled.as_text()
-  return {'memory_bytes_per_device': memory,
-          'compiler_flops_per_device': float(cost.get('flops', 0.0)),
-          'compiler_optimal_seconds': float(cost.get('optimal_seconds', 0.0)),
-          'compiler_bytes_accessed_per_device': float(cost.get('bytes accessed', 0.0)),
-          'collectives': collectives(text),
-          'mosaic_kernels': text.count(MOSAIC_TARGET),
-          'compile_seconds': compile_seconds}
-
+from groupdiff_jax.tpu_topology import CHIPS, abstract_devices, chip_of, per_device, target_mesh, with_shardings
 
 ADVICE = ('shard parameters/optimizer state over more devices (--config.mesh.fsdp=... with --config.mesh.data=-1), '
           'rematerialise activations (--config.model.remat=dots_saveable or full), or a smaller global batch '
@@ -366,11 +234,11 @@ def without_persistent_cache():
 def _sampler_lowering(config, model, abstract, devices):
   """(lower_fn, devices, images per call) of the sample job's jitted call on one process's devices.
 
-  The mesh is sample_job.local_mesh over the first process's devices; the
+  The mesh is sample.local_mesh over the first process's devices; the
   inputs are abstract (EMA params replicated, labels batch-sharded).
   """
   local = [d for d in devices if d.process_index == devices[0].process_index]
-  mesh = sample_job.local_mesh(config.sample.groups_per_batch, local)
+  mesh = sample.local_mesh(config.sample.groups_per_batch, local)
   sampler = sample.make_sampler(model, config.sample, config.model, mesh)
   params = with_shardings(abstract.ema_params, jax.tree.map(lambda _: sharding.replicated(mesh), abstract.ema_params))
   images = config.sample.groups_per_batch * config.sample.images_per_group

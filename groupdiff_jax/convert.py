@@ -27,29 +27,26 @@ Which weights: `--use_ema` (default) takes `model_ema` (or `ema`), else
 `_orig_mod.` (torch.compile) and `denoiser.` (GroupDiff) are stripped.
 
 The mapping is one declarative table, `RENAME_TABLE` (official module ->
-our module, layout), with per-layout leaf rules `LEAF_RULES`: Linear
-[out, in] -> Dense kernel [in, out]; the patch conv OIHW -> HWIO; embedding
-tables as they are. The expected tree and shapes come from `jax.eval_shape`
-of the model's init. Every key of the file is either mapped (to a distinct
-leaf, with its shape checked) or matched by `IGNORED_KEYS` (REPA's
-projector heads; `pos_embed`, which is compared with our fixed sin-cos
-embedding and then dropped); `UNSUPPORTED_KEYS` name layouts our model does
-not implement. All problems are reported together in one `ConversionError`
-naming the keys, expected and found shapes.
+our module, layout), with per-layout leaf rules `LEAF_RULES` (weights_io
+layouts: Linear [out, in] -> Dense kernel [in, out]; the patch conv OIHW ->
+HWIO; embedding tables as they are), run by weights_io's import engine:
+every key is mapped to a distinct leaf of the model's `jax.eval_shape` tree
+with its shape checked, or matched by `IGNORED_KEYS` (REPA's projector
+heads; `pos_embed`, compared with our fixed sin-cos embedding, then
+dropped); `UNSUPPORTED_KEYS` name layouts our model lacks. All problems come
+in one weights_io.WeightsImportError naming the keys and shapes.
 
 "From pretrained" (the paper's 1400+100 epoch runs): a plain DiT/SiT state
 dict imported into a model with `max_group_size > 0` has no
 `sample_embedder`; its table is initialised fresh (normal, std 0.02, from
 `--seed`), as the official init, and the report says so.
 
-Output (documented format): an orbax checkpoint at `<output>/checkpoints/0`
-holding `{'params': P, 'ema_params': P}` (the selected weights under both
-names, so `checkpoint.load_params(<output>)` works whatever
-`sample.use_ema` says), and `<output>/converted.json`, the conversion record
+Output (converted.py): an orbax checkpoint at `<output>/checkpoints/0`
+holding `{'params': P, 'ema_params': P}` (so `checkpoint.load_params` works
+whatever `sample.use_ema` says) and `<output>/converted.json`, the record
 (source, selected weights, inferred architecture, ignored keys, fresh
-params). `load_converted_params(<output>)` returns P. Fine-tune from it
-with `--config.train.init_from=<output>` in a new workdir (step 0, fresh
-optimizer; train.py checks the config against converted.json).
+params). Fine-tune with `--config.train.init_from=<output>` in a new workdir
+(step 0, fresh optimizer; train.py checks the config against the record).
 
 Time convention: the official GroupDiff SiT and REPA's SiT (files without
 learned sigma) run time the other way from ours (their t = 1 is noise) and
@@ -60,22 +57,17 @@ must set `model.time_convention` to it: the model then feeds the network
 trainer work unchanged. The weights themselves are not changed.
 """
 
-import argparse
-import dataclasses
-import json
-import logging
 import os
 import re
-import zipfile
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
+from absl import logging
 
-from groupdiff_jax import checkpoint, errors, weights_io
+from groupdiff_jax import converted, errors, weights_io
 from groupdiff_jax.models import dit, embeddings
 
 # ------------------------------------------------------------------------------------------ the declarative mapping
@@ -97,38 +89,13 @@ RENAME_TABLE = (
 )
 
 
-def _linear_to_flax(w):
-  return np.transpose(w)  # [out, in] -> [in, out]
-
-
-def _linear_shape(kernel):
-  return tuple(reversed(kernel))
-
-
-def _conv_to_flax(w):
-  return np.transpose(w, (2, 3, 1, 0))  # [O, I, kh, kw] -> [kh, kw, I, O]
-
-
-def _conv_shape(kernel):
-  kh, kw, cin, cout = kernel
-  return (cout, cin, kh, kw)
-
-
-def _identity(w):
-  return w
-
-
-def _same_shape(shape):
-  return tuple(shape)
-
-
-# (layout, official leaf) -> (our leaf, our shape -> official shape, official array -> ours)
-LEAF_RULES: dict[tuple[str, str], tuple[str, Callable, Callable]] = {
-    ('linear', 'weight'): ('kernel', _linear_shape, _linear_to_flax),
-    ('linear', 'bias'): ('bias', _same_shape, _identity),
-    ('conv', 'weight'): ('kernel', _conv_shape, _conv_to_flax),
-    ('conv', 'bias'): ('bias', _same_shape, _identity),
-    ('embedding', 'weight'): ('embedding', _same_shape, _identity),
+# (layout, official leaf) -> (our leaf, weights_io layout: our shape <-> official shape, official array -> ours)
+LEAF_RULES = {
+    ('linear', 'weight'): ('kernel', weights_io.LINEAR),
+    ('linear', 'bias'): ('bias', weights_io.SAME),
+    ('conv', 'weight'): ('kernel', weights_io.CONV),
+    ('conv', 'bias'): ('bias', weights_io.SAME),
+    ('embedding', 'weight'): ('embedding', weights_io.SAME),
 }
 
 # Keys that are consumed without becoming params (regex on the key after prefix stripping) -> why.
@@ -160,18 +127,14 @@ _RULES = [(_template_regex(official), official, ours, layout) for official, ours
 _OURS_RULES = [(_template_regex(ours), official, ours, layout) for official, ours, layout in RENAME_TABLE]
 
 
-class ConversionError(errors.WeightsError):
-  """A state dict that does not match the configured DiT."""
-
-
 def our_path(key: str):
-  """Official key (prefixes stripped) -> (our param path tuple, leaf rule). KeyError if outside the table."""
+  """Official key (prefixes stripped) -> (our param path tuple, weights_io layout). KeyError if outside the table."""
   module, _, leaf = key.rpartition('.')
   for regex, _, ours, layout in _RULES:
     match = regex.match(module)
     if match and (layout, leaf) in LEAF_RULES:
-      rule = LEAF_RULES[(layout, leaf)]
-      return tuple(ours.format(**match.groupdict()).split('/')) + (rule[0],), rule
+      ours_leaf, rule = LEAF_RULES[(layout, leaf)]
+      return tuple(ours.format(**match.groupdict()).split('/')) + (ours_leaf,), rule
   raise KeyError(key)
 
 
@@ -181,7 +144,7 @@ def official_key(path: tuple[str, ...]) -> str:
   for regex, official, _, layout in _OURS_RULES:
     match = regex.match(module)
     if match:
-      for (rule_layout, official_leaf), (ours_leaf, _, _) in LEAF_RULES.items():
+      for (rule_layout, official_leaf), (ours_leaf, _) in LEAF_RULES.items():
         if rule_layout == layout and ours_leaf == leaf:
           return f'{official.format(**match.groupdict())}.{official_leaf}'
   raise KeyError(path)
@@ -193,22 +156,10 @@ def expected_param_shapes(model: dit.DiT) -> dict[tuple[str, ...], tuple[int, ..
   x = jax.ShapeDtypeStruct((1, side, side, model.in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   ids = jax.ShapeDtypeStruct((1,), jnp.int32)
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, ids, ids)
-  flat = jax.tree_util.tree_flatten_with_path(variables['params'])[0]
-  return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+  return weights_io.param_shapes(model.init, x, t, ids, ids)
 
 
 # ------------------------------------------------------------------------------------------ reading files
-
-
-def _to_numpy(tensor):
-  """A torch tensor or array -> numpy (bf16/fp16 tensors become float32: numpy has no bf16)."""
-  if hasattr(tensor, 'detach'):
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point():
-      tensor = tensor.float()
-    return tensor.numpy()
-  return np.asarray(tensor)
 
 
 def _is_array(value):
@@ -234,69 +185,10 @@ def flatten_checkpoint(obj: Mapping) -> tuple[dict[str, Any], list[str]]:
   return flat, skipped
 
 
-def _read_torch(path, allow_pickle):
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as error:
-    raise ImportError(
-        f'Reading {path!r} needs PyTorch, which is optional here: `pip install torch` (the CPU build is '
-        'enough), or convert the file to .safetensors on a machine with torch (see `python -m '
-        'groupdiff_jax.convert --help` / this module\'s docstring) and pass that instead.') from error
-  if not allow_pickle:
-    _check_torch_container(path)
-  safe = [argparse.Namespace]  # the official DiT/REPA/GroupDiff files hold their argparse args
-  try:
-    with torch.serialization.safe_globals(safe):
-      return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
-  except Exception as error:  # torch raises UnpicklingError subclasses that vary by version
-    if allow_pickle:
-      raise
-    raise ConversionError(f'{path!r} holds pickled Python objects besides tensors and argparse args, which '
-                          f'weights_only loading refuses ({error}). If you trust the file, pass '
-                          '--allow_pickle.') from error
-
-
-def _check_torch_container(path):
-  """Raise ConversionError unless `path` is a whole torch.save file (a zip with a data.pkl).
-
-  A truncated, overwritten or random file is told apart from one that needs
-  pickle, so --allow_pickle is never suggested for a file that is merely broken.
-  """
-  broken = (f'{path!r} is truncated or not a PyTorch checkpoint (torch.save writes a zip archive holding '
-            f'data.pkl); download it again.')
-  if not zipfile.is_zipfile(path):
-    with open(path, 'rb') as f:
-      legacy = f.read(2) == b'\x80\x02'  # torch < 1.6 files are a bare pickle stream (protocol 2)
-    if not legacy:
-      raise ConversionError(broken)
-    return
-  try:
-    with zipfile.ZipFile(path) as archive:
-      names = archive.namelist()
-      bad = archive.testzip()
-  except (zipfile.BadZipFile, OSError, EOFError) as error:
-    raise ConversionError(f'{broken} ({error})') from error
-  if bad is not None or not any(name.endswith('/data.pkl') or name == 'data.pkl' for name in names):
-    raise ConversionError(broken + (f' (damaged member {bad})' if bad else ' (no data.pkl inside)'))
-
-
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
   """Read `.safetensors`, `.npz` (NumPy only) or `.pt`/`.pth` (torch) -> (flat {key: array}, skipped entries)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise errors.MissingInputError(f'No checkpoint file at {path!r} (--source): pass the official .pth, or a '
-                            '.safetensors/.npz made from it.')
-  if path.endswith(weights_io.FORMATS):
-    return weights_io.read_arrays(path), []
-  if path.endswith(('.pt', '.pth', '.bin')):
-    obj = _read_torch(path, allow_pickle)
-    if not isinstance(obj, Mapping):
-      raise ConversionError(f'{path!r} holds a {type(obj).__name__}, not a state dict or checkpoint dict.')
-    flat, skipped = flatten_checkpoint(obj)
-    arrays = {k: _to_numpy(v) for k, v in flat.items()}
-    weights_io.check_finite(arrays, path)
-    return arrays, skipped
-  raise ConversionError(f'Unknown checkpoint format of {path!r}: expected .safetensors, .npz, .pt or .pth.')
+  return weights_io.read_weights(path, '(--source): pass the official .pth, or a .safetensors/.npz made from it.',
+                                 allow_pickle, flatten=flatten_checkpoint)
 
 
 def select_weights(flat: Mapping[str, Any], use_ema: bool = True) -> tuple[dict[str, Any], str]:
@@ -311,11 +203,11 @@ def select_weights(flat: Mapping[str, Any], use_ema: bool = True) -> tuple[dict[
   if present:
     plain = [k for k in flat if k.split('.', 1)[0] not in containers]
     if plain:
-      raise ConversionError(f'Keys both inside containers {present} and outside any: {plain[:5]}.')
+      raise weights_io.WeightsImportError(f'Keys both inside containers {present} and outside any: {plain[:5]}.')
     wanted = EMA_CONTAINERS if use_ema else RAW_CONTAINERS
     chosen = next((name for name in wanted if name in present), None)
     if chosen is None:
-      raise ConversionError(f'No {"EMA" if use_ema else "raw"} weights ({" or ".join(wanted)}) in the file; it '
+      raise weights_io.WeightsImportError(f'No {"EMA" if use_ema else "raw"} weights ({" or ".join(wanted)}) in the file; it '
                             f'holds {present}. Use {"--nouse_ema" if use_ema else "--use_ema"}.')
     state = {k.split('.', 1)[1]: v for k, v in flat.items() if k.split('.', 1)[0] == chosen}
   else:
@@ -327,23 +219,12 @@ def select_weights(flat: Mapping[str, Any], use_ema: bool = True) -> tuple[dict[
     while short.startswith(PREFIXES):
       short = short[next(len(p) for p in PREFIXES if short.startswith(p)):]
     if short in stripped:
-      raise ConversionError(f'{key} collides with another key after stripping prefixes {PREFIXES}: {short}.')
+      raise weights_io.WeightsImportError(f'{key} collides with another key after stripping prefixes {PREFIXES}: {short}.')
     stripped[short] = value
   return stripped, chosen
 
 
 # ------------------------------------------------------------------------------------------ conversion
-
-
-@dataclasses.dataclass
-class ConversionReport:
-  """What a conversion did, written beside the params as converted.json."""
-  weights: str = 'plain'  # the chosen set: model_ema | ema | model | state_dict | plain
-  mapped: int = 0  # keys that became params
-  ignored: dict = dataclasses.field(default_factory=dict)  # key -> why
-  skipped_entries: list = dataclasses.field(default_factory=list)  # top-level checkpoint entries, not weights
-  fresh: dict = dataclasses.field(default_factory=dict)  # param path -> how it was initialised
-  architecture: dict = dataclasses.field(default_factory=dict)
 
 
 def _check_pos_embed(key, value, model, problems):
@@ -362,62 +243,34 @@ def _check_pos_embed(key, value, model, problems):
 
 
 def convert_state_dict(state: Mapping[str, Any], model: dit.DiT, seed: int = 0,
-                       source: str | os.PathLike = '') -> tuple[dict, ConversionReport]:
+                       source: str | os.PathLike = '') -> tuple[dict, converted.ConversionReport]:
   """Official-layout state dict (prefixes already stripped) -> (params of `model`, report).
 
   source: the file the state dict came from, named in errors ('' for none).
 
   Raises:
-    ConversionError naming the file and every unknown, unsupported, wrongly
-    shaped or missing key (shapes in the PyTorch layout).
+    weights_io.WeightsImportError naming the file and every unknown,
+    unsupported, wrongly shaped or missing key (shapes in the PyTorch layout).
   """
   expected = expected_param_shapes(model)
-  report = ConversionReport()
-  unknown, unsupported, bad_shapes, other = [], [], [], []
-  flat: dict[tuple[str, ...], np.ndarray] = {}
-  for key in sorted(state):
-    value = state[key]
-    reason = next((why for pattern, why in IGNORED_KEYS if re.fullmatch(pattern, key)), None)
-    if reason is not None:
-      if key == 'pos_embed':
-        _check_pos_embed(key, np.asarray(value), model, other)
-      report.ignored[key] = reason
-      continue
-    reason = next((why for pattern, why in UNSUPPORTED_KEYS if re.fullmatch(pattern, key)), None)
-    if reason is not None:
-      unsupported.append(f'{key}: {reason}')
-      continue
-    try:
-      path, (_, official_shape, to_flax) = our_path(key)
-    except KeyError:
-      unknown.append(key)
-      continue
-    if path not in expected:
-      hint = ' (the model has max_group_size=0: pass --max_group_size)' if path[0] == 'sample_embedder' else ''
-      unknown.append(f'{key} -> {"/".join(path)}, not a param of this model{hint}')
-      continue
-    want = official_shape(expected[path])
-    if tuple(value.shape) != want:
-      bad_shapes.append(f'{key}: expected {want}, found {tuple(value.shape)}')
-      continue
-    flat[path] = to_flax(np.asarray(value, np.float32))
-
-  missing = [path for path in sorted(expected) if path not in flat]
-  rng = np.random.default_rng(seed)
+  report = converted.ConversionReport()
+  other = []
+  if 'pos_embed' in state:
+    _check_pos_embed('pos_embed', np.asarray(state['pos_embed']), model, other)
   from_pretrained = not any(key.startswith('sample_embedder.') for key in state)  # a plain DiT/SiT file
-  for path in list(missing):
-    if path[0] == 'sample_embedder' and from_pretrained:
+  fresh = lambda path: path[0] == 'sample_embedder' and from_pretrained
+  flat, report.ignored = weights_io.import_state_dict(
+      state, expected, our_path, ignore=IGNORED_KEYS, unsupported=UNSUPPORTED_KEYS, problems=other,
+      header=f'State dict{weights_io.source_label(source)} does not match {_describe(model)}:',
+      unknown_note=lambda path: (' (the model has max_group_size=0: pass --max_group_size)'
+                                 if path[0] == 'sample_embedder' else ''),
+      missing_name=lambda p: f'{official_key(p)}: expected {_official_shape(p, expected)} (our {"/".join(p)})',
+      optional=fresh)
+  rng = np.random.default_rng(seed)
+  for path in sorted(expected):
+    if path not in flat and fresh(path):
       flat[path] = (SAMPLE_EMBED_INIT_STD * rng.standard_normal(expected[path])).astype(np.float32)
       report.fresh['/'.join(path)] = f'normal(std={SAMPLE_EMBED_INIT_STD}, seed={seed}): from-pretrained import'
-      missing.remove(path)
-  already_reported = {line.split(':')[0] for line in bad_shapes}
-  missing_keys = [f'{official_key(p)}: expected {_official_shape(p, expected)} (our {"/".join(p)})'
-                  for p in missing if official_key(p) not in already_reported]
-  if unknown or unsupported or bad_shapes or missing_keys or other:
-    raise ConversionError(weights_io.mismatch_message(
-        f'State dict{weights_io.source_label(source)} does not match {_describe(model)}:',
-        [('unsupported layout', unsupported), ('unknown keys', unknown), ('wrong shapes (PyTorch layout)', bad_shapes),
-         ('missing keys (expected PyTorch shape)', missing_keys), ('other problems', other)]))
 
   report.mapped = len(flat) - len(report.fresh)
   report.architecture = _architecture(model)
@@ -425,8 +278,7 @@ def convert_state_dict(state: Mapping[str, Any], model: dit.DiT, seed: int = 0,
 
 
 def _official_shape(path, expected):
-  layout_leaf = our_path(official_key(path))[1]
-  return layout_leaf[1](expected[path])
+  return our_path(official_key(path))[1].source_shapes(expected[path])[0]
 
 
 def _architecture(model):
@@ -464,34 +316,6 @@ def infer_architecture(state: Mapping[str, Any], patch_size: int, in_channels: i
   return found
 
 
-# The settings converted.json records that shapes alone cannot check (time_convention) or that a config
-# must repeat (eval configs set them by hand).
-RECORDED_MODEL_FIELDS = ('learn_sigma', 'max_group_size', 'time_convention')
-
-
-def check_model_config(path, model_config) -> None:
-  """Raise when `model_config` disagrees with the conversion record in directory `path`.
-
-  Does nothing when `path` has no converted.json (a training workdir).
-  The time convention matters most: a wrong one gives a model that loads
-  and runs but samples noise.
-
-  Raises:
-    ValueError naming each field, both values and the override to pass.
-  """
-  record_path = os.path.join(os.fspath(path), 'converted.json')
-  if not os.path.isfile(record_path):
-    return
-  architecture = read_conversion_record(path).get('architecture', {})
-  configured = {name: model_config.get(name, dit.DiT.__dataclass_fields__[name].default)
-                for name in RECORDED_MODEL_FIELDS}
-  wrong = [f'model.{name}: the config has {configured[name]!r}, {record_path} says {architecture[name]!r} '
-           f'(pass --config.model.{name}={architecture[name]})'
-           for name in RECORDED_MODEL_FIELDS if name in architecture and configured[name] != architecture[name]]
-  if wrong:
-    raise errors.ConfigError('The model config does not match the converted weights:\n  ' + '\n  '.join(wrong))
-
-
 # ------------------------------------------------------------------------------------------ files in, files out
 
 
@@ -522,31 +346,8 @@ def convert_checkpoint(source, output, variant, *, use_ema=True, max_group_size=
   report.weights, report.skipped_entries = chosen, skipped
   for path, how in report.fresh.items():
     logging.warning('%s is not in %s: initialised fresh, %s.', path, source, how)
-  save_converted_params(output, params, report, source, variant)
+  converted.save_converted_params(output, params, report, source, variant)
   return report
-
-
-def save_converted_params(output, params, report, source='', variant=''):
-  """Write `<output>/checkpoints/0` (orbax: params and ema_params) and `<output>/converted.json`."""
-  manager = checkpoint.checkpoint_manager(output, max_to_keep=1)
-  if manager.latest_step() is not None:
-    raise FileExistsError(f'{manager.directory} already holds a checkpoint; choose a new --output.')
-  manager.save(0, args=ocp.args.StandardSave({'params': params, 'ema_params': params}))
-  manager.wait_until_finished()
-  record = dict(dataclasses.asdict(report), source=os.fspath(source), variant=variant)
-  with open(os.path.join(output, 'converted.json'), 'w') as f:
-    json.dump(record, f, indent=1, sort_keys=True)
-
-
-def load_converted_params(path) -> dict:
-  """The params written by `convert_checkpoint` to directory `path` (nested dict of jax arrays)."""
-  params, _ = checkpoint.load_params(path, use_ema=True)
-  return params
-
-
-def read_conversion_record(path) -> dict:
-  with open(os.path.join(path, 'converted.json')) as f:
-    return json.load(f)
 
 
 # ------------------------------------------------------------------------------------------ command line

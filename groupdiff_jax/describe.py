@@ -1,24 +1,32 @@
 """`--mode=describe`: what a config will cost, without training.
 
-Prints the parameter count, FLOPs per train step (forward + backward,
-group attention included) computed analytically and cross-checked with
-XLA's cost analysis of the compiled step, the mesh, the global and
-per-host batch in images and groups, and an estimate of the per-device
-memory for parameters, EMA, optimizer state, gradients and activations.
+Prints first (in seconds, nothing compiled) the parameter count, FLOPs per
+train step (forward + backward, group attention included) computed
+analytically, the mesh, the global and per-host batch in images and groups,
+and an estimate of the per-device memory for parameters, EMA, optimizer
+state, gradients and activations; then the FLOPs cross-checked with XLA's
+cost analysis of compiled train steps of depth-reduced copies of the model,
+extrapolated linearly to its depth (`flop_check`).
 
 FLOPs count a multiply-add as 2. (The DiT paper's "119 GFLOPs" for
 DiT-XL/2 counts multiply-adds, i.e. 238 GFLOPs here.) A train step is
 forward + backward = 3x the forward; with `model.remat='full'` the hardware
 does one more forward (reported separately: MFU uses the model FLOPs).
+
+Also the sampling costs the training monitor states (`sampling_flops`,
+`grid_cost`: a sample grid's FLOPs against the training FLOPs between two
+grids).
 """
 
+import concurrent.futures
 import dataclasses
 import functools
-import logging
 import math
+import os
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from groupdiff_jax import sharding, step_plan
 from groupdiff_jax import train_step as train_step_lib
@@ -86,6 +94,50 @@ def step_flops(arch, kind, remat='none'):
   return {'model': 3 * forward, 'hardware': 3 * forward + extra}
 
 
+def sampler_nfe(sample_config, model_config):
+  """Model evaluations per branch of one sampler run; None for the adaptive dopri5."""
+  from groupdiff_jax import diffusion as gd
+  from groupdiff_jax import sample, samplers
+  method = sample_config.sampler
+  if model_config.get('objective', 'sit') == 'dit':
+    return gd.create_schedule(sample.timestep_respacing(sample_config)).num_timesteps
+  if method == 'dopri5':
+    return None
+  if method == 'sde':
+    return sample_config.num_steps
+  return samplers.number_of_function_evaluations(sample_config.num_steps, method)
+
+
+def sampling_flops(config, num_images):
+  """Upper bound of the FLOPs of sampling `num_images` (NFE x forward FLOPs of both CFG branches, group attention
+  and guidance at every step); None for dopri5."""
+  arch = arch_from_config(config.model)
+  nfe = sampler_nfe(config.sample, config.model)
+  if nfe is None:
+    return None
+  s = config.sample
+  per_image = forward_flops(arch, s.cond_group_size)['total']
+  if s.cfg_scale != 1.0:
+    per_image += forward_flops(arch, s.uncond_group_size)['total']
+  return nfe * num_images * per_image
+
+
+def grid_cost(config):
+  """The grid's FLOPs against the training FLOPs between two grids (the cheapest step kind: an upper bound).
+
+  Returns {'grid_flops', 'train_step_flops', 'ratio'} (ratio None when
+  train.sample_every is 0 or the sampler is adaptive).
+  """
+  t = config.train
+  arch = arch_from_config(config.model)
+  kinds = step_plan.step_kinds(t.batch_size, t.group_size, t.group_ratio, t.mode, t.mixed_steps)
+  train_flops = min(step_flops(arch, kind)['model'] for kind in kinds.values())
+  grid = sampling_flops(config, config.sample.grid_groups * config.sample.images_per_group)
+  every = t.get('sample_every', 0)
+  ratio = grid / (every * train_flops) if grid is not None and every else None
+  return {'grid_flops': grid, 'train_step_flops': train_flops, 'ratio': ratio}
+
+
 def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention_impl, platform=None):
   """Rough bytes kept for the backward pass per image (all blocks).
 
@@ -111,8 +163,13 @@ def activation_bytes_per_image(arch, group_size, remat, compute_bytes, attention
   return depth * full_block
 
 
-def xla_step_flops(config, model, kind):
-  """XLA's cost analysis of the compiled train step of `kind` (None if unavailable)."""
+# The HLO and its cost analysis are the same at any backend optimisation level; level 0 skips most of LLVM's code
+# generation work: half the CPU compile time of an XL block (16.6 -> 8.9 CPU s on the 2-core dev host).
+CHECK_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
+
+
+def lower_train_step(config, model, kind):
+  """The jitted train step of `kind` lowered from abstract inputs (nothing is materialised)."""
   create = functools.partial(train_step_lib.create_train_state, model, config)
   abstract_state = jax.eval_shape(create, jax.random.PRNGKey(0))
   shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
@@ -120,14 +177,109 @@ def xla_step_flops(config, model, kind):
                  'labels': jax.ShapeDtypeStruct((sub.num_images,), jnp.int32)} for sub in kind)
   step = functools.partial(train_step_lib.train_step, kind=kind, train_config=config.train, optim_config=config.optim,
                            max_group_size=config.model.max_group_size, null_class=config.model.num_classes)
+  return jax.jit(step).lower(abstract_state, batch)
+
+
+def compiled_flops(lowered):
+  """XLA's cost analysis (FLOPs) of the compiled program; None if unavailable."""
   try:
-    cost = jax.jit(step).lower(abstract_state, batch).compile().cost_analysis()
+    try:
+      compiled = lowered.compile(compiler_options=CHECK_COMPILER_OPTIONS)
+    except Exception:  # pylint: disable=broad-except
+      compiled = lowered.compile()  # a backend without that option
+    cost = compiled.cost_analysis()
   except Exception as error:  # pylint: disable=broad-except
     logging.warning('No XLA cost analysis: %s', error)
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def xla_step_flops(config, model, kind):
+  """XLA's cost analysis of the compiled train step of `kind` (None if unavailable)."""
+  return compiled_flops(lower_train_step(config, model, kind))
+
+
+def _reduced(model_config, blocks, grouped):
+  """A copy of the model config with `blocks` blocks, the first `grouped` of them with group attention, and plain
+  XLA attention (flash kernels, loops and custom calls, hide their FLOPs from the cost analysis)."""
+  reduced = model_config.copy_and_resolve_references()
+  with reduced.unlocked():
+    reduced.depth, reduced.group_layers, reduced.attention_impl = blocks, (0, grouped), 'xla'
+  return reduced
+
+
+def xla_image_flops(config, model_config, sub, images):
+  """XLA's FLOPs of `images` more images in sub's groups: the step of 2 * images minus that of `images` (the
+  step's FLOPs are linear in the images plus a constant, the optimizer's and EMA's); None if unavailable."""
+  return _image_flops({None: (config, model_config)}, sub, images)[None]
+
+
+def _image_flops(models, sub, images):
+  """{name: xla_image_flops} of {name: (config, model config)}: the programs lowered one by one, then compiled
+  side by side (the compiler releases the GIL: a core each)."""
+  lowered = {}
+  for name, (config, model_config) in models.items():
+    step_config = config.copy_and_resolve_references()
+    with step_config.unlocked():
+      step_config.model = model_config
+    model = model_from_config(model_config)
+    for n in (images, 2 * images):
+      lowered[name, n] = lower_train_step(step_config, model, (step_plan.SubBatch(n, sub.group_size,
+                                                                                   sub.conditional),))
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
+    flops = dict(zip(lowered, pool.map(compiled_flops, lowered.values())))
+  return {name: None if None in (flops[name, images], flops[name, 2 * images]) else
+          flops[name, 2 * images] - flops[name, images] for name in models}
+
+
+def flop_check(config, max_check_images=None, log=logging.info):
+  """The analytic FLOPs of `images` more images of the most-grouped step kind against XLA's cost analysis.
+
+  XLA's count comes from depth-reduced copies of the model, extrapolated
+  linearly in the blocks (the blocks are identical but for group attention):
+  depth 1 and 2 with group attention give the per-block and the rest's
+  FLOPs; where some blocks attend per image (model.group_layers), depth 2
+  with one grouped block gives theirs. Two or three small models of two
+  batch sizes compile in seconds where the full XL model takes minutes.
+  """
+  train = config.train
+  kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
+  name, kind = max(kinds.items(), key=lambda item: max(sub.group_size for sub in item[1]))
+  sub = max(kind, key=lambda s: s.group_size)
+  images = max_check_images or sub.group_size
+  arch = arch_from_config(config.model)
+  grouped = arch.num_group_layers() if sub.group_size > 1 else arch.depth
+  if arch.depth <= 2:  # small enough to compile as it is
+    full = xla_image_flops(config, _reduced(config.model, arch.depth, grouped), sub, images)
+    return _check(name, images, sub, arch, full, {(arch.depth, grouped): full})
+  shapes = [(1, 1), (2, 2)] + ([(2, 1)] if grouped < arch.depth else [])
+  log('describe: FLOP check, compiling %d-block copies %s (blocks, of them with group attention) with %d and %d '
+      'images ...', len(shapes), shapes, images, 2 * images)
+  measured = _image_flops({shape: (config, _reduced(config.model, *shape)) for shape in shapes}, sub, images)
+  xla = None
+  if None not in measured.values():
+    per_grouped_block = measured[2, 2] - measured[1, 1]
+    per_plain_block = measured[2, 1] - measured[1, 1] if (2, 1) in measured else per_grouped_block
+    rest = measured[1, 1] - per_grouped_block
+    xla = rest + grouped * per_grouped_block + (arch.depth - grouped) * per_plain_block
+  return _check(name, images, sub, arch, xla, measured)
+
+
+def _check(name, images, sub, arch, xla, measured):
+  analytic = step_flops(arch, (step_plan.SubBatch(images, sub.group_size, sub.conditional),), 'none')['model']
+  return {'kind': name, 'images': images, 'group_size': sub.group_size, 'conditional': sub.conditional,
+          'analytic_flops': analytic,
+          'xla_flops': xla, 'ratio': (xla / analytic) if xla else None,
+          'compiled': [{'blocks': b, 'grouped_blocks': g, 'xla_flops': f} for (b, g), f in measured.items()]}
+
+
+def run(config, xla_check=True, out=print):
+  """`--mode=describe`: the description (parameters, mesh, batch, memory) printed first, then the FLOP check."""
+  out(format_description(describe(config, cost_analysis=False)))
+  if xla_check:
+    out(format_check(flop_check(config)))
 
 
 def device_memory_bytes(mesh):
@@ -196,27 +348,7 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   out['device_memory_bytes'] = device_memory_bytes(mesh)
 
   if cost_analysis:
-    # The step's FLOPs are linear in the images (plus a constant: optimizer,
-    # EMA): compile the step of the most-grouped kind with k and 2k whole
-    # groups and compare the per-image slope with the analytic count.
-    name, kind = max(kinds.items(), key=lambda item: max(sub.group_size for sub in item[1]))
-    sub = max(kind, key=lambda s: s.group_size)
-    images = max_check_images or sub.group_size
-    # Plain XLA attention: flash kernels (loops, custom calls) hide their FLOPs from the cost analysis.
-    model_config = config.model.copy_and_resolve_references()
-    with model_config.unlocked():
-      model_config.attention_impl = 'xla'
-    xla_model = model_from_config(model_config)
-    counts = []
-    for i, n in enumerate((images, 2 * images)):
-      logging.info('describe: compiling the FLOP check step %d of 2 (%d images in groups of %d) ...', i + 1, n,
-                   sub.group_size)
-      counts.append(xla_step_flops(config, xla_model, (step_plan.SubBatch(n, sub.group_size, sub.conditional),)))
-      logging.info('describe: FLOP check step %d of 2 compiled.', i + 1)
-    analytic = step_flops(arch, (step_plan.SubBatch(images, sub.group_size, sub.conditional),), 'none')['model']
-    xla = (counts[1] - counts[0]) if None not in counts else None
-    out['xla_check'] = {'kind': name, 'images': images, 'group_size': sub.group_size, 'analytic_flops': analytic,
-                        'xla_flops': xla, 'ratio': (xla / analytic) if xla else None}
+    out['xla_check'] = flop_check(config, max_check_images)
   return out
 
 
@@ -252,12 +384,14 @@ def format_description(d):
                '4-block width-512 model at 1024 images per v5e device). With mesh.fsdp > 1 they also hold the '
                'gathered full-size parameters of the layers in flight, which this estimate leaves out (SiT-XL/2 '
                'on v5p-64 with fsdp=8: 3.86 GiB compiled vs 2.78 GiB estimated; docs/scaling.md).')
-  check = d.get('xla_check')
-  if check:
-    if check['xla_flops']:
-      lines.append(f"XLA cost analysis, {check['images']} more images in groups of {check['group_size']}: "
-                   f"{_human(check['xla_flops'], 'FLOPs')} vs analytic {_human(check['analytic_flops'], 'FLOPs')} "
-                   f"(ratio {check['ratio']:.3f}; XLA also counts element-wise ops).")
-    else:
-      lines.append('XLA cost analysis: not available on this backend.')
+  if d.get('xla_check'):
+    lines.append(format_check(d['xla_check']))
   return '\n'.join(lines)
+
+
+def format_check(check):
+  if not check['xla_flops']:
+    return 'XLA cost analysis: not available on this backend.'
+  return (f"XLA cost analysis, {check['images']} more images in groups of {check['group_size']} (depth-reduced copies "
+          f"extrapolated to the full depth): {_human(check['xla_flops'], 'FLOPs')} vs analytic "
+          f"{_human(check['analytic_flops'], 'FLOPs')} (ratio {check['ratio']:.3f}; XLA also counts element-wise ops).")

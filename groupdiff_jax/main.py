@@ -87,7 +87,7 @@ def run(interrupts):
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX %s on %d %s device(s).', jax.__version__, jax.device_count(), jax.default_backend())
   if mode == 'train':
-    state = train.train_and_evaluate(config, workdir)
+    state = train.train_and_evaluate(config, workdir, write_samples=sample_job.sample_and_save)
     if interrupts.requested:  # Ctrl-C: the checkpoint of the step reached is saved; rerun to resume
       sys.exit(errors.EXIT_INTERRUPTED)
     if int(jax.device_get(state.step)) < config.train.num_steps:
@@ -98,7 +98,7 @@ def run(interrupts):
       sample_job.sample_and_save(config, workdir, params, int(jax.device_get(state.step)))
   elif mode == 'describe':
     from groupdiff_jax import describe
-    print(describe.format_description(describe.describe(config, cost_analysis=FLAGS.describe_xla_check)))
+    describe.run(config, xla_check=FLAGS.describe_xla_check)
   elif mode == 'compile':
     from groupdiff_jax import compile_job
     compile_job.run(config, workdir)

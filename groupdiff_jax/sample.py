@@ -1,19 +1,32 @@
-"""Generating groups of same-class images jointly, and grids of them.
+"""Sampling a batch of groups: same-class images generated jointly, decoded, and grids of them.
 
-The pieces the sample job (sample_job.py) and the tests use: which class
-each group has (`group_labels`), one jitted sampler for a batch of groups
-(`make_sampler`, both objectives, optionally sharded over a mesh by whole
-groups), the uint8 conversion and the PNG grid.
+What the sample job (sample_job.py), the training monitor (train_monitor.py)
+and the compile job (compile_job.py) share: which class each group has
+(`group_labels`), one jitted sampler for a batch of groups (`make_sampler`,
+both objectives, optionally sharded over a mesh by whole groups;
+`chunk_sampler` caches it per config), the mesh of this process's devices
+that holds whole groups (`local_mesh`), the SD-VAE decoder of latent models
+(`make_decoder`), the uint8 conversion and the PNG grid. The ODE/SDE/DDPM
+integrators themselves are in samplers.py.
 """
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
 from groupdiff_jax import diffusion as gd
 from groupdiff_jax import errors
-from groupdiff_jax import samplers, sharding
+from groupdiff_jax import sample_chunks, samplers, sharding
+from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax import transport as transport_lib
+
+IMAGE_CHANNELS = (1, 3)  # model.in_channels of image-space models; anything else is a VAE latent
 
 
 def group_labels(num_groups, images_per_group, num_classes):
@@ -192,3 +205,81 @@ def save_grid(images, images_per_row, path, scale=4):
   grid = grid_array(images, images_per_row, scale)
   storage.save_png(path, grid[..., 0] if grid.shape[-1] == 1 else grid)
   return path
+
+
+def is_latent(model_config):
+  """Whether the model samples SD-VAE latents (decoded by `make_decoder`) rather than images."""
+  return model_config.in_channels not in IMAGE_CHANNELS
+
+
+# --- Devices and parameters ---------------------------------------------------
+def local_mesh(groups_per_chunk, devices=None):
+  """A (data, fsdp) = (D, 1) mesh of this process's devices; D the largest count dividing groups_per_chunk."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  count = math.gcd(groups_per_chunk, len(devices))
+  if count < len(devices):
+    logging.warning('%d groups per chunk do not split evenly over %d devices: using %d of them; make '
+                    'sample.groups_per_batch a multiple of %d to use all.', groups_per_chunk, len(devices), count,
+                    len(devices))
+  return sharding.make_mesh(devices=devices[:count])
+
+
+def host_local(tree):
+  """Every leaf as a NumPy array on this host (leaves spread over several hosts are gathered)."""
+  def one(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+  return jax.tree.map(one, tree)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_sampler(model, sample_config, model_config, mesh):
+  return make_sampler(model, sample_config, model_config, mesh)
+
+
+def chunk_sampler(model, config, mesh):
+  """make_sampler for the config, compiled once per (model, generation settings, mesh) in a process
+  (a demo that trains then samples, resumed parts of a job, tests)."""
+  generation = {k: v for k, v in config.sample.to_dict().items() if k not in sample_chunks.OUTPUT_ONLY_FIELDS}
+  return _cached_sampler(model, ml_collections.FrozenConfigDict(generation),
+                         ml_collections.FrozenConfigDict(config.model.to_dict()), mesh)
+
+
+# --- VAE decoding ---------------------------------------------------------------
+def make_decoder(vae_params, vae_config, mesh, batch_size):
+  """decode(latents [B, h, w, c] scaled as the model sees them) -> uint8 NumPy [B, f*h, f*w, 3].
+
+  Decodes `batch_size` latents per call (rounded up to a multiple of the
+  mesh's devices and split over them; the last call is zero-padded), in
+  float32 (FID is sensitive to the decode dtype).
+  """
+  vae = vae_lib.AutoencoderKL(vae_config)
+  batch_size = -(-max(batch_size, 1) // mesh.size) * mesh.size
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  params = jax.device_put(vae_params, replicated)
+  def decode_and_check(p, z):
+    images = vae_lib.images_from_latents(vae, p, z)  # [B, H, W, 3] float
+    return quantize(images), jnp.isfinite(images).all(axis=(1, 2, 3))
+
+  run = jax.jit(decode_and_check, in_shardings=(replicated, batch), out_shardings=(batch, batch))
+
+  def decode(latents):
+    latents = np.asarray(latents, np.float32)
+    parts = []
+    for start in range(0, len(latents), batch_size):
+      part = latents[start:start + batch_size]
+      count = len(part)
+      part = np.concatenate([part, np.zeros((batch_size - count,) + part.shape[1:], part.dtype)])
+      images, finite = run(params, part)
+      if not np.asarray(finite)[:count].all():
+        bad = start + int(np.argmin(np.asarray(finite)[:count]))
+        raise NonfiniteSamplesError(bad)
+      parts.append(np.asarray(images)[:count])
+    return np.concatenate(parts)
+
+  return decode
+
+
+class NonfiniteSamplesError(FloatingPointError):
+  """A decoded image holds NaN/inf; args[0] is its index in the chunk (sample_and_save names chunk and group)."""

@@ -41,7 +41,7 @@ Files in <workdir>/samples/:
                          (copied to <workdir>/samples.png, the demo's place)
   sample_settings.json   sampler, NFE, guidance, groups, dtype, seed,
                          checkpoint step, model, hosts and devices
-  s_cross.json           with sample.s_cross=True (evaluation/s_cross_sampling.py)
+  s_cross.json           with sample.s_cross=True (evaluation/s_cross.py, renoised_report)
 
 Latent models (model.in_channels = 4) are decoded with the SD-VAE of
 `sample.vae_path` (encoders/vae.py: latents / 0.18215, float32),
@@ -50,27 +50,24 @@ Latent models (model.in_channels = 4) are decoded with the SD-VAE of
 
 import functools
 import json
-import logging
-import math
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from groupdiff_jax import checkpoint, convert, errors, sample, sample_chunks, sharding, storage
+from groupdiff_jax import checkpoint, converted, errors, sample, sample_chunks, sharding, storage
+from groupdiff_jax.sample import (NonfiniteSamplesError, chunk_sampler, host_local, is_latent, local_mesh,
+                                  make_decoder)
 from groupdiff_jax.data.progress import Progress
 from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.encoders import vae_weights
-from groupdiff_jax.evaluation import s_cross_sampling
+from groupdiff_jax.evaluation import s_cross
 from groupdiff_jax.models.dit import model_from_config
 
 SETTINGS_FILE = 'sample_settings.json'
 GRID_FILE = 'samples.png'
 S_CROSS_FILE = 's_cross.json'
-IMAGE_CHANNELS = (1, 3)  # model.in_channels of image-space models; anything else is a VAE latent
 S_CROSS_STREAM = 1  # fold_in(chunk key, this): the S_cross probe's noise and sample ids
 VAE_SOURCE = ('stabilityai/sd-vae-ft-mse (the official GroupDiff decoder): huggingface-cli download '
               'stabilityai/sd-vae-ft-mse diffusion_pytorch_model.safetensors --local-dir /weights/sd-vae-ft-mse')
@@ -79,8 +76,6 @@ REFERENCE_BATCH_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul
 
 
 # --- Config checks ---------------------------------------------------------------
-def is_latent(model_config):
-  return model_config.in_channels not in IMAGE_CHANNELS
 
 
 def check_config(config):
@@ -101,90 +96,17 @@ def check_config(config):
       raise errors.MissingInputError(f'sample.vae_path={path} does not exist; get the file from {VAE_SOURCE} and '
                                      'pass its path as --config.sample.vae_path=PATH.')
   if config.sample.get('s_cross', False):
-    s_cross_sampling.s_cross_branch(config.sample)
-    if not any(s_cross_sampling.group_attention_at(stage, config.sample.group_stage_fraction)
+    s_cross.s_cross_branch(config.sample)
+    if not any(s_cross.group_attention_at(stage, config.sample.group_stage_fraction)
                for stage in config.sample.s_cross_stages):
       raise errors.ConfigError(f'sample.s_cross_stages={tuple(config.sample.s_cross_stages)}: group attention is off '
                                f'at all of them (sample.group_stage_fraction={config.sample.group_stage_fraction}); '
                                'measure at stages below that fraction.')
 
 
-# --- Devices and parameters ---------------------------------------------------
-def local_mesh(groups_per_chunk, devices=None):
-  """A (data, fsdp) = (D, 1) mesh of this process's devices; D the largest count dividing groups_per_chunk."""
-  devices = list(jax.local_devices() if devices is None else devices)
-  count = math.gcd(groups_per_chunk, len(devices))
-  if count < len(devices):
-    logging.warning('%d groups per chunk do not split evenly over %d devices: using %d of them; make '
-                    'sample.groups_per_batch a multiple of %d to use all.', groups_per_chunk, len(devices), count,
-                    len(devices))
-  return sharding.make_mesh(devices=devices[:count])
-
-
-def host_local(tree):
-  """Every leaf as a NumPy array on this host (leaves spread over several hosts are gathered)."""
-  def one(leaf):
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    return np.asarray(leaf)
-  return jax.tree.map(one, tree)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_sampler(model, sample_config, model_config, mesh):
-  return sample.make_sampler(model, sample_config, model_config, mesh)
-
-
-def chunk_sampler(model, config, mesh):
-  """sample.make_sampler for the config, compiled once per (model, generation settings, mesh) in a process
-  (a demo that trains then samples, resumed parts of a job, tests)."""
-  generation = {k: v for k, v in config.sample.to_dict().items() if k not in sample_chunks.OUTPUT_ONLY_FIELDS}
-  return _cached_sampler(model, ml_collections.FrozenConfigDict(generation),
-                         ml_collections.FrozenConfigDict(config.model.to_dict()), mesh)
-
-
 def _barrier(name):
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
-
-
-# --- VAE decoding ---------------------------------------------------------------
-def make_decoder(vae_params, vae_config, mesh, batch_size):
-  """decode(latents [B, h, w, c] scaled as the model sees them) -> uint8 NumPy [B, f*h, f*w, 3].
-
-  Decodes `batch_size` latents per call (rounded up to a multiple of the
-  mesh's devices and split over them; the last call is zero-padded), in
-  float32 (FID is sensitive to the decode dtype).
-  """
-  vae = vae_lib.AutoencoderKL(vae_config)
-  batch_size = -(-max(batch_size, 1) // mesh.size) * mesh.size
-  replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  params = jax.device_put(vae_params, replicated)
-  def decode_and_check(p, z):
-    images = vae_lib.images_from_latents(vae, p, z)  # [B, H, W, 3] float
-    return sample.quantize(images), jnp.isfinite(images).all(axis=(1, 2, 3))
-
-  run = jax.jit(decode_and_check, in_shardings=(replicated, batch), out_shardings=(batch, batch))
-
-  def decode(latents):
-    latents = np.asarray(latents, np.float32)
-    parts = []
-    for start in range(0, len(latents), batch_size):
-      part = latents[start:start + batch_size]
-      count = len(part)
-      part = np.concatenate([part, np.zeros((batch_size - count,) + part.shape[1:], part.dtype)])
-      images, finite = run(params, part)
-      if not np.asarray(finite)[:count].all():
-        bad = start + int(np.argmin(np.asarray(finite)[:count]))
-        raise NonfiniteSamplesError(bad)
-      parts.append(np.asarray(images)[:count])
-    return np.concatenate(parts)
-
-  return decode
-
-
-class NonfiniteSamplesError(FloatingPointError):
-  """A decoded image holds NaN/inf; args[0] is its index in the chunk (sample_and_save names chunk and group)."""
 
 
 def expected_params(model, config):
@@ -262,7 +184,7 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   main_process = process_index == 0
   say = log if main_process else (lambda *_: None)
   if params is None:
-    convert.check_model_config(workdir, config.model)  # an imported checkpoint's learn_sigma, time convention
+    converted.check_model_config(workdir, config.model)  # an imported checkpoint's learn_sigma, time convention
     params, step = checkpoint.load_params(workdir, config.sample.use_ema)
     say(f'Sampling from the checkpoint of step {step}.')
   model = model_from_config(config.model)
@@ -324,9 +246,8 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
     if needs_s_cross(chunk):
       start, stop = plan.groups(chunk)
       probed = (min(stop, config.sample.s_cross_groups) - start) * plan.images_per_group
-      layers, mass = s_cross_sampling.s_cross_masses(model, params, x[:probed], arrays['labels'][:probed],
-                                                     jax.random.fold_in(key, S_CROSS_STREAM), config.sample,
-                                                     config.model)
+      layers, mass = s_cross.renoised_masses(model, params, x[:probed], arrays['labels'][:probed],
+                                             jax.random.fold_in(key, S_CROSS_STREAM), config.sample, config.model)
       arrays.update(s_cross_layers=layers, s_cross_mass=mass)
     sample_chunks.write_atomically(chunk_file(chunk), lambda f: np.savez(f, **arrays))
     done_images += len(x)
@@ -356,8 +277,8 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   settings = settings_record(config, plan, step, sample_chunks.chunk_nfes(samples_dir, plan), mesh)
   sample_chunks.write_json(epath.Path(samples_dir) / SETTINGS_FILE, settings)
   if measure:
-    report = s_cross_sampling.s_cross_report(*sample_chunks.gather_s_cross(samples_dir, plan, config.sample),
-                                             config.sample)
+    report = s_cross.renoised_report(*sample_chunks.gather_s_cross(samples_dir, plan, config.sample),
+                                     config.sample)
     sample_chunks.write_json(epath.Path(samples_dir) / S_CROSS_FILE, report)
     say(f'S_cross ({report["branch"]} branch, {report["num_groups"]} groups): {report["mean_percent"]}% -> '
         f'{epath.Path(samples_dir) / S_CROSS_FILE}')

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from groupdiff_jax import checkpoint, convert, errors, preemption, sharding, step_plan, storage, train_monitor
+from groupdiff_jax import checkpoint, converted, errors, preemption, run_log, sharding, step_plan, storage
+from groupdiff_jax import train_monitor
 from groupdiff_jax import validation
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
@@ -97,8 +98,11 @@ def host_batch(batches, step, kind, mesh):
   return sharding.global_batch(local, mesh, [sub.num_images for sub in kind])
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, write_samples=None):
   """Train per `config`, writing metrics and checkpoints to `workdir`.
+
+  write_samples: what makes the samples scored every train.eval_every steps
+  (main.py passes sample_job.sample_and_save; train_monitor.TrainMonitor).
 
   Returns the final TrainState; on preemption (SIGTERM), or a first Ctrl-C
   once the step is compiled (with preemption.Interrupts installed, as by
@@ -138,18 +142,18 @@ def train_and_evaluate(config, workdir):
     logging.info('Resumed from step %d in %s%s.', start_step, manager.directory,
                  f' (train.init_from={init_from} is not used again)' if init_from else '')
   elif init_from:
-    convert.check_model_config(init_from, config.model)
+    converted.check_model_config(init_from, config.model)
     state = checkpoint.init_params_from(state, init_from)
 
   # --- Loop ------------------------------------------------------------------
   run_step = train_step_lib.make_jitted_train_step(config, mesh, state_sharding)
-  writer, summary_writer = train_monitor.make_writer(workdir, is_main)
-  monitor = train_monitor.TrainMonitor(config, workdir, writer, model)
+  writer, summary_writer = run_log.make_writer(workdir, is_main)
+  monitor = train_monitor.TrainMonitor(config, workdir, writer, model, write_samples=write_samples)
   monitor.write_config(summary_writer, start_step)
   guard = NonfiniteGuard(config.train.max_nonfinite_steps)
   pending = []
   progress = tqdm(range(start_step, config.train.num_steps), initial=start_step, total=config.train.num_steps,
-                  desc='train', disable=not (is_main and train_monitor.is_terminal()), unit='step')
+                  desc='train', disable=not (is_main and run_log.is_terminal()), unit='step')
   last_log = time.time()
   # checkpoint.saving: an exception that ends the loop first finishes (or reports) the in-flight save.
   with checkpoint.saving(manager), preemption.PreemptionWatch(manager) as watch:
@@ -169,7 +173,7 @@ def train_and_evaluate(config, workdir):
       if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.num_steps:
         summary = summarize(pending)
         summary['steps_per_sec'] = len(pending) / max(time.time() - last_log, 1e-9)
-        summary.update(train_monitor.memory_scalars())
+        summary.update(run_log.memory_scalars())
         writer.write_scalars(step + 1, summary)
         progress.set_postfix(loss=f'{summary["loss"]:.4f}')
         pending, last_log = [], time.time()

@@ -1,4 +1,4 @@
-"""What a long run shows while it trains: sample grids, FID, a profiler trace, device memory, the config.
+"""What a long run shows while it trains: sample grids, FID (or the toy evaluator's scores), a profiler trace.
 
 The training loop (train.py) calls `TrainMonitor.before_step(step)` and
 `after_step(steps_done, state)` on every process; this module decides what
@@ -7,14 +7,15 @@ runs at which step:
 - every `train.sample_every` steps: a grid of `sample.grid_groups` jointly
   generated groups from the EMA weights with the config's sampler, the same
   noise and classes (group g is class g mod num_classes) at every step, so
-  grids compare. It is the sample job's sampler (sample_job.chunk_sampler,
+  grids compare. It is the sample job's sampler (sample.chunk_sampler,
   compiled once) on this process's devices, split by whole groups; latent
   models are decoded with the VAE of `sample.vae_path` (no grid without
   it). Written to TensorBoard (`samples`, uint8 [1, H, W, C]) and to
   <workdir>/progress/step_<k>.png. Its cost is stated at start
-  (`grid_cost`, analytic FLOPs of describe.py).
-- every `train.eval_every` steps: the sample job itself (sample_job
-  .sample_and_save: chunks over hosts and devices) makes
+  (describe.grid_cost, analytic FLOPs).
+- every `train.eval_every` steps: the sample job's `write_samples` (given
+  by the caller: main.py passes sample_job.sample_and_save, chunks over
+  hosts and devices; without it there is no FID, with one note) makes
   `eval.num_samples` images into <workdir>/eval/step_<k>/, process 0
   computes their FID with the ADM evaluator's InceptionV3 against
   `eval.reference_batch` (its stored mu/sigma, or statistics of its images,
@@ -24,138 +25,30 @@ runs at which step:
   note. On the toy shapes (data.name='toy_shapes') the toy evaluator
   (evaluation/toy_features.py) scores them instead: `fd_toy_<n>` and
   `class_accuracy_<n>`, with a feature net trained once on the run's data
-  (`eval.toy_feature_steps`) and kept in <workdir>/toy_feature_net.msgpack.
+  (`eval.toy_feature_steps`) and kept in <workdir>/toy_feature_net.msgpack
+  (toy_features.load_or_train).
 - `train.profile_steps=(start, stop)`: a jax.profiler trace of steps
   [start, stop) into <workdir>/profile/ (TensorBoard's profile plugin,
   Perfetto) on process `train.profile_process`.
-- `memory_scalars()`: bytes in use and peak of this process's devices (the
-  largest over them), where the backend reports them (GPU, TPU; the CPU
-  backend reports nothing and nothing is logged).
+
+The config lines, config.json, the metric writer and device memory are in
+run_log.py; the FLOP costs in describe.py.
 """
 
-import json
-import logging
 import os
-import sys
 import time
 
 import jax
 import numpy as np
-from clu import metric_writers
+from absl import logging
 
-from groupdiff_jax import errors, sample, sample_chunks, sample_job, sharding, step_plan, storage
+from groupdiff_jax import describe, errors, run_log, sample, sample_chunks, sharding, storage
 
 PROGRESS_DIR = 'progress'
 EVAL_DIR = 'eval'
 PROFILE_DIR = 'profile'
-CONFIG_FILE = 'config.json'
 TOY_FEATURE_NET = 'toy_feature_net.msgpack'
 GRID_STREAM = 2  # the grids' fixed noise: PRNGKey(seed + GRID_STREAM) (the sample job uses seed + 1)
-GIB = 2**30
-
-
-# --- The config: printed once, saved beside the checkpoints ---------------------
-def flat_config(config):
-  """{'train.batch_size': 256, ...}: every leaf of the config, dotted paths, sorted."""
-  flat = {}
-
-  def walk(prefix, node):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        walk(f'{prefix}{key}.', value)
-      else:
-        flat[f'{prefix}{key}'] = value
-  walk('', config.to_dict())
-  return dict(sorted(flat.items()))
-
-
-def config_lines(config):
-  """The config as readable `key = value` lines."""
-  return '\n'.join(f'{key} = {value!r}' for key, value in flat_config(config).items())
-
-
-def save_config(config, workdir):
-  """<workdir>/config.json (written atomically)."""
-  path = str(storage.path(workdir) / CONFIG_FILE)
-  sample_chunks.write_json(path, json.loads(json.dumps(config.to_dict(), default=str)))
-  return path
-
-
-def make_writer(workdir, is_main):
-  """(metric writer, its TensorBoard writer or None): log lines plus, on process 0, TensorBoard events.
-
-  The TensorBoard writer alone takes the hyperparameters, so the log shows
-  the config once as `key = value` lines instead of one dict line.
-  """
-  summary = metric_writers.SummaryWriter(workdir) if is_main else None
-  writers = [metric_writers.LoggingWriter()] + ([summary] if summary else [])
-  return metric_writers.AsyncMultiWriter(writers), summary
-
-
-def is_terminal(stream=None):
-  stream = sys.stderr if stream is None else stream
-  return bool(getattr(stream, 'isatty', lambda: False)())
-
-
-# --- Device memory ----------------------------------------------------------------
-def memory_scalars(devices=None):
-  """{'memory_in_use_gib', 'memory_peak_gib'}: the largest over this process's devices; {} where the backend
-  reports no memory statistics (CPU)."""
-  stats = [d.memory_stats() for d in (jax.local_devices() if devices is None else devices)]
-  stats = [s for s in stats if s and 'bytes_in_use' in s]
-  if not stats:
-    return {}
-  out = {'memory_in_use_gib': max(s['bytes_in_use'] for s in stats) / GIB}
-  if all('peak_bytes_in_use' in s for s in stats):
-    out['memory_peak_gib'] = max(s['peak_bytes_in_use'] for s in stats) / GIB
-  return out
-
-
-# --- Cost -----------------------------------------------------------------------------
-def sampler_nfe(sample_config, model_config):
-  """Model evaluations per branch of one sampler run; None for the adaptive dopri5."""
-  from groupdiff_jax import diffusion as gd
-  from groupdiff_jax import samplers
-  method = sample_config.sampler
-  if model_config.get('objective', 'sit') == 'dit':
-    return gd.create_schedule(sample.timestep_respacing(sample_config)).num_timesteps
-  if method == 'dopri5':
-    return None
-  if method == 'sde':
-    return sample_config.num_steps
-  return samplers.number_of_function_evaluations(sample_config.num_steps, method)
-
-
-def sampling_flops(config, num_images):
-  """Upper bound of the FLOPs of sampling `num_images` (NFE x forward FLOPs of both CFG branches, group attention
-  and guidance at every step); None for dopri5."""
-  from groupdiff_jax import describe
-  arch = describe.arch_from_config(config.model)
-  nfe = sampler_nfe(config.sample, config.model)
-  if nfe is None:
-    return None
-  s = config.sample
-  per_image = describe.forward_flops(arch, s.cond_group_size)['total']
-  if s.cfg_scale != 1.0:
-    per_image += describe.forward_flops(arch, s.uncond_group_size)['total']
-  return nfe * num_images * per_image
-
-
-def grid_cost(config):
-  """The grid's FLOPs against the training FLOPs between two grids (the cheapest step kind: an upper bound).
-
-  Returns {'grid_flops', 'train_step_flops', 'ratio'} (ratio None when
-  train.sample_every is 0 or the sampler is adaptive).
-  """
-  from groupdiff_jax import describe
-  t = config.train
-  arch = describe.arch_from_config(config.model)
-  kinds = step_plan.step_kinds(t.batch_size, t.group_size, t.group_ratio, t.mode, t.mixed_steps)
-  train_flops = min(describe.step_flops(arch, kind)['model'] for kind in kinds.values())
-  grid = sampling_flops(config, config.sample.grid_groups * config.sample.images_per_group)
-  every = t.get('sample_every', 0)
-  ratio = grid / (every * train_flops) if grid is not None and every else None
-  return {'grid_flops': grid, 'train_step_flops': train_flops, 'ratio': ratio}
 
 
 # --- Checks ------------------------------------------------------------------------
@@ -193,11 +86,17 @@ def _with_sample(config, **fields):
 
 # --- The monitor ------------------------------------------------------------------
 class TrainMonitor:
-  """The periodic actions of a training run; see the module docstring."""
+  """The periodic actions of a training run; see the module docstring.
 
-  def __init__(self, config, workdir, writer, model, log=logging.info):
+  write_samples: callable(config, out_dir, params, step, log=...) -> the
+  path of the samples npz on process 0 (None elsewhere), e.g.
+  sample_job.sample_and_save; None: no FID during training.
+  """
+
+  def __init__(self, config, workdir, writer, model, log=logging.info, write_samples=None):
     check_config(config)
     self.config, self.workdir, self.writer, self.model, self.log = config, workdir, writer, model, log
+    self.write_samples = write_samples
     self.is_main = jax.process_index() == 0
     self.sample_every = config.train.get('sample_every', 0)
     self.eval_every = config.train.get('eval_every', 0)
@@ -205,12 +104,12 @@ class TrainMonitor:
     self.profiling = False
     self._grid = None
     self._reference = None
-    if self.sample_every and sample_job.is_latent(config.model) and not config.sample.get('vae_path'):
+    if self.sample_every and sample.is_latent(config.model) and not config.sample.get('vae_path'):
       log('Sample grids every %d steps need sample.vae_path (an SD-VAE to decode the latents): no grids.',
           self.sample_every)
       self.sample_every = 0
     if self.sample_every:
-      cost = grid_cost(config)
+      cost = describe.grid_cost(config)
       if cost['ratio'] is not None:
         log('Sample grid every %d steps: %.3g FLOPs (%d groups), %.2f%% of the training FLOPs between two grids.',
             self.sample_every, cost['grid_flops'], config.sample.grid_groups, 100 * cost['ratio'])
@@ -221,19 +120,23 @@ class TrainMonitor:
       log('No FID during training: set eval.reference_batch and eval.inception_graph (train.eval_every=%d).',
           self.eval_every)
       self.eval_every = 0
-    if self.eval_every and sample_job.is_latent(config.model) and not config.sample.get('vae_path'):
+    if self.eval_every and sample.is_latent(config.model) and not config.sample.get('vae_path'):
       log('No FID during training: this latent model needs sample.vae_path (an SD-VAE) to decode its samples.')
+      self.eval_every = 0
+    if self.eval_every and write_samples is None:
+      log('No scores during training (train.eval_every=%d): the caller gave no sample writer '
+          '(main.py passes the sample job\'s).', self.eval_every)
       self.eval_every = 0
 
   def write_config(self, summary_writer, start_step):
     """Process 0: the config as `key = value` lines (once), config.json, and TensorBoard hparams of a new run."""
     if not self.is_main:
       return
-    self.log('Config:\n%s', config_lines(self.config))
-    self.log('Config saved to %s.', save_config(self.config, self.workdir))
+    self.log('Config:\n%s', run_log.config_lines(self.config))
+    self.log('Config saved to %s.', run_log.save_config(self.config, self.workdir))
     if summary_writer is not None and start_step == 0:
       summary_writer.write_hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                                    for k, v in flat_config(self.config).items()})
+                                    for k, v in run_log.flat_config(self.config).items()})
 
   def before_step(self, step):
     """Starts the profiler trace before step `profile_steps[0]`."""
@@ -273,16 +176,16 @@ class TrainMonitor:
       config = _with_sample(self.config, num_groups=self.config.sample.grid_groups,
                             groups_per_batch=self.config.sample.grid_groups, s_cross=False)
       plan = sample_chunks.plan_from_config(config)
-      mesh = sample_job.local_mesh(plan.groups_per_chunk)
+      mesh = sample.local_mesh(plan.groups_per_chunk)
       decode = None
-      if sample_job.is_latent(config.model):
+      if sample.is_latent(config.model):
         from groupdiff_jax.encoders import vae as vae_lib
         from groupdiff_jax.encoders import vae_weights
         vae_params = vae_weights.load_vae_params(config.sample.vae_path, vae_lib.SD_VAE_CONFIG)
-        decode = sample_job.make_decoder(vae_params, vae_lib.SD_VAE_CONFIG, mesh, config.sample.decode_batch_size)
-      self._grid = (plan, mesh, sample_job.chunk_sampler(self.model, config, mesh), decode)
+        decode = sample.make_decoder(vae_params, vae_lib.SD_VAE_CONFIG, mesh, config.sample.decode_batch_size)
+      self._grid = (plan, mesh, sample.chunk_sampler(self.model, config, mesh), decode)
     plan, mesh, run, decode = self._grid
-    local = jax.device_put(sample_job.host_local(params), sharding.replicated(mesh))
+    local = jax.device_put(sample.host_local(params), sharding.replicated(mesh))
     x, _ = run(local, plan.labels(0), jax.random.PRNGKey(self.config.seed + GRID_STREAM))
     x = np.asarray(x)[:plan.num_images]
     return decode(x) if decode is not None else sample.to_uint8(x)
@@ -305,7 +208,7 @@ class TrainMonitor:
     per_group = self.config.sample.images_per_group
     config = _with_sample(self.config, num_groups=-(-num // per_group), s_cross=False)
     out_dir = os.path.join(self.workdir, EVAL_DIR, f'step_{step}')
-    return sample_job.sample_and_save(config, out_dir, params, step, log=lambda *_: None), out_dir
+    return self.write_samples(config, out_dir, params, step, log=lambda *_: None), out_dir
 
   def _remove_samples(self, path, out_dir):
     samples_dir = os.path.join(out_dir, sample_chunks.SAMPLES_DIR)
@@ -368,44 +271,21 @@ def toy_scorer(config, workdir, log=logging.info):
   """(featurize, reference FIDStatistics) of the toy evaluator for this run's data.
 
   The feature net is trained once on the run's toy images
-  (eval.toy_feature_steps, seed 0) and saved as
+  (eval.toy_feature_steps, seed 0 whatever the run's seed: runs of one data
+  set are scored by one network, as experiments/table1.py) and kept in
   <workdir>/toy_feature_net.msgpack with what it was trained on; a resumed
   run loads it (trains it again if the data or steps changed), so a run's FD
   curve is measured by one scorer.
   """
-  from flax import serialization
   from groupdiff_jax.data import toy_shapes
-  from groupdiff_jax.evaluation import fid as fid_lib, toy_features
+  from groupdiff_jax.evaluation import toy_features
   data = config.data
   images, labels, attributes, _ = toy_shapes.load_toy_shapes(
       data.get('num_images', 20000), data.get('dataset_seed', 0), data.image_size, data.get('embedding_dims', 32),
       data.get('num_neighbors', 16), **toy_shapes.data_options(data))
-  path = os.path.join(workdir, TOY_FEATURE_NET)
-  steps = config.eval.get('toy_feature_steps', toy_features.DEFAULT_TRAIN_STEPS)
-  # What the net was trained on: a saved net of other data or steps is trained again, not trusted.
-  trained_on = json.loads(json.dumps({'num_images': len(images), 'dataset_seed': data.get('dataset_seed', 0),
-                                      'image_size': data.image_size, 'steps': steps, 'seed': 0,
-                                      **toy_shapes.data_options(data)}))
-  saved = None
-  if os.path.exists(path):
-    with open(path, 'rb') as f:
-      saved = serialization.msgpack_restore(f.read())
-    if not isinstance(saved, dict) or saved.get('trained_on') != trained_on:
-      log('%s was trained on other data or steps (%s, now %s); training it again.', path,
-          saved.get('trained_on') if isinstance(saved, dict) else None, trained_on)
-      saved = None
-  if saved is None:
-    log('Training the toy evaluator\'s feature net (%d steps) for FD during training ...', steps)
-    # Seed 0 whatever the run's seed: runs of one data set are scored by one network (as experiments/table1.py).
-    params = toy_features.train_feature_net(images, labels, attributes, steps, seed=0,
-                                            batch_size=min(toy_features.DEFAULT_BATCH_SIZE, len(images)))
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-      f.write(serialization.msgpack_serialize({'params': jax.device_get(params), 'trained_on': trained_on}))
-    os.replace(tmp, path)
-  else:
-    params = saved['params']
-  featurize = toy_features.make_featurizer(params)
-  reference = fid_lib.FIDStatistics.from_features(featurize(images)[0])
+  trained_on = {'dataset_seed': data.get('dataset_seed', 0), 'image_size': data.image_size,
+                **toy_shapes.data_options(data)}
+  featurize, reference, _ = toy_features.load_or_train(
+      images, labels, attributes, config.eval.get('toy_feature_steps', toy_features.DEFAULT_TRAIN_STEPS),
+      os.path.join(workdir, TOY_FEATURE_NET), trained_on, seed=0, log=log)
   return featurize, reference
-

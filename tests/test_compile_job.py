@@ -10,7 +10,7 @@ import pytest
 from jax.experimental import mesh_utils
 
 from configs import digits, sit_xl
-from groupdiff_jax import compile_job, describe, errors, sharding
+from groupdiff_jax import compile_job, compiled_stats, describe, errors, sharding, tpu_topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def test_compiles_for_v5e_with_mosaic_kernels_and_local_group_attention(impl):
     memory = program['memory_bytes_per_device']
     assert set(memory) == {'argument', 'output', 'temp', 'alias', 'generated_code', 'peak'}
     assert memory['argument'] > 0 and program['compile_seconds'] > 0
-    assert set(program['collectives']) == set(compile_job.COLLECTIVES)
+    assert set(program['collectives']) == set(compiled_stats.COLLECTIVES)
     # The splash kernel is a Mosaic custom call (chosen for TPU, not for the CPU host), in every program.
     assert program['mosaic_kernels'] > 0
     assert program['fits'] is True and program['hbm_bytes'] == 16 * 2**30
@@ -135,9 +135,9 @@ def test_the_precheck_lets_the_official_recipe_through_to_the_compiler():
   # SiT-XL/2 at batch 256 on v5p:2x2x2 fits (the fit table's compiled rows): the precheck must not refuse it.
   config = sit_xl.get_config()
   config.compile.topology = 'v5p:2x2x2'
-  devices = compile_job.abstract_devices(config.compile.topology)
-  chip = compile_job.per_device(compile_job.CHIPS['v5p'], devices)
-  mesh = compile_job.target_mesh(config, devices, 1)
+  devices = tpu_topology.abstract_devices(config.compile.topology)
+  chip = tpu_topology.per_device(tpu_topology.CHIPS['v5p'], devices)
+  mesh = tpu_topology.target_mesh(config, devices, 1)
   estimate = describe.describe(config, mesh=mesh, cost_analysis=False)
   compile_job.precheck(config, estimate, 0.9 * chip['hbm_bytes'], chip, mesh)
   # The same estimate against a budget under half of it is refused, and ratio 0 turns the check off.
@@ -161,7 +161,7 @@ def test_fit_advice_names_the_bytes_and_the_remedies():
 @pytest.mark.parametrize('topology', ['v5e-2x2', 'v7x:2x2', 'tpu', ''])
 def test_unknown_topology_names_the_accepted_form(topology):
   with pytest.raises(errors.ConfigError, match='e.g. v5e:2x2'):
-    compile_job.abstract_devices(topology)
+    tpu_topology.abstract_devices(topology)
 
 
 def test_mesh_and_batch_that_do_not_match_the_topology_are_refused_before_compiling():
@@ -202,7 +202,7 @@ def test_collective_bytes_sum_combined_tuples_and_take_the_moved_half_of_async_s
       '  %ag = (f32[2]{0}, f32[8]{0}) all-gather-start(f32[2]{0} %c), dimensions={0}',
       '  %x = f32[3]{0} add(f32[3]{0} %d, f32[3]{0} %e)',
   ])
-  found = compile_job.collectives(hlo)
+  found = compiled_stats.collectives(hlo)
   assert found['all-reduce'] == {'count': 1, 'bytes': 10 * 4 + 8 * 2}
   assert found['all-gather'] == {'count': 1, 'bytes': 8 * 4}
   assert found['reduce-scatter'] == {'count': 0, 'bytes': 0}
@@ -218,23 +218,23 @@ def test_step_kinds_selects_the_programs_and_names_the_ones_a_config_runs():
 
 
 def test_a_v4_chip_shows_as_two_devices_that_share_its_hbm_and_peak():
-  devices = compile_job.abstract_devices('v4:2x2x2')  # 8 chips, 2 TensorCores each
+  devices = tpu_topology.abstract_devices('v4:2x2x2')  # 8 chips, 2 TensorCores each
   assert len(devices) == 16
-  chip = compile_job.per_device(compile_job.CHIPS['v4'], devices)
+  chip = tpu_topology.per_device(tpu_topology.CHIPS['v4'], devices)
   assert chip == {'hbm_bytes': 16 * 2**30, 'bf16_flops': 137.5e12, 'devices_per_chip': 2}
-  v5e = compile_job.abstract_devices('v5e:2x2')
-  assert compile_job.per_device(compile_job.CHIPS['v5e'], v5e)['hbm_bytes'] == 16 * 2**30
+  v5e = tpu_topology.abstract_devices('v5e:2x2')
+  assert tpu_topology.per_device(tpu_topology.CHIPS['v5e'], v5e)['hbm_bytes'] == 16 * 2**30
 
 
 def test_meshes_follow_the_chips_where_jax_can_lay_them_out_and_keep_the_listed_order_elsewhere():
   def ids(mesh):
     return [d.id for d in mesh.devices.flat]
 
-  v5p = compile_job.abstract_devices('v5p:2x2x2')  # a 2x2x2 cuboid, one device per chip: jax's torus layout
+  v5p = tpu_topology.abstract_devices('v5p:2x2x2')  # a 2x2x2 cuboid, one device per chip: jax's torus layout
   torus = [d.id for d in mesh_utils.create_device_mesh((4, 2), v5p).flat]
   assert ids(sharding.make_mesh({'data': 4, 'fsdp': 2}, v5p)) == torus != [d.id for d in v5p]
   # Listed (row-major) order where jax cannot lay them out: both TensorCores of a v4 chip listed as devices,
   # 3 of 4 chips (no cuboid), fsdp=4 on an 8x8 slice (4 is no product of the physical axes 8, 8).
-  for devices, fsdp in [(compile_job.abstract_devices('v4:2x2x2'), 2), (compile_job.abstract_devices('v5e:2x2')[:3], 1),
-                        (compile_job.abstract_devices('v5e:8x8'), 4)]:
+  for devices, fsdp in [(tpu_topology.abstract_devices('v4:2x2x2'), 2), (tpu_topology.abstract_devices('v5e:2x2')[:3], 1),
+                        (tpu_topology.abstract_devices('v5e:8x8'), 4)]:
     assert ids(sharding.make_mesh({'data': -1, 'fsdp': fsdp}, devices)) == [d.id for d in devices]

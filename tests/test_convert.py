@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from groupdiff_jax import convert
+from groupdiff_jax import convert, converted, weights_io
 from groupdiff_jax.models import dit
 from tests import reference_dit
 
@@ -141,7 +141,7 @@ def convert_file(path, output, **kwargs):
 def test_every_param_comes_from_the_file_with_the_right_layout(tmp_path, fmt):
   sd = official_state_dict()
   report = convert_file(save(sd, tmp_path, fmt), tmp_path / 'out')
-  params = convert.load_converted_params(tmp_path / 'out')
+  params = converted.load_converted_params(tmp_path / 'out')
 
   expected = convert.expected_param_shapes(tiny_model())
   got = {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -162,7 +162,7 @@ def test_every_param_comes_from_the_file_with_the_right_layout(tmp_path, fmt):
                                 sd['sample_embedder.embedding_table.weight'])
   np.testing.assert_array_equal(params['final_layer']['adaLN_modulation_1']['bias'],
                                 sd['final_layer.adaLN_modulation.1.bias'])
-  record = convert.read_conversion_record(tmp_path / 'out')
+  record = converted.read_conversion_record(tmp_path / 'out')
   assert record['architecture']['max_group_size'] == 4 and record['architecture']['learn_sigma']
 
 
@@ -207,7 +207,7 @@ def test_repa_sit_layout_ignores_projectors_and_has_no_learned_sigma(tmp_path):
   assert report.architecture['learn_sigma'] is False and report.architecture['max_group_size'] == 0
   assert sorted(report.ignored) == sorted(['pos_embed'] + [k for k in sd if k.startswith('projectors.')])
   assert all('REPA' in why for k, why in report.ignored.items() if k.startswith('projectors.'))
-  params = convert.load_converted_params(tmp_path / 'out')
+  params = converted.load_converted_params(tmp_path / 'out')
   model = tiny_model(learn_sigma=False, max_group_size=0)
   x, t, y, _ = inputs()
   ours = jax.jit(model.apply)({'params': params}, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32),
@@ -217,7 +217,7 @@ def test_repa_sit_layout_ignores_projectors_and_has_no_learned_sigma(tmp_path):
 
 
 def error_of(sd, model=None):
-  with pytest.raises(convert.ConversionError) as info:
+  with pytest.raises(weights_io.WeightsImportError) as info:
     convert.convert_state_dict(sd, model or tiny_model())
   return str(info.value)
 
@@ -261,14 +261,14 @@ def test_denoiser_prefix_and_model_or_ema_selection(tmp_path, fmt):
   path = save(flat, tmp_path, fmt)
   report = convert_file(path, tmp_path / 'ema')
   assert report.weights == 'model_ema'
-  np.testing.assert_array_equal(convert.load_converted_params(tmp_path / 'ema')['blocks_0']['mlp']['fc2']['bias'],
+  np.testing.assert_array_equal(converted.load_converted_params(tmp_path / 'ema')['blocks_0']['mlp']['fc2']['bias'],
                                 ema['blocks.0.mlp.fc2.bias'])
   report = convert_file(path, tmp_path / 'raw', use_ema=False)
   assert report.weights == 'model'
-  np.testing.assert_array_equal(convert.load_converted_params(tmp_path / 'raw')['blocks_0']['mlp']['fc2']['bias'],
+  np.testing.assert_array_equal(converted.load_converted_params(tmp_path / 'raw')['blocks_0']['mlp']['fc2']['bias'],
                                 raw['blocks.0.mlp.fc2.bias'])
   only_raw = save({f'model.{k}': v for k, v in raw.items()}, tmp_path, fmt, 'raw_only')
-  with pytest.raises(convert.ConversionError, match='No EMA weights.*--nouse_ema'):
+  with pytest.raises(weights_io.WeightsImportError, match='No EMA weights.*--nouse_ema'):
     convert_file(only_raw, tmp_path / 'x')
   with pytest.raises(FileExistsError):
     convert_file(path, tmp_path / 'ema')
@@ -291,7 +291,7 @@ def test_from_pretrained_initialises_a_fresh_sample_embedding(tmp_path, caplog):
   assert list(report.fresh) == ['sample_embedder/embedding_table/embedding']
   assert 'std=0.02' in report.fresh['sample_embedder/embedding_table/embedding']
   assert 'sample_embedder' in caplog.text and 'fresh' in caplog.text
-  table = np.asarray(convert.load_converted_params(tmp_path / 'a')['sample_embedder']['embedding_table']['embedding'])
+  table = np.asarray(converted.load_converted_params(tmp_path / 'a')['sample_embedder']['embedding_table']['embedding'])
   assert table.shape == (4, 32) and 0.015 < table.std() < 0.025
   assert abs(table.mean()) < 0.01
   again, _ = convert.convert_state_dict(sd, tiny_model(), seed=7)
@@ -331,7 +331,7 @@ def test_pth_groupdiff_checkpoint_with_torch(tmp_path):
   torch.save(checkpoint, tmp_path / 'gdiff.pth')
   report = convert_file(tmp_path / 'gdiff.pth', tmp_path / 'out')
   assert report.weights == 'model_ema' and 'optimizer' in report.skipped_entries
-  bias = np.asarray(convert.load_converted_params(tmp_path / 'out')['blocks_0']['mlp']['fc2']['bias'])
+  bias = np.asarray(converted.load_converted_params(tmp_path / 'out')['blocks_0']['mlp']['fc2']['bias'])
   np.testing.assert_allclose(bias, ema['blocks.0.mlp.fc2.bias'], rtol=1e-2)
 
 
@@ -348,7 +348,7 @@ def test_bfloat16_safetensors_convert_with_the_rounded_pos_embed(tmp_path):
   sd = official_state_dict()
   path = save({k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}, tmp_path, 'safetensors')
   convert_file(path, tmp_path / 'out')
-  kernel = np.asarray(convert.load_converted_params(tmp_path / 'out')['blocks_1']['mlp']['fc1']['kernel'])
+  kernel = np.asarray(converted.load_converted_params(tmp_path / 'out')['blocks_1']['mlp']['fc1']['kernel'])
   np.testing.assert_array_equal(kernel, sd['blocks.1.mlp.fc1.weight'].astype(ml_dtypes.bfloat16).astype(np.float32).T)
 
 
@@ -357,7 +357,7 @@ def test_broken_pth_is_not_reported_as_needing_pickle(tmp_path, content):
   pytest.importorskip('torch')
   path = tmp_path / 'broken.pth'
   path.write_bytes(content)
-  with pytest.raises(convert.ConversionError, match='truncated or not a PyTorch checkpoint') as info:
+  with pytest.raises(weights_io.WeightsImportError, match='truncated or not a PyTorch checkpoint') as info:
     convert.read_checkpoint(path)
   assert 'allow_pickle' not in str(info.value)
 

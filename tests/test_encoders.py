@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from groupdiff_jax import weights_io
 from groupdiff_jax.encoders import clip, dinov2, vit
 
 D, DEPTH, HEADS, MLP, PATCH = 32, 2, 4, 64, 14
@@ -192,7 +193,7 @@ def test_converter_names_unknown_missing_and_misshapen_keys():
   state['encoder.layer.0.extra.weight'] = np.zeros(3)
   state['encoder.layer.1.mlp.fc1.weight'] = np.zeros((5, D), np.float32)
   del state['layernorm.bias']
-  with pytest.raises(vit.WeightsError) as error:
+  with pytest.raises(weights_io.WeightsImportError) as error:
     dinov2.convert(state, config)
   text = str(error.value)
   assert 'encoder.layer.0.extra.weight' in text and 'encoder.layer.1.mlp.fc1.weight' in text and 'norm/bias' in text

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import digits
-from groupdiff_jax import checkpoint, convert, train
+from groupdiff_jax import checkpoint, convert, converted, train
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models import dit
 from tests import test_convert
@@ -53,7 +53,7 @@ def flat(tree):
 
 
 def test_training_from_converted_weights_starts_at_step_0_with_the_imported_params(tmp_path, monkeypatch):
-  imported = flat(convert.load_converted_params(converted_plain_sit(tmp_path)))
+  imported = flat(converted.load_converted_params(converted_plain_sit(tmp_path)))
   assert imported['sample_embedder/embedding_table/embedding'].std() > 0  # the converter's fresh table
   first = []
   make_step = train_step_lib.make_jitted_train_step

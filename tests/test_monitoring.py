@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from configs import digits, sit_xl
-from groupdiff_jax import platforms, sample_chunks, sample_job, train, train_monitor
+from groupdiff_jax import describe, platforms, run_log, sample_chunks, sample_job, train, train_monitor
 from groupdiff_jax.models.dit import model_from_config
 from tests import test_evaluation
 
@@ -102,9 +102,9 @@ def test_config_json_beside_the_checkpoints_and_key_value_lines(grid_run):
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(config.to_dict()))
-  lines = train_monitor.config_lines(config).splitlines()
+  lines = run_log.config_lines(config).splitlines()
   assert 'train.sample_every = 2' in lines and "model.variant = 'SiT-S/4'" in lines
-  assert len(lines) == len(train_monitor.flat_config(config))
+  assert len(lines) == len(run_log.flat_config(config))
 
 
 def test_one_steps_per_sec_per_logged_step(grid_run):
@@ -122,7 +122,7 @@ def test_fid_scalar_with_a_tiny_reference_and_a_standin_inception(tmp_path):
   workdir = str(tmp_path / 'run')
   config = tiny_config(**{'train.num_steps': 2, 'train.eval_every': 2, 'eval.num_samples': 8,
                           'eval.reference_batch': reference, 'eval.inception_graph': graph})
-  state = train.train_and_evaluate(config, workdir)
+  state = train.train_and_evaluate(config, workdir, write_samples=sample_job.sample_and_save)
   fids = tensor_values(events(workdir), 'fid_8')
   assert list(fids) == [2]
   with open(os.path.join(workdir, 'eval', 'step_2', 'fid.json')) as f:
@@ -148,7 +148,7 @@ def test_toy_fd_scalar_with_the_toy_evaluator(tmp_path):
       'eval.num_samples': 8, 'eval.toy_feature_steps': 3, 'sample.num_steps': 2, 'sample.num_groups': 2,
       'sample.groups_per_batch': 2})
   workdir = str(tmp_path / 'run')
-  state = train.train_and_evaluate(config, workdir)
+  state = train.train_and_evaluate(config, workdir, write_samples=sample_job.sample_and_save)
   accumulator = events(workdir)
   fd, accuracy = tensor_values(accumulator, 'fd_toy_8'), tensor_values(accumulator, 'class_accuracy_8')
   assert list(fd) == [2] and list(accuracy) == [2]
@@ -179,13 +179,13 @@ def test_toy_fd_scalar_with_the_toy_evaluator(tmp_path):
 def test_no_fid_without_a_reference_is_one_note():
   notes = []
   monitor = train_monitor.TrainMonitor(tiny_config(**{'train.eval_every': 5, 'train.sample_every': 0}), 'unused', None, None,
-                                       log=lambda *a: notes.append(a[0] % a[1:]))
+                                       log=lambda *a: notes.append(a[0] % a[1:]), write_samples=sample_job.sample_and_save)
   assert monitor.eval_every == 0 and len(notes) == 1 and 'eval.reference_batch' in notes[0]
 
 
 def test_sit_xl_default_grid_costs_under_two_percent_of_training():
   config = sit_xl.get_config()
-  cost = train_monitor.grid_cost(config)
+  cost = describe.grid_cost(config)
   assert config.train.sample_every > 0 and cost['ratio'] < 0.02
   # The ratio is the grid's FLOPs over sample_every cheapest train steps.
   assert cost['ratio'] == pytest.approx(cost['grid_flops'] / (config.train.sample_every * cost['train_step_flops']))
@@ -194,23 +194,23 @@ def test_sit_xl_default_grid_costs_under_two_percent_of_training():
 def test_sampling_flops_scale_with_nfe_and_guidance():
   base = tiny_config(**{'sample.sampler': 'euler', 'sample.num_steps': 10, 'sample.cond_group_size': 1,
                         'sample.uncond_group_size': 1})
-  euler = train_monitor.sampling_flops(base, 8)
-  heun = train_monitor.sampling_flops(train_monitor._with_sample(base, sampler='heun'), 8)
-  no_cfg = train_monitor.sampling_flops(train_monitor._with_sample(base, cfg_scale=1.0), 8)
+  euler = describe.sampling_flops(base, 8)
+  heun = describe.sampling_flops(train_monitor._with_sample(base, sampler='heun'), 8)
+  no_cfg = describe.sampling_flops(train_monitor._with_sample(base, cfg_scale=1.0), 8)
   assert heun == 2 * euler  # Heun evaluates the model twice per step
   assert no_cfg * 2 == euler  # CFG adds an unconditional branch of the same cost (both groups of 1)
-  assert train_monitor.sampling_flops(base, 16) == 2 * euler
-  assert train_monitor.sampling_flops(train_monitor._with_sample(base, sampler='dopri5'), 8) is None
+  assert describe.sampling_flops(base, 16) == 2 * euler
+  assert describe.sampling_flops(train_monitor._with_sample(base, sampler='dopri5'), 8) is None
 
 
 def test_memory_scalars_take_the_largest_device_and_skip_backends_without_stats():
   fake = lambda stats: types.SimpleNamespace(memory_stats=lambda: stats)
   devices = [fake({'bytes_in_use': 2**30, 'peak_bytes_in_use': 3 * 2**30}),
              fake({'bytes_in_use': 2**31, 'peak_bytes_in_use': 2**31})]
-  assert train_monitor.memory_scalars(devices) == {'memory_in_use_gib': 2.0, 'memory_peak_gib': 3.0}
-  assert train_monitor.memory_scalars([fake(None)]) == {}
-  assert train_monitor.memory_scalars() == ({} if jax.default_backend() == 'cpu' else
-                                            train_monitor.memory_scalars(jax.local_devices()))
+  assert run_log.memory_scalars(devices) == {'memory_in_use_gib': 2.0, 'memory_peak_gib': 3.0}
+  assert run_log.memory_scalars([fake(None)]) == {}
+  assert run_log.memory_scalars() == ({} if jax.default_backend() == 'cpu' else
+                                            run_log.memory_scalars(jax.local_devices()))
 
 
 def test_profile_steps_are_checked():
@@ -246,6 +246,16 @@ def test_latent_models_without_a_vae_get_no_grids_and_no_fid_with_one_note_each(
   config.update_from_flattened_dict({'train.eval_every': 10, 'eval.reference_batch': str(tmp_path / 'ref.npz'),
                                      'eval.inception_graph': str(tmp_path / 'graph.pb')})
   notes = []
-  monitor = train_monitor.TrainMonitor(config, 'unused', None, None, log=lambda *a: notes.append(a[0] % a[1:]))
+  monitor = train_monitor.TrainMonitor(config, 'unused', None, None, log=lambda *a: notes.append(a[0] % a[1:]),
+                                       write_samples=sample_job.sample_and_save)
   assert monitor.sample_every == 0 and monitor.eval_every == 0
   assert len(notes) == 2 and all('sample.vae_path' in note for note in notes)
+
+
+def test_without_a_sample_writer_there_are_no_scores_with_one_note(tmp_path):
+  notes = []
+  config = tiny_config(**{'train.eval_every': 5, 'train.sample_every': 0,
+                          'eval.reference_batch': str(tmp_path / 'ref.npz'),
+                          'eval.inception_graph': str(tmp_path / 'graph.pb')})
+  monitor = train_monitor.TrainMonitor(config, 'unused', None, None, log=lambda *a: notes.append(a[0] % a[1:]))
+  assert monitor.eval_every == 0 and len(notes) == 1 and 'sample writer' in notes[0]

@@ -15,7 +15,7 @@ import pytest
 import safetensors.numpy
 
 from configs import default, eval_gdiff_sit_xl
-from groupdiff_jax import convert, samplers, transport
+from groupdiff_jax import convert, converted, samplers, transport
 from groupdiff_jax.models import dit
 from tests import test_convert
 
@@ -147,7 +147,7 @@ def test_groupdiff_sit_file_converts_with_the_official_convention(tmp_path):
   assert report.weights == 'model_ema'
   assert report.architecture['learn_sigma'] is False and report.architecture['max_group_size'] == 4
   assert report.architecture['time_convention'] == OFFICIAL
-  assert convert.read_conversion_record(tmp_path / 'sit')['architecture']['time_convention'] == OFFICIAL
+  assert converted.read_conversion_record(tmp_path / 'sit')['architecture']['time_convention'] == OFFICIAL
   # DiT-layout files (learned sigma) keep ours; the flag overrides the inference.
   dit_file = test_convert.save(test_convert.official_state_dict(), tmp_path, 'safetensors', 'dit')
   assert test_convert.convert_file(dit_file, tmp_path / 'dit').architecture['time_convention'] == 'sit'
@@ -158,10 +158,10 @@ def test_groupdiff_sit_file_converts_with_the_official_convention(tmp_path):
 def test_a_config_that_disagrees_with_the_conversion_record_is_an_error(tmp_path):
   test_convert.convert_file(groupdiff_sit_file(tmp_path), tmp_path / 'sit')
   matching = ml_collections.ConfigDict(dict(learn_sigma=False, max_group_size=4, time_convention=OFFICIAL))
-  convert.check_model_config(tmp_path / 'sit', matching)
-  convert.check_model_config(tmp_path, default.get_config().model)  # no converted.json: nothing to check
+  converted.check_model_config(tmp_path / 'sit', matching)
+  converted.check_model_config(tmp_path, default.get_config().model)  # no converted.json: nothing to check
   with pytest.raises(ValueError) as info:
-    convert.check_model_config(tmp_path / 'sit', default.get_config().model)
+    converted.check_model_config(tmp_path / 'sit', default.get_config().model)
   message = str(info.value)
   assert f'--config.model.time_convention={OFFICIAL}' in message and 'model.learn_sigma' in message
   assert 'max_group_size' not in message

@@ -28,7 +28,7 @@ def test_uniform_attention_scores_zero():
   np.testing.assert_allclose(s_cross.s_cross(probs, n), 0.0, atol=1e-7)
   q = jnp.zeros([2, n * length, 3, 8])  # zero logits: uniform attention
   k = _normal(1, q.shape)
-  np.testing.assert_allclose(s_cross.s_cross_from_qk(q, k, n), 0.0, atol=1e-7)
+  np.testing.assert_allclose(s_cross.s_cross_from_mass(s_cross.member_mass_from_qk(q, k, n)), 0.0, atol=1e-7)
 
 
 def test_single_member_scores_zero():
@@ -75,7 +75,7 @@ def test_qk_path_matches_probabilities():
   mass = s_cross.member_mass_from_qk(q, k, n)
   np.testing.assert_allclose(mass, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(mass.sum(-1), 1.0, rtol=1e-5)
-  score = s_cross.s_cross_from_qk(q, k, n)
+  score = s_cross.s_cross_from_mass(s_cross.member_mass_from_qk(q, k, n))
   np.testing.assert_allclose(score, s_cross.s_cross(probs, n), rtol=1e-5, atol=1e-6)
   assert score.shape == (groups,) and bool(jnp.all(score > 0))
 
@@ -91,16 +91,16 @@ def test_matches_attention_weights_of_jax_dot_product_attention():
                              s_cross.member_mass(probs.transpose(0, 2, 1, 3), n), rtol=1e-5, atol=1e-6)
 
 
-def test_aggregation_over_layers():
+def test_report_averages_masses_over_layers_before_scoring():
   layer_a = jnp.array([[[0, 1.0, 0], [0.5, 0, 0.5], [0.5, 0.5, 0]]])  # [G=1, 3, 3]
   layer_b = jnp.array([[[0, 0, 1.0], [0.5, 0, 0.5], [0.5, 0.5, 0]]])
-  masses = jnp.stack([layer_a, layer_b])  # [S=2, G, N, N]
+  masses = jnp.stack([layer_a, layer_b])[None]  # [K=1 pass, 2 layers, G, N, N]
+  report = s_cross.report(masses, [3, 5], [0], (0.0,), 3)
   # Averaged mass: member 0 splits evenly -> 0 everywhere.
-  np.testing.assert_allclose(s_cross.aggregate_s_cross(masses), [0.0], atol=1e-7)
+  assert report['mean_percent'] == pytest.approx(0.0, abs=1e-5)
   # Per-layer scores: member 0 focuses fully (1 - 0.5) in each layer -> 0.5 / 3.
-  np.testing.assert_allclose(s_cross.aggregate_s_cross(masses, average='score'), [0.5 / 3], rtol=1e-6)
-  with pytest.raises(ValueError, match='average'):
-    s_cross.aggregate_s_cross(masses, average='max')
+  assert report['per_layer_percent'] == {'3': pytest.approx(100 * 0.5 / 3), '5': pytest.approx(100 * 0.5 / 3)}
+  assert report['self_mass_fraction'] == 0.0 and report['uniform_share'] == 0.5
 
 
 def test_rejects_token_count_not_divisible_by_group_size():

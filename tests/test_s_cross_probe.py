@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from groupdiff_jax.evaluation import s_cross, s_cross_probe
+from groupdiff_jax.evaluation import s_cross
 from groupdiff_jax.models import dit, group_attention
 
 TINY = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=3, num_heads=4, num_classes=5,
@@ -53,7 +53,7 @@ def test_masses_match_explicit_probabilities_in_every_layer():
   probs, out = explicit_probabilities(model, params, inputs, 4)
   apply = jax.jit(model.apply, static_argnames='group_size')
   np.testing.assert_allclose(out, apply({'params': params}, *inputs, group_size=4), rtol=1e-4, atol=1e-4)
-  layers, mass = s_cross_probe.member_masses(model, params, *inputs, group_size=4)
+  layers, mass = s_cross.member_masses(model, params, *inputs, group_size=4)
   np.testing.assert_array_equal(layers, [0, 1, 2])
   assert mass.shape == (3, 2, 4, 4) and len(probs) == 3
   np.testing.assert_allclose(mass.sum(-1), 1.0, atol=1e-5)
@@ -66,7 +66,7 @@ def test_masses_match_explicit_probabilities_in_every_layer():
 
 def test_pairs_score_zero():
   model, params, inputs = model_params_inputs()
-  layers, mass = s_cross_probe.member_masses(model, params, *inputs, group_size=2)
+  layers, mass = s_cross.member_masses(model, params, *inputs, group_size=2)
   assert mass.shape == (3, 4, 2, 2)
   np.testing.assert_allclose(s_cross.s_cross_from_mass(mass), 0.0, atol=1e-7)
   assert float(mass[:, :, 0, 1].min()) > 0  # but the members do attend to each other
@@ -74,23 +74,33 @@ def test_pairs_score_zero():
 
 def test_only_blocks_with_group_attention_are_covered():
   model, params, inputs = model_params_inputs(group_layers=(0, 1))
-  layers, mass = s_cross_probe.member_masses(model, params, *inputs, group_size=4)
+  layers, mass = s_cross.member_masses(model, params, *inputs, group_size=4)
   np.testing.assert_array_equal(layers, [0])
   full_model = dit.DiT(**TINY)
-  _, full_mass = s_cross_probe.member_masses(full_model, params, *inputs, group_size=4)
+  _, full_mass = s_cross.member_masses(full_model, params, *inputs, group_size=4)
   np.testing.assert_allclose(mass[0], full_mass[0], atol=1e-6)  # block 0 sees the same input either way
-  layers, mass = s_cross_probe.member_masses(model, params, *inputs, group_size=4, group_attention_on=False)
+  layers, mass = s_cross.member_masses(model, params, *inputs, group_size=4, group_attention_on=False)
   assert layers.shape == (0,) and mass.shape == (0, 2, 4, 4)
 
 
-def test_summarize_over_stages_and_layers():
+def test_report_over_stages_and_layers():
   model, params, inputs = model_params_inputs()
   x, t, y, ids = inputs
-  stages = [s_cross_probe.member_masses(model, params, x, t * s, y, ids, group_size=4)[1] for s in (1.0, 0.5)]
+  stages = [s_cross.member_masses(model, params, x, t * s, y, ids, group_size=4)[1] for s in (1.0, 0.5)]
   mass = jnp.stack(stages)  # [2 stages, 3 layers, G, N, N]
-  summary = s_cross_probe.summarize(mass)
-  assert summary['per_stage_layer'].shape == (2, 3)
-  assert summary['per_layer'].shape == (3,) and summary['per_stage'].shape == (2,)
-  np.testing.assert_allclose(summary['mean'], s_cross.aggregate_s_cross(mass.reshape(6, 2, 4, 4)).mean(), rtol=1e-6)
-  np.testing.assert_allclose(summary['per_stage_layer'][1, 2], s_cross.s_cross_from_mass(stages[1][2]).mean(),
-                             rtol=1e-6)
+  report = s_cross.report(mass, [0, 1, 2], [0, 1], (0.0, 0.5), 4)
+  assert list(report['per_stage_percent']) == ['0', '0.5'] and list(report['per_layer_percent']) == ['0', '1', '2']
+  mean = s_cross.s_cross_from_mass(mass.mean((0, 1))).mean()  # masses averaged over stages and layers, then scored
+  np.testing.assert_allclose(report['mean_percent'], 100 * mean, rtol=1e-5)
+  np.testing.assert_allclose(report['per_stage_layer_percent']['0.5']['2'],
+                             100 * s_cross.s_cross_from_mass(stages[1][2]).mean(), rtol=1e-5)
+
+
+def test_the_probe_leaves_the_models_output_unchanged():
+  model, params, inputs = model_params_inputs()
+  plain = model.apply({'params': params}, *inputs, group_size=4)
+  sown, state = model.apply({'params': params}, *inputs, group_size=4, mutable=['intermediates'])
+  np.testing.assert_array_equal(plain, sown)
+  assert sorted(state['intermediates']) == ['blocks_0', 'blocks_1', 'blocks_2']
+  _, state = model.apply({'params': params}, *inputs, group_size=1, mutable=['intermediates'])
+  assert not state.get('intermediates')  # per-image attention sows nothing

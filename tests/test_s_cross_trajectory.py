@@ -7,7 +7,7 @@ import pytest
 
 from configs import default
 from groupdiff_jax import errors, samplers
-from groupdiff_jax.evaluation import s_cross_probe, s_cross_trajectory
+from groupdiff_jax.evaluation import s_cross
 from groupdiff_jax.models import dit
 from groupdiff_jax.models.embeddings import draw_sample_ids
 
@@ -60,7 +60,7 @@ def test_guided_model_draws_its_unconditional_ids_with_branch_sample_ids():
 def test_stepwise_sampler_equals_one_uninterrupted_run_with_fixed_ids():
   model, params, noise, labels = tiny_setup()
   model_config, sample_config = configs(fixed_sample_ids=True, sampler='heun')
-  sample = s_cross_trajectory.make_trajectory_sampler(model, model_config, sample_config)
+  sample = s_cross.make_trajectory_sampler(model, model_config, sample_config)
   x, record = sample(params, noise, labels, jax.random.PRNGKey(0), probe_images=8)
   velocity = samplers.make_velocity_fn(model.apply, params, labels, samplers.guidance_from_config(sample_config),
                                        null_class=5, max_group_size=4, data_channels=3)
@@ -73,17 +73,17 @@ def test_stepwise_sampler_equals_one_uninterrupted_run_with_fixed_ids():
 def test_probe_uses_the_held_state_time_and_the_ids_of_the_step():
   model, params, noise, labels = tiny_setup()
   model_config, sample_config = configs()
-  sample = s_cross_trajectory.make_trajectory_sampler(model, model_config, sample_config)
+  sample = s_cross.make_trajectory_sampler(model, model_config, sample_config)
   key = jax.random.PRNGKey(3)
   _, record = sample(params, noise, labels, key, probe_images=4)
   # Step 0: x = the noise, t = 0; integrate_ode's one step gave the velocity fold_in(fold_in(key, 0), 0).
   _, uncond_rng = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 0), 0))
   ids = draw_sample_ids(uncond_rng, 2, 4, 4)[:4]  # drawn for the whole batch, the first group probed
-  _, mass = s_cross_probe.member_masses(model, params, noise[:4], jnp.zeros((4,)), jnp.full((4,), 5), ids,
+  _, mass = s_cross.member_masses(model, params, noise[:4], jnp.zeros((4,)), jnp.full((4,), 5), ids,
                                         group_size=4)
   np.testing.assert_allclose(record['masses'][0], mass, atol=FLOAT32_ATOL)
   other_ids = draw_sample_ids(jax.random.PRNGKey(99), 1, 4, 4)
-  _, other = s_cross_probe.member_masses(model, params, noise[:4], jnp.zeros((4,)), jnp.full((4,), 5), other_ids,
+  _, other = s_cross.member_masses(model, params, noise[:4], jnp.zeros((4,)), jnp.full((4,), 5), other_ids,
                                          group_size=4)
   assert not np.allclose(record['masses'][0], other, atol=FLOAT32_ATOL)  # the ids matter: the check can fail
 
@@ -96,7 +96,7 @@ def test_probe_uses_the_held_state_time_and_the_ids_of_the_step():
 def test_only_steps_that_run_the_grouped_unconditional_branch_are_probed(sample, probed):
   model, params, noise, labels = tiny_setup()
   model_config, sample_config = configs(**sample)
-  _, record = s_cross_trajectory.make_trajectory_sampler(model, model_config, sample_config)(
+  _, record = s_cross.make_trajectory_sampler(model, model_config, sample_config)(
       params, noise, labels, jax.random.PRNGKey(0), probe_images=4)
   assert record['probed'] == probed
   assert len(record['masses']) == sum(probed)
@@ -105,7 +105,7 @@ def test_only_steps_that_run_the_grouped_unconditional_branch_are_probed(sample,
 def test_removed_layers_are_not_covered():
   model, params, noise, labels = tiny_setup(group_layers=(1, None))
   model_config, sample_config = configs()
-  _, record = s_cross_trajectory.make_trajectory_sampler(model, model_config, sample_config)(
+  _, record = s_cross.make_trajectory_sampler(model, model_config, sample_config)(
       params, noise, labels, jax.random.PRNGKey(0), probe_images=4)
   assert record['layers'] == [1, 2]
 
@@ -117,7 +117,7 @@ def test_report_of_hand_made_masses():
   even = np.full((3, 3), 1 / 3, np.float32)
   record = {'steps_t': [0.0, 0.25, 0.5, 0.75], 'probed': [True, False, True, False], 'layers': [2],
             'masses': np.stack([mass, even])[:, None, None]}  # [2, 1, 1, 3, 3]
-  report = s_cross_trajectory.trajectory_report(record, (0.0, 0.5), 3)
+  report = s_cross.trajectory_report(record, (0.0, 0.5), 3)
   assert report['per_step_percent'] == [pytest.approx(10.0), None, pytest.approx(0.0), None]  # 0.3 / 3 members
   assert report['per_stage_percent'] == {'0': pytest.approx(10.0), '0.5': pytest.approx(0.0)}
   # Averaged masses: member 0 puts (0.4 + 1/3) / 2 and (0.1 + 1/3) / 2 on the others, the rest stay even.
@@ -133,7 +133,7 @@ def test_report_of_hand_made_masses():
 
 def test_nothing_probed_gives_an_empty_report():
   record = {'steps_t': [0.0, 0.5], 'probed': [False, False], 'layers': None, 'masses': np.zeros((0,))}
-  report = s_cross_trajectory.trajectory_report(record, (0.0, 0.5), 4)
+  report = s_cross.trajectory_report(record, (0.0, 0.5), 4)
   assert report['mean_percent'] is None and report['per_stage_percent'] == {'0': None, '0.5': None}
 
 
@@ -143,4 +143,4 @@ def test_a_dit_model_is_refused_with_a_config_error():
   with model_config.unlocked():
     model_config.objective = 'dit'
   with pytest.raises(errors.ConfigError, match='objective'):
-    s_cross_trajectory.make_trajectory_sampler(model, model_config, sample_config)
+    s_cross.make_trajectory_sampler(model, model_config, sample_config)

@@ -243,12 +243,13 @@ def test_s_cross_flag_writes_a_report_without_changing_the_samples(uninterrupted
     report = json.load(f)
   assert report['branch'] == 'unconditional' and report['group_size'] == 4 and report['num_groups'] == 4
   assert report['stages'] == [0.25, 0.5, 0.75] and report['layers'] == [0]
-  assert list(report['per_stage']) == ['0.25', '0.5', '0.75'] and list(report['per_layer']) == ['0']
-  assert {stage: list(row) for stage, row in report['per_stage_layer'].items()} == {
+  assert list(report['per_stage_percent']) == ['0.25', '0.5', '0.75'] and list(report['per_layer_percent']) == ['0']
+  assert {stage: list(row) for stage, row in report['per_stage_layer_percent'].items()} == {
       '0.25': ['0'], '0.5': ['0'], '0.75': ['0']}
-  values = np.array(list(report['per_stage'].values()) + list(report['per_layer'].values()) + [report['mean']])
-  assert ((values >= 0) & (values <= 1 - 1 / 3)).all() and report['mean'] > 0  # max - mean of 3 shares
-  assert report['mean_percent'] == pytest.approx(100 * report['mean'])
+  values = np.array(list(report['per_stage_percent'].values()) + list(report['per_layer_percent'].values())
+                    + [report['mean_percent']])
+  assert ((values >= 0) & (values <= 100 * (1 - 1 / 3))).all() and report['mean_percent'] > 0  # max - mean of 3 shares
+  assert 1 / 4 <= report['self_mass_fraction'] < 1 and sum(report['share_histogram']['counts']) == 3 * 4 * 4 * 3
 
 
 def test_s_cross_needs_a_branch_that_attends_over_a_group(tmp_path):

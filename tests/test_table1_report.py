@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import plots, table1_report
-from groupdiff_jax.evaluation import s_cross_trajectory
+from groupdiff_jax.evaluation import s_cross
 
 STAGES = (0.0, 0.5)
 SETTINGS = ['baseline', 'sim_uc2', 'sim_uc4', 'random_uc4']
@@ -20,7 +20,7 @@ def trajectory(focus):
   mass = np.asarray([[0.4, 0.6 * share, 0.6 * (1 - share)], [0.3, 0.4, 0.3], [0.3, 0.3, 0.4]], np.float32)
   record = {'steps_t': [0.0, 0.5], 'probed': [True, True], 'layers': [0],
             'masses': np.stack([mass, mass])[:, None, None]}  # [steps, layers, G, N, N]
-  return s_cross_trajectory.trajectory_report(record, STAGES, 3)
+  return s_cross.trajectory_report(record, STAGES, 3)
 
 
 def run(setting, seed, fd, accuracy, focus=None):

@@ -19,10 +19,9 @@ import pytest
 
 from configs import digits
 from groupdiff_jax import (checkpoint, convert, distributed, errors, sample, sample_chunks, sample_job, samplers,
-                           transport)
+                           transport, weights_io)
 from groupdiff_jax.data import shards, tfds_source
-from groupdiff_jax.encoders import vae_weights, vit
-from groupdiff_jax.evaluation import evaluator, fid, inception, s_cross_sampling
+from groupdiff_jax.evaluation import evaluator, fid, inception, s_cross
 from groupdiff_jax.models import dit, embeddings, group_attention
 from tests import cli_in_process
 
@@ -287,7 +286,7 @@ def test_missing_checkpoints_and_weights_files(tmp_path):
 def test_error_classes_of_files_keep_their_old_bases():
   for cls, old in ((checkpoint.NoRestorableCheckpoint, RuntimeError), (sample_chunks.SamplesDirError, RuntimeError),
                    (tfds_source.DatasetNotReady, RuntimeError), (shards.ShardError, RuntimeError),
-                   (vit.WeightsError, ValueError), (vae_weights.VAEWeightsError, ValueError)):
+                   (weights_io.WeightsImportError, ValueError)):
     assert issubclass(cls, errors.UserError) and issubclass(cls, old), cls
 
 
@@ -303,7 +302,7 @@ def test_internal_invariants_stay_builtin_errors():
     transport.path_coefficients('curvy', jnp.float32(0.5))  # Transport() validates first
   assert not isinstance(error.value, errors.UserError)
   with pytest.raises(ValueError) as error:
-    s_cross_sampling.s_cross_branch(tiny_config(cond_group_size=1, uncond_group_size=1).sample)
+    s_cross.s_cross_branch(tiny_config(cond_group_size=1, uncond_group_size=1).sample)
   assert isinstance(error.value, errors.ConfigError)  # config-reachable: converted
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from groupdiff_jax import weights_io
 from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.encoders import vae_weights
 
@@ -175,24 +176,24 @@ def test_missing_key_is_named(state):
   broken = dict(state)
   del broken['decoder.up_blocks.1.resnets.1.conv2.bias']
   message = r'missing keys \(1\):\n  decoder\.up_blocks\.1\.resnets\.1\.conv2\.bias'
-  with pytest.raises(vae_weights.VAEWeightsError, match=message):
+  with pytest.raises(weights_io.WeightsImportError, match=message):
     vae_weights.load_vae_params(broken, TINY)
 
 
 def test_extra_key_is_named(state):
   broken = dict(state, **{'encoder.mid_block.attentions.0.rel_pos.weight': np.zeros(3, np.float32)})
   message = r'unknown keys \(1\):\n  encoder\.mid_block\.attentions\.0\.rel_pos\.weight'
-  with pytest.raises(vae_weights.VAEWeightsError, match=message):
+  with pytest.raises(weights_io.WeightsImportError, match=message):
     vae_weights.load_vae_params(broken, TINY)
   # A key that is valid for a bigger model (a third block) is unknown here too.
   broken = dict(state, **{'encoder.down_blocks.2.resnets.0.norm1.weight': np.zeros(16, np.float32)})
-  with pytest.raises(vae_weights.VAEWeightsError, match=r'encoder\.down_blocks\.2\.resnets\.0\.norm1\.weight'):
+  with pytest.raises(weights_io.WeightsImportError, match=r'encoder\.down_blocks\.2\.resnets\.0\.norm1\.weight'):
     vae_weights.load_vae_params(broken, TINY)
 
 
 def test_wrong_shape_is_named_with_both_shapes(state):
   broken = dict(state, **{'encoder.down_blocks.0.downsamplers.0.conv.weight': np.zeros((8, 8, 4, 4), np.float32)})
-  with pytest.raises(vae_weights.VAEWeightsError) as info:
+  with pytest.raises(weights_io.WeightsImportError) as info:
     vae_weights.load_vae_params(broken, TINY)
   message = str(info.value)
   assert 'encoder.down_blocks.0.downsamplers.0.conv.weight: expected (8, 8, 3, 3), found (8, 8, 4, 4)' in message
@@ -203,7 +204,7 @@ def test_both_attention_spellings_at_once_is_an_error(state):
   prefix = 'encoder.mid_block.attentions.0'
   broken = dict(state, **{f'{prefix}.query.weight': state[f'{prefix}.to_q.weight']})
   message = r'query\.weight .*both map to encoder/mid_block/attentions_0/to_q/kernel'
-  with pytest.raises(vae_weights.VAEWeightsError, match=message):
+  with pytest.raises(weights_io.WeightsImportError, match=message):
     vae_weights.load_vae_params(broken, TINY)
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from groupdiff_jax import errors
+from groupdiff_jax import errors, weights_io
 from groupdiff_jax.data import latent_store, shards, tfds_source
 from groupdiff_jax.data.progress import Progress
 from groupdiff_jax.encoders import clip, dinov2, vit
@@ -120,7 +120,7 @@ def main(argv):
     run(FLAGS.output_dir, FLAGS.encoder, params, config, FLAGS.dataset, FLAGS.split, FLAGS.data_dir,
         FLAGS.manual_dir, FLAGS.batch_size, FLAGS.shard_size, FLAGS.max_shards, jax.process_index(),
         jax.process_count(), FLAGS.compute_dtype)
-  except (FileNotFoundError, vit.WeightsError, JobInputError, tfds_source.DatasetNotReady, shards.ShardError) as e:
+  except (FileNotFoundError, weights_io.WeightsImportError, JobInputError, tfds_source.DatasetNotReady, shards.ShardError) as e:
     raise errors.UserError(f'embeddings_job: {e}') from None
   print(f'Done in {time.time() - start:.0f} s.')
 

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from groupdiff_jax import errors
+from groupdiff_jax import errors, weights_io
 from groupdiff_jax.data import latent_store, shards, tfds_source
 from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.data.progress import Progress
@@ -178,7 +178,7 @@ def main(argv):
         max_shards=FLAGS.max_shards, process_index=jax.process_index(), process_count=jax.process_count(),
         compute_dtype=FLAGS.compute_dtype)
   except (JobInputError, tfds_source.DatasetNotReady, shards.ShardError, latent_store.StoreError,
-          vae_weights.VAEWeightsError) as e:
+          weights_io.WeightsImportError) as e:
     raise errors.UserError(f'extract_latents_job: {e}') from None
   print(f'Done in {time.time() - start:.0f} s.')
 

@@ -1,4 +1,4 @@
-"""DiT's Gaussian diffusion (DDPM): schedules, losses, samplers."""
+"""DiT's Gaussian diffusion (DDPM): schedules, losses, samplers (the `objective=dit` counterpart of transport.py)."""
 
 from groupdiff_jax.diffusion.gaussian_diffusion import (
     NUM_TIMESTEPS, DiffusionSchedule, ModelPosterior, approx_standard_normal_cdf, ddim_sample,

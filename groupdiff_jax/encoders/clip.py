@@ -16,6 +16,7 @@ retrieval.
 
 import numpy as np
 
+from groupdiff_jax import weights_io
 from groupdiff_jax.encoders import dinov2, vit
 
 CLIP_L14 = vit.ViTConfig(hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096, norm_eps=1e-5,
@@ -45,24 +46,24 @@ _NAMES = {'q': 'query', 'k': 'key', 'v': 'value', 'out': 'out'}
 RULES = [
     (_V + r'embeddings\.class_embedding', 'cls_token', lambda w, c: w.reshape(1, 1, -1)),
     (_V + r'embeddings\.position_embedding\.weight', 'pos_embed', _pos_embed),
-    (_V + r'embeddings\.patch_embedding\.weight', 'patch_embed/kernel', lambda w, c: vit.conv(w)),
-    (_V + r'pre_layrnorm\.weight', 'pre_norm/scale', lambda w, c: w),
-    (_V + r'pre_layrnorm\.bias', 'pre_norm/bias', lambda w, c: w),
-    (_L + r'layer_norm([12])\.weight', r'blocks_\1/norm\2/scale', lambda w, c: w),
-    (_L + r'layer_norm([12])\.bias', r'blocks_\1/norm\2/bias', lambda w, c: w),
-    (_L + r'self_attn\.q_proj\.weight', r'blocks_\1/query/kernel', lambda w, c: vit.linear(w)),
-    (_L + r'self_attn\.q_proj\.bias', r'blocks_\1/query/bias', lambda w, c: w),
-    (_L + r'self_attn\.k_proj\.weight', r'blocks_\1/key/kernel', lambda w, c: vit.linear(w)),
-    (_L + r'self_attn\.k_proj\.bias', r'blocks_\1/key/bias', lambda w, c: w),
-    (_L + r'self_attn\.v_proj\.weight', r'blocks_\1/value/kernel', lambda w, c: vit.linear(w)),
-    (_L + r'self_attn\.v_proj\.bias', r'blocks_\1/value/bias', lambda w, c: w),
-    (_L + r'self_attn\.out_proj\.weight', r'blocks_\1/out/kernel', lambda w, c: vit.linear(w)),
-    (_L + r'self_attn\.out_proj\.bias', r'blocks_\1/out/bias', lambda w, c: w),
-    (_L + r'mlp\.(fc[12])\.weight', r'blocks_\1/\2/kernel', lambda w, c: vit.linear(w)),
-    (_L + r'mlp\.(fc[12])\.bias', r'blocks_\1/\2/bias', lambda w, c: w),
-    (_V + r'post_layernorm\.weight', 'norm/scale', lambda w, c: w),
-    (_V + r'post_layernorm\.bias', 'norm/bias', lambda w, c: w),
-    (r'visual_projection\.weight', 'projection/kernel', lambda w, c: vit.linear(w)),
+    (_V + r'embeddings\.patch_embedding\.weight', 'patch_embed/kernel', weights_io.CONV),
+    (_V + r'pre_layrnorm\.weight', 'pre_norm/scale', weights_io.SAME),
+    (_V + r'pre_layrnorm\.bias', 'pre_norm/bias', weights_io.SAME),
+    (_L + r'layer_norm([12])\.weight', r'blocks_\1/norm\2/scale', weights_io.SAME),
+    (_L + r'layer_norm([12])\.bias', r'blocks_\1/norm\2/bias', weights_io.SAME),
+    (_L + r'self_attn\.q_proj\.weight', r'blocks_\1/query/kernel', weights_io.LINEAR),
+    (_L + r'self_attn\.q_proj\.bias', r'blocks_\1/query/bias', weights_io.SAME),
+    (_L + r'self_attn\.k_proj\.weight', r'blocks_\1/key/kernel', weights_io.LINEAR),
+    (_L + r'self_attn\.k_proj\.bias', r'blocks_\1/key/bias', weights_io.SAME),
+    (_L + r'self_attn\.v_proj\.weight', r'blocks_\1/value/kernel', weights_io.LINEAR),
+    (_L + r'self_attn\.v_proj\.bias', r'blocks_\1/value/bias', weights_io.SAME),
+    (_L + r'self_attn\.out_proj\.weight', r'blocks_\1/out/kernel', weights_io.LINEAR),
+    (_L + r'self_attn\.out_proj\.bias', r'blocks_\1/out/bias', weights_io.SAME),
+    (_L + r'mlp\.(fc[12])\.weight', r'blocks_\1/\2/kernel', weights_io.LINEAR),
+    (_L + r'mlp\.(fc[12])\.bias', r'blocks_\1/\2/bias', weights_io.SAME),
+    (_V + r'post_layernorm\.weight', 'norm/scale', weights_io.SAME),
+    (_V + r'post_layernorm\.bias', 'norm/bias', weights_io.SAME),
+    (r'visual_projection\.weight', 'projection/kernel', weights_io.LINEAR),
 ]
 # The text tower, the logit scale and position-id buffers are not used.
 IGNORE = (r'text_model\..*', r'text_projection\.weight', r'logit_scale', r'.*position_ids')

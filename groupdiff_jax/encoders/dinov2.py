@@ -19,6 +19,7 @@ interpolation, as HuggingFace does at every call.
 import numpy as np
 from PIL import Image
 
+from groupdiff_jax import weights_io
 from groupdiff_jax.encoders import vit
 
 DINOV2_L14 = vit.ViTConfig(hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096)
@@ -63,21 +64,21 @@ def _pos_embed(w, config):
 _P = r'(?:dinov2\.)?'
 _L = _P + r'encoder\.layer\.(\d+)\.'
 RULES = [
-    (_P + r'embeddings\.cls_token', 'cls_token', lambda w, c: w),
+    (_P + r'embeddings\.cls_token', 'cls_token', weights_io.SAME),
     (_P + r'embeddings\.position_embeddings', 'pos_embed', _pos_embed),
-    (_P + r'embeddings\.patch_embeddings\.projection\.weight', 'patch_embed/kernel', lambda w, c: vit.conv(w)),
-    (_P + r'embeddings\.patch_embeddings\.projection\.bias', 'patch_embed/bias', lambda w, c: w),
-    (_L + r'norm([12])\.weight', r'blocks_\1/norm\2/scale', lambda w, c: w),
-    (_L + r'norm([12])\.bias', r'blocks_\1/norm\2/bias', lambda w, c: w),
-    (_L + r'attention\.attention\.(query|key|value)\.weight', r'blocks_\1/\2/kernel', lambda w, c: vit.linear(w)),
-    (_L + r'attention\.attention\.(query|key|value)\.bias', r'blocks_\1/\2/bias', lambda w, c: w),
-    (_L + r'attention\.output\.dense\.weight', r'blocks_\1/out/kernel', lambda w, c: vit.linear(w)),
-    (_L + r'attention\.output\.dense\.bias', r'blocks_\1/out/bias', lambda w, c: w),
-    (_L + r'layer_scale([12])\.lambda1', r'blocks_\1/layer_scale\2', lambda w, c: w),
-    (_L + r'mlp\.(fc[12])\.weight', r'blocks_\1/\2/kernel', lambda w, c: vit.linear(w)),
-    (_L + r'mlp\.(fc[12])\.bias', r'blocks_\1/\2/bias', lambda w, c: w),
-    (_P + r'layernorm\.weight', 'norm/scale', lambda w, c: w),
-    (_P + r'layernorm\.bias', 'norm/bias', lambda w, c: w),
+    (_P + r'embeddings\.patch_embeddings\.projection\.weight', 'patch_embed/kernel', weights_io.CONV),
+    (_P + r'embeddings\.patch_embeddings\.projection\.bias', 'patch_embed/bias', weights_io.SAME),
+    (_L + r'norm([12])\.weight', r'blocks_\1/norm\2/scale', weights_io.SAME),
+    (_L + r'norm([12])\.bias', r'blocks_\1/norm\2/bias', weights_io.SAME),
+    (_L + r'attention\.attention\.(query|key|value)\.weight', r'blocks_\1/\2/kernel', weights_io.LINEAR),
+    (_L + r'attention\.attention\.(query|key|value)\.bias', r'blocks_\1/\2/bias', weights_io.SAME),
+    (_L + r'attention\.output\.dense\.weight', r'blocks_\1/out/kernel', weights_io.LINEAR),
+    (_L + r'attention\.output\.dense\.bias', r'blocks_\1/out/bias', weights_io.SAME),
+    (_L + r'layer_scale([12])\.lambda1', r'blocks_\1/layer_scale\2', weights_io.SAME),
+    (_L + r'mlp\.(fc[12])\.weight', r'blocks_\1/\2/kernel', weights_io.LINEAR),
+    (_L + r'mlp\.(fc[12])\.bias', r'blocks_\1/\2/bias', weights_io.SAME),
+    (_P + r'layernorm\.weight', 'norm/scale', weights_io.SAME),
+    (_P + r'layernorm\.bias', 'norm/bias', weights_io.SAME),
 ]
 IGNORE = (_P + r'embeddings\.mask_token',)
 

@@ -9,22 +9,23 @@ patch bias, CLIP's pre-norm, the projection). Images are NHWC, already
 normalised by the encoder's own preprocessing (dinov2.py, clip.py).
 
 `convert` maps a PyTorch-layout state dict (HuggingFace safetensors) onto
-the Flax tree with a declarative rename table of regular expressions; every
-key must map or be listed as ignored, every parameter must be provided, and
-every shape must match, otherwise one error names each offending key.
+the Flax tree with a declarative rename table of regular expressions
+(dinov2.RULES, clip.RULES) through weights_io's engine: every key must map
+or be listed as ignored, every parameter must be provided, and every shape
+must match, otherwise one error names each offending key.
 """
 
 import dataclasses
 import os
-import re
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from groupdiff_jax import errors, weights_io
+from groupdiff_jax import weights_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,86 +110,35 @@ class ViT(nn.Module):
 # ---------------------------------------------------------------- weight conversion
 
 
-def linear(w):
-  return np.asarray(w).T  # PyTorch [out, in] -> Flax [in, out]
-
-
-def conv(w):
-  return np.transpose(w, (2, 3, 1, 0))  # [out, in, kh, kw] -> [kh, kw, in, out]
-
-
-def same(w):
-  return np.asarray(w)
-
-
-class WeightsError(errors.WeightsError):
-  """A state dict that does not match the tower; the message names every offending key."""
-
-
-def param_shapes(config):
-  shapes = jax.eval_shape(ViT(config).init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, config.image_size, config.image_size, 3)))['params']
-  return {path: leaf.shape for path, leaf in flax_flatten(shapes).items()}
-
-
-def flax_flatten(tree, prefix=()):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict) or hasattr(value, 'items'):
-      out.update(flax_flatten(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
-
-
 def convert(state, config, rules, ignore=(), what='ViT', weights_path=''):
-  """PyTorch-layout state dict -> Flax params of ViT(config).
+  """PyTorch-layout state dict -> Flax params of ViT(config), by weights_io's engine.
 
   Args:
     state: {key: array}.
-    rules: [(regex, flax path template with \\1 groups, transform(array, config))].
+    rules: [(regex, flax path template with \\1 groups, weights_io.Layout or transform(array, config))]; a
+      transform may change the shape (DINOv2's position table for another grid).
     ignore: regexes of keys consumed without use (text tower, buffers).
     what: the tower's name in errors.
     weights_path: the file the state came from, named in errors ('' for none).
 
   Raises:
-    WeightsError: unknown keys, missing params, or shapes that do not match
-      (naming the file and every key).
+    weights_io.WeightsImportError: unknown keys, missing params, or shapes
+      that do not match (naming the file and every key).
   """
-  expected = param_shapes(config)
-  flat, source, unknown, bad = {}, {}, [], []
-  for key in sorted(state):
-    if any(re.fullmatch(p, key) for p in ignore):
-      continue
-    for pattern, template, transform in rules:
-      match = re.fullmatch(pattern, key)
-      if match:
-        path = tuple(match.expand(template).split('/'))
-        break
-    else:
-      unknown.append(key)
-      continue
-    if path not in expected:
-      unknown.append(f'{key} (-> {"/".join(path)}, not in this config)')
-      continue
-    value = transform(np.asarray(state[key], np.float32), config)
-    if value.shape != expected[path]:
-      bad.append(f'{key}: converts to {value.shape}, {"/".join(path)} needs {expected[path]} '
-                 f'(found {np.shape(state[key])})')
-      continue
-    flat[path], source[path] = value, key
-  missing = ['/'.join(p) for p in sorted(expected) if p not in flat]
-  if unknown or bad or missing:
-    raise WeightsError(weights_io.mismatch_message(
-        f'State dict{weights_io.source_label(weights_path)} does not match {what} {config}:',
-        [('unknown keys', unknown), ('wrong shapes', bad), ('missing params', missing)]))
+  expected = weights_io.param_shapes(ViT(config).init, jnp.zeros((1, config.image_size, config.image_size, 3)))
+  rows = [(pattern, template, layout if isinstance(layout, weights_io.Layout) else
+           weights_io.custom(lambda w, transform=layout: transform(w, config)))
+          for pattern, template, layout in rules]
+  flat, _ = weights_io.import_state_dict(
+      state, expected, weights_io.table_locator(rows), ignore=[(p, 'not used') for p in ignore],
+      header=f'State dict{weights_io.source_label(weights_path)} does not match {what} {config}:')
   return weights_io.unflatten(flat)
 
 
 def weights_file(path):
   """`path` itself, or `model.safetensors` inside a directory (HuggingFace layout)."""
-  path = os.fspath(path)
-  return os.path.join(path, 'model.safetensors') if os.path.isdir(path) else path
+  path = epath.Path(path)
+  return os.fspath(path / 'model.safetensors' if path.is_dir() else path)
 
 
 def read_safetensors(path, what, where):

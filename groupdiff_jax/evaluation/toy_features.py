@@ -12,6 +12,8 @@ Inception on 16x16 shapes, so it trains a small CNN on the real toy images
       # {'accuracy': ..., 'fd': ...}: held-out real images (another seed)
   score_samples(featurize, samples_uint8, sample_labels, reference)
       # {'fd': ..., 'class_accuracy': ...}: generated images
+  featurize, reference, seconds = load_or_train(images, labels, attributes, steps, path)
+      # the above, trained once and kept in `path` (the monitor and the experiments)
 
 The network learns the shape class, the texture and the continuous
 attributes (colours, size, position, rotation), so its FEATURES-d
@@ -21,13 +23,17 @@ held-out images it must classify (almost) all shapes and give an FD near
 the finite-sample floor (experiments/table1.py reports both in its meta).
 """
 
-import logging
+import json
+import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
+from etils import epath
+from flax import serialization
 
 from groupdiff_jax import errors
 from groupdiff_jax.data import toy_shapes
@@ -154,6 +160,45 @@ def make_featurizer(params, batch_size=1024):
     return np.concatenate(feats), np.concatenate(preds)
 
   return featurize
+
+
+def load_or_train(images, labels, attributes, steps=DEFAULT_TRAIN_STEPS, path=None, trained_on=None, seed=0,
+                  batch_size=DEFAULT_BATCH_SIZE, log=logging.info):
+  """(featurize, reference FIDStatistics of `images`' features, training seconds) of the feature net.
+
+  The one train-or-load of the toy evaluator (the training monitor,
+  experiments/table1.py, experiments/toy_pilot.py). With `path` (a msgpack
+  file) a net saved there with the same record of what it was trained on
+  (`trained_on`, plus the steps, seed, batch size and image count) is
+  loaded; any other file is trained again, not trusted, and the new net is
+  written atomically with its record and training seconds. Without `path`
+  the net is trained. The seconds are those of the training that made the
+  net (also for a loaded one).
+  """
+  batch_size = min(batch_size, len(images))
+  record = json.loads(json.dumps({**(trained_on or {}), 'num_images': len(images), 'steps': steps, 'seed': seed,
+                                  'batch_size': batch_size}))
+  saved = None
+  if path is not None and epath.Path(path).exists():
+    saved = serialization.msgpack_restore(epath.Path(path).read_bytes())
+    if not isinstance(saved, dict) or saved.get('trained_on') != record:
+      log('%s was trained on other data or steps (%s, now %s); training it again.', path,
+          saved.get('trained_on') if isinstance(saved, dict) else None, record)
+      saved = None
+  if saved is None:
+    log('Training the toy evaluator\'s feature net (%d steps) ...', steps)
+    start = time.perf_counter()
+    params = train_feature_net(images, labels, attributes, steps, seed=seed, batch_size=batch_size)
+    saved = {'params': jax.device_get(params), 'trained_on': record, 'train_seconds': time.perf_counter() - start}
+    if path is not None:
+      path = epath.Path(path)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.parent / (path.name + '.tmp')
+      tmp.write_bytes(serialization.msgpack_serialize(saved))
+      tmp.replace(path)
+  featurize = make_featurizer(saved['params'])
+  reference = fid.FIDStatistics.from_features(featurize(images)[0])
+  return featurize, reference, float(saved.get('train_seconds', 0.0))
 
 
 def uint8_to_unit_range(images):

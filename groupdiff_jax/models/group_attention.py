@@ -291,5 +291,7 @@ class GroupAttention(nn.Module):
         features, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name=name)
     qkv = dense(3 * width, 'qkv')(x).reshape(batch, length, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, D] each
+    if group_size > 1:  # S_cross (evaluation/s_cross.py) reads them; a no-op unless 'intermediates' is mutable
+      self.sow('intermediates', 'group_qk', (q, k))
     out = group_attention(q, k, v, group_size, self.implementation)
     return dense(width, 'proj')(out.reshape(batch, length, width))
