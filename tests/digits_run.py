@@ -28,11 +28,15 @@ def command(workdir, *flags):
 def run_in_process(workdir, *flags, config='configs/digits.py'):
   """main's exit code for these flags, run as `python -m groupdiff_jax.main` would, in this process.
 
-  Flags are reset first (absl keeps the last parse's values otherwise); a
-  UserError exits 2 with its one `Error:` line on stderr (errors.run_main).
+  Flags are reset first: absl keeps the last parse's values, and each
+  `--config.<field>` override defines a flag of that name that a second parse
+  would define twice. A UserError exits 2 with its one `Error:` line on
+  stderr (errors.run_main).
   """
   from absl import flags as absl_flags
   from groupdiff_jax import errors, main
+  for name in [name for name in absl_flags.FLAGS if name.startswith('config.')]:
+    delattr(absl_flags.FLAGS, name)
   absl_flags.FLAGS.unparse_flags()
   argv = ['groupdiff_jax.main', f'--config={os.path.join(ROOT, config)}', f'--workdir={workdir}', *flags]
   saved = sys.argv
