@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slurm: on a real one-node Slurm (tests/slurm_cluster.py); .ci/run runs these '
                           'in their own step, `pytest -m slurm`')
+  config.addinivalue_line('markers', 'long: minutes of compiling or several processes (TPU-topology compiles, '
+                          'multi-host); .ci/run runs these in their own step, `pytest -n 2 -m long`')
 
 
 def shared_root(tmp_path_factory):

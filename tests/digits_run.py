@@ -31,8 +31,11 @@ def run_in_process(workdir, *flags, config='configs/digits.py'):
   Flags are reset first: absl keeps the last parse's values, and each
   `--config.<field>` override defines a flag of that name that a second parse
   would define twice. A UserError exits 2 with its one `Error:` line on
-  stderr (errors.run_main).
+  stderr (errors.run_main). logging.shutdown, the exit's flush, is skipped: in
+  this process it would close the log handlers' streams (pytest's capture).
   """
+  import logging
+  from unittest import mock
   from absl import flags as absl_flags
   from groupdiff_jax import errors, main
   for name in [name for name in absl_flags.FLAGS if name.startswith('config.')]:
@@ -42,7 +45,8 @@ def run_in_process(workdir, *flags, config='configs/digits.py'):
   saved = sys.argv
   sys.argv = argv
   try:
-    errors.run_main(main.main)
+    with mock.patch.object(logging, 'shutdown', lambda: None):
+      errors.run_main(main.main)
   except SystemExit as exit_:
     return exit_.code or 0
   finally:
