@@ -5,10 +5,11 @@
 #       --config.data.latent_dir=/data/in256_latents --config.data.neighbors_dir=/data/in256_neighbors
 #
 # Prints the describe summary (parameters, FLOPs, memory per device), then trains.
-# CUDA_VISIBLE_DEVICES selects GPUs. Rerunning the same command resumes from the latest checkpoint.
+# CUDA_VISIBLE_DEVICES selects GPUs; PYTHON the interpreter (default: python, from .venv when there is one).
+# Rerunning the same command resumes from the latest checkpoint.
 # Exit codes: 0 finished, 2 a mistake in the arguments or config, 75 preempted (checkpoint saved).
 set -euo pipefail
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 if [ $# -lt 2 ]; then
   missing=$([ $# = 0 ] && echo "CONFIG and WORKDIR" || echo WORKDIR)
@@ -19,6 +20,7 @@ fi
 CONFIG=$1; WORKDIR=$2; shift 2
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate
+PYTHON=${PYTHON:-python}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-python -m groupdiff_jax.main --config="$CONFIG" --workdir="$WORKDIR" --mode=describe --describe_xla_check=false "$@"
-exec python -m groupdiff_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
+"$PYTHON" -m groupdiff_jax.main --config="$CONFIG" --workdir="$WORKDIR" --mode=describe --describe_xla_check=false "$@"
+exec "$PYTHON" -m groupdiff_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"

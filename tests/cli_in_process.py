@@ -15,8 +15,8 @@ from absl import flags
 from groupdiff_jax import main
 
 
-def run_main(capsys, *args):
-  """(exit code, stdout, stderr) of the command line `groupdiff_jax.main *args`."""
+def exit_code(*args):
+  """Exit code of the command line `groupdiff_jax.main *args` (its output stays in pytest's capture)."""
   argv = ['groupdiff_jax.main', *args]
   saved_argv, root_level = sys.argv, logging.getLogger().level
   sys.argv = argv  # ml_collections reads the --config.<field> overrides from sys.argv
@@ -29,5 +29,11 @@ def run_main(capsys, *args):
   finally:
     sys.argv = saved_argv
     logging.getLogger().setLevel(root_level)
+  return exit_info.value.code or 0
+
+
+def run_main(capsys, *args):
+  """(exit code, stdout, stderr) of the command line `groupdiff_jax.main *args`."""
+  code = exit_code(*args)
   captured = capsys.readouterr()
-  return exit_info.value.code or 0, captured.out, captured.err
+  return code, captured.out, captured.err

@@ -1,5 +1,6 @@
-"""Test setup: repo root importable (for configs/), JAX on CPU."""
+"""Test setup: repo root importable (for configs/), JAX on CPU, what the tests of one run share."""
 
+import fcntl
 import os
 import sys
 
@@ -15,6 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slurm: on a real one-node Slurm (tests/slurm_cluster.py); .ci/run runs these '
                           'in their own step, `pytest -m slurm`')
+  config.addinivalue_line('markers', 'long: minutes of compiling or several processes (TPU-topology compiles, '
+                          'multi-host); .ci/run runs these in their own step, `pytest -n 2 -m long`')
+
+
+def shared_root(tmp_path_factory):
+  """A folder shared by the xdist workers of this run (pytest keeps the last 3 runs' folders)."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -25,10 +34,7 @@ def shared_compilation_cache(tmp_path_factory):
   (train, resume, sample); each process would recompile the same steps. A
   cached executable is the same compiled program, so results do not change.
   """
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent  # shared by the workers of this run; pytest keeps the last 3 runs' folders
-  directory = str(root / 'xla_cache')
+  directory = str(shared_root(tmp_path_factory) / 'xla_cache')
   os.makedirs(directory, exist_ok=True)
   import jax
   from jax.experimental.compilation_cache import compilation_cache as jax_cache
@@ -43,3 +49,20 @@ def shared_compilation_cache(tmp_path_factory):
   for name, value in previous.items():
     jax.config.update(name, value)
   jax_cache.reset_cache()
+
+
+@pytest.fixture(scope='session')
+def trained_digits_run(tmp_path_factory, shared_compilation_cache):
+  """The tiny digits demo trained 4 steps by `python -m groupdiff_jax.main` (tests/digits_run.py), once per run.
+
+  The first worker to need it trains it under a file lock; the others wait and
+  read it. Tests read its workdir or resume/sample in a `copy` of it.
+  """
+  from tests import digits_run
+  directory = shared_root(tmp_path_factory) / 'trained_digits'
+  directory.mkdir(exist_ok=True)
+  with open(directory / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    run = digits_run.train_once(directory)
+  assert run.returncode == 0, run.stderr[-4000:]
+  return run

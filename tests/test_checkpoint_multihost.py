@@ -21,6 +21,7 @@ from groupdiff_jax import checkpoint
 from tests.test_multihost import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.long  # two processes joining a cluster: .ci/run's second step
 
 WORKER = textwrap.dedent('''
     import json, os, sys

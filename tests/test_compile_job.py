@@ -29,6 +29,7 @@ def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
   return config
 
 
+@pytest.mark.long
 @pytest.mark.parametrize('impl', ['splash', 'auto'])
 def test_compiles_for_v5e_with_mosaic_kernels_and_local_group_attention(impl):
   report = compile_job.compile_report(tiny_config(impl), log=lambda _: None)
@@ -59,6 +60,7 @@ def test_compiles_for_v5e_with_mosaic_kernels_and_local_group_attention(impl):
   assert abs(argument - state) <= 0.1 * state, (argument, state)
 
 
+@pytest.mark.long
 def test_xla_attention_has_no_mosaic_kernel_and_nothing_enters_a_persistent_cache(tmp_path):
   import jax
   from jax.experimental.compilation_cache import compilation_cache as jax_cache
@@ -84,6 +86,7 @@ def test_xla_attention_has_no_mosaic_kernel_and_nothing_enters_a_persistent_cach
   assert all(p['compiler_flops_per_device'] > 0 for p in report['programs'].values())
 
 
+@pytest.mark.long
 def test_a_4096_image_batch_does_not_fit_v5e_2x2_and_says_by_how_much(tmp_path):
   config = tiny_config('splash', batch_size=4096)
   config.model.variant = 'SiT-S/2'  # 32x32 inputs in 2x2 patches: 256 tokens per image, as SiT/2 on ImageNet
@@ -178,6 +181,7 @@ def test_mesh_and_batch_that_do_not_match_the_topology_are_refused_before_compil
     compile_job.compile_report(config, log=lambda _: None)
 
 
+@pytest.mark.long
 def test_two_slices_compile_with_dcn_data():
   config = tiny_config(batch_size=64)
   config.compile.num_slices = 2

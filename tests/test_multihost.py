@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +63,7 @@ def launch(devices, *args):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.long
 def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
   address = f'127.0.0.1:{free_port()}'
   multi = [launch(2, tmp_path / 'multi.npz', tmp_path / 'multi', address, 2, i) for i in range(2)]
@@ -93,6 +95,5 @@ def test_cluster_detection_from_the_environment(monkeypatch):
   monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1,w2,w3')
   assert distributed._detected_cluster() == 'tpu_pod'
   monkeypatch.setenv(distributed.ENV_ADDRESS, '10.0.0.1:1234')
-  import pytest
   with pytest.raises(ValueError, match='num_processes'):
     distributed.initialize()

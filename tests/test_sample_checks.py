@@ -2,8 +2,6 @@
 writes non-finite samples."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,7 +10,8 @@ import pytest
 
 from groupdiff_jax import checkpoint, errors, sample_job
 from groupdiff_jax.train_step import TrainState
-from tests.test_sample_job import ROOT, random_params, tiny_config
+from tests import digits_run
+from tests.test_sample_job import random_params, tiny_config
 
 
 def save_checkpoint(workdir, params, step=1):
@@ -57,16 +56,15 @@ def test_a_depth_mismatch_is_one_error_naming_the_params_and_leaves_samples_unto
   assert not [d for d in os.listdir(depth2_workdir) if d.startswith('samples_stale')]
 
 
-def test_the_command_line_exits_2_naming_the_params(depth2_workdir):
+def test_the_command_line_exits_2_naming_the_params(depth2_workdir, capsys):
   config = tiny_config()
   overrides = [f'--config.model.{k}={v}' for k, v in dict(depth=3, hidden_size=32, num_heads=2, input_size=8,
                                                           variant='SiT-S/2').items()]
-  run = subprocess.run([sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/digits.py',
-                        f'--workdir={depth2_workdir}', '--mode=sample', *overrides,
-                        f'--config.sample.num_groups={config.sample.num_groups}'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert run.returncode == errors.EXIT_USER_ERROR, run.stderr[-3000:]
-  assert 'blocks_2/attn/qkv/kernel' in run.stderr and 'model.depth' in run.stderr and 'Traceback' not in run.stderr
+  code = digits_run.run_in_process(depth2_workdir, '--mode=sample', *overrides,
+                                   f'--config.sample.num_groups={config.sample.num_groups}')
+  stderr = capsys.readouterr().err
+  assert code == errors.EXIT_USER_ERROR, stderr[-3000:]
+  assert 'blocks_2/attn/qkv/kernel' in stderr and 'model.depth' in stderr and 'Traceback' not in stderr
 
 
 def test_nan_weights_stop_the_job_naming_chunk_and_group_and_write_nothing(tmp_path):

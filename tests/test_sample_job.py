@@ -38,7 +38,7 @@ def tiny_config(**sample_fields):
   config = digits.get_config()
   config.model.update(depth=1, hidden_size=32, num_heads=2, input_size=8, variant='SiT-S/2')
   config.sample.update(sampler='euler', num_steps=2, num_groups=5, images_per_group=4, groups_per_batch=2,
-                       cfg_scale=2.0, grid_groups=3)
+                       cfg_scale=2.0, grid_groups=3, group_stage_fraction=1.0)  # S_cross probes every stage
   config.sample.update(**sample_fields)
   return config
 

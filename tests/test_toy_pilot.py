@@ -24,5 +24,11 @@ def test_pilot_writes_a_curve_per_guidance_scale_and_keeps_other_entries(tmp_pat
   for point in first['curve'] + entry['curve']:
     assert math.isfinite(point['fd']) and point['fd'] >= 0 and 0 <= point['class_accuracy'] <= 1
   assert entry['evaluator'] == first['evaluator']  # the second pilot read the cached feature net
+  # The same seed trains the same model whatever scales are evaluated on the way (evaluation draws none of the
+  # training's randomness), and a scale's samples (its own noise) do not depend on the other scales: the second
+  # pilot, at the config's scale 3 only, repeats the first one's losses and its scale-3 points exactly.
+  assert toy_pilot.table1.base_config(toy_pilot.parse_args(['--out=x', '--name=x'])).sample.cfg_scale == 3.0
+  assert entry['losses'] and entry['losses'] == first['losses']
+  assert entry['curve'] == [p for p in first['curve'] if p['cfg_scale'] == 3.0]
   for name in ('pilot_accuracy.png', 'pilot_fd.png', 'pilot_samples_first.png', 'pilot_samples_second.png'):
     assert os.path.exists(tmp_path / name), name
