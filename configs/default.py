@@ -45,7 +45,7 @@ def get_config():
   # GroupDiff/REPA SiT weights (their t = 1 is noise, velocity noise - data), see models/dit.py
   config.model.time_convention = 'sit'
 
-  # Device mesh (sharding.py): sizes of the `data` and `fsdp` axes, one may
+  # Device mesh (sharding.py): sizes of the `data`, `fsdp` (and `group`) axes, data or fsdp may
   # be -1 (= the rest); dcn_* is the across-slice/host part of each axis
   # (with dcn_* > 1, data and fsdp are the sizes inside one slice/host).
   config.mesh = ml_collections.ConfigDict()
@@ -54,6 +54,14 @@ def get_config():
   config.mesh.dcn_data = 1
   config.mesh.dcn_fsdp = 1
   config.mesh.min_sharded_size = 2**14  # smaller parameter leaves stay replicated
+  # Group parallelism: the members of one group split over `group` devices (a divisor of the group size,
+  # or groups whole per device); their group attention gathers keys/values over that axis ('all_gather')
+  # or exchanges heads for members ('all_to_all', Ulysses; needs heads divisible by it).
+  config.mesh.group = 1
+  config.mesh.group_collective = 'all_gather'
+  # ZeRO-1/2: EMA and optimizer state split over the data (and group) axes, gradients reduce-scattered,
+  # parameters all-gathered once per step (sharding.py).
+  config.mesh.shard_update = False
 
   # --mode=compile (compile_job.py): the pod's programs compiled for an
   # abstract TPU topology (needs libtpu: pip install -e '.[tpu]').

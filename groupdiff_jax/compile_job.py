@@ -117,8 +117,7 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
                                f'{error}') from error
   model = model_from_config(config.model)
   abstract = jax.eval_shape(lambda key: train_step_lib.create_train_state(model, config, key), jax.random.PRNGKey(0))
-  min_size = config.mesh.get('min_sharded_size', sharding.MIN_SHARDED_SIZE)
-  state_sharding = sharding.state_shardings(abstract, mesh, min_size=min_size)
+  state_sharding = sharding.state_shardings_from_config(abstract, mesh, config.mesh)
   state = with_shardings(abstract, state_sharding)
   batch_sharding = sharding.batch_sharding(mesh)
   side, channels = config.model.input_size, config.model.in_channels
@@ -239,7 +238,7 @@ def _sampler_lowering(config, model, abstract, devices):
   """
   local = [d for d in devices if d.process_index == devices[0].process_index]
   mesh = sample.local_mesh(config.sample.groups_per_batch, local)
-  sampler = sample.make_sampler(model, config.sample, config.model, mesh)
+  sampler = sample.make_sampler(model, config.sample, config.model, mesh, config.mesh)
   params = with_shardings(abstract.ema_params, jax.tree.map(lambda _: sharding.replicated(mesh), abstract.ema_params))
   images = config.sample.groups_per_batch * config.sample.images_per_group
   labels = jax.ShapeDtypeStruct((images,), jnp.int32, sharding=sharding.batch_sharding(mesh))

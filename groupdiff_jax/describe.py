@@ -302,12 +302,11 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   remat = config.model.get('remat', 'none')
 
   abstract = jax.eval_shape(lambda key: train_step_lib.create_train_state(model, config, key), jax.random.PRNGKey(0))
-  min_size = config.mesh.get('min_sharded_size', sharding.MIN_SHARDED_SIZE) if config.get('mesh') else \
-      sharding.MIN_SHARDED_SIZE
-  shardings = sharding.state_shardings(abstract, mesh, min_size=min_size)
+  shardings = sharding.state_shardings_from_config(abstract, mesh, config.get('mesh'))
   param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
   params_bytes = sharding.bytes_per_device(abstract.params, shardings.params)
   opt_bytes = sharding.bytes_per_device(abstract.opt_state, shardings.opt_state)
+  ema_bytes = sharding.bytes_per_device(abstract.ema_params, shardings.ema_params)  # gradients: the same layout
 
   shards = sharding.num_batch_shards(mesh)
   processes = jax.process_count()
@@ -341,7 +340,7 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
         'activation_bytes_per_device': activations,
     }
   out['memory_bytes_per_device'] = {
-      'params': params_bytes, 'ema_params': params_bytes, 'opt_state': opt_bytes, 'grads': params_bytes,
+      'params': params_bytes, 'ema_params': ema_bytes, 'opt_state': opt_bytes, 'grads': ema_bytes,
       'activations (largest kind)': max(k['activation_bytes_per_device'] for k in out['kinds'].values()),
   }
   out['memory_bytes_per_device']['total'] = sum(out['memory_bytes_per_device'].values())
@@ -364,7 +363,7 @@ def format_description(d):
   for n, flops in d['forward_flops_per_image'].items():
     lines.append(f'Forward per image in a group of {n}: {_human(flops, "FLOPs")} ({_human(flops / 2, "MACs")}).')
   lines.append(f"Mesh {d['mesh']} on {d['devices']} device(s), {d['processes']} process(es); "
-               f'batch split by group over {sharding.BATCH_AXES}.')
+               f'batch split over {sharding.BATCH_AXES} (whole groups per data x fsdp shard).')
   for name, k in d['kinds'].items():
     parts = ', '.join(f"{s['num_groups']} groups of {s['group_size']} ({'cond' if s['conditional'] else 'uncond'})"
                       for s in k['sub_batches'])

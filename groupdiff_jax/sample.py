@@ -86,7 +86,7 @@ def check_group_sizes(sample_config, model_config):
         'a model trained with a larger max_group_size.')
 
 
-def make_sampler(model, sample_config, model_config, mesh=None):
+def make_sampler(model, sample_config, model_config, mesh=None, mesh_config=None):
   """A jitted run(params, labels, rng) -> (x [B, H, W, C] model space, NFE per branch).
 
   labels: int32 [B], whole groups of sample.images_per_group, members
@@ -101,8 +101,10 @@ def make_sampler(model, sample_config, model_config, mesh=None):
   mesh: None runs on the default device; a sharding.make_mesh mesh splits
   the batch over its (data, fsdp) axes (params replicated): the caller makes
   B / images_per_group a multiple of the mesh size, so that every device
-  holds whole groups. The values do not depend on the mesh (the keys and
-  shapes are those of the whole batch).
+  holds whole groups, or, with a `group` axis, part of one group (a group
+  split over devices; mesh_config: the config's `mesh` section, for
+  mesh.group_collective). The values do not depend on the mesh (the keys
+  and shapes are those of the whole batch).
   """
   objective = model_config.get('objective', 'sit')
   check_sampler(objective, sample_config.sampler)
@@ -148,12 +150,12 @@ def make_sampler(model, sample_config, model_config, mesh=None):
   jitted = jax.jit(run, in_shardings=(replicated, batch, replicated), out_shardings=(batch, replicated))
 
   def run_on_mesh(params, labels, rng):
-    with jax.set_mesh(mesh):  # Pallas attention runs per device (group_attention.shard_over_batch)
+    with sharding.use_mesh(mesh, mesh_config):  # Pallas attention per device; groups split over `group`
       return jitted(params, labels, rng)
 
   def lower(params, labels, rng):
     """The same program lowered (AOT: compile_job.py); inputs may be abstract."""
-    with jax.set_mesh(mesh):
+    with sharding.use_mesh(mesh, mesh_config):
       return jitted.lower(params, labels, rng)
 
   run_on_mesh.lower = lower

@@ -1,26 +1,33 @@
 """Device mesh, parameter sharding rules and the group-wise batch sharding.
 
-Mesh: two named axes, `data` (pure data parallelism: every device of a
-`data` row holds a full copy of what is not split over `fsdp`) and `fsdp`
-(parameters, EMA and optimizer state split over it, gathered per layer by
-XLA). Sizes come from `config.mesh` (one of them may be -1 = the rest); an
-optional `dcn_data`/`dcn_fsdp` split puts the slower across-slice /
-across-host links on the outer dimension (MaxText / lm1b style).
+Mesh: three named axes, `data` (data parallelism), `fsdp` (parameters, EMA
+and optimizer state split over it, gathered per layer by XLA) and `group`
+(the members of one group split over it: group-parallel attention). Sizes
+come from `config.mesh` (one of data/fsdp may be -1 = the rest); an optional
+`dcn_data`/`dcn_fsdp` split puts the slower across-slice / across-host links
+on the outer dimension (MaxText / lm1b style); `group` stays inside a slice.
 
 Parameters are sharded by rules matched on their path (big_vision style):
 the model code holds no sharding annotations. The default rules put a
 weight matrix's largest dimension that the `fsdp` axis divides over `fsdp`
 and replicate biases, norms, small tables and scalars. Optimizer state
 (Adam's mu and nu) has the parameters' paths inside it, so the same rules
-shard it like the parameters.
+shard it like the parameters. With `mesh.shard_update` (ZeRO-1/2) the EMA
+and the optimizer state are further split over `data` (and `group`), so each
+device updates only its slice: XLA reduce-scatters the gradients into that
+layout and all-gathers the new parameters once per step.
 
-The batch is split over (data, fsdp) *by group*: a sub-batch of G groups of
-N images is laid out `[G*N, ...]` with the members of a group contiguous,
-and G must be a multiple of data*fsdp, so each device holds whole groups
-and group attention (a reshape `[G*N, L, C] -> [G, N*L, C]`) never crosses
-devices. `check_groups_fit_mesh` enforces it.
+The batch is split over (data, fsdp, group) with `group` innermost: a
+sub-batch of G groups of N images is laid out `[G*N, ...]` with the members
+of a group contiguous, G must be a multiple of data*fsdp, and each of the
+`group` devices of a (data, fsdp) shard holds either whole groups or N/k
+members of one group (k of them hold a group; group attention then gathers
+over `group`: models/group_attention.py). `check_groups_fit_mesh` enforces
+it. The model learns the axes' roles from `use_mesh` (a context), not from
+this module.
 """
 
+import contextlib
 import math
 import re
 
@@ -30,16 +37,19 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from groupdiff_jax import errors
+from groupdiff_jax.models import group_attention
 
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
-MESH_AXES = (DATA_AXIS, FSDP_AXIS)
-# The batch (leading, image) axis of every input and activation.
-BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+GROUP_AXIS = 'group'
+MESH_AXES = (DATA_AXIS, FSDP_AXIS, GROUP_AXIS)
+# The batch (leading, image) axis of every input and activation; `group` innermost (a group's members are
+# contiguous, so the devices of one group are neighbours on the mesh).
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS, GROUP_AXIS)
 
 # Logical axis names -> mesh axes, for activations (flax
 # `nn.logical_axis_rules` format). Activations are split by batch only:
-# sequence and channels stay whole so group attention stays local.
+# sequence and channels stay whole (a group split over `group` is gathered inside group attention).
 ACTIVATION_RULES = (
     ('batch', BATCH_AXES),
     ('length', None),
@@ -63,51 +73,71 @@ MIN_SHARDED_SIZE = 2**14
 
 
 # --- Mesh --------------------------------------------------------------------
-def mesh_shape(num_devices, data=-1, fsdp=1):
-  """(data, fsdp) sizes whose product is num_devices; one may be -1."""
+def mesh_shape(num_devices, data=-1, fsdp=1, group=1):
+  """(data, fsdp, group) sizes whose product is num_devices; one of data, fsdp may be -1."""
   sizes = [data, fsdp]
   if sizes.count(-1) > 1:
     raise errors.ConfigError(f'At most one of mesh.data={data}, mesh.fsdp={fsdp} may be -1.')
-  known = math.prod(s for s in sizes if s != -1)
+  if group < 1:
+    raise errors.ConfigError(f'mesh.group={group} must be a positive number of devices.')
+  known = math.prod(s for s in sizes if s != -1) * group
   if known <= 0 or num_devices % known:
-    raise errors.ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} does not divide the {num_devices} devices.')
-  sizes = [num_devices // known if s == -1 else s for s in sizes]
+    raise errors.ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} x mesh.group={group} does not divide the '
+                             f'{num_devices} devices.')
+  sizes = [num_devices // known if s == -1 else s for s in sizes] + [group]
   if math.prod(sizes) != num_devices:
-    raise errors.ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} = {math.prod(sizes)} != {num_devices} devices.')
+    raise errors.ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} x mesh.group={group} = {math.prod(sizes)} != '
+                             f'{num_devices} devices.')
   return tuple(sizes)
 
 
 def make_mesh(mesh_config=None, devices=None):
-  """A ('data', 'fsdp') mesh over `devices` (default: all devices).
+  """A ('data', 'fsdp', 'group') mesh over `devices` (default: all devices).
 
-  mesh_config: the config's `mesh` section (fields data, fsdp and optional
-  dcn_data, dcn_fsdp: the across-slice/host part of each axis; with a DCN
-  part, data and fsdp are the sizes inside one slice/host and the mesh is
-  (data*dcn_data, fsdp*dcn_fsdp)). None: all devices on `data` (pure data
-  parallelism), fsdp of 1.
+  mesh_config: the config's `mesh` section (fields data, fsdp, group and
+  optional dcn_data, dcn_fsdp: the across-slice/host part of each axis; with
+  a DCN part, data and fsdp are the sizes inside one slice/host and the mesh
+  is (data*dcn_data, fsdp*dcn_fsdp, group)). None: all devices on `data`
+  (pure data parallelism), fsdp and group of 1.
   """
   devices = list(jax.devices() if devices is None else devices)
   get = (lambda k, d: mesh_config.get(k, d)) if mesh_config is not None else (lambda k, d: d)
-  dcn = (get('dcn_data', 1), get('dcn_fsdp', 1))
+  dcn = (get('dcn_data', 1), get('dcn_fsdp', 1), 1)
   num_slices = math.prod(dcn)
   if num_slices > 1:
     # Slices (TPU) or hosts (GPU): the DCN part is the outer dimension.
-    per_slice = mesh_shape(len(devices) // num_slices, get('data', -1), get('fsdp', 1))
+    per_slice = mesh_shape(len(devices) // num_slices, get('data', -1), get('fsdp', 1), get('group', 1))
     # TPU: the granule is a slice (ICI inside, DCN between); GPU: a host.
     grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices,
                                                 process_is_granule=devices[0].platform != 'tpu')
     return Mesh(grid, MESH_AXES)
-  shape = mesh_shape(len(devices), get('data', -1), get('fsdp', 1))
+  shape = mesh_shape(len(devices), get('data', -1), get('fsdp', 1), get('group', 1))
   grid = None
   if _has_chip_layout(devices):
     try:
       grid = mesh_utils.create_device_mesh(shape, devices)
     except NotImplementedError:
-      # The (data, fsdp) sizes are not products of the physical axes (fsdp=4 on an 8x8 slice).
+      # The sizes are not products of the physical axes (fsdp=4 on an 8x8 slice).
       pass
   if grid is None:
     grid = np.asarray(devices).reshape(shape)  # row-major: the order the devices are listed in
   return Mesh(grid, MESH_AXES)
+
+
+def model_axes(mesh_config=None):
+  """What the mesh's axes do, for the model (group_attention.MeshAxes)."""
+  collective = mesh_config.get('group_collective', 'all_gather') if mesh_config is not None else 'all_gather'
+  if collective not in group_attention.GROUP_COLLECTIVES:
+    raise errors.ConfigError(f'Unknown mesh.group_collective={collective!r}; choose one of '
+                             f'{group_attention.GROUP_COLLECTIVES}.')
+  return group_attention.MeshAxes(batch=BATCH_AXES, group=GROUP_AXIS, collective=collective)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh, mesh_config=None):
+  """`jax.set_mesh(mesh)` plus the axes' roles for group attention: wrap tracing/lowering of a step in it."""
+  with jax.set_mesh(mesh), group_attention.use_mesh_axes(model_axes(mesh_config)):
+    yield
 
 
 # Kinds whose chips jax's mesh_utils lays out with several devices (cores) each; on the others it asks
@@ -139,7 +169,7 @@ def replicated(mesh):
 
 
 def num_batch_shards(mesh):
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+  return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
 
 
 def logical_spec(logical_axes, rules=ACTIVATION_RULES):
@@ -149,18 +179,27 @@ def logical_spec(logical_axes, rules=ACTIVATION_RULES):
 
 
 def batch_sharding(mesh):
-  """Leading (image) axis split over (data, fsdp); whole groups per device."""
-  return NamedSharding(mesh, logical_spec(('batch',)))
+  """Leading (image) axis split over (data, fsdp, group)."""
+  return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
 def check_groups_fit_mesh(sub_batches, mesh):
-  """Raise unless every sub-batch's groups divide evenly over the batch axes."""
-  devices = num_batch_shards(mesh)
+  """ConfigError unless every sub-batch's groups divide evenly: whole groups per (data, fsdp) shard, and per
+  device whole groups or an equal part of one group (mesh.group)."""
+  split = mesh.shape.get(GROUP_AXIS, 1)
+  shards = num_batch_shards(mesh) // split
   for sub in sub_batches:
-    if sub.num_groups % devices:
+    if sub.num_groups % shards or (sub.num_images // shards) % split:
+      what = f'{shards} data x fsdp shards' + (f' x mesh.group={split}' if split > 1 else '')
+      need = shards * sub.group_size * split // math.gcd(split, sub.group_size)
       raise errors.ConfigError(f'{sub.num_groups} groups of {sub.group_size} images cannot be split evenly over '
-                       f'{devices} devices without splitting a group; make the batch a multiple of '
-                       f'{devices * sub.group_size} images.')
+                               f'{what} (whole groups per data x fsdp shard); make the batch a multiple of '
+                               f'{need} images'
+                               + (' or change mesh.group.' if split > 1 else ' or split groups with mesh.group.'))
+    try:
+      group_attention.group_split(sub.num_images, sub.group_size, dict(mesh.shape), BATCH_AXES, GROUP_AXIS)
+    except ValueError as error:
+      raise errors.ConfigError(str(error)) from error
 
 
 # --- Parameter and state sharding --------------------------------------------
@@ -177,39 +216,75 @@ def path_string(path):
   return '/'.join(parts)
 
 
-def param_spec(path, shape, fsdp_size, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE):
-  """PartitionSpec of one leaf from the first rule matching its path."""
+# Leaves only the optimizer update reads (EMA, Adam's mu and nu): what `shard_update` splits over the
+# replicated axes too (ZeRO-1; the gradients follow them: ZeRO-2).
+UPDATE_ONLY = r'^(ema_params|opt_state)/'
+
+
+def param_spec(path, shape, fsdp_size, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE, update_axes=()):
+  """PartitionSpec of one leaf from the first rule matching its path.
+
+  update_axes: ((axis, size), ...) of the replicated axes over which leaves
+  matching UPDATE_ONLY are split as well (ZeRO), on the largest dimension
+  that their product (times fsdp on a dimension already over fsdp) divides.
+  """
   for pattern, rule in rules:
     if re.search(pattern, path):
       break
   else:
     rule = 'replicate'
-  if rule == 'replicate' or fsdp_size == 1 or math.prod(shape) < min_size:
-    return P()
-  if rule != 'fsdp':
+  if rule not in ('replicate', 'fsdp'):
     raise ValueError(f'Unknown sharding rule {rule!r} for {path}.')
+  if rule == 'replicate' or math.prod(shape) < min_size:
+    return P()
+  spec = [None] * len(shape)
   # Largest dimension first; ties go to the later (output) dimension.
-  for dim in sorted(range(len(shape)), key=lambda d: (shape[d], d), reverse=True):
-    if shape[dim] % fsdp_size == 0:
-      spec = [None] * len(shape)
-      spec[dim] = FSDP_AXIS
-      return P(*spec)
-  return P()
+  order = sorted(range(len(shape)), key=lambda d: (shape[d], d), reverse=True)
+  if fsdp_size > 1:
+    for dim in order:
+      if shape[dim] % fsdp_size == 0:
+        spec[dim] = FSDP_AXIS
+        break
+  extra = tuple(a for a, size in update_axes if size > 1)
+  if extra and re.search(UPDATE_ONLY, path):
+    extra_size = math.prod(size for _, size in update_axes)
+    for dim in order:
+      split = extra_size * (fsdp_size if spec[dim] else 1)
+      if shape[dim] % split == 0:
+        spec[dim] = ((spec[dim],) if spec[dim] else ()) + extra
+        break
+  return P(*spec) if any(spec) else P()
 
 
-def tree_shardings(tree, mesh, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE):
+def update_axes(mesh, shard_update):
+  """((axis, size), ...) over which the EMA and optimizer state are split besides fsdp: the data and group
+  axes with `shard_update`, none without."""
+  return tuple((a, mesh.shape[a]) for a in (DATA_AXIS, GROUP_AXIS) if a in mesh.shape) if shard_update else ()
+
+
+def tree_shardings(tree, mesh, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE, shard_update=False):
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
   fsdp_size = mesh.shape[FSDP_AXIS]
+  extra = update_axes(mesh, shard_update)
 
   def one(path, leaf):
-    return NamedSharding(mesh, param_spec(path_string(path), tuple(np.shape(leaf)), fsdp_size, rules, min_size))
+    return NamedSharding(mesh, param_spec(path_string(path), tuple(np.shape(leaf)), fsdp_size, rules, min_size,
+                                          extra))
 
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def state_shardings(abstract_state, mesh, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE):
-  """Shardings for a whole TrainState (params, EMA, optimizer state alike)."""
-  return tree_shardings(abstract_state, mesh, rules, min_size)
+def state_shardings(abstract_state, mesh, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE, shard_update=False):
+  """Shardings for a whole TrainState (params, EMA, optimizer state alike; with `shard_update` the EMA and
+  optimizer state split over data and group too)."""
+  return tree_shardings(abstract_state, mesh, rules, min_size, shard_update)
+
+
+def state_shardings_from_config(abstract_state, mesh, mesh_config):
+  """state_shardings with the config's `mesh.min_sharded_size` and `mesh.shard_update` (None: defaults)."""
+  get = (lambda k, d: mesh_config.get(k, d)) if mesh_config is not None else (lambda k, d: d)
+  return state_shardings(abstract_state, mesh, min_size=get('min_sharded_size', MIN_SHARDED_SIZE),
+                         shard_update=get('shard_update', False))
 
 
 def bytes_per_device(tree, shardings):

@@ -84,9 +84,7 @@ def create_sharded_train_state(model, config, mesh, rng):
   """
   create = functools.partial(create_train_state, model, config)
   abstract = jax.eval_shape(create, rng)
-  mesh_config = config.get('mesh')
-  min_size = mesh_config.get('min_sharded_size', sharding.MIN_SHARDED_SIZE) if mesh_config else sharding.MIN_SHARDED_SIZE
-  shardings = sharding.state_shardings(abstract, mesh, min_size=min_size)
+  shardings = sharding.state_shardings_from_config(abstract, mesh, config.get('mesh'))
   state = jax.jit(create, out_shardings=shardings)(rng)
   return state, shardings
 
@@ -170,7 +168,7 @@ def all_finite(tree):
 
 
 def train_step(state, batch, kind, train_config, optim_config, max_group_size, null_class, model_config=None,
-               check_update=True):
+               check_update=True, grad_sharding=None):
   """One optimizer step on a batch of one kind.
 
   Args:
@@ -188,6 +186,9 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
       or EMA would hold a non-finite value: True checks the updates (see the
       comment below), 'state' every new leaf, False neither (benchmarks
       compare them).
+    grad_sharding: None, or shardings (the parameters' tree) the gradients
+      are constrained to: the EMA's, so that with a sharded update
+      (sharding.py, ZeRO-2) XLA reduce-scatters them instead of all-reducing.
 
   Returns:
     (new state, metrics dict of scalars: loss, grad_norm, and nonfinite,
@@ -205,6 +206,8 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
     return jnp.mean(jnp.concatenate(losses))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  if grad_sharding is not None:
+    grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -236,13 +239,16 @@ def make_jitted_train_step(config, mesh, state_sharding):
   """jax.jit of train_step over `mesh`: state as given, batch split by group.
 
   The train state is donated. Each step kind compiles once. Steps run under
-  `jax.set_mesh(mesh)`, so that kernels XLA cannot partition (Pallas splash
-  attention) are mapped over the batch axes per device
-  (group_attention.shard_over_batch).
+  `sharding.use_mesh(mesh)`, so that kernels XLA cannot partition (Pallas
+  splash attention) are mapped over the batch axes per device, and groups
+  split over the mesh's group axis attend across it (group_attention.py).
+  The gradients take the EMA's layout (split over data with
+  mesh.shard_update: reduce-scattered).
   """
   step = functools.partial(train_step, train_config=config.train, optim_config=config.optim,
                            max_group_size=config.model.max_group_size, null_class=config.model.num_classes,
-                           model_config=config.model)
+                           model_config=config.model, grad_sharding=state_sharding.ema_params)
+  mesh_config = config.get('mesh')
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = {}
 
@@ -255,12 +261,12 @@ def make_jitted_train_step(config, mesh, state_sharding):
     return jitted[kind]
 
   def run(state, batch, kind):
-    with jax.set_mesh(mesh):
+    with sharding.use_mesh(mesh, mesh_config):
       return jitted_for(kind)(state, batch)
 
   def lower(state, batch, kind):
     """The same program lowered (AOT, e.g. for abstract TPU devices: compile_job.py); inputs may be abstract."""
-    with jax.set_mesh(mesh):
+    with sharding.use_mesh(mesh, mesh_config):
       return jitted_for(kind).lower(state, batch)
 
   run.lower = lower
