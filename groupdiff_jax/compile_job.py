@@ -49,6 +49,20 @@ from groupdiff_jax.compiled_stats import COLLECTIVE_BYTES_RULE, analyse
 from groupdiff_jax.models.dit import model_from_config
 from groupdiff_jax.tpu_topology import CHIPS, abstract_devices, chip_of, per_device, target_mesh, with_shardings
 
+ROOFLINE_MODEL = ('max(compiler FLOPs / bf16 peak, compiler bytes accessed / HBM bandwidth) + collective bytes '
+                  '/ one-way ICI bandwidth (collectives not overlapped) + analytic attention FLOPs / peak '
+                  '(Mosaic kernels); per device; chip figures from cloud.google.com/tpu/docs (compile_job.CHIPS)')
+
+
+def roofline(result, chip, attention_flops):
+  """Seconds per step by ROOFLINE_MODEL from a program's analysis, and its parts (an estimate, not a
+  measurement: no overlap of collectives with compute, every byte accessed at full HBM bandwidth)."""
+  parts = {'compute': result['compiler_flops_per_device'] / chip['bf16_flops'],
+           'memory': result['compiler_bytes_accessed_per_device'] / chip['hbm_bandwidth'],
+           'collectives': sum(c['bytes'] for c in result['collectives'].values()) / chip['ici_bandwidth'],
+           'attention': attention_flops / chip['bf16_flops']}
+  return max(parts['compute'], parts['memory']) + parts['collectives'] + parts['attention'], parts
+
 ADVICE = ('shard parameters/optimizer state over more devices (--config.mesh.fsdp=... with --config.mesh.data=-1), '
           'rematerialise activations (--config.model.remat=dots_saveable or full), or a smaller global batch '
           '(--config.train.batch_size)')
@@ -133,7 +147,9 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
             'attention_model': 'optimal_seconds + analytic attention FLOPs (fwd+bwd) at the chip bf16 peak '
                                '(Mosaic kernels are invisible to cost_analysis)',
             'describe_estimate_bytes_per_device': estimate['memory_bytes_per_device'],
-            'collective_bytes': COLLECTIVE_BYTES_RULE, 'programs': {}}
+            'collective_bytes': COLLECTIVE_BYTES_RULE, 'roofline_model': ROOFLINE_MODEL,
+            'shard_update': bool(config.mesh.get('shard_update', False)),
+            'group_collective': config.mesh.get('group_collective', 'all_gather'), 'programs': {}}
   step = train_step_lib.make_jitted_train_step(config, mesh, state_sharding)
   programs = []
   for name, kind in kinds.items():
@@ -162,7 +178,10 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
     # libtpu 0.0.42 can report a negative optimal_seconds (no estimate): then none is given.
     optimal = result['compiler_optimal_seconds']
     seconds_estimate = optimal + attention / chip['bf16_flops'] if optimal > 0 else None
+    roof, roof_parts = roofline(result, chip, attention)
     result.update({
+        'roofline_seconds (estimate)': roof, 'roofline_parts_seconds': roof_parts,
+        'mfu (roofline estimate)': (flops['model'] / mesh.size) / (roof * chip['bf16_flops']),
         'kind': [list(map(str, (s.num_images, s.group_size, s.conditional))) for s in kind],
         'analytic_model_flops_per_device': flops['model'] / mesh.size,
         'analytic_attention_flops_per_device': attention,
@@ -255,8 +274,8 @@ def _verdict(result, chip, budget):
 def _attention_is_local(report, mesh):
   """With fsdp=1 every parameter is replicated, so a batch-sharded step needs only gradient all-reduces: any
   all-gather / all-to-all / collective-permute would move activations (e.g. a batch gathered around attention)."""
-  if mesh.shape[sharding.FSDP_AXIS] != 1:
-    return None  # parameter all-gathers are expected; not decided from the HLO here
+  if mesh.shape[sharding.FSDP_AXIS] != 1 or mesh.shape.get(sharding.GROUP_AXIS, 1) != 1 or report['shard_update']:
+    return None  # parameter / key-value all-gathers are expected; not decided from the HLO here
   moving = ('all-gather', 'all-to-all', 'collective-permute')
   return all(p['collectives'][op]['count'] == 0 for name, p in report['programs'].items()
              if name.startswith('train_step/') and 'collectives' in p for op in moving)
@@ -278,7 +297,8 @@ def format_report(report):
            'describe estimate per device: ' + ', '.join(
                f'{k} {_gib(v)}' for k, v in report['describe_estimate_bytes_per_device'].items())]
   head = (f"{'program':<28}{'args':>8}{'out':>8}{'temp':>8}{'alias':>8}{'peak':>8} {'fits':<5}{'TFLOP':>7}"
-          f"{'anaTF':>7}{'est s':>8}{'MFU*':>6}{'mosaic':>7}{'comp s':>7}  collectives (count/GiB)")
+          f"{'anaTF':>7}{'est s':>8}{'MFU*':>6}{'roof s':>8}{'MFUr':>6}{'mosaic':>7}{'comp s':>7}  collectives "
+          "(count/GiB)")
   lines.append(head)
   for name, p in report['programs'].items():
     if 'compiler_refused' in p:
@@ -293,10 +313,13 @@ def format_report(report):
     lines.append(f"{name:<28}{_gib(m['argument']):>8}{_gib(m['output']):>8}{_gib(m['temp']):>8}"
                  f"{_gib(m['alias']):>8}{_gib(m['peak']):>8} {str(p['fits']):<5}"
                  f"{p['compiler_flops_per_device'] / 1e12:>7.2f}"
-                 f"{(analytic or 0) / 1e12:>7.2f}{_opt(est, '.3f'):>8}{_opt(mfu, '.0%'):>6}{p['mosaic_kernels']:>7}"
+                 f"{(analytic or 0) / 1e12:>7.2f}{_opt(est, '.3f'):>8}{_opt(mfu, '.0%'):>6}"
+                 f"{_opt(p.get('roofline_seconds (estimate)'), '.3f'):>8}{_opt(p.get('mfu (roofline estimate)'), '.0%'):>6}"
+                 f"{p['mosaic_kernels']:>7}"
                  f"{p['compile_seconds']:>7.0f}  {coll or '-'}")
-  lines.append('MFU*, est s: compiler estimates (cost_analysis optimal_seconds + attention at peak), not '
-               'measurements. Attention without collectives (batch-sharded, fsdp=1): '
+  lines.append('MFU*, est s: compiler estimates (cost_analysis optimal_seconds + attention at peak); roof s, MFUr: '
+               'roofline estimate (' + report.get('roofline_model', ROOFLINE_MODEL) + '); neither is a '
+               'measurement. Attention without collectives (batch-sharded, fsdp=1): '
                f"{report['batch_local_attention']}. Fits: {report['fits']}. Lowered and compiled in "
                f"{report.get('compile_wall_seconds', 0):.0f} s (programs side by side, compile.workers).")
   return '\n'.join(lines)

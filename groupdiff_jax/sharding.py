@@ -189,6 +189,10 @@ def check_groups_fit_mesh(sub_batches, mesh):
   split = mesh.shape.get(GROUP_AXIS, 1)
   shards = num_batch_shards(mesh) // split
   for sub in sub_batches:
+    if split > 1 and sub.group_size > 1 and sub.group_size % split and split % sub.group_size:
+      raise errors.ConfigError(f'mesh.group={split} does not divide the group size {sub.group_size} (nor is a '
+                               f'multiple of it): a device would hold parts of two groups; use a mesh.group that '
+                               f'divides {sub.group_size}.')
     if sub.num_groups % shards or (sub.num_images // shards) % split:
       what = f'{shards} data x fsdp shards' + (f' x mesh.group={split}' if split > 1 else '')
       need = shards * sub.group_size * split // math.gcd(split, sub.group_size)
@@ -225,8 +229,9 @@ def param_spec(path, shape, fsdp_size, rules=PARAM_RULES, min_size=MIN_SHARDED_S
   """PartitionSpec of one leaf from the first rule matching its path.
 
   update_axes: ((axis, size), ...) of the replicated axes over which leaves
-  matching UPDATE_ONLY are split as well (ZeRO), on the largest dimension
-  that their product (times fsdp on a dimension already over fsdp) divides.
+  matching UPDATE_ONLY are split as well (ZeRO), whatever their rule (only
+  the update reads them: no gather per use), on the largest dimension that
+  their product (times fsdp on a dimension already over fsdp) divides.
   """
   for pattern, rule in rules:
     if re.search(pattern, path):
@@ -235,12 +240,12 @@ def param_spec(path, shape, fsdp_size, rules=PARAM_RULES, min_size=MIN_SHARDED_S
     rule = 'replicate'
   if rule not in ('replicate', 'fsdp'):
     raise ValueError(f'Unknown sharding rule {rule!r} for {path}.')
-  if rule == 'replicate' or math.prod(shape) < min_size:
+  if math.prod(shape) < min_size:
     return P()
   spec = [None] * len(shape)
   # Largest dimension first; ties go to the later (output) dimension.
   order = sorted(range(len(shape)), key=lambda d: (shape[d], d), reverse=True)
-  if fsdp_size > 1:
+  if fsdp_size > 1 and rule == 'fsdp':
     for dim in order:
       if shape[dim] % fsdp_size == 0:
         spec[dim] = FSDP_AXIS

@@ -8,15 +8,18 @@ import jax
 
 from groupdiff_jax import errors, sharding
 
-# Per chip (per_device divides by the devices a chip shows as): HBM bytes and dense bf16 peak FLOP/s, from
-# Google Cloud's TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
-# /v6e): v4 32 GiB, 275 TFLOP/s; v5e 16 GiB, 197 TFLOP/s; v5p 95 GiB,
-# 459 TFLOP/s; v6e (Trillium) 32 GiB, 918 TFLOP/s.
+# Per chip (per_device divides by the devices a chip shows as): HBM bytes, dense bf16 peak FLOP/s, HBM
+# bandwidth and one-way inter-chip (ICI) bandwidth, from Google Cloud's TPU system-architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): v4 32 GiB, 275 TFLOP/s, 1200 GB/s; v5e 16 GiB,
+# 197 TFLOP/s, 819 GB/s, 400 GB/s bidirectional ICI; v5p 95 GiB, 459 TFLOP/s, 2765 GB/s, 1200 GB/s
+# bidirectional ICI; v6e (Trillium) 32 GiB, 918 TFLOP/s, 1638 GB/s, 800 GB/s bidirectional ICI. One-way ICI
+# = half the bidirectional figure (for v5e and v6e also the pages' all-reduce bandwidth per pod / 256 chips);
+# v4's page gives no per-chip ICI figure: its all-reduce bandwidth per pod (1.1 PB/s) / 4096 chips.
 CHIPS = {
-    'v4': {'hbm_bytes': 32 * 2**30, 'bf16_flops': 275e12},
-    'v5e': {'hbm_bytes': 16 * 2**30, 'bf16_flops': 197e12},
-    'v5p': {'hbm_bytes': 95 * 2**30, 'bf16_flops': 459e12},
-    'v6e': {'hbm_bytes': 32 * 2**30, 'bf16_flops': 918e12},
+    'v4': {'hbm_bytes': 32 * 2**30, 'bf16_flops': 275e12, 'hbm_bandwidth': 1200e9, 'ici_bandwidth': 1.1e15 / 4096},
+    'v5e': {'hbm_bytes': 16 * 2**30, 'bf16_flops': 197e12, 'hbm_bandwidth': 819e9, 'ici_bandwidth': 200e9},
+    'v5p': {'hbm_bytes': 95 * 2**30, 'bf16_flops': 459e12, 'hbm_bandwidth': 2765e9, 'ici_bandwidth': 600e9},
+    'v6e': {'hbm_bytes': 32 * 2**30, 'bf16_flops': 918e12, 'hbm_bandwidth': 1638e9, 'ici_bandwidth': 400e9},
 }
 TOPOLOGY_FORM = ('<chip>:<AxB> or <chip>:<AxBxC>, chip one of ' + ', '.join(CHIPS) +
                  '; e.g. v5e:2x2, v5e:8x8, v4:2x2x4, v5p:2x2x2, v5p:4x4x4, v6e:8x8')
@@ -58,6 +61,7 @@ def per_device(chip, devices):
   chips = {(getattr(d, 'slice_index', 0), tuple(d.coords)) for d in devices}
   cores = max(1, len(devices) // max(1, len(chips)))
   return {'hbm_bytes': chip['hbm_bytes'] // cores, 'bf16_flops': chip['bf16_flops'] / cores,
+          'hbm_bandwidth': chip['hbm_bandwidth'] / cores, 'ici_bandwidth': chip['ici_bandwidth'] / cores,
           'devices_per_chip': cores}
 
 

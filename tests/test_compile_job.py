@@ -33,7 +33,7 @@ def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
 @pytest.mark.parametrize('impl', ['splash', 'auto'])
 def test_compiles_for_v5e_with_mosaic_kernels_and_local_group_attention(impl):
   report = compile_job.compile_report(tiny_config(impl), log=lambda _: None)
-  assert report['devices'] == 4 and report['mesh'] == {'data': 4, 'fsdp': 1}
+  assert report['devices'] == 4 and report['mesh'] == {'data': 4, 'fsdp': 1, 'group': 1}
   assert report['device_kind'].startswith('TPU v5')
   steps = {k: v for k, v in report['programs'].items() if k.startswith('train_step/')}
   assert set(steps) == {'train_step/singles', 'train_step/groups'} and 'sample' in report['programs']
@@ -187,7 +187,7 @@ def test_two_slices_compile_with_dcn_data():
   config.compile.num_slices = 2
   config.mesh.dcn_data = 2
   report = compile_job.compile_report(config, log=lambda _: None, include_sampler=False)
-  assert report['devices'] == 8 and report['mesh'] == {'data': 8, 'fsdp': 1}
+  assert report['devices'] == 8 and report['mesh'] == {'data': 8, 'fsdp': 1, 'group': 1}
   assert all(p['mosaic_kernels'] > 0 for p in report['programs'].values())
 
 
@@ -242,3 +242,29 @@ def test_meshes_follow_the_chips_where_jax_can_lay_them_out_and_keep_the_listed_
   for devices, fsdp in [(tpu_topology.abstract_devices('v4:2x2x2'), 2), (tpu_topology.abstract_devices('v5e:2x2')[:3], 1),
                         (tpu_topology.abstract_devices('v5e:8x8'), 4)]:
     assert ids(sharding.make_mesh({'data': -1, 'fsdp': fsdp}, devices)) == [d.id for d in devices]
+
+
+def test_a_group_split_over_devices_and_a_sharded_update_compile_for_tpu():
+  """Groups of 4 over 2 devices each (mesh.group=2) with splash, ZeRO: the groups step gathers keys/values
+  over the group axis, reduce-scatters their gradients, and the state per device shrinks by the data x group
+  size; the report gives a roofline estimate beside the compiler's."""
+  config = tiny_config('splash', batch_size=8, topology='v5e:2x2')
+  config.compile.step_kinds = 'groups'
+  config.mesh.update(data=2, group=2, shard_update=True, min_sharded_size=0)
+  report = compile_job.compile_report(config, log=lambda _: None, include_sampler=False)
+  assert report['mesh'] == {'data': 2, 'fsdp': 1, 'group': 2} and report['shard_update'] is True
+  step = report['programs']['train_step/groups']
+  assert step['per_device_images'] == 2  # 2 groups of 4 over 4 devices: half a group each
+  assert step['collectives']['all-gather']['count'] > 0 and step['collectives']['reduce-scatter']['count'] > 0
+  assert step['mosaic_kernels'] >= 2 * 3
+  assert report['batch_local_attention'] is None  # gathers are expected here
+  est = report['describe_estimate_bytes_per_device']
+  # EMA and Adam state split 4 ways (data 2 x group 2), params whole: the argument follows describe's count.
+  assert est['ema_params'] * 4 <= est['params'] * 1.01
+  argument = step['memory_bytes_per_device']['argument']
+  assert abs(argument - (est['params'] + est['ema_params'] + est['opt_state'])) <= 0.1 * argument
+  parts = step['roofline_parts_seconds']
+  assert set(parts) == {'compute', 'memory', 'collectives', 'attention'} and parts['collectives'] > 0
+  assert step['roofline_seconds (estimate)'] == pytest.approx(
+      max(parts['compute'], parts['memory']) + parts['collectives'] + parts['attention'])
+  assert 0 < step['mfu (roofline estimate)'] < 1

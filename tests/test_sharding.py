@@ -20,13 +20,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mesh_shape_fills_the_minus_one_axis_and_rejects_bad_sizes():
-  assert sharding.mesh_shape(8, -1, 4) == (2, 4)
-  assert sharding.mesh_shape(8, 8, -1) == (8, 1)
-  assert sharding.mesh_shape(8) == (8, 1)
+  assert sharding.mesh_shape(8, -1, 4) == (2, 4, 1)
+  assert sharding.mesh_shape(8, 8, -1) == (8, 1, 1)
+  assert sharding.mesh_shape(8) == (8, 1, 1)
+  assert sharding.mesh_shape(8, -1, 2, 2) == (2, 2, 2)
   with pytest.raises(ValueError):
     sharding.mesh_shape(8, 3, -1)
   with pytest.raises(ValueError):
     sharding.mesh_shape(8, -1, -1)
+  with pytest.raises(ValueError, match='mesh.group=3'):
+    sharding.mesh_shape(8, -1, 1, 3)
 
 
 def test_param_rules_shard_large_kernels_on_their_largest_dimension():
@@ -132,10 +135,10 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def run_worker(code, *args, devices=8):
+def run_worker(code, *args, devices=8, timeout=300):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+                        timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
   return json.loads(line[len('RESULT '):])
@@ -173,4 +176,4 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(eight_devices):
 
 
 def test_activation_rules_split_only_the_batch_axis():
-  assert sharding.logical_spec(('batch', 'length', 'embed')) == P(('data', 'fsdp'), None, None)
+  assert sharding.logical_spec(('batch', 'length', 'embed')) == P(('data', 'fsdp', 'group'), None, None)

@@ -324,8 +324,8 @@ def group_split(batch, group_size, mesh_shape, batch_axes, group_axis):
   """Devices one group spans (k; 1 = whole groups per device) for a batch of `batch` images split over
   `batch_axes` of a mesh of `mesh_shape`, the group axis innermost; ValueError naming both sizes when a
   device would hold neither whole groups nor a whole part of one group."""
-  devices = math.prod(mesh_shape[a] for a in batch_axes)
-  split = mesh_shape[group_axis] if group_axis in batch_axes else 1
+  devices = math.prod(mesh_shape.get(a, 1) for a in batch_axes)
+  split = mesh_shape.get(group_axis, 1) if group_axis in batch_axes else 1
   if group_size == 1 or split == 1:
     return 1
   outer = devices // split
