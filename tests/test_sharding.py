@@ -47,6 +47,20 @@ def test_param_rules_shard_large_kernels_on_their_largest_dimension():
   assert sharding.param_spec('params/a/kernel', (1152, 3456), 1) == P()
 
 
+def test_sharded_update_splits_only_ema_and_optimizer_state_over_data_and_group():
+  zero = (('data', 8), ('group', 2))
+  spec = lambda path, shape, fsdp=4: sharding.param_spec(path, shape, fsdp, min_size=0, update_axes=zero)
+  # Parameters keep their fsdp layout; the update's state adds data x group on the same dimension.
+  assert spec('params/blocks_0/attn/qkv/kernel', (1152, 3456)) == P(None, 'fsdp')
+  assert spec('opt_state/1/0/mu/blocks_0/attn/qkv/kernel', (1152, 3456)) == P(None, ('fsdp', 'data', 'group'))
+  assert spec('ema_params/blocks_0/attn/qkv/kernel', (1152, 3456)) == P(None, ('fsdp', 'data', 'group'))
+  # Biases (replicated parameters) are split too: only the update reads them. Nothing divisible: whole.
+  assert spec('opt_state/1/0/nu/blocks_0/attn/qkv/bias', (3456,)) == P(('data', 'group'))
+  assert spec('opt_state/1/0/nu/blocks_0/attn/qkv/bias', (3456,), fsdp=1) == P(('data', 'group'))
+  assert spec('ema_params/final_layer/linear/bias', (8,)) == P()
+  assert spec('opt_state/0/count', ()) == P()
+
+
 WORKER = textwrap.dedent('''
     import functools, json, os, sys
     import jax, jax.numpy as jnp, numpy as np
