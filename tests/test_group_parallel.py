@@ -77,7 +77,7 @@ def attention_case(impl, split, n, collective):
   ref = jax.jit(fwd_bwd)(q, k, v)
   with sharding.use_mesh(mesh, config):
     run = jax.jit(fwd_bwd, in_shardings=(sharding.batch_sharding(mesh),) * 3).lower(q, k, v).compile()
-  got, hlo = run(q, k, v), run.as_text()
+  got, hlo = run(*jax.device_put((q, k, v), sharding.batch_sharding(mesh))), run.as_text()
   return {'impl': impl, 'split': split, 'n': n, 'collective': collective, 'tokens': n * L,
           'err': [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, ref)],
           'ref_max': [float(jnp.max(jnp.abs(b))) for b in ref], 'collectives': collectives(hlo),
@@ -118,7 +118,8 @@ def model_case(split, n, group_layers=None, impl='xla'):
   with sharding.use_mesh(mesh, config):
     run = jax.jit(fwd_bwd, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
     run = run.lower(params, x).compile()
-  got, hlo = run(params, x), run.as_text()
+  got = run(jax.device_put(params, sharding.replicated(mesh)), jax.device_put(x, sharding.batch_sharding(mesh)))
+  hlo = run.as_text()
   pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
   return {'split': split, 'n': n, 'group_layers': group_layers, 'tokens': n * 16,
           'out_err': float(jnp.max(jnp.abs(pairs[0][0] - pairs[0][1]))),
