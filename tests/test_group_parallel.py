@@ -25,6 +25,7 @@ gradient difference, which sets its parameters' tolerance.
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from tests import test_sharding
 
@@ -313,15 +314,16 @@ def test_sharded_update_divides_the_update_state_by_the_data_axis(layouts):
   # is split 4 ways, except Adam's int32 step counts (4 bytes each, two in the chain).
   assert zero['bytes']['ema_params'] * 4 == ref['ema_params']
   assert ref['opt_state'] <= zero['bytes']['opt_state'] * 4 <= ref['opt_state'] + 3 * 2 * 4
-  # data 2 x fsdp 2 x group 2: the update state split 8 ways, the parameters 2 ways (fsdp) where divisible.
+  # data 2 x fsdp 2 x group 2: the update state split 8 ways where a dimension divides 8 (a few small leaves
+  # only 4 or 2 ways), the parameters 2 ways (fsdp) where divisible.
   both = layouts['layouts']['fsdp+group+zero']
-  assert both['bytes']['ema_params'] * 8 == ref['ema_params']
-  assert both['bytes']['params'] * 2 >= ref['params']
+  assert ref['ema_params'] / 8 <= both['bytes']['ema_params'] <= ref['ema_params'] / 6
+  assert ref['params'] / 2 <= both['bytes']['params'] < ref['params']
 
 
 def test_checkpoint_saved_under_group_and_zero_layout_restores_data_parallel(layouts):
   assert layouts['restore_err'] == 0.0
-  assert layouts['restored_spec'] == '()' or layouts['restored_spec'] == 'PartitionSpec()'
+  assert layouts['restored_spec'] == str(P())  # the target's (data-parallel) layout
 
 
 def test_a_group_axis_that_does_not_divide_the_group_is_one_clear_error(layouts):
