@@ -29,6 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from tests import test_sharding
 
+pytestmark = pytest.mark.long  # compiles on 8 fake devices in subprocesses: .ci/run's second step
+
 U = 2.0**-24
 
 
