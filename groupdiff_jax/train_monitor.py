@@ -207,13 +207,13 @@ class TrainMonitor:
     num = self.config.eval.num_samples
     per_group = self.config.sample.images_per_group
     config = _with_sample(self.config, num_groups=-(-num // per_group), s_cross=False)
-    out_dir = os.path.join(self.workdir, EVAL_DIR, f'step_{step}')
-    return self.write_samples(config, out_dir, params, step, log=lambda *_: None), out_dir
+    out_dir = storage.path(self.workdir) / EVAL_DIR / f'step_{step}'
+    return self.write_samples(config, os.fspath(out_dir), params, step, log=lambda *_: None), out_dir
 
   def _remove_samples(self, path, out_dir):
-    samples_dir = os.path.join(out_dir, sample_chunks.SAMPLES_DIR)
-    for stale in [path] + [os.path.join(samples_dir, f) for f in os.listdir(samples_dir) if f.startswith('chunk_')]:
-      os.remove(stale)  # the images: gigabytes at ImageNet scale; the scores and samples.png stay
+    samples_dir = out_dir / sample_chunks.SAMPLES_DIR
+    for stale in [storage.path(path)] + list(samples_dir.glob('chunk_*')):
+      stale.unlink()  # the images: gigabytes at ImageNet scale; the scores and samples.png stay
 
   def write_fid(self, step, params):
     if self.use_toy_eval:
@@ -235,8 +235,8 @@ class TrainMonitor:
       pool = net.features(samples.batches(net.batch_size), total=len(samples))[0][:num]  # [num, D]
     value = float(fid_lib.FIDStatistics.from_features(pool).fid(self._reference))
     name = fid_name(num)
-    sample_chunks.write_json(os.path.join(out_dir, 'fid.json'), {name: value, 'step': step, 'num_samples': num,
-                                                               'reference_batch': os.path.abspath(reference)})
+    sample_chunks.write_json(out_dir / 'fid.json', {name: value, 'step': step, 'num_samples': num,
+                                                               'reference_batch': os.fspath(storage.path(reference))})
     self._remove_samples(path, out_dir)
     self.writer.write_scalars(step, {name: value})
     self.log('Step %d: %s = %.4g (%s).', step, name, value, out_dir)
@@ -251,12 +251,12 @@ class TrainMonitor:
     if self._toy is None:
       self._toy = toy_scorer(self.config, self.workdir, self.log)
     featurize, reference = self._toy
-    with np.load(path) as f:
-      samples, labels = f['arr_0'][:num], f['labels'][:num]
+    arrays = storage.load_npz(path)
+    samples, labels = arrays['arr_0'][:num], arrays['labels'][:num]
     scores = toy_features.score_samples(featurize, samples, labels, reference)
     suffix = fid_name(num)[len('fid_'):]
     values = {f'fd_toy_{suffix}': float(scores['fd']), f'class_accuracy_{suffix}': scores['class_accuracy']}
-    sample_chunks.write_json(os.path.join(out_dir, 'fd_toy.json'), {**values, 'step': step, 'num_samples': num})
+    sample_chunks.write_json(out_dir / 'fd_toy.json', {**values, 'step': step, 'num_samples': num})
     self._remove_samples(path, out_dir)
     self.writer.write_scalars(step, values)
     self.log('Step %d: %s.', step, ', '.join(f'{k} = {v:.4g}' for k, v in values.items()))
