@@ -28,7 +28,7 @@ def xla(q, k, v):
   return ga.dot_product_attention(q, k, v, 'xla')
 
 
-@pytest.mark.parametrize('length', [100, 96])  # 100: not a whole number of blocks (7 of 15, 5 padded queries)
+@pytest.mark.parametrize('length', [100, 96, 16])  # 100: 7 blocks of 15 (5 padded queries); 16: one block
 def test_chunked_equals_xla_and_so_do_its_gradients(length):
   q, k, v = qkv(length=length)
   chunked = lambda q, k, v: ga.chunked_attention(q, k, v, chunk_size=16)
@@ -40,7 +40,7 @@ def test_chunked_equals_xla_and_so_do_its_gradients(length):
 
 
 def test_short_sequences_use_the_xla_kernel():
-  q, k, v = qkv(length=16)
+  q, k, v = qkv(length=15)
   np.testing.assert_array_equal(np.asarray(ga.chunked_attention(q, k, v, chunk_size=16)), np.asarray(xla(q, k, v)))
 
 
@@ -105,10 +105,10 @@ def test_backward_keeps_no_score_matrix():
   assert temp['xla'] >= scores and temp['chunked'] < scores / 4, temp
 
 
-def test_auto_picks_chunked_on_cpu_for_long_sequences_only():
+def test_auto_picks_chunked_on_cpu_from_one_full_block():
   assert ga.resolve_implementation('auto', jnp.float32) == 'xla'
-  assert ga.resolve_implementation('auto', jnp.float32, length=ga.CHUNK_SIZE) == 'xla'
-  assert ga.resolve_implementation('auto', jnp.float32, length=ga.CHUNK_SIZE + 1) == 'chunked'
+  assert ga.resolve_implementation('auto', jnp.float32, length=ga.CHUNK_SIZE - 1) == 'xla'
+  assert ga.resolve_implementation('auto', jnp.float32, length=ga.CHUNK_SIZE) == 'chunked'
   assert ga.resolve_implementation('auto', jnp.float32, 'cpu', length=4096) == 'chunked'
   assert ga.resolve_implementation('auto', jnp.bfloat16, 'gpu', length=4096) == 'cudnn'
   assert ga.resolve_implementation('auto', jnp.float32, 'tpu', length=4096) == 'splash'

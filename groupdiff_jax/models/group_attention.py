@@ -44,7 +44,7 @@ from groupdiff_jax import errors
 #             a flash-style backward that recomputes each block's
 #             probabilities (memory ~ T per head). Any backend; written for
 #             CPU, where the [T, T] softmax of 'xla' is memory-bound. A
-#             sequence of at most CHUNK_SIZE tokens uses 'xla'.
+#             sequence shorter than CHUNK_SIZE tokens uses 'xla'.
 #   'cudnn'   cuDNN flash attention (GPU, bf16/fp16 only): no [T, T] matrix.
 #   'splash'  Pallas splash attention (TPU; on other backends it runs in the
 #             Pallas interpreter, slowly, which is how it is tested on CPU).
@@ -52,8 +52,13 @@ from groupdiff_jax import errors
 #             context mesh's, else the host's): cuDNN on GPU for bf16/fp16
 #             compute (XLA for fp32,
 #             which cuDNN does not take), splash on TPU; on CPU 'chunked'
-#             for sequences longer than CHUNK_SIZE and 'xla' otherwise (and
-#             when the length is not given). Attention forward + backward
+#             for sequences of CHUNK_SIZE tokens or more and 'xla' otherwise
+#             (and when the length is not given). At 256 tokens (SiT/2
+#             singles, one block per head) 'chunked' took 0.6-0.75x the CPU
+#             time of 'xla' (B=16, 6 heads of 64, forward + backward:
+#             benchmarks/cpu_train_step.py, docs/benchmarks.md); at 16-64
+#             tokens (the digits demo) its loop over heads costs more than
+#             it saves. Attention forward + backward
 #             on a shared 2-core CPU, fp32, 12 heads of 64: 'chunked' took
 #             0.5x the time of 'xla' at T=512 (B=8), 0.4x at T=1024 (B=4)
 #             and T=4096 (B=1), where its peak memory was 0.4 GB vs 4.4 GB.
@@ -95,7 +100,7 @@ def resolve_implementation(implementation, dtype, backend=None, length=None):
     return 'cudnn' if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else 'xla'
   if backend == 'tpu':
     return 'splash'
-  return 'chunked' if length is not None and length > CHUNK_SIZE else 'xla'
+  return 'chunked' if length is not None and length >= CHUNK_SIZE else 'xla'
 
 
 def splash_attention(q, k, v, interpret=None, local=False):
@@ -148,12 +153,12 @@ def chunked_attention(q, k, v, chunk_size=None, local=False):
   of about `chunk_size` (default CHUNK_SIZE) against all its keys; the
   backward recomputes a block's probabilities from the saved log-sum-exp
   (flash attention's backward). Live at once: a few [chunk, T] blocks of
-  scores of one head. Sequences of at most `chunk_size` queries use XLA's
+  scores of one head. Sequences of fewer than `chunk_size` queries use XLA's
   kernel. local: already inside a per-device map (no shard_over_batch).
   """
   chunk_size = chunk_size or CHUNK_SIZE
   length = q.shape[1]
-  if length <= chunk_size:
+  if length < chunk_size:
     return jax.nn.dot_product_attention(q, k, v, implementation='xla')
   num_chunks = -(-length // chunk_size)
   chunk = -(-length // num_chunks)  # equal blocks: less than num_chunks padded queries
