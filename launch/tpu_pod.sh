@@ -8,7 +8,8 @@
 # 2. copies this checkout to every worker and installs it (`--worker=all`);
 # 3. runs `python -m groupdiff_jax.main` on every worker (jax.distributed finds the pod by itself);
 #    the workdir is in GCS, so a rerun resumes from the latest checkpoint;
-# 4. exit 0 of the run: "done". Exit 2 (a mistake in the config or flags): stop, no retry.
+# 4. exit 0 of the run: "done". Exit 2 (a mistake in the config or flags): stop, no retry. Exit 130
+#    (Ctrl-C: the run saved what it could): stop, no retry; rerun this script to resume.
 #    Anything else is a preemption: 75 (SIGTERM / maintenance event, checkpoint saved), ssh's 255
 #    (the VM went away), or the slice SUSPENDED/FAILED. Then it re-creates the slice if it is not
 #    ACTIVE, reinstalls and reruns, which resumes (at most MAX_RESTARTS times, then exit 1).
@@ -43,6 +44,7 @@ RETRY_SECONDS=${RETRY_SECONDS:-30}
 MESH_PRESET=${MESH_PRESET:-1}
 EXIT_USER_ERROR=2  # groupdiff_jax/errors.py
 EXIT_PREEMPTED=75
+EXIT_INTERRUPTED=130
 REPO_DIR=groupdiff_jax
 LOCAL_DATA=${LOCAL_DATA:-/tmp/groupdiff_data}
 data_flags=""; stage_data=":"
@@ -118,6 +120,9 @@ for attempt in $(seq 0 "$MAX_RESTARTS"); do
   if [ "$code" = 0 ]; then echo "done: $WORKDIR"; exit 0; fi
   if [ "$code" = "$EXIT_USER_ERROR" ]; then
     echo "run failed (exit $code: see the error above); not retrying" >&2; exit "$code"
+  fi
+  if [ "$code" = "$EXIT_INTERRUPTED" ]; then
+    echo "run interrupted (Ctrl-C); not retrying: rerun this script to resume from $WORKDIR" >&2; exit "$code"
   fi
   case "$code" in
     "$EXIT_PREEMPTED") why="preempted, checkpoint saved" ;;

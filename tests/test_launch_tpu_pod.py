@@ -87,6 +87,13 @@ def test_user_error_is_not_retried(tmp_path):
   assert 'done' not in result.stdout and 'not retrying' in result.stderr
 
 
+def test_an_interrupted_run_is_not_retried(tmp_path):
+  result, calls = run_script(tmp_path, ['ACTIVE'], runs=[130])
+  assert result.returncode == 130
+  assert [verb(c) for c in calls] == ['describe', 'scp', 'install', 'run']
+  assert 'done' not in result.stdout and 'run interrupted (Ctrl-C); not retrying' in result.stderr
+
+
 @pytest.mark.parametrize('missing', ['ZONE', 'ACCELERATOR', 'NAME', 'BUCKET'])
 def test_missing_variable(tmp_path, missing):
   result, calls = run_script(tmp_path, ['ACTIVE'], runs=[], **{missing: ''})
