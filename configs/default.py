@@ -82,7 +82,9 @@ def get_config():
   config.train.mode = 'groupdiff_l'  # 'groupdiff_l' | 'groupdiff_f'
   config.train.group_size = 4  # N of the unconditional groups
   config.train.group_ratio = 0.1  # fraction of images in unconditional groups
-  config.train.mixed_steps = False  # both kinds in every step (our option)
+  # True: singles and unconditional groups in every step (official composition, docs/method.md); False:
+  # alternate pure singles and pure group steps (our earlier default)
+  config.train.mixed_steps = True
   config.train.timestep_jitter = 0.0  # intra-group time offset, fraction of [0, 1]
   # Label dropout applies only when group_ratio is 0 (plain SiT/DiT); with
   # group steps, the unconditional groups are the CFG dropout.

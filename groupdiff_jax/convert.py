@@ -68,25 +68,12 @@ import numpy as np
 from absl import logging
 
 from groupdiff_jax import converted, errors, weights_io
-from groupdiff_jax.models import dit, embeddings
+from groupdiff_jax.models import dit, embeddings, official_names
 
 # ------------------------------------------------------------------------------------------ the declarative mapping
 
-# Official module (state-dict key without its leaf; `{i}` = block index) -> our module path, layout.
-RENAME_TABLE = (
-    ('x_embedder.proj', 'x_embedder/proj', 'conv'),
-    ('t_embedder.mlp.0', 't_embedder/mlp_0', 'linear'),
-    ('t_embedder.mlp.2', 't_embedder/mlp_2', 'linear'),
-    ('y_embedder.embedding_table', 'y_embedder/embedding_table', 'embedding'),
-    ('sample_embedder.embedding_table', 'sample_embedder/embedding_table', 'embedding'),
-    ('blocks.{i}.attn.qkv', 'blocks_{i}/attn/qkv', 'linear'),
-    ('blocks.{i}.attn.proj', 'blocks_{i}/attn/proj', 'linear'),
-    ('blocks.{i}.mlp.fc1', 'blocks_{i}/mlp/fc1', 'linear'),
-    ('blocks.{i}.mlp.fc2', 'blocks_{i}/mlp/fc2', 'linear'),
-    ('blocks.{i}.adaLN_modulation.1', 'blocks_{i}/adaLN_modulation_1', 'linear'),
-    ('final_layer.linear', 'final_layer/linear', 'linear'),
-    ('final_layer.adaLN_modulation.1', 'final_layer/adaLN_modulation_1', 'linear'),
-)
+# Official module -> our module, layout: the shared table of models/official_names.py.
+RENAME_TABLE = official_names.RENAME_TABLE
 
 
 # (layout, official leaf) -> (our leaf, weights_io layout: our shape <-> official shape, official array -> ours)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from groupdiff_jax import errors, sharding, transport
+from groupdiff_jax.models import official_names
 from groupdiff_jax.models.embeddings import draw_sample_ids
 
 
@@ -27,21 +28,40 @@ class TrainState(flax.struct.PyTreeNode):
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-def decay_mask(params):
-  """True for weight matrices (Dense/Conv kernels): the only decayed leaves.
+def decay_name(path):
+  """The name the official weight-decay rule reads for our param path.
 
-  Biases, embedding tables (label, sample) and norms are not decayed, as in
-  the official GroupDiff optimizer.
+  The official PyTorch name (models/official_names.py) for the DiT/SiT
+  leaves; any other leaf (a model outside the converter's table) is judged
+  by its own path joined with '.'.
+  """
+  try:
+    return official_names.official_key(path)
+  except KeyError:
+    return '.'.join(path)
+
+
+def decay_mask(params):
+  """True for the leaves the official AdamW decays.
+
+  Official rule (utils/builders.py, create_optimizer_and_scaler): no decay
+  for tensors of fewer than 2 dims or whose PyTorch name contains ln, bias,
+  embedding, norm, gamma, embed, token or diffloss. For DiT/SiT this decays
+  the kernels of attn.qkv, attn.proj, mlp.fc1/fc2, adaLN_modulation.1 (every
+  block and the final layer) and final_layer.linear, and spares the patch
+  embedder (x_embedder), the timestep MLP (t_embedder), the label and sample
+  tables and every bias.
   """
   flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict({path: path[-1] == 'kernel' for path in flat})
+  return flax.traverse_util.unflatten_dict(
+      {path: official_names.officially_decayed(decay_name(path), leaf.ndim) for path, leaf in flat.items()})
 
 
 def make_optimizer(optim):
   """AdamW with global-norm clipping from the config's `optim` section.
 
   Official GroupDiff: lr 1e-4 constant, betas (0.9, 0.95), weight decay 0.01
-  on weight matrices, clipping at 3.0. Plain DiT/SiT: betas (0.9, 0.999), no
+  on the leaves of decay_mask, clipping at 3.0. Plain DiT/SiT: betas (0.9, 0.999), no
   clipping (grad_clip 0), no weight decay.
   """
   steps = []
@@ -156,6 +176,18 @@ def _sub_batch_loss(params, apply_fn, sub, images, labels, rng, train_config, ma
   return transport.training_loss(model_fn, images, noise, t, transport.transport_from_config(model_config))
 
 
+def step_loss(losses):
+  """The step's loss from the per-image losses of its sub-batches: their plain mean.
+
+  Every image weighs 1/B (B the step's images), as in the official step,
+  which averages over the GPUs the per-GPU mean losses of batches of equal
+  size: a mixed step of singles and groups is weighted like the official
+  step that holds the same images (tests/test_step_composition.py checks it
+  against a NumPy reading of the official averaging).
+  """
+  return jnp.mean(jnp.concatenate(losses))
+
+
 def all_finite(tree):
   """Scalar bool: every floating-point leaf of `tree` finite.
 
@@ -203,7 +235,7 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
                         train_config, max_group_size, null_class, model_config)
         for i, (sub, part) in enumerate(zip(kind, batch))
     ]
-    return jnp.mean(jnp.concatenate(losses))
+    return step_loss(losses)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   if grad_sharding is not None:
