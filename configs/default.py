@@ -10,9 +10,10 @@ file of your own, anywhere, can start from a shipped one with
 `from configs import digits` (or `default`) and change a few fields.
 
 Official GroupDiff defaults: AdamW lr 1e-4 constant, betas (0.9, 0.95),
-weight decay 0.01 on weight matrices, clipping at global norm 3.0, EMA
-0.9999, 256 images per step, 10% of the images in unconditional groups of
-4 (GroupDiff-l), shared time within a group (timestep_jitter 0).
+weight decay 0.01 by the official parameter-name rule (train_step.decay_mask),
+clipping at global norm 3.0, EMA 0.9999, 256 images per step, 10% of the
+images in unconditional groups of 4 inside every step (GroupDiff-l, mixed
+step: docs/method.md), shared time within a group (timestep_jitter 0).
 """
 
 import ml_collections

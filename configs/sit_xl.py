@@ -3,10 +3,10 @@
   python -m groupdiff_jax.main --config=configs/sit_xl.py --workdir=gs://BUCKET/sit_xl_gdiff4 \
       --config.data.latent_dir=/data/in256_latents --config.data.neighbors_dir=/data/in256_neighbors
 
-Official GroupDiff (METHOD.md section 2): AdamW lr 1e-4 constant, betas
-(0.9, 0.95), weight decay 0.01 on weight matrices, clip 3.0, EMA 0.9999,
+Official GroupDiff (docs/method.md): AdamW lr 1e-4 constant, betas
+(0.9, 0.95), weight decay 0.01 by the official name rule, clip 3.0, EMA 0.9999,
 256 images per step, 10% of the images in unconditional groups of 4
-(GroupDiff-l), neighbours from DINOv2-L/14 CLS embeddings with the official
+(GroupDiff-l, inside every step), neighbours from DINOv2-L/14 CLS embeddings with the official
 epoch plan, shared time in a group, bf16 compute with float32 parameters.
 800 epochs of 1,281,167 images = 4.0M steps. Paper: FID-50K 1.63 (IS 283.2)
 at 800 epochs, CFG sampling as in configs' `sample` section.
