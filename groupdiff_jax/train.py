@@ -15,19 +15,20 @@ from groupdiff_jax import validation
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
 
-DATASETS = ('digits', 'toy_shapes')
+DATASETS = ('digits', 'toy_shapes', 'fashion_mnist')
 
 
 def make_batches(config):
   """The batch source named by config.data.name."""
-  if config.data.name in ('digits', 'toy_shapes'):
+  if config.data.name in ('digits', 'toy_shapes', 'fashion_mnist'):
     from groupdiff_jax.data.digits import DigitsBatches
+    from groupdiff_jax.data.fashion_mnist import FashionBatches
     from groupdiff_jax.data.toy_shapes import ToyShapesBatches
     data_config = config.data.copy_and_resolve_references()
     with data_config.unlocked():
       data_config.batch_size = config.train.batch_size
       data_config.group_size = config.train.group_size
-    source = DigitsBatches if config.data.name == 'digits' else ToyShapesBatches
+    source = {'digits': DigitsBatches, 'toy_shapes': ToyShapesBatches, 'fashion_mnist': FashionBatches}[config.data.name]
     return source(data_config, config.seed)
   if config.data.name in ('latents', 'imagenet_latents'):
     from groupdiff_jax.data import pipeline
