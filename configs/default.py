@@ -152,7 +152,7 @@ def get_config():
   config.sample.vae_path = config_dict.placeholder(str)  # latent models: SD-VAE diffusion_pytorch_model.safetensors
   config.sample.decode_batch_size = 64  # latents per VAE decode call (bounds memory)
   config.sample.grid_groups = 10  # groups (rows) in samples.png
-  config.sample.s_cross = False  # measure S_cross (METHOD.md section 4) on the first s_cross_groups groups
+  config.sample.s_cross = False  # measure S_cross (docs/method.md, S_cross) on the first s_cross_groups groups
   config.sample.s_cross_stages = (0.25, 0.5, 0.75)  # fractions of the trajectory done (from the noise end)
   config.sample.s_cross_groups = 8
 

@@ -20,7 +20,7 @@ evaluations/README.md) and writes samples_50000x256x256x3.eval.json.
 
 (`.pth` needs torch for the conversion only; see groupdiff_jax/convert.py for
 the safetensors route.) Settings as the official README's evaluation of this
-checkpoint (METHOD.md section 3): DDPM ancestral over 250 respaced steps,
+checkpoint (docs/method.md, Inference): DDPM ancestral over 250 respaced steps,
 CFG 1.65 on all 4 channels, guidance interval [0, 1], conditional branch per
 image (group 1), unconditional branch over the group of 4, EMA weights,
 float32 sampling (FID is sensitive to bf16). Expected: FID-50K 1.66 with the

@@ -18,8 +18,8 @@ assembles samples_50000x256x256x3.npz; --mode=eval runs the ADM evaluator on
 it (reference batch and Inception graph from openai/guided-diffusion's
 evaluations/README.md) and writes samples_50000x256x256x3.eval.json.
 
-Settings as the official README's evaluation of this checkpoint (METHOD.md
-section 3): SDE Euler-Maruyama over 250 steps, CFG 2.585 inside the interval
+Settings as the official README's evaluation of this checkpoint (docs/method.md,
+Inference): SDE Euler-Maruyama over 250 steps, CFG 2.585 inside the interval
 [0.25, 0.75] on the first 3 of 4 channels (as the official sampler), the
 conditional branch per image, the unconditional branch over the group of 4,
 EMA weights, float32 sampling. Expected: FID-50K 1.40 (paper, GroupDiff-4

@@ -14,7 +14,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.name = 'latents'
-  config.data.latent_dir = ''  # latents.npy, labels.npy, meta.json (METHOD.md section 6)
+  config.data.latent_dir = ''  # latents.npy, labels.npy, meta.json (docs/method.md, Data formats)
   config.data.neighbors_dir = ''  # neighbors.npy, scores.npy, meta.json
   config.data.grouping = 'official_plan'  # 'official_plan' | 'tau_random' | 'class' | 'random'
   config.data.tau = 0.7  # tau_random: cosine threshold (paper)

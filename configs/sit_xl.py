@@ -28,7 +28,7 @@ groups of 4, whole groups per device). The same table as code:
 configs/pod_meshes.py (launch/tpu_pod.sh applies it). `--mode=compile
 --config.compile.topology=v5e:8x8` checks a choice in minutes.
 
-The latent store and neighbour lists (METHOD.md section 6) come from the
+The latent store and neighbour lists (docs/method.md, Data formats) come from the
 data jobs; training refuses to start without them (train.check_data).
 """
 

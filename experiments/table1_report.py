@@ -18,7 +18,7 @@ DEFINITIONS = {
     'fd': 'Frechet distance between generated and real training images in the feature space of the toy evaluator '
           '(FD_toy; not comparable with ImageNet FID); lower is better',
     'class_accuracy': "fraction of generated images the evaluator classifies as their conditioning class",
-    's_cross': "percent; METHOD.md section 4 (our reading) measured on the sampler's own trajectory: the x_t, "
+    's_cross': "percent; docs/method.md, S_cross (our reading) measured on the sampler's own trajectory: the x_t, "
                'time, null labels and sample ids of the unconditional group branch at every step that runs it '
                'grouped (evaluation/s_cross.py, make_trajectory_sampler); masses averaged over those steps and the layers, then '
                'scored; mean over the probed groups',

@@ -1,6 +1,6 @@
 """Which kind of batch each training step holds (GroupDiff-l / -f).
 
-Official GroupDiff-l (docs/method.md, "Training composition"): the epoch
+Official GroupDiff-l (docs/method.md, Training composition): the epoch
 plan holds *singles* batches (group size 1, labels kept) and *unconditional
 group* batches (groups of N, every label the null class) of the same number
 of images, about `group_ratio` of the images in groups (they are the CFG

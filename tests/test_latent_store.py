@@ -1,4 +1,4 @@
-"""The latent store and neighbour-list formats (METHOD.md section 6): round trip and clear errors."""
+"""The latent store and neighbour-list formats (docs/method.md, Data formats): round trip and clear errors."""
 
 import ml_dtypes
 import numpy as np

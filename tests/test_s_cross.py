@@ -1,4 +1,4 @@
-"""S_cross (METHOD.md section 4): 0 for pairs and uniform attention, a known value by hand."""
+"""S_cross (docs/method.md, S_cross): 0 for pairs and uniform attention, a known value by hand."""
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,7 @@
       --data_dir=~/tensorflow_datasets --manual_dir=~/tensorflow_datasets/downloads/manual \
       --output_dir=/data/in256_latents --flip
 
-Writes the latent store of METHOD.md section 6 (latents.npy float16
+Writes the latent store of docs/method.md, Data formats (latents.npy float16
 [M, 32, 32, 4], or [M, 2, 32, 32, 4] with --flip where [:, 1] encodes the
 horizontally flipped crop; labels.npy int32 [M]; meta.json), rows in the
 TFDS split's fixed order. Official GroupDiff stores one posterior sample of

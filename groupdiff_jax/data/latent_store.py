@@ -1,4 +1,4 @@
-"""The latent store and neighbour lists of METHOD.md section 6: write, read, validate.
+"""The latent store and neighbour lists of docs/method.md, Data formats: write, read, validate.
 
 Latent store (one directory):
   latents.npy  float16 or bfloat16, [M, 32, 32, 4], or [M, 2, 32, 32, 4]
@@ -35,7 +35,7 @@ LATENT_SHAPE = (32, 32, 4)  # 256 px / 8, SD-VAE channels
 
 
 class StoreError(errors.DataError):
-  """A store file that does not follow METHOD.md section 6."""
+  """A store file that does not follow docs/method.md, Data formats."""
 
 
 def _dtype_name(array):

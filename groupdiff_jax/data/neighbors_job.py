@@ -1,4 +1,4 @@
-"""Neighbour job: top-K cosine neighbours of every embedding (METHOD.md section 6).
+"""Neighbour job: top-K cosine neighbours of every embedding (docs/method.md, Data formats).
 
   python -m groupdiff_jax.data.neighbors_job --embeddings_dir=/data/in256_dinov2_l14 \
       --output_dir=/data/in256_neighbors --k=100

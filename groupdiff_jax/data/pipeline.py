@@ -7,7 +7,7 @@ group contiguous (`[G*N, ...]`, group g = rows g*N .. g*N+N-1).
 
 Streams. Every SubBatch position of every step kind is a stream of images:
 singles read rows from a per-epoch permutation of the store, in order;
-groups read groups from the configured grouping (METHOD.md section 2):
+groups read groups from the configured grouping (docs/method.md, Grouping):
 
   official_plan  once per epoch, anchors in shuffled order take their first
                  N-1 unused neighbours in rank order (grouping.official_epoch_plan);

@@ -1,7 +1,7 @@
 """Nearest-neighbour lists with ScaNN (cosine similarity).
 
 Embeddings are L2-normalised, so the dot product is the cosine similarity.
-Output follows the neighbour-list format of METHOD.md section 6: row i holds
+Output follows the neighbour-list format of docs/method.md, Data formats: row i holds
 the K nearest neighbours of i, best first, self excluded, with their scores.
 """
 

@@ -1,4 +1,4 @@
-"""S_cross, the cross-sample attention score (METHOD.md section 4, our reading): one measurement, two callers.
+"""S_cross, the cross-sample attention score (docs/method.md, S_cross, our reading): one measurement, two callers.
 
 The paper reports S_cross (Table 1; 0.00% at group size 2) and its
 correlation with FID, but the official code does not compute it. Our reading:
