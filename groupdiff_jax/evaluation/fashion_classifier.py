@@ -44,7 +44,11 @@ ENCODER = Spec(widths=(16, 32, 64), features=64, seed=1)
 
 
 class Classifier(nn.Module):
-  """conv-pool stages (two 3x3 convs in the middle stage) -> FEATURES-d features -> class logits."""
+  """Three conv-pool stages (two 3x3 convs in the middle one), flattened -> FEATURES-d features -> logits.
+
+  Flattened, not averaged over positions: where a part of the garment is
+  (a collar, a heel) tells the classes apart.
+  """
   widths: tuple
   features: int
 
@@ -57,8 +61,8 @@ class Classifier(nn.Module):
     x = nn.relu(nn.Conv(b, (3, 3))(x))
     x = nn.max_pool(x, (2, 2), (2, 2))  # [B, S/4, S/4, b]
     x = nn.relu(nn.Conv(c, (3, 3))(x))
-    x = x.mean(axis=(1, 2))  # [B, c]
-    feats = nn.relu(nn.Dense(self.features)(x))  # [B, F]
+    x = nn.max_pool(x, (2, 2), (2, 2))  # [B, S/8, S/8, c]
+    feats = nn.relu(nn.Dense(self.features)(x.reshape(x.shape[0], -1)))  # [B, F]
     return feats, nn.Dense(NUM_CLASSES)(feats)
 
 

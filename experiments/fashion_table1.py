@@ -1,0 +1,328 @@
+"""GroupDiff-l on Fashion-MNIST: Tables 1 and 2 with the paper's protocol (issue 31; docs/results.md).
+
+  XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' JAX_PLATFORMS=cpu \
+      nice -n 10 python -m experiments.fashion_table1 --out=/work/fashion_sweep
+  python -m experiments.fashion_table1 --out=/work/fashion_sweep --report_only
+
+Setup (once, kept in <out>/shared): the evaluator of record and the
+learned encoder (evaluation/fashion_classifier.py, two classifiers of their
+own trained on the training split), the evaluator's test accuracy and the
+test-vs-train FD (the floor), the encoder's and the pixels' PCA embeddings
+of the training split and their neighbour lists from the real retrieval job
+(data/neighbors_job.py, ScaNN), with each one's neighbour class purity.
+
+Runs (seeds outer, rows of experiments/fashion_settings.py inner): train
+configs/fashion_mnist.py (changed per row), then sample at every CFG scale
+of --cfg_scales over the whole trajectory and inside the official interval
+[0.25, 0.75] (CFG 1 once: no guidance), each with --curve_samples images of
+GroupDiff-l inference, scored against the 10,000 test images: FD in the
+evaluator's feature space, class accuracy, precision and recall (ADM k-NN
+manifolds); S_cross on the sampler's trajectory of the unconditional group
+branch (--probe_images). The point of lowest curve FD is then sampled
+again with --num_samples (5,000) images and new noise: that is the run's
+reported FD ('best'), with the curve beside it. The first 1,000 of those
+samples go to <runs>/<row>_seed<k>_samples.npz (uint8 images
+[1000, 32, 32, 1], labels, the CFG scale and interval).
+
+Resume: trained EMA params are kept in <runs>/params; each sampled point is
+appended to <runs>/<row>_seed<k>.partial.json as it is scored; a finished
+run is <runs>/<row>_seed<k>.json. A rerun with the same arguments skips
+finished runs and points (other arguments: an error naming the file).
+`--report_only` writes --json (default docs/fashion_table1.json), the
+table docs/fashion_table1.md, plots and the samples into --docs_dir from
+whatever runs have finished.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+
+import flax.serialization
+import jax
+import numpy as np
+
+from configs import fashion_mnist as fashion_config
+from experiments import fashion_report, table1
+from experiments.fashion_settings import DEFAULT_SETTINGS, SETTINGS, check_settings, sampling_config, training_config
+from groupdiff_jax import errors, sharding
+from groupdiff_jax.data import fashion_mnist, neighbors_job, retrieval
+from groupdiff_jax.data.array_batches import pca_embeddings
+from groupdiff_jax.evaluation import fashion_classifier as fc
+from groupdiff_jax.evaluation import fid, group_branch_probe
+from groupdiff_jax.models.dit import model_from_config
+
+INTERVALS = {'all': (0.0, 1.0), 'official': (0.25, 0.75)}  # SiT GroupDiff-l-4's released setting: [0.25, 0.75]
+PURITY_K = (3, 10)
+PROBE_GROUPS = 32  # held-out groups of 4 per kind for the group branch's learning curve
+PROBE_CHECKPOINTS = 4  # evaluations through training (at 1/4, 2/4, 3/4, 4/4 of the steps)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--out', default='/work/fashion_sweep', help='runs, shared setup, logs (outside the repository)')
+  p.add_argument('--runs', default=None, help='default <out>/runs')
+  p.add_argument('--json', default='docs/fashion_table1.json')
+  p.add_argument('--docs_dir', default='docs/fashion_table1', help='--report_only: plots, table, samples')
+  p.add_argument('--settings', default=','.join(DEFAULT_SETTINGS))
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--cfg_scales', default='1,1.5,2,3,4')
+  p.add_argument('--curve_samples', type=int, default=1000, help='samples per point of the CFG curve')
+  p.add_argument('--num_samples', type=int, default=5000, help='samples of the best point (the reported FD)')
+  p.add_argument('--chunk', type=int, default=500, help='images per sampler call')
+  p.add_argument('--saved_samples', type=int, default=1000, help='samples of the best point kept per run (npz)')
+  p.add_argument('--probe_images', type=int, default=64, help='images probed for S_cross (whole groups)')
+  p.add_argument('--num_steps', type=int, default=None, help='training steps (default: the config\'s)')
+  p.add_argument('--depth', type=int, default=None)
+  p.add_argument('--hidden_size', type=int, default=None)
+  p.add_argument('--batch_size', type=int, default=None)
+  p.add_argument('--sample_steps', type=int, default=None)
+  p.add_argument('--data_dir', default='', help='Fashion-MNIST IDX folder (default: the Debian package\'s)')
+  p.add_argument('--classifier_epochs', type=int, default=5)
+  p.add_argument('--encoder_epochs', type=int, default=2)
+  p.add_argument('--num_neighbors', type=int, default=32, help='K of the neighbour job')
+  p.add_argument('--report_only', action='store_true', help='write the report from finished runs; run nothing')
+  args = p.parse_args(argv)
+  args.runs = args.runs or os.path.join(args.out, 'runs')
+  return args
+
+
+def base_config(args):
+  config = fashion_config.get_config()
+  with config.unlocked():
+    for value, section, key in ((args.num_steps, 'train', 'num_steps'), (args.depth, 'model', 'depth'),
+                                (args.hidden_size, 'model', 'hidden_size'), (args.batch_size, 'train', 'batch_size'),
+                                (args.sample_steps, 'sample', 'num_steps')):
+      if value is not None:
+        config[section][key] = value
+    config.data.data_dir = args.data_dir
+  return config
+
+
+def digest(value):
+  return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_json(path, default):
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path, value):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+# --- Setup: evaluator, encoder, neighbours -------------------------------------------------------------
+def load_data(args):
+  train_x, train_y = fashion_mnist.load_split(args.data_dir, 'train', 32)
+  test_x, test_y = fashion_mnist.load_split(args.data_dir, 'test', 32)
+  return train_x, train_y, test_x, test_y
+
+
+def classifier(shared, name, spec, epochs, train_x, train_y):
+  path = os.path.join(shared, f'{name}_{digest([spec.__dict__, epochs, len(train_x)])}.msgpack')
+  if os.path.exists(path):
+    with open(path, 'rb') as f:
+      return flax.serialization.msgpack_restore(f.read())
+  params = fc.train_classifier(train_x, train_y, spec, epochs, log=lambda m: print(m, flush=True))
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(flax.serialization.to_bytes(jax.device_get(params)))
+  os.replace(tmp, path)
+  return params
+
+
+def neighbour_lists(shared, name, embeddings, labels, k):
+  """Through the neighbour job (ScaNN): <shared>/neighbors_<name>; returns (dir, purity at PURITY_K)."""
+  tag = f'{name}_{digest([embeddings.shape, float(np.abs(embeddings).sum()), k])}'
+  emb_dir, out_dir = os.path.join(shared, f'embeddings_{tag}'), os.path.join(shared, f'neighbors_{tag}')
+  if not os.path.exists(os.path.join(out_dir, 'neighbors.npy')):
+    os.makedirs(emb_dir, exist_ok=True)
+    np.save(os.path.join(emb_dir, 'embeddings.npy'), retrieval.l2_normalize(embeddings.astype(np.float32)))
+    write_json(os.path.join(emb_dir, 'meta.json'), {'encoder': name, 'D': int(embeddings.shape[1])})
+    neighbors_job.run(emb_dir, out_dir, k=k, method='scann', overwrite=True)
+  neighbors = np.load(os.path.join(out_dir, 'neighbors.npy'))
+  purity = {str(n): float((labels[neighbors[:, :n]] == labels[:, None]).mean()) for n in PURITY_K}
+  return out_dir, purity
+
+
+def setup(args, train_x, train_y, test_x, test_y):
+  shared = os.path.join(args.out, 'shared')
+  os.makedirs(shared, exist_ok=True)
+  tic = time.time()
+  evaluator = classifier(shared, 'evaluator', fc.EVALUATOR, args.classifier_epochs, train_x, train_y)
+  featurize = fc.make_featurizer(evaluator, fc.EVALUATOR)
+  scorer = fc.Scorer(featurize, test_x, test_y)
+  train_feats, _ = featurize(fc.uint8_to_model(fc.quantize(train_x)))
+  floor = scorer.reference.fid(fid.FIDStatistics.from_features(train_feats))
+  encoder = classifier(shared, 'encoder', fc.ENCODER, args.encoder_epochs, train_x, train_y)
+  encode = fc.make_featurizer(encoder, fc.ENCODER)
+  enc_feats, _ = encode(train_x)
+  encoder_dir, encoder_purity = neighbour_lists(shared, 'encoder', enc_feats, train_y, args.num_neighbors)
+  pca_dir, pca_purity = neighbour_lists(shared, 'pixel_pca', pca_embeddings(train_x, 32, np.float32), train_y,
+                                        args.num_neighbors)
+  meta = {'evaluator_test_accuracy': scorer.test_accuracy, 'fd_test_vs_train': floor,
+          'evaluator': {'widths': list(fc.EVALUATOR.widths), 'features': fc.EVALUATOR.features,
+                        'epochs': args.classifier_epochs},
+          'encoder': {'kind': 'a classifier of its own (other widths and seed, no weights shared with the '
+                              'evaluator), L2-normalised penultimate features',
+                      'widths': list(fc.ENCODER.widths), 'features': fc.ENCODER.features,
+                      'epochs': args.encoder_epochs},
+          'neighbour_purity': {'encoder': encoder_purity, 'pixel_pca': pca_purity},
+          'neighbour_dirs': {'encoder': encoder_dir, 'pca': pca_dir},
+          'train_images': len(train_x), 'test_images': len(test_x), 'setup_seconds': time.time() - tic,
+          'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}'}
+  write_json(os.path.join(args.out, 'meta.json'), meta)
+  print(f"Evaluator test accuracy {meta['evaluator_test_accuracy']:.4f}, FD test vs train {floor:.3f}; neighbour "
+        f"purity encoder {encoder_purity}, pixel PCA {pca_purity}.", flush=True)
+  groups = group_branch_probe.probe_groups(test_y, encode(test_x)[0], min(PROBE_GROUPS, len(test_x) // 8), 4)
+  probe = {kind: test_x[rows] for kind, rows in groups.items()}
+  return scorer, {'encoder': encoder_dir, 'pca': pca_dir}, probe
+
+
+# --- Runs ----------------------------------------------------------------------------------------------
+def sample_points(args):
+  """(interval name, cfg scale) of the curve; CFG 1 once (no guidance: the interval does not matter)."""
+  scales = [float(s) for s in args.cfg_scales.split(',') if s]
+  return [('all', s) for s in scales] + [('official', s) for s in scales if s != 1.0]
+
+
+def sample_point(args, train_config, name, params, interval, scale, num_samples, caches, probe_images, scorer,
+                 seed_offset=0):
+  """(scored point, uint8 samples, labels) of one (interval, CFG scale); seed_offset > 0 draws other noise."""
+  config = sampling_config(train_config, name, num_samples, scale, INTERVALS[interval])
+  if seed_offset:
+    with config.unlocked():
+      config.seed = train_config.seed + 1000 * seed_offset
+  tic = time.time()
+  cache = caches.setdefault(('sample', name, interval, scale, num_samples), {})
+  model = cache.setdefault('model', model_from_config(config.model))
+  samples, labels, trajectory, _ = table1.sample_run(config, model, params, cache, num_samples, args.chunk,
+                                                     probe_images)
+  point = {'interval': interval, 'cfg_scale': scale, **scorer.score(samples, labels),
+           'sample_seconds': time.time() - tic, 's_cross': trajectory}
+  return point, samples, labels
+
+
+def run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches):
+  setting = SETTINGS[name]
+  train_config = training_config(base, name, seed, neighbour_dirs)
+  points = sample_points(args)
+  run_hash = digest({'train': train_config.to_dict(), 'name': name, 'points': points, 'n': args.num_samples,
+                     'curve_n': args.curve_samples,
+                     'sample': base.sample.to_dict()})
+  final = os.path.join(args.runs, f'{name}_seed{seed}.json')
+  if os.path.exists(final):
+    found = read_json(final, {}).get('run_hash')
+    if found != run_hash:
+      raise errors.UserError(f'{final} holds a run of other arguments (run_hash {found}, now {run_hash}): resume with '
+                             'the arguments it was started with, or pass another --runs (or delete the file).')
+    return None
+  partial_path = os.path.join(args.runs, f'{name}_seed{seed}.partial.json')
+  partial = read_json(partial_path, {})
+  if partial and partial.get('run_hash') != run_hash:
+    raise errors.UserError(f'{partial_path} was started with other arguments; delete it or resume with those.')
+  partial = partial or {'run_hash': run_hash, 'curve': [], 'losses': None, 'train_seconds': 0.0}
+  source = setting.trained_from or name
+  params_path = os.path.join(args.runs, 'params', f'{source}_seed{seed}_{digest(train_config.to_dict())}.msgpack')
+  model = model_from_config(train_config.model)
+  if os.path.exists(params_path):
+    with open(params_path, 'rb') as f:
+      params = flax.serialization.msgpack_restore(f.read())
+  else:
+    tic = time.time()
+    curve = []
+    steps = train_config.train.num_steps
+    every = max(1, steps // PROBE_CHECKPOINTS)
+
+    def on_step(step, state):  # the learning curve of the unconditional group branch (UC = 4 rows)
+      if train_config.train.group_size == 4 and (step % every == 0 or step == steps):
+        rng = jax.random.PRNGKey(seed)
+        curve.append({'step': step, **{kind: group_branch_probe.velocity_errors(
+            model, state.ema_params, images, 4, train_config.model.num_classes, train_config.model.max_group_size,
+            rng) for kind, images in probe.items()}})
+
+    state, losses = table1.train_run(train_config, model, mesh, caches.setdefault(('train', source), {}), on_step)
+    params = jax.device_get(state.ema_params)
+    os.makedirs(os.path.dirname(params_path), exist_ok=True)
+    with open(params_path + '.tmp', 'wb') as f:
+      f.write(flax.serialization.to_bytes(params))
+    os.replace(params_path + '.tmp', params_path)
+    partial.update(losses=losses, train_seconds=time.time() - tic, group_branch_curve=curve)
+    write_json(partial_path, partial)
+    print(f'{name} seed {seed}: trained {train_config.train.num_steps} steps in {time.time() - tic:.0f} s, final loss '
+          f'{losses[-1]:.4f}.', flush=True)
+  done = {(p['interval'], p['cfg_scale']) for p in partial['curve']}
+  for interval, scale in points:
+    if (interval, scale) in done:
+      continue
+    point = sample_point(args, train_config, name, params, interval, scale, args.curve_samples, caches,
+                         args.probe_images if setting.group_size > 1 else 0, scorer)[0]
+    partial['curve'].append(point)
+    write_json(partial_path, partial)
+    print(f"{name} seed {seed} {interval} CFG {scale:g}: FD {point['fd']:.3f}, class acc "
+          f"{point['class_accuracy']:.3f}, precision {point['precision']:.3f}, recall {point['recall']:.3f} "
+          f"({point['sample_seconds']:.0f} s, {args.curve_samples} samples).", flush=True)
+  chosen = min(partial['curve'], key=lambda p: p['fd'])
+  best, samples, labels = sample_point(args, train_config, name, params, chosen['interval'], chosen['cfg_scale'],
+                                       args.num_samples, caches, 0, scorer, seed_offset=1)
+  samples_path = os.path.join(args.runs, f'{name}_seed{seed}_samples.npz')
+  np.savez_compressed(samples_path, images=samples[:args.saved_samples],
+                      labels=labels[:args.saved_samples].astype(np.int32), cfg_scale=best['cfg_scale'],
+                      interval=np.asarray(INTERVALS[best['interval']]))
+  print(f"{name} seed {seed}: best {best['interval']} CFG {best['cfg_scale']:g}, FD {best['fd']:.3f} "
+        f"({args.num_samples} samples), class acc {best['class_accuracy']:.3f}.", flush=True)
+  record = {'setting': name, 'seed': seed, **partial,
+            'best': {k: v for k, v in best.items() if k != 's_cross'}, 's_cross_at_best': chosen.get('s_cross'),
+            'num_steps': train_config.train.num_steps, 'samples_npz': os.path.basename(samples_path),
+            'finished_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+  write_json(final, record)
+  os.remove(partial_path)
+  return record
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+  if args.report_only:
+    return fashion_report.write(args)
+  start = time.time()
+  os.makedirs(args.runs, exist_ok=True)
+  settings = check_settings([s for s in args.settings.split(',') if s])
+  seeds = [int(s) for s in args.seeds.split(',') if s]
+  base = base_config(args)
+  train_x, train_y, test_x, test_y = load_data(args)
+  scorer, neighbour_dirs, probe = setup(args, train_x, train_y, test_x, test_y)
+  log_path = os.path.join(args.out, 'invocations.json')
+  invocations = read_json(log_path, [])
+  invocation = {'command': 'python -m experiments.fashion_table1 ' + shlex.join(sys.argv[1:] if argv is None else argv),
+                'started_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                'wall_seconds': 0.0, 'runs': []}
+  invocations.append(invocation)
+  mesh, caches = sharding.make_mesh(), {}
+  for seed in seeds:
+    for name in settings:
+      record = run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches)
+      if record is not None:
+        invocation['runs'].append(f'{name}_seed{seed}')
+        invocation['wall_seconds'] = time.time() - start
+        write_json(log_path, invocations)
+  invocation['wall_seconds'] = time.time() - start
+  write_json(log_path, invocations)
+  print(f'Wall time {time.time() - start:.0f} s.', flush=True)
+  return invocation
+
+
+if __name__ == '__main__':
+  main()

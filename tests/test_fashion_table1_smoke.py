@@ -1,0 +1,59 @@
+"""The Fashion-MNIST study script (experiments/fashion_table1.py) end to end at a tiny size, resumed, reported."""
+
+import json
+import os
+
+import numpy as np
+
+from experiments import fashion_settings, fashion_table1
+from tests.test_fashion_mnist import write_split
+
+SMOKE = ['--depth=1', '--hidden_size=32', '--batch_size=16', '--num_steps=2', '--sample_steps=2',
+         '--curve_samples=16', '--num_samples=24', '--saved_samples=8', '--chunk=16', '--probe_images=8', '--cfg_scales=1,2',
+         '--classifier_epochs=1', '--encoder_epochs=1', '--num_neighbors=8', '--seeds=0',
+         '--settings=baseline,sim_uc4_stage0.2']
+
+
+def test_sweep_runs_resumes_and_reports(tmp_path):
+  data = tmp_path / 'idx'
+  data.mkdir()
+  write_split(data, 'train', 256)
+  write_split(data, 'test', 64, seed=1)
+  out, json_path, docs = tmp_path / 'out', tmp_path / 'report.json', tmp_path / 'docs'
+  common = [f'--out={out}', f'--data_dir={data}', f'--json={json_path}', f'--docs_dir={docs}'] + SMOKE
+  fashion_table1.main(common)
+  runs = out / 'runs'
+  names = sorted(n for n in os.listdir(runs) if n.endswith('.json'))
+  # sim_uc4 is trained for the Table 2 row that samples from it
+  assert names == [f'{s}_seed{k}.json' for s in ('baseline', 'sim_uc4', 'sim_uc4_stage0.2') for k in (0,)]
+  record = json.loads((runs / 'sim_uc4_stage0.2_seed0.json').read_text())
+  points = {(p['interval'], p['cfg_scale']) for p in record['curve']}
+  assert points == {('all', 1.0), ('all', 2.0), ('official', 2.0)}
+  chosen = min(record['curve'], key=lambda p: p['fd'])  # the best curve point, sampled again with more samples
+  assert (record['best']['interval'], record['best']['cfg_scale']) == (chosen['interval'], chosen['cfg_scale'])
+  assert record['best']['num_samples'] == 24 and all(p['num_samples'] == 16 for p in record['curve'])
+  with np.load(runs / record['samples_npz']) as npz:
+    assert npz['images'].shape == (8, 32, 32, 1) and npz['images'].dtype == np.uint8
+    assert npz['labels'].shape == (8,)
+  trained = json.loads((runs / 'sim_uc4_seed0.json').read_text())
+  curve = trained['group_branch_curve']  # UC = 4: the group branch probed at 1/4 .. 4/4 of the steps
+  assert [c['step'] for c in curve] == [1, 2] and set(curve[0]) == {'step', 'similarity', 'class', 'random'}
+  assert set(curve[-1]['class']['0.5']) == {'on', 'off'}
+  # A rerun with the same arguments finds everything done (no new runs).
+  assert fashion_table1.main(common)['runs'] == []
+  report = fashion_table1.main(common + ['--report_only'])
+  assert report['num_runs'] == 3 and 0 <= report['evaluator_test_accuracy'] <= 1
+  assert set(report['neighbour_purity']) == {'encoder', 'pixel_pca'}
+  rows = {r['name']: r for r in report['settings']}
+  assert set(rows['baseline']['fd_curve_per_seed']['0']) == {'all@1', 'all@2', 'official@2'}
+  assert json.loads(json_path.read_text())['num_runs'] == 3
+  assert (docs / 'table.md').exists() and (docs / 'fd_vs_cfg.png').exists()
+  assert len(os.listdir(docs / 'samples')) == 3
+
+
+def test_settings_cover_the_issue_rows():
+  names = set(fashion_settings.SETTINGS)
+  assert {'baseline', 'sim_uc2', 'sim_uc4', 'sim_uc8', 'pca_uc4', 'random_uc4', 'class_uc4', 'sim_uc4_tv100',
+          'alt_uc4', 'sim_uc4_stage0.2', 'sim_uc4_stage0.4', 'sim_uc4_stage0.6', 'sim_uc4_no_first',
+          'sim_uc4_no_last', 'baseline_long', 'sim_uc4_long'} <= names
+  assert not fashion_settings.SETTINGS['alt_uc4'].mixed_steps and fashion_settings.SETTINGS['sim_uc4'].mixed_steps
