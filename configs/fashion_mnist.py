@@ -7,7 +7,7 @@ Needs the Debian package (60,000 training and 10,000 test images):
 The study (Table 1 x 3 seeds, Table 2, learning curve, CFG sweeps; resumable,
 one core at nice 10, output outside the repository):
 
-  XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' JAX_PLATFORMS=cpu \
+  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false JAX_PLATFORMS=cpu \
       nice -n 10 taskset -c 1 python -m experiments.fashion_table1 --out=/work/fashion_sweep
   python -m experiments.fashion_table1 --out=/work/fashion_sweep --report_only   # docs/fashion_table1.json
 
@@ -16,12 +16,15 @@ Train one model on its own:
   python -m groupdiff_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/fashion
 
 Images are the 28x28 originals padded to 32x32 (background), patch 4: 64
-tokens of 16 pixels, the token count of the toy study. A tiny SiT (the
-model and step count are the pilot's: experiments/fashion_pilot.py,
-docs/results.md "Fashion-MNIST study"). Similarity groups use the
-neighbour lists in data.neighbors_dir (the study writes them from its
-learned encoder, evaluation/fashion_classifier.py); left empty, the
-pixels' PCA.
+tokens of 16 pixels, the token count of the toy study. A tiny SiT of the
+toy study's size and recipe (4 blocks, width 64, batch 32, lr 2e-3, EMA
+0.995, Euler 12 steps), 4,000 steps: PROVISIONAL. The session that wrote
+this could not run the pilot (a 2-core machine at load ~30); the sweep's
+first run (baseline, seed 0) is the sizing check: class accuracy >= 85% at
+its best CFG (docs/results.md, "Fashion-MNIST study: in progress").
+Similarity groups use the neighbour lists in data.neighbors_dir (the study
+writes them from its learned encoder, evaluation/fashion_classifier.py);
+left empty, the pixels' PCA.
 """
 
 from configs import default

@@ -1,7 +1,7 @@
 """GroupDiff-l on Fashion-MNIST: Tables 1 and 2 with the paper's protocol (issue 31; docs/results.md).
 
-  XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' JAX_PLATFORMS=cpu \
-      nice -n 10 python -m experiments.fashion_table1 --out=/work/fashion_sweep
+  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false JAX_PLATFORMS=cpu \
+      nice -n 10 taskset -c 1 python -m experiments.fashion_table1 --out=/work/fashion_sweep
   python -m experiments.fashion_table1 --out=/work/fashion_sweep --report_only
 
 Setup (once, kept in <out>/shared): the evaluator of record and the
@@ -23,6 +23,19 @@ again with --num_samples (5,000) images and new noise: that is the run's
 reported FD ('best'), with the curve beside it. The first 1,000 of those
 samples go to <runs>/<row>_seed<k>_samples.npz (uint8 images
 [1000, 32, 32, 1], labels, the CFG scale and interval).
+
+The long pair (baseline_long, sim_uc4_long: 4x the steps) runs for --long_seeds
+only (default seed 0); seeds are the outer loop, so seed 0 of every row
+comes first: its baseline run is the sizing check (class accuracy >= 85% at
+its best CFG).
+
+Budget (arithmetic from the toy study's measured 0.136 s per training step
+of this model size on one free core, docs/results.md; not measured on
+Fashion-MNIST in the session that wrote this): ~544 s of training and ~450 s
+of sampling per trained run (9 curve points of 1,000 samples, 12 Euler
+steps, both branches; 5,000 at the best point), ~450 s per Table 2 run:
+27 trained runs + 15 Table 2 runs + the long pair of one seed ~ 39,000 s
+~ 11 h on a free core, plus the setup (the two classifiers).
 
 Resume: trained EMA params are kept in <runs>/params; each sampled point is
 appended to <runs>/<row>_seed<k>.partial.json as it is scored; a finished
@@ -72,6 +85,7 @@ def parse_args(argv=None):
   p.add_argument('--docs_dir', default='docs/fashion_table1', help='--report_only: plots, table, samples')
   p.add_argument('--settings', default=','.join(DEFAULT_SETTINGS))
   p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--long_seeds', default='0', help='seeds of the long pair (table 4 rows)')
   p.add_argument('--cfg_scales', default='1,1.5,2,3,4')
   p.add_argument('--curve_samples', type=int, default=1000, help='samples per point of the CFG curve')
   p.add_argument('--num_samples', type=int, default=5000, help='samples of the best point (the reported FD)')
@@ -311,8 +325,11 @@ def main(argv=None):
                 'wall_seconds': 0.0, 'runs': []}
   invocations.append(invocation)
   mesh, caches = sharding.make_mesh(), {}
+  long_seeds = {int(s) for s in args.long_seeds.split(',') if s}
   for seed in seeds:
     for name in settings:
+      if SETTINGS[name].table == 4 and seed not in long_seeds:
+        continue
       record = run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches)
       if record is not None:
         invocation['runs'].append(f'{name}_seed{seed}')
