@@ -6,8 +6,9 @@
 Official GroupDiff (docs/method.md): AdamW lr 1e-4 constant, betas
 (0.9, 0.95), weight decay 0.01 by the official name rule, clip 3.0, EMA 0.9999,
 256 images per step, 10% of the images in unconditional groups of 4
-(GroupDiff-l, inside every step), neighbours from DINOv2-L/14 CLS embeddings with the official
-epoch plan, shared time in a group, bf16 compute with float32 parameters.
+(GroupDiff-l; here steps alternate singles and groups, see get_config),
+neighbours from DINOv2-L/14 CLS embeddings with the official epoch plan,
+shared time in a group, bf16 compute with float32 parameters.
 800 epochs of 1,281,167 images = 4.0M steps. Paper: FID-50K 1.63 (IS 283.2)
 at 800 epochs, CFG sampling as in configs' `sample` section.
 
@@ -49,6 +50,11 @@ def get_config(variant='SiT-XL/2'):
   config.train.mode = 'groupdiff_l'
   config.train.group_size = 4
   config.train.group_ratio = 0.1
+  # Alternating pure singles / pure group steps on pods: a mixed step of 256 images (232 singles and 6
+  # groups of 4, docs/method.md) splits over at most 2 data shards (6 groups, whole groups per device);
+  # the official per-GPU batches of one kind each have no static-shape SPMD form. Mixed on <= 2 devices:
+  # --config.train.mixed_steps=True.
+  config.train.mixed_steps = False
   config.train.num_steps = 800 * IMAGENET_TRAIN_IMAGES // 256  # 800 epochs
   config.train.log_every = 100
   config.train.checkpoint_every = 10_000

@@ -23,6 +23,7 @@ def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
   config.model.dtype = 'bfloat16'
   config.model.attention_impl = attention_impl
   config.train.batch_size = batch_size
+  config.train.mixed_steps = False  # the alternating kinds: a singles and a groups program
   config.compile.topology = topology
   config.sample.groups_per_batch = 4
   config.sample.num_steps = 2

@@ -50,8 +50,8 @@ def test_sit_xl_2_parameter_count():
   # DiT-XL/2's 675,129,632 minus the fixed position embedding (a constant
   # here) plus GroupDiff's 4-row sample table.
   assert d['param_count'] == 675_129_632 - 256 * 1152 + 4 * 1152
-  groups = d['kinds']['groups']
-  assert groups['global_images'] == 256 and groups['global_groups'] == 64
+  mixed = d['kinds']['mixed']  # the default step: 232 singles and 6 unconditional groups of 4
+  assert mixed['global_images'] == 256 and [s['num_groups'] for s in mixed['sub_batches']] == [232, 6]
   assert d['memory_bytes_per_device']['params'] == 4 * d['param_count']
   assert d['memory_bytes_per_device']['opt_state'] >= 2 * 4 * d['param_count']
 
@@ -68,7 +68,8 @@ def test_describe_agrees_with_the_model_and_with_xla_cost_analysis():
   check = d['xla_check']
   assert check['group_size'] == 4 and check['xla_flops'] is not None
   assert 0.9 < check['ratio'] < 1.1, check  # XLA adds element-wise ops (norms, GELU, softmax)
-  assert d['kinds']['groups']['per_host_groups'] == 16 and d['kinds']['singles']['per_device_images'] == 64
+  # digits: 64 images a step, 25% in groups of 4: 48 singles and 4 groups
+  assert d['kinds']['mixed']['per_host_groups'] == 52 and d['kinds']['mixed']['per_device_images'] == 64
 
 
 def test_the_flop_check_extrapolated_from_one_and_two_blocks_equals_a_full_compile():

@@ -114,7 +114,7 @@ def test_the_jitted_train_step_of_the_trainer_uses_the_configured_objective():
   from groupdiff_jax import sharding
   config = tiny_dit_config()
   config.train.batch_size = 8
-  kind = step_plan.step_kinds(8, 4, 0.25)['groups']
+  kind = step_plan.step_kinds(8, 4, 0.25, mixed_steps=False)['groups']
   model = dit.model_from_config(config.model)
   state = ts.create_train_state(model, config, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)

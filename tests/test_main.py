@@ -19,7 +19,7 @@ def test_digits_data_and_group_batches():
   data_config = config.data.copy_and_resolve_references()
   data_config.batch_size = 64
   batches = DigitsBatches(data_config, seed=0)
-  kinds = step_plan.step_kinds(64, 4, 0.25)
+  kinds = step_plan.step_kinds(64, 4, 0.25, mixed_steps=False)
   (group_batch,) = batches.batch(5, kinds['groups'])
   assert group_batch['images'].shape == (64, 16, 16, 1)
   # Similarity groups of digits mostly share a class (neighbours by pixels).

@@ -67,7 +67,7 @@ def test_make_batches_serves_similarity_groups_that_share_colours():
     config.data.num_images = 400
     config.train.batch_size = 32
   batches = train.make_batches(config)
-  kinds = step_plan.step_kinds(32, 4, 0.2)
+  kinds = step_plan.step_kinds(32, 4, 0.2, mixed_steps=False)
   (groups,) = batches.batch(3, kinds['groups'])
   assert groups['images'].shape == (32, 16, 16, 3)
   # Neighbours by pixels share colours: members differ less than random images do.

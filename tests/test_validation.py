@@ -27,8 +27,9 @@ def config_with(**train):
 
 
 def test_a_good_config_passes_and_gives_the_step_kinds(tmp_path):
-  kinds = validation.check_before_training(config_with(batch_size=16), str(tmp_path / 'run'), fake_mesh(4))
-  assert set(kinds) == {'singles', 'groups'} and os.path.isdir(tmp_path / 'run')
+  # 64 images at 25%: 48 singles and 4 groups of 4 per step, whole groups on each of 4 devices
+  kinds = validation.check_before_training(config_with(batch_size=64), str(tmp_path / 'run'), fake_mesh(4))
+  assert set(kinds) == {'mixed'} and os.path.isdir(tmp_path / 'run')  # the default (official) composition
 
 
 def test_batch_not_divisible_by_group_size(tmp_path):
@@ -40,7 +41,7 @@ def test_batch_not_divisible_by_group_size(tmp_path):
 def test_groups_not_divisible_over_devices_and_hosts(tmp_path):
   # 8 images = 2 groups of 4: cannot go to 4 devices (or 4 hosts of one device) without splitting a group.
   with pytest.raises(ValueError, match=r'2 groups of 4 images .* 4 devices .* multiple of 16 images'):
-    validation.check_before_training(config_with(batch_size=8), str(tmp_path), fake_mesh(4))
+    validation.check_before_training(config_with(batch_size=8, mixed_steps=False), str(tmp_path), fake_mesh(4))
 
 
 def test_mesh_does_not_match_the_device_count():
