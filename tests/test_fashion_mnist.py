@@ -85,3 +85,19 @@ def test_trainer_batches_of_the_default_mixed_step(tmp_path, grouping):
   assert singles['images'].shape == (28, 32, 32, 1) and groups['images'].shape == (4, 32, 32, 1)
   if grouping == 'class':  # a group is one class
     assert len(set(groups['labels'].tolist())) == 1
+
+
+def test_probe_groups_are_nearest_neighbours_same_class_and_random():
+  from groupdiff_jax.evaluation import group_branch_probe
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(10), 20)
+  embeddings = rng.standard_normal((200, 8))
+  groups = group_branch_probe.probe_groups(labels, embeddings, 6, 4, seed=1)
+  unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+  for g in groups['similarity'].reshape(6, 4):
+    scores = unit @ unit[g[0]]
+    scores[g[0]] = -np.inf
+    assert set(g[1:]) == set(np.argsort(-scores)[:3])
+  for g in groups['class'].reshape(6, 4):
+    assert len(set(labels[g].tolist())) == 1 and len(set(g.tolist())) == 4
+  assert len(set(groups['random'].tolist())) == 24
