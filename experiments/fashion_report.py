@@ -35,6 +35,13 @@ def _mean_sd(values):
   return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
+def _mean_of_dicts(dicts):
+  keys = []
+  for d in dicts:
+    keys += [k for k in d if k not in keys]
+  return {k: _mean_sd([d.get(k) for d in dicts])[0] for k in keys}
+
+
 def load_runs(runs_dir):
   names = sorted(n for n in os.listdir(runs_dir) if n.endswith('.json') and not n.endswith('.partial.json')) \
       if os.path.isdir(runs_dir) else []
@@ -46,6 +53,7 @@ def setting_row(name, runs):
   runs = sorted(runs, key=lambda r: r['seed'])
   best = {str(r['seed']): r['best'] for r in runs}
   s_cross = {str(r['seed']): (r['s_cross_at_best'] or {}).get('mean_percent') for r in runs}
+  at_best = [r['s_cross_at_best'] for r in runs if r.get('s_cross_at_best')]
   curve = {}
   for r in runs:
     for p in r['curve']:
@@ -58,6 +66,8 @@ def setting_row(name, runs):
          'precision_per_seed': {s: b.get('precision') for s, b in best.items()},
          'recall_per_seed': {s: b.get('recall') for s, b in best.items()},
          's_cross_per_seed': s_cross,
+         's_cross_per_stage_at_best': _mean_of_dicts([t['per_stage_percent'] for t in at_best]),
+         's_cross_per_layer_at_best': _mean_of_dicts([t['per_layer_percent'] for t in at_best]),
          'fd_curve_per_seed': {str(r['seed']): {f"{p['interval']}@{p['cfg_scale']:g}": p['fd'] for p in r['curve']}
                                for r in runs},
          'fd_curve_mean': {k: float(np.mean(v)) for k, v in curve.items()},
@@ -152,6 +162,16 @@ def figures(report, docs_dir):
     plots.bar_plot(os.path.join(docs_dir, 'table2.png'),
                    [{'label': r['name'].replace('sim_uc4_', ''), 'value': r['best_fd'], 'err': r['best_fd_sd']}
                     for r in table2], 'best FD', 'Fashion-MNIST Table 2 (sim_uc4 at inference)')
+  learning = []
+  for r in report['settings']:
+    for seed, curve in r['group_branch_curve_per_seed'].items():
+      for kind in ('similarity', 'class', 'random'):
+        # error with group attention on minus off, averaged over the t grid: < 0 where the group helps
+        learning.append({'label': f"{r['name']} s{seed} {kind}", 'x': [c['step'] for c in curve],
+                         'y': [float(np.mean([v['on'] - v['off'] for v in c[kind].values()])) for c in curve]})
+  if learning:
+    plots.plot(os.path.join(docs_dir, 'group_branch_learning_curve.png'), learning, 'training step',
+               'velocity MSE, group attention on - off', 'Unconditional branch: does the group help? (< 0: yes)')
   grouped = [r for r in report['settings'] if r['s_cross'] is not None and r['table'] == 1]
   if grouped:
     plots.plot(os.path.join(docs_dir, 's_cross_vs_fd.png'),
