@@ -166,10 +166,11 @@ def test_trainer_make_batches_reads_the_latent_store(store_dirs):
     config.train.batch_size = B
     config.data.latent_dir, config.data.neighbors_dir = store_dirs
   batches = train.make_batches(config)
-  kinds = step_plan.step_kinds(B, N, config.train.group_ratio)
+  kinds = step_plan.step_kinds(B, N, config.train.group_ratio, mixed_steps=config.train.mixed_steps)
   name = step_plan.step_kind_name(config.seed, 0, kinds, config.train.group_ratio)
-  (part,) = batches.batch(0, kinds[name])
-  assert np.asarray(part['images']).shape == (B, 32, 32, 4)
+  parts = batches.batch(0, kinds[name])  # the default mixed step: singles and groups
+  assert [np.asarray(p['images']).shape for p in parts] == [(s.num_images, 32, 32, 4) for s in kinds[name]]
+  assert sum(s.num_images for s in kinds[name]) == B
   batches.close()
 
 
