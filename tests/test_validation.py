@@ -40,12 +40,12 @@ def test_batch_not_divisible_by_group_size(tmp_path):
 
 def test_groups_not_divisible_over_devices_and_hosts(tmp_path):
   # 8 images = 2 groups of 4: cannot go to 4 devices (or 4 hosts of one device) without splitting a group.
-  with pytest.raises(ValueError, match=r'2 groups of 4 images .* 4 devices .* multiple of 16 images'):
+  with pytest.raises(ValueError, match=r'2 groups of 4 images .* 4 data x fsdp shards .* multiple of 16 images'):
     validation.check_before_training(config_with(batch_size=8, mixed_steps=False), str(tmp_path), fake_mesh(4))
 
 
 def test_mesh_does_not_match_the_device_count():
-  with pytest.raises(ValueError, match=r'mesh.data=3 x mesh.fsdp=1 does not divide the 8 devices'):
+  with pytest.raises(ValueError, match=r'mesh.data=3 x mesh.fsdp=1 x mesh.group=1 does not divide the 8 devices'):
     sharding.mesh_shape(8, data=3, fsdp=1)
 
 
