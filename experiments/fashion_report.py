@@ -28,20 +28,6 @@ def _read(path, default):
     return json.load(f)
 
 
-def _mean_sd(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return None, None
-  return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
-
-
-def _mean_of_dicts(dicts):
-  keys = []
-  for d in dicts:
-    keys += [k for k in d if k not in keys]
-  return {k: _mean_sd([d.get(k) for d in dicts])[0] for k in keys}
-
-
 def load_runs(runs_dir):
   names = sorted(n for n in os.listdir(runs_dir) if n.endswith('.json') and not n.endswith('.partial.json')) \
       if os.path.isdir(runs_dir) else []
@@ -66,8 +52,8 @@ def setting_row(name, runs):
          'precision_per_seed': {s: b.get('precision') for s, b in best.items()},
          'recall_per_seed': {s: b.get('recall') for s, b in best.items()},
          's_cross_per_seed': s_cross,
-         's_cross_per_stage_at_best': _mean_of_dicts([t['per_stage_percent'] for t in at_best]),
-         's_cross_per_layer_at_best': _mean_of_dicts([t['per_layer_percent'] for t in at_best]),
+         's_cross_per_stage_at_best': table1_stats.mean_of_dicts([t['per_stage_percent'] for t in at_best]),
+         's_cross_per_layer_at_best': table1_stats.mean_of_dicts([t['per_layer_percent'] for t in at_best]),
          'fd_curve_per_seed': {str(r['seed']): {f"{p['interval']}@{p['cfg_scale']:g}": p['fd'] for p in r['curve']}
                                for r in runs},
          'fd_curve_mean': {k: float(np.mean(v)) for k, v in curve.items()},
@@ -76,7 +62,7 @@ def setting_row(name, runs):
          'train_seconds': float(sum(r.get('train_seconds') or 0 for r in runs)),
          'sample_seconds': float(sum(p.get('sample_seconds', 0) for r in runs for p in r['curve']))}
   for key in ('best_fd', 'class_accuracy', 'precision', 'recall', 's_cross'):
-    row[key], row[key + '_sd'] = _mean_sd(list(row[key + '_per_seed'].values()))
+    row[key], row[key + '_sd'] = table1_stats.mean_sd(list(row[key + '_per_seed'].values()))
   return row
 
 

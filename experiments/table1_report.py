@@ -42,21 +42,6 @@ def load_runs(runs_dir):
   return runs
 
 
-def _mean_sd(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return None, None
-  return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
-
-
-def _mean_of_dicts(dicts):
-  """{key: mean over the dicts that have a non-None value for it}."""
-  keys = []
-  for d in dicts:
-    keys += [k for k in d if k not in keys]
-  return {k: _mean_sd([d.get(k) for d in dicts])[0] for k in keys}
-
-
 def setting_row(name, runs):
   """The report row of one setting from its runs (one per seed)."""
   setting = table1_settings.SETTINGS[name]
@@ -64,9 +49,9 @@ def setting_row(name, runs):
   per_seed = lambda key: {str(r['seed']): r[key] for r in runs}
   trajectory = [r['s_cross'] for r in runs if r.get('s_cross')]
   renoised = [r['s_cross_renoised'] for r in runs if r.get('s_cross_renoised')]
-  fd, fd_sd = _mean_sd([r['fd'] for r in runs])
-  accuracy, accuracy_sd = _mean_sd([r['class_accuracy'] for r in runs])
-  s_cross, s_cross_sd = _mean_sd([t['mean_percent'] for t in trajectory])
+  fd, fd_sd = table1_stats.mean_sd([r['fd'] for r in runs])
+  accuracy, accuracy_sd = table1_stats.mean_sd([r['class_accuracy'] for r in runs])
+  s_cross, s_cross_sd = table1_stats.mean_sd([t['mean_percent'] for t in trajectory])
   row = {
       'name': name, 'description': setting.description, 'table': setting.table, 'group_size': setting.group_size,
       'grouping': GROUPING_NAMES[setting.grouping], 'sigma_tv': setting.sigma_tv,
@@ -77,13 +62,13 @@ def setting_row(name, runs):
       'class_accuracy_per_seed': per_seed('class_accuracy'),
       's_cross': s_cross, 's_cross_sd': s_cross_sd,
       's_cross_per_seed': {str(r['seed']): r['s_cross']['mean_percent'] for r in runs if r.get('s_cross')},
-      's_cross_per_stage': _mean_of_dicts([t['per_stage_percent'] for t in trajectory]),
-      's_cross_per_layer': _mean_of_dicts([t['per_layer_percent'] for t in trajectory]),
-      's_cross_renoised': _mean_sd([t['mean_percent'] for t in renoised])[0],
-      's_cross_renoised_per_stage': _mean_of_dicts([_renoised_per_stage(t) for t in renoised]),
-      'self_mass_fraction': _mean_sd([t['self_mass_fraction'] for t in trajectory])[0],
-      'self_mass_fraction_per_layer': _mean_of_dicts([t['self_mass_fraction_per_layer'] for t in trajectory]),
-      'self_mass_fraction_per_stage': _mean_of_dicts([t['self_mass_fraction_per_stage'] for t in trajectory]),
+      's_cross_per_stage': table1_stats.mean_of_dicts([t['per_stage_percent'] for t in trajectory]),
+      's_cross_per_layer': table1_stats.mean_of_dicts([t['per_layer_percent'] for t in trajectory]),
+      's_cross_renoised': table1_stats.mean_sd([t['mean_percent'] for t in renoised])[0],
+      's_cross_renoised_per_stage': table1_stats.mean_of_dicts([_renoised_per_stage(t) for t in renoised]),
+      'self_mass_fraction': table1_stats.mean_sd([t['self_mass_fraction'] for t in trajectory])[0],
+      'self_mass_fraction_per_layer': table1_stats.mean_of_dicts([t['self_mass_fraction_per_layer'] for t in trajectory]),
+      'self_mass_fraction_per_stage': table1_stats.mean_of_dicts([t['self_mass_fraction_per_stage'] for t in trajectory]),
       'uniform_share': trajectory[0]['uniform_share'] if trajectory else None,
       'share_histogram': None,
       'train_seconds': float(sum(r['train_seconds'] for r in runs)),

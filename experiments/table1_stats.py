@@ -22,6 +22,22 @@ VERDICTS = ('reproduced', 'not reproduced', 'inconclusive')
 DIRECTIONS = ('lower', 'higher')
 
 
+def mean_sd(values):
+  """(mean, sample sd) of the non-None values: (None, None) for none, sd None for one."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def mean_of_dicts(dicts):
+  """{key: mean over the dicts that have a non-None value for it}."""
+  keys = []
+  for d in dicts:
+    keys += [k for k in d if k not in keys]
+  return {k: mean_sd([d.get(k) for d in dicts])[0] for k in keys}
+
+
 def paired_difference(a, b, paper_direction, confidence=0.95):
   """Paired comparison of a against b over seeds.
 
