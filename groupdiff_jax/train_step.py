@@ -279,7 +279,9 @@ def make_jitted_train_step(config, mesh, state_sharding):
   """
   step = functools.partial(train_step, train_config=config.train, optim_config=config.optim,
                            max_group_size=config.model.max_group_size, null_class=config.model.num_classes,
-                           model_config=config.model, grad_sharding=state_sharding.ema_params)
+                           model_config=config.model,
+                           # one sharding for the whole state (a pytree prefix) is the gradients' too
+                           grad_sharding=getattr(state_sharding, 'ema_params', state_sharding))
   mesh_config = config.get('mesh')
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = {}

@@ -226,7 +226,8 @@ def test_a_v4_chip_shows_as_two_devices_that_share_its_hbm_and_peak():
   devices = tpu_topology.abstract_devices('v4:2x2x2')  # 8 chips, 2 TensorCores each
   assert len(devices) == 16
   chip = tpu_topology.per_device(tpu_topology.CHIPS['v4'], devices)
-  assert chip == {'hbm_bytes': 16 * 2**30, 'bf16_flops': 137.5e12, 'devices_per_chip': 2}
+  assert chip == {'hbm_bytes': 16 * 2**30, 'bf16_flops': 137.5e12, 'hbm_bandwidth': 600e9,
+                  'ici_bandwidth': 1.1e15 / 4096 / 2, 'devices_per_chip': 2}
   v5e = tpu_topology.abstract_devices('v5e:2x2')
   assert tpu_topology.per_device(tpu_topology.CHIPS['v5e'], v5e)['hbm_bytes'] == 16 * 2**30
 
