@@ -13,8 +13,8 @@ baseline and sim_uc4 trained LONG_FACTOR times longer.
 import dataclasses
 from typing import Optional
 
+from experiments import table1_settings
 from experiments.table1_settings import removed_group_layers
-from groupdiff_jax import errors
 from groupdiff_jax.models import dit
 
 LONG_FACTOR = 4
@@ -81,17 +81,7 @@ COMPARISONS = (
 
 def check_settings(names):
   """The requested names, with the trained rows that sampling-only rows need added before them."""
-  unknown = [name for name in names if name not in SETTINGS]
-  if unknown:
-    raise errors.ConfigError(f'Unknown settings {unknown}; choose from {list(SETTINGS)}.')
-  ordered = []
-  for name in names:
-    source = SETTINGS[name].trained_from
-    if source and source not in ordered:
-      ordered.append(source)
-    if name not in ordered:
-      ordered.append(name)
-  return ordered
+  return table1_settings.check_settings(names, SETTINGS)
 
 
 def training_config(base, name, seed, neighbour_dirs):

@@ -106,14 +106,18 @@ COMPARISONS = (
 )
 
 
-def check_settings(names):
-  """The requested names, with the trained rows that sampling-only rows need added before them."""
-  unknown = [name for name in names if name not in SETTINGS]
+def check_settings(names, settings=None):
+  """The requested names, with the trained rows that sampling-only rows need added before them.
+
+  settings: {name: setting with a `trained_from`} (default: this module's SETTINGS).
+  """
+  settings = SETTINGS if settings is None else settings
+  unknown = [name for name in names if name not in settings]
   if unknown:
-    raise errors.ConfigError(f'Unknown settings {unknown}; choose from {list(SETTINGS)}.')
+    raise errors.ConfigError(f'Unknown settings {unknown}; choose from {list(settings)}.')
   ordered = []
   for name in names:
-    source = SETTINGS[name].trained_from
+    source = settings[name].trained_from
     if source and source not in ordered:
       ordered.append(source)
     if name not in ordered:
