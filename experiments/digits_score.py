@@ -31,7 +31,8 @@ from groupdiff_jax import checkpoint, sample
 from groupdiff_jax.data.digits import NUM_CLASSES, load_digits
 from groupdiff_jax.models.dit import model_from_config
 
-SETTINGS = ('cfg2.0:cfg_scale=2.0', 'cfg3.0:cfg_scale=3.0', 'cfg2.0_stage0.4:cfg_scale=2.0,group_stage_fraction=0.4',
+SETTINGS = ('cfg2.0:cfg_scale=2.0,group_stage_fraction=1.0', 'cfg3.0:cfg_scale=3.0,group_stage_fraction=1.0',
+            'cfg2.0_stage0.4:cfg_scale=2.0,group_stage_fraction=0.4',
             'cfg3.0_stage0.4:cfg_scale=3.0,group_stage_fraction=0.4', 'cfg4.0_stage0.4:cfg_scale=4.0,'
             'group_stage_fraction=0.4')
 
