@@ -36,13 +36,26 @@ traceback, a bug.
 """
 
 import logging
+import signal
 import sys
 
-import jax
+from groupdiff_jax import errors
+
+
+def _interrupted_while_starting(signum, frame):
+  del signum, frame
+  sys.stderr.write('Interrupted (Ctrl-C) while starting up: stopped at once, nothing was run.\n')
+  raise SystemExit(errors.EXIT_INTERRUPTED)
+
+
+if __name__ == '__main__':  # Ctrl-C during the seconds of imports below: one line, not a traceback
+  signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags
 from ml_collections import config_flags
 
-from groupdiff_jax import config_files, distributed, errors, platforms, preemption, sample_job, train
+from groupdiff_jax import config_files, distributed, platforms, preemption, sample_job, train  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module), e.g. configs/digits.py. '

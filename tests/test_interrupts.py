@@ -73,3 +73,22 @@ def test_ctrl_c_before_the_first_training_step_exits_130_in_one_line(tmp_path):
   assert_stopped_at_once(result)
   assert 'Model SiT-S/4' in result.stderr  # it was set up when the signal came
   assert not os.path.exists(workdir / 'checkpoints') or not os.listdir(workdir / 'checkpoints')
+
+
+def test_ctrl_c_while_the_entry_point_imports_its_libraries_exits_130_in_one_line(tmp_path):
+  # The SIGINT is sent by the entry point's own `import jax` (an import hook), so it lands during imports.
+  result = run_python(f'''
+      import builtins, os, runpy, signal, sys
+      real_import = builtins.__import__
+      def import_sending_ctrl_c(name, *args, **kwargs):
+        if name == 'jax' and not hasattr(builtins, 'ctrl_c_sent'):
+          builtins.ctrl_c_sent = True
+          os.kill(os.getpid(), signal.SIGINT)
+        return real_import(name, *args, **kwargs)
+      builtins.__import__ = import_sending_ctrl_c
+      sys.argv = ['main', '--config=configs/digits.py', '--workdir={tmp_path / 'run'}']
+      runpy.run_module('groupdiff_jax.main', run_name='__main__', alter_sys=True)
+      print('not reached')
+      ''')
+  assert_stopped_at_once(result, 'while starting up')
+  assert not (tmp_path / 'run').exists()
