@@ -13,6 +13,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from groupdiff_jax.compile_job import roofline  # noqa: E402  pylint: disable=wrong-import-position
+from groupdiff_jax.tpu_topology import CHIPS, chip_of  # noqa: E402  pylint: disable=wrong-import-position
 # Rows in the order they are compiled (most informative first). Pod names count chips as Google Cloud does:
 # v4-32 = 16 chips (v4:2x2x4), v5e-64 = 64 (v5e:8x8), v5e-256 = 256 (v5e:16x16), v5p-64 = 32 (v5p:4x4x2),
 # v5p-256 = 128 (v5p:4x4x8), v6e-64 = 64 (v6e:8x8). A SiT-XL/2 train step takes 5-11 min to compile on
@@ -150,10 +153,24 @@ def _label(program, p):
   return program + ''.join(f' (cond. groups of {size})' for size in sorted(groups))
 
 
+def _roofline(report, p):
+  """(seconds, MFU) by compile_job.ROOFLINE_MODEL from a report's program, with today's chip figures (reports
+  written before the roofline had no bandwidths); (None, None) without the fields it needs."""
+  needed = ('compiler_flops_per_device', 'compiler_bytes_accessed_per_device', 'analytic_model_flops_per_device',
+            'analytic_attention_flops_per_device')
+  if not all(k in p for k in needed):
+    return None, None
+  cores = _chip(report).get('devices_per_chip', 1)
+  chip = {k: v / cores for k, v in CHIPS[chip_of(report['topology'])].items()}
+  seconds, _ = roofline(p, chip, p['analytic_attention_flops_per_device'])
+  return seconds, p['analytic_model_flops_per_device'] / (seconds * chip['bf16_flops'])
+
+
 def table(out_dir):
   """The markdown fit table, one line per compiled program, in ROWS order; refused and missing rows too."""
-  lines = ['| row | topology | mesh (data, fsdp) | batch | remat | program | args GiB | temp GiB | peak GiB '
-           '| HBM GiB | fits | collectives (ops, GiB) | est. step s | est. MFU | compile s |', '|' + '---|' * 15]
+  lines = ['| row | topology | mesh (data, fsdp, group) | ZeRO | batch | remat | program | args GiB | temp GiB '
+           '| peak GiB | HBM GiB | fits | collectives (ops, GiB) | est. step s | est. MFU | roof. step s '
+           '| roof. MFU | compile s |', '|' + '---|' * 18]
   for name, _, topology, slices, _ in ROWS:
     workdir = os.path.join(out_dir, name)
     path = os.path.join(workdir, 'compile_report.json')
@@ -161,16 +178,20 @@ def table(out_dir):
     if not os.path.exists(path):
       refusal = _refusal(workdir)  # refused before compiling: does not run; else not compiled yet: unknown
       verdict, reason = ('no', refusal) if refusal else ('not compiled yet', '')
-      lines.append(f'| {name} | {where} | | | | | | | | | {verdict} | {reason} | | | |')
+      lines.append(f'| {name} | {where} | | | | | | | | | | {verdict} | {reason} | | | | | |')
       continue
     report = json.load(open(path))
     chip = _chip(report)
     budget = (1 - report['headroom']) * chip['hbm_bytes']
-    mesh = f"{report['mesh']['data']}, {report['mesh']['fsdp']}"
+    mesh = f"{report['mesh']['data']}, {report['mesh']['fsdp']}, {report['mesh'].get('group', 1)}"
+    zero = 'yes' if report.get('shard_update') else 'no'
     for program, p in report['programs'].items():
-      head = f"| {name} | {where} | {mesh} | {report['batch_size']} | {report['remat']} | {_label(program, p)} |"
+      if program.startswith('forward'):  # compile.breakdown's programs: docs/scaling.md's breakdown table
+        continue
+      head = (f"| {name} | {where} | {mesh} | {zero} | {report['batch_size']} | {report['remat']} | "
+              f"{_label(program, p)} |")
       if 'compiler_refused' in p:
-        lines.append(f"{head} | | | {chip['hbm_bytes'] / 2**30:.0f} | no: {p['compiler_refused']} | | | | "
+        lines.append(f"{head} | | | {chip['hbm_bytes'] / 2**30:.0f} | no: {p['compiler_refused']} | | | | | | "
                      f"{p['compile_seconds']:.0f} |")
         continue
       m = p['memory_bytes_per_device']
@@ -178,9 +199,11 @@ def table(out_dir):
       ops = sum(c['count'] for c in p['collectives'].values())
       est = p.get('estimated_step_seconds (compiler estimate)')
       mfu = p.get('mfu (compiler estimate)')
+      roof, roof_mfu = _roofline(report, p) if program.startswith('train_step/') else (None, None)
       lines.append(f"{head} {m['argument'] / 2**30:.2f} | {m['temp'] / 2**30:.2f} | {m['peak'] / 2**30:.2f} | "
                    f"{chip['hbm_bytes'] / 2**30:.0f} | {'yes' if m['peak'] <= budget else 'no'} | {ops}, {coll:.2f} | "
                    f"{'n/a' if est is None else f'{est:.3f}'} | {'n/a' if mfu is None else f'{mfu:.0%}'} | "
+                   f"{'n/a' if roof is None else f'{roof:.3f}'} | {'n/a' if roof_mfu is None else f'{roof_mfu:.0%}'} | "
                    f"{p['compile_seconds']:.0f} |")
   print('\n'.join(lines))
 

@@ -57,8 +57,9 @@ def get_config():
   config.mesh.min_sharded_size = 2**14  # smaller parameter leaves stay replicated
   # Group parallelism: the members of one group split over `group` devices (a divisor of the group size,
   # or groups whole per device); their group attention gathers keys/values over that axis ('all_gather')
-  # or exchanges heads for members ('all_to_all', Ulysses; needs heads divisible by it).
-  config.mesh.group = 1
+  # or exchanges heads for members ('all_to_all', Ulysses; needs heads divisible by it). 0: the smallest
+  # split the batch needs (1 wherever whole groups fit the data x fsdp shards; sharding.auto_group).
+  config.mesh.group = 0
   config.mesh.group_collective = 'all_gather'
   # ZeRO-1/2: EMA and optimizer state split over the data (and group) axes, gradients reduce-scattered,
   # parameters all-gathered once per step (sharding.py).
@@ -76,6 +77,9 @@ def get_config():
   config.compile.sampler = True  # also compile the sample job's sampling call (False: train steps only)
   config.compile.step_kinds = ''  # train step kinds to compile, e.g. 'singles' or 'singles,groups'; '' = all
   config.compile.workers = 0  # programs compiled side by side (0: one per CPU core); 1 saves host memory
+  # Also compile the first step kind's forward, forward at 2x the batch and forward + backward, and split
+  # the step's HBM bytes into forward weights / activations, backward and update (step_breakdown.py).
+  config.compile.breakdown = False
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # images per step, global

@@ -43,15 +43,16 @@ import jax
 import jax.numpy as jnp
 
 from groupdiff_jax import describe as describe_lib
-from groupdiff_jax import errors, sample, sharding, step_plan, storage
+from groupdiff_jax import errors, sample, sharding, step_breakdown, step_plan, storage
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.compiled_stats import COLLECTIVE_BYTES_RULE, analyse
 from groupdiff_jax.models.dit import model_from_config
 from groupdiff_jax.tpu_topology import CHIPS, abstract_devices, chip_of, per_device, target_mesh, with_shardings
 
 ROOFLINE_MODEL = ('max(compiler FLOPs / bf16 peak, compiler bytes accessed / HBM bandwidth) + collective bytes '
-                  '/ one-way ICI bandwidth (collectives not overlapped) + analytic attention FLOPs / peak '
-                  '(Mosaic kernels); per device; chip figures from cloud.google.com/tpu/docs (compile_job.CHIPS)')
+                  '(an all-reduce twice: a reduce-scatter and an all-gather) / one-way ICI bandwidth (collectives '
+                  'not overlapped) + analytic attention FLOPs / peak (Mosaic kernels); per device; chip figures '
+                  'from cloud.google.com/tpu/docs (tpu_topology.CHIPS)')
 
 
 def roofline(result, chip, attention_flops):
@@ -59,7 +60,8 @@ def roofline(result, chip, attention_flops):
   measurement: no overlap of collectives with compute, every byte accessed at full HBM bandwidth)."""
   parts = {'compute': result['compiler_flops_per_device'] / chip['bf16_flops'],
            'memory': result['compiler_bytes_accessed_per_device'] / chip['hbm_bandwidth'],
-           'collectives': sum(c['bytes'] for c in result['collectives'].values()) / chip['ici_bandwidth'],
+           'collectives': sum(c['bytes'] * (2 if op == 'all-reduce' else 1)
+                              for op, c in result['collectives'].items()) / chip['ici_bandwidth'],
            'attention': attention_flops / chip['bf16_flops']}
   return max(parts['compute'], parts['memory']) + parts['collectives'] + parts['attention'], parts
 
@@ -151,13 +153,18 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
             'shard_update': bool(config.mesh.get('shard_update', False)),
             'group_collective': config.mesh.get('group_collective', 'all_gather'), 'programs': {}}
   step = train_step_lib.make_jitted_train_step(config, mesh, state_sharding)
-  programs = []
-  for name, kind in kinds.items():
-    batch = tuple({'images': jax.ShapeDtypeStruct((sub.num_images, side, side, channels), jnp.float32,
-                                                  sharding=batch_sharding),
-                   'labels': jax.ShapeDtypeStruct((sub.num_images,), jnp.int32, sharding=batch_sharding)}
-                  for sub in kind)
-    programs.append((f'train_step/{name}', functools.partial(step.lower, state, batch, kind)))
+
+  def batch_of(kind):
+    return tuple({'images': jax.ShapeDtypeStruct((sub.num_images, side, side, channels), jnp.float32,
+                                                 sharding=batch_sharding),
+                  'labels': jax.ShapeDtypeStruct((sub.num_images,), jnp.int32, sharding=batch_sharding)}
+                 for sub in kind)
+
+  programs = [(f'train_step/{name}', functools.partial(step.lower, state, batch_of(kind), kind))
+              for name, kind in kinds.items()]
+  breakdown = next(iter(kinds)) if cc.get('breakdown', False) else None
+  if breakdown:  # the first step kind's forward, forward at 2x the batch, forward + backward (step_breakdown.py)
+    programs += step_breakdown.programs(config, mesh, state, state_sharding, breakdown, kinds[breakdown], batch_of)
   if include_sampler:
     sampler_lower, sampler_devices, sampler_images = _sampler_lowering(config, model, abstract, devices)
     programs.append(('sample', sampler_lower))
@@ -193,6 +200,14 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
     })
     _verdict(result, chip, budget)
     report['programs'][f'train_step/{name}'] = result
+  for name, _ in programs:
+    if name.startswith('forward'):
+      outcome = outcomes[name]
+      report['programs'][name] = _refused(outcome) if isinstance(outcome, DoesNotFit) else analyse(*outcome)
+      if 'compiler_refused' not in report['programs'][name]:
+        _verdict(report['programs'][name], chip, budget)
+  if breakdown and all('compiler_refused' not in p for p in report['programs'].values()):
+    report['hbm_breakdown'] = {'kind': breakdown, 'parts': step_breakdown.parts(report['programs'], breakdown, chip)}
   if include_sampler:
     outcome = outcomes['sample']
     if isinstance(outcome, DoesNotFit):
@@ -204,7 +219,8 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
       result.update({'devices': sampler_devices, 'images_per_call': sampler_images})
       _verdict(result, chip, budget)
       report['programs']['sample'] = result
-  report['fits'] = all(p['fits'] for p in report['programs'].values())
+  # The breakdown's extra programs (forward at 2x the batch) do not run in training: not part of the verdict.
+  report['fits'] = all(p['fits'] for name, p in report['programs'].items() if not name.startswith('forward'))
   report['batch_local_attention'] = _attention_is_local(report, mesh)
   return report
 
@@ -317,6 +333,10 @@ def format_report(report):
                  f"{_opt(p.get('roofline_seconds (estimate)'), '.3f'):>8}{_opt(p.get('mfu (roofline estimate)'), '.0%'):>6}"
                  f"{p['mosaic_kernels']:>7}"
                  f"{p['compile_seconds']:>7.0f}  {coll or '-'}")
+  if 'hbm_breakdown' in report:
+    lines.append(f"HBM bytes accessed per device by part (train_step/{report['hbm_breakdown']['kind']}; "
+                 'step_breakdown.py): ' + ', '.join(f"{part} {p['bytes'] / 1e9:.2f} GB ({p['hbm_seconds'] * 1e3:.1f} ms)"
+                                                    for part, p in report['hbm_breakdown']['parts'].items()))
   lines.append('MFU*, est s: compiler estimates (cost_analysis optimal_seconds + attention at peak); roof s, MFUr: '
                'roofline estimate (' + report.get('roofline_model', ROOFLINE_MODEL) + '); neither is a '
                'measurement. Attention without collectives (batch-sharded, fsdp=1): '

@@ -296,7 +296,7 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   """The description of `config` as a dict (see the module docstring)."""
   model = model_from_config(config.model)
   arch = arch_from_config(config.model)
-  mesh = mesh if mesh is not None else sharding.make_mesh(config.get('mesh'))
+  mesh = mesh if mesh is not None else sharding.config_mesh(config)
   train = config.train
   kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
   remat = config.model.get('remat', 'none')
@@ -343,6 +343,12 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
       'params': params_bytes, 'ema_params': ema_bytes, 'opt_state': opt_bytes, 'grads': ema_bytes,
       'activations (largest kind)': max(k['activation_bytes_per_device'] for k in out['kinds'].values()),
   }
+  if (config.get('mesh') or {}).get('shard_update', False):
+    # The sharded update's params are slices; the model reads a copy gathered in the compute dtype.
+    compute = jax.tree.map(sharding.compute_sharding, shardings.params)
+    gathered = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.model.get('dtype', 'float32'))),
+                            abstract.params)
+    out['memory_bytes_per_device']['gathered params'] = sharding.bytes_per_device(gathered, compute)
   out['memory_bytes_per_device']['total'] = sum(out['memory_bytes_per_device'].values())
   out['device_memory_bytes'] = device_memory_bytes(mesh)
 

@@ -12,10 +12,12 @@ the model code holds no sharding annotations. The default rules put a
 weight matrix's largest dimension that the `fsdp` axis divides over `fsdp`
 and replicate biases, norms, small tables and scalars. Optimizer state
 (Adam's mu and nu) has the parameters' paths inside it, so the same rules
-shard it like the parameters. With `mesh.shard_update` (ZeRO-1/2) the EMA
-and the optimizer state are further split over `data` (and `group`), so each
-device updates only its slice: XLA reduce-scatters the gradients into that
-layout and all-gathers the new parameters once per step.
+shard it like the parameters. With `mesh.shard_update` (ZeRO-2) the float32
+parameters, the EMA and the optimizer state are further split over `data`
+(and `group`), so each device clips, guards and updates only its slice: XLA
+reduce-scatters the gradients into that layout, and the step all-gathers the
+parameters once, in the compute dtype, for the model (`compute_sharding`:
+the same spec without the update axes; train_step.gather_for_compute).
 
 The batch is split over (data, fsdp, group) with `group` innermost: a
 sub-batch of G groups of N images is laid out `[G*N, ...]` with the members
@@ -36,7 +38,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from groupdiff_jax import errors
+from groupdiff_jax import errors, step_plan
 from groupdiff_jax.models import group_attention
 
 DATA_AXIS = 'data'
@@ -91,27 +93,56 @@ def mesh_shape(num_devices, data=-1, fsdp=1, group=1):
   return tuple(sizes)
 
 
-def make_mesh(mesh_config=None, devices=None):
+def auto_group(kinds, num_devices, data=-1, fsdp=1, dcn=(1, 1, 1)):
+  """mesh.group=0: the smallest group split with which every sub-batch of `kinds` (step kinds: tuples of
+  step_plan.SubBatch) divides over the mesh; 1 when none does (check_groups_fit_mesh then says why).
+
+  num_devices: devices per slice (dcn: the across-slice factors of data, fsdp, group). No kinds: 1.
+  """
+  kinds = tuple(kinds)
+  for split in range(1, num_devices + 1 if kinds else 2):
+    if num_devices % split:
+      continue
+    try:
+      shape = mesh_shape(num_devices, data, fsdp, split)
+    except errors.ConfigError:
+      continue
+    full = dict(zip(MESH_AXES, (size * outer for size, outer in zip(shape, dcn))))
+    try:
+      for kind in kinds:
+        check_groups_fit_mesh(kind, full)
+    except errors.ConfigError:
+      continue
+    return split
+  return 1
+
+
+def make_mesh(mesh_config=None, devices=None, kinds=()):
   """A ('data', 'fsdp', 'group') mesh over `devices` (default: all devices).
 
   mesh_config: the config's `mesh` section (fields data, fsdp, group and
   optional dcn_data, dcn_fsdp: the across-slice/host part of each axis; with
   a DCN part, data and fsdp are the sizes inside one slice/host and the mesh
   is (data*dcn_data, fsdp*dcn_fsdp, group)). None: all devices on `data`
-  (pure data parallelism), fsdp and group of 1.
+  (pure data parallelism), fsdp and group of 1. group=0 (the default) picks
+  the smallest split of a group over devices that the step `kinds` need
+  (auto_group: 1, whole groups per device, wherever they fit).
   """
   devices = list(jax.devices() if devices is None else devices)
   get = (lambda k, d: mesh_config.get(k, d)) if mesh_config is not None else (lambda k, d: d)
   dcn = (get('dcn_data', 1), get('dcn_fsdp', 1), 1)
   num_slices = math.prod(dcn)
+  group = get('group', 1)
+  if group == 0:
+    group = auto_group(kinds, len(devices) // num_slices, get('data', -1), get('fsdp', 1), dcn)
   if num_slices > 1:
     # Slices (TPU) or hosts (GPU): the DCN part is the outer dimension.
-    per_slice = mesh_shape(len(devices) // num_slices, get('data', -1), get('fsdp', 1), get('group', 1))
+    per_slice = mesh_shape(len(devices) // num_slices, get('data', -1), get('fsdp', 1), group)
     # TPU: the granule is a slice (ICI inside, DCN between); GPU: a host.
     grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices,
                                                 process_is_granule=devices[0].platform != 'tpu')
     return Mesh(grid, MESH_AXES)
-  shape = mesh_shape(len(devices), get('data', -1), get('fsdp', 1), get('group', 1))
+  shape = mesh_shape(len(devices), get('data', -1), get('fsdp', 1), group)
   grid = None
   if _has_chip_layout(devices):
     try:
@@ -122,6 +153,13 @@ def make_mesh(mesh_config=None, devices=None):
   if grid is None:
     grid = np.asarray(devices).reshape(shape)  # row-major: the order the devices are listed in
   return Mesh(grid, MESH_AXES)
+
+
+def config_mesh(config, devices=None):
+  """make_mesh for a whole config: its `mesh` section, and its step kinds for mesh.group=0 (auto)."""
+  train = config.train
+  kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
+  return make_mesh(config.get('mesh'), devices, kinds=kinds.values())
 
 
 def model_axes(mesh_config=None):
@@ -185,9 +223,10 @@ def batch_sharding(mesh):
 
 def check_groups_fit_mesh(sub_batches, mesh):
   """ConfigError unless every sub-batch's groups divide evenly: whole groups per (data, fsdp) shard, and per
-  device whole groups or an equal part of one group (mesh.group)."""
-  split = mesh.shape.get(GROUP_AXIS, 1)
-  shards = num_batch_shards(mesh) // split
+  device whole groups or an equal part of one group (mesh.group). mesh: a Mesh or its {axis: size}."""
+  shape = dict(getattr(mesh, 'shape', mesh))
+  split = shape.get(GROUP_AXIS, 1)
+  shards = math.prod(shape.get(a, 1) for a in BATCH_AXES) // split
   for sub in sub_batches:
     if split > 1 and sub.group_size > 1 and sub.group_size % split and split % sub.group_size:
       raise errors.ConfigError(f'mesh.group={split} does not divide the group size {sub.group_size} (nor is a '
@@ -201,7 +240,7 @@ def check_groups_fit_mesh(sub_batches, mesh):
                                f'{need} images'
                                + (' or change mesh.group.' if split > 1 else ' or split groups with mesh.group.'))
     try:
-      group_attention.group_split(sub.num_images, sub.group_size, dict(mesh.shape), BATCH_AXES, GROUP_AXIS)
+      group_attention.group_split(sub.num_images, sub.group_size, shape, BATCH_AXES, GROUP_AXIS)
     except ValueError as error:
       raise errors.ConfigError(str(error)) from error
 
@@ -220,18 +259,20 @@ def path_string(path):
   return '/'.join(parts)
 
 
-# Leaves only the optimizer update reads (EMA, Adam's mu and nu): what `shard_update` splits over the
-# replicated axes too (ZeRO-1; the gradients follow them: ZeRO-2).
-UPDATE_ONLY = r'^(ema_params|opt_state)/'
+# The state's leaves that `shard_update` splits over the replicated axes too: the float32 parameters the
+# update writes (the model reads a gathered copy), the EMA and Adam's mu and nu (the gradients follow them:
+# ZeRO-2).
+UPDATE_STATE = r'^(params|ema_params|opt_state)/'
 
 
 def param_spec(path, shape, fsdp_size, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE, update_axes=()):
   """PartitionSpec of one leaf from the first rule matching its path.
 
   update_axes: ((axis, size), ...) of the replicated axes over which leaves
-  matching UPDATE_ONLY are split as well (ZeRO), whatever their rule (only
-  the update reads them: no gather per use), on the largest dimension that
-  their product (times fsdp on a dimension already over fsdp) divides.
+  matching UPDATE_STATE are split as well (ZeRO), whatever their rule (only
+  the update reads them; the model reads parameters gathered once a step),
+  on the largest dimension that their product (times fsdp on a dimension
+  already over fsdp) divides.
   """
   for pattern, rule in rules:
     if re.search(pattern, path):
@@ -251,19 +292,31 @@ def param_spec(path, shape, fsdp_size, rules=PARAM_RULES, min_size=MIN_SHARDED_S
         spec[dim] = FSDP_AXIS
         break
   extra = tuple(a for a, size in update_axes if size > 1)
-  if extra and re.search(UPDATE_ONLY, path):
+  if extra and re.search(UPDATE_STATE, path):
     extra_size = math.prod(size for _, size in update_axes)
     for dim in order:
       split = extra_size * (fsdp_size if spec[dim] else 1)
       if shape[dim] % split == 0:
-        spec[dim] = ((spec[dim],) if spec[dim] else ()) + extra
+        axes = ((spec[dim],) if spec[dim] else ()) + extra
+        spec[dim] = axes[0] if len(axes) == 1 else axes
         break
   return P(*spec) if any(spec) else P()
 
 
+def compute_sharding(named_sharding):
+  """A state leaf's sharding without the update axes (data, group): the parameters as the model reads them,
+  gathered from each device's update slice."""
+  def keep(entry):
+    kept = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a not in (DATA_AXIS, GROUP_AXIS))
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+  spec = [keep(entry) if entry else None for entry in named_sharding.spec]
+  return NamedSharding(named_sharding.mesh, P(*spec) if any(spec) else P())
+
+
 def update_axes(mesh, shard_update):
-  """((axis, size), ...) over which the EMA and optimizer state are split besides fsdp: the data and group
-  axes with `shard_update`, none without."""
+  """((axis, size), ...) over which the parameters, EMA and optimizer state are split besides fsdp: the data
+  and group axes with `shard_update`, none without."""
   return tuple((a, mesh.shape[a]) for a in (DATA_AXIS, GROUP_AXIS) if a in mesh.shape) if shard_update else ()
 
 
@@ -280,8 +333,8 @@ def tree_shardings(tree, mesh, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE, sha
 
 
 def state_shardings(abstract_state, mesh, rules=PARAM_RULES, min_size=MIN_SHARDED_SIZE, shard_update=False):
-  """Shardings for a whole TrainState (params, EMA, optimizer state alike; with `shard_update` the EMA and
-  optimizer state split over data and group too)."""
+  """Shardings for a whole TrainState (params, EMA, optimizer state alike; with `shard_update` all three
+  split over data and group too)."""
   return tree_shardings(abstract_state, mesh, rules, min_size, shard_update)
 
 

@@ -74,7 +74,7 @@ def target_mesh(config, devices, num_slices):
                              f'but compile.num_slices={num_slices}: the dcn_* axes span the slices; make their '
                              'product the number of slices.')
   try:
-    return sharding.make_mesh(m, devices)
+    return sharding.config_mesh(config, devices)
   except ValueError as error:
     raise errors.ConfigError(f'{error} ({len(devices)} devices = {num_slices} slice(s) of '
                              f'{config.compile.topology}); set --config.mesh.data / --config.mesh.fsdp so that '

@@ -34,7 +34,7 @@ def make_batches(config):
     from groupdiff_jax.data import pipeline
     # Single host: batches are placed on the devices ahead of time. Several
     # hosts: each assembles only its slice, made global by the pipeline.
-    batch_sharding = sharding.batch_sharding(sharding.make_mesh(config.get('mesh')))
+    batch_sharding = sharding.batch_sharding(sharding.config_mesh(config))
     return pipeline.from_config(config, jax.process_index(), jax.process_count(), batch_sharding)
   raise errors.ConfigError(f'config.data.name={config.data.name!r} has no input pipeline in this version; '
                    f'available: {DATASETS + ("latents",)}.')
@@ -115,7 +115,7 @@ def train_and_evaluate(config, workdir, write_samples=None):
   is_main = jax.process_index() == 0
 
   # --- Mesh and input --------------------------------------------------------
-  mesh = sharding.make_mesh(config.get('mesh'))
+  mesh = sharding.config_mesh(config)
   logging.info('Mesh %s over %d process(es); batch split by group over %s.', dict(mesh.shape), jax.process_count(),
                sharding.BATCH_AXES)
   kinds = validation.check_before_training(config, workdir, mesh)

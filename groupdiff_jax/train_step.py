@@ -1,7 +1,7 @@
 """TrainState, the optimizer and the pure, jitted group training step."""
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -199,8 +199,76 @@ def all_finite(tree):
   return jnp.stack(checks).all() if checks else jnp.bool_(True)
 
 
+class UpdateLayout(NamedTuple):
+  """How a sharded update (mesh.shard_update, ZeRO-2) lays the parameters out in a step.
+
+  The state holds the float32 parameters split like the EMA and optimizer
+  state (sharding.py: over fsdp, data and group); each device updates its
+  slice. `compute`: the parameters' shardings as the model reads them (over
+  fsdp only), to which they are all-gathered once per step, in `dtype`.
+  """
+  compute: Any
+  dtype: Any
+
+
+def gather_for_compute(params, layout):
+  """The parameters as the model reads them: the update slices all-gathered once (in layout.dtype), back in
+  their own dtype; the backward is the identity (float32 cotangents, reduced into each device's slice by the
+  caller's constraint).
+
+  Gathering in the compute dtype is exact for models/dit.py: every parameter
+  enters through a flax layer (Dense, Conv, Embed) built with that dtype,
+  which casts it before use (tests/test_train_step.py checks the outputs and
+  gradients are bit-identical), so the model reads the same values (XLA
+  folds the cast back to float32 and the layer's cast to the compute dtype
+  into nothing). The identity backward keeps the sum of a parameter's
+  cotangents over its uses (one per sub-batch of a mixed step) in float32,
+  as without the gather.
+  """
+
+  def one(param, compute_sharding):
+    @jax.custom_vjp
+    def gather(p):
+      return jax.lax.with_sharding_constraint(p.astype(layout.dtype), compute_sharding).astype(p.dtype)
+
+    gather.defvjp(lambda p: (gather(p), None), lambda _, cotangent: (cotangent,))
+    return gather(param)
+
+  return jax.tree.map(one, params, layout.compute)
+
+
+def step_loss_fn(state, batch, kind, train_config, max_group_size, null_class, model_config=None, layout=None):
+  """params -> the step's loss (train_step's arguments); with `layout` the model reads the parameters
+  gathered by gather_for_compute."""
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    if layout is not None:
+      params = gather_for_compute(params, layout)
+    losses = [
+        _sub_batch_loss(params, state.apply_fn, sub, part['images'], part['labels'], jax.random.fold_in(rng, i),
+                        train_config, max_group_size, null_class, model_config)
+        for i, (sub, part) in enumerate(zip(kind, batch))
+    ]
+    return step_loss(losses)
+
+  return loss_fn
+
+
+def loss_and_grads(state, batch, kind, train_config, max_group_size, null_class, model_config=None,
+                   grad_sharding=None, layout=None):
+  """(loss, gradients) of one step (train_step's arguments); the gradients constrained to `grad_sharding`
+  (the parameters' layout in the state: with a sharded update XLA reduce-scatters them into each device's
+  slice)."""
+  loss_fn = step_loss_fn(state, batch, kind, train_config, max_group_size, null_class, model_config, layout)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  if grad_sharding is not None:
+    grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
+  return loss, grads
+
+
 def train_step(state, batch, kind, train_config, optim_config, max_group_size, null_class, model_config=None,
-               check_update=True, grad_sharding=None):
+               check_update=True, grad_sharding=None, layout=None):
   """One optimizer step on a batch of one kind.
 
   Args:
@@ -219,27 +287,20 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
       comment below), 'state' every new leaf, False neither (benchmarks
       compare them).
     grad_sharding: None, or shardings (the parameters' tree) the gradients
-      are constrained to: the EMA's, so that with a sharded update
+      are constrained to: the parameters' own, so that with a sharded update
       (sharding.py, ZeRO-2) XLA reduce-scatters them instead of all-reducing.
+    layout: None, or the UpdateLayout of a sharded update: the state's
+      parameters are each device's slices, gathered for the model once.
 
   Returns:
     (new state, metrics dict of scalars: loss, grad_norm, and nonfinite,
     1 when the step was skipped because the loss, gradients or the updated
     state were not finite).
   """
-  rng = jax.random.fold_in(state.rng, state.step)
-
-  def loss_fn(params):
-    losses = [
-        _sub_batch_loss(params, state.apply_fn, sub, part['images'], part['labels'], jax.random.fold_in(rng, i),
-                        train_config, max_group_size, null_class, model_config)
-        for i, (sub, part) in enumerate(zip(kind, batch))
-    ]
-    return step_loss(losses)
-
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  if grad_sharding is not None:
-    grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
+  loss, grads = loss_and_grads(state, batch, kind, train_config, max_group_size, null_class, model_config,
+                               grad_sharding, layout)
+  # With a sharded update every leaf below is this device's slice: the global norm (clipping, metrics) is a
+  # sum of the slices' squares, one scalar all-reduce.
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -267,6 +328,15 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
   return new_state, {'loss': loss, 'grad_norm': grad_norm, 'nonfinite': 1 - finite.astype(jnp.int32)}
 
 
+def update_layout(config, state_sharding):
+  """The UpdateLayout of a sharded update (mesh.shard_update with a TrainState of shardings), else None."""
+  mesh_config = config.get('mesh')
+  if not isinstance(state_sharding, TrainState) or mesh_config is None or not mesh_config.get('shard_update', False):
+    return None
+  return UpdateLayout(compute=jax.tree.map(sharding.compute_sharding, state_sharding.params),
+                      dtype=jnp.dtype(config.model.get('dtype', 'float32')))
+
+
 def make_jitted_train_step(config, mesh, state_sharding):
   """jax.jit of train_step over `mesh`: state as given, batch split by group.
 
@@ -274,15 +344,18 @@ def make_jitted_train_step(config, mesh, state_sharding):
   `sharding.use_mesh(mesh)`, so that kernels XLA cannot partition (Pallas
   splash attention) are mapped over the batch axes per device, and groups
   split over the mesh's group axis attend across it (group_attention.py).
-  The gradients take the EMA's layout (split over data with
-  mesh.shard_update: reduce-scattered).
+  The gradients take the parameters' layout in the state; with
+  mesh.shard_update that is each device's slice (reduce-scattered, ZeRO-2)
+  and the model reads the parameters gathered in the compute dtype
+  (update_layout).
   """
+  mesh_config = config.get('mesh')
   step = functools.partial(train_step, train_config=config.train, optim_config=config.optim,
                            max_group_size=config.model.max_group_size, null_class=config.model.num_classes,
                            model_config=config.model,
                            # one sharding for the whole state (a pytree prefix) is the gradients' too
-                           grad_sharding=getattr(state_sharding, 'ema_params', state_sharding))
-  mesh_config = config.get('mesh')
+                           grad_sharding=getattr(state_sharding, 'params', state_sharding),
+                           layout=update_layout(config, state_sharding))
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = {}
 

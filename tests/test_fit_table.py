@@ -31,14 +31,25 @@ def test_rows_label_conditional_groups_and_judge_the_fit_against_hbm_less_headro
   monkeypatch.setattr(module, 'ROWS', rows)
   for name, kind, peak in (('f_row', [['32', '4', 'True']], 8.5), ('l_row', [['32', '1', 'True']], 9.5)):
     os.makedirs(tmp_path / name)
-    (tmp_path / name / 'compile_report.json').write_text(json.dumps(report(kind, peak)))
+    made = report(kind, peak)
+    if name == 'f_row':
+      made['programs']['train_step/singles'].update({
+          'compiler_flops_per_device': 4.59e12, 'compiler_bytes_accessed_per_device': 2.765e10,
+          'analytic_model_flops_per_device': 2.295e12, 'analytic_attention_flops_per_device': 0.0})
+    (tmp_path / name / 'compile_report.json').write_text(json.dumps(made))
   os.makedirs(tmp_path / 'refused_row')
   (tmp_path / 'refused_row' / 'log.txt').write_text('noise\nError: 8 groups over 16 devices.\n')
   module.table(str(tmp_path))
   cells = [[c.strip() for c in line.strip('|').split('|')] for line in capsys.readouterr().out.splitlines()[2:]]
   lines = {row[0]: row for row in cells}
-  assert lines['f_row'][5] == 'train_step/singles (cond. groups of 4)' and lines['f_row'][10] == 'yes'  # 8.5 <= 9
-  assert lines['l_row'][5] == 'train_step/singles' and lines['l_row'][10] == 'no'  # 9.5 > 0.9 x 10 GiB
-  assert lines['f_row'][8:15] == ['8.50', '10', 'yes', '3, 0.50', '0.500', '25%', '12']
-  assert lines['refused_row'][10:12] == ['no', 'Error: 8 groups over 16 devices.']
-  assert lines['queued_row'][10] == 'not compiled yet'
+  assert lines['f_row'][6] == 'train_step/singles (cond. groups of 4)' and lines['f_row'][11] == 'yes'  # 8.5 <= 9
+  assert lines['l_row'][6] == 'train_step/singles' and lines['l_row'][11] == 'no'  # 9.5 > 0.9 x 10 GiB
+  assert lines['f_row'][2:4] == ['8, 1, 1', 'no']  # reports from before the group axis and ZeRO
+  # Roofline from the report's own counts at today's v5p figures (459 TFLOP/s, 2765 GB/s, 600 GB/s ICI):
+  # max(0.01 s compute, 0.01 s memory) + the all-reduce's 0.5 GiB twice over ICI; MFU = model FLOPs / that.
+  roof = 0.01 + 2 * (GIB // 2) / 600e9
+  assert lines['f_row'][9:18] == ['8.50', '10', 'yes', '3, 0.50', '0.500', '25%', f'{roof:.3f}',
+                                  f'{2.295e12 / (roof * 459e12):.0%}', '12']
+  assert lines['l_row'][15:17] == ['n/a', 'n/a']  # a report without the FLOP and byte counts
+  assert lines['refused_row'][11:13] == ['no', 'Error: 8 groups over 16 devices.']
+  assert lines['queued_row'][11] == 'not compiled yet'

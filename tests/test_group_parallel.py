@@ -311,16 +311,16 @@ def test_sharded_update_divides_the_update_state_by_the_data_axis(layouts):
   zero = layouts['layouts']['zero']
   assert zero['mesh'] == {'data': 4, 'fsdp': 1, 'group': 1}
   assert 'data' in zero['mu_spec']
-  assert zero['bytes']['params'] == ref['params']  # parameters stay whole on every device
-  # EMA and optimizer state: every leaf of this model has a dimension divisible by 4 (min_sharded_size 0) and
-  # is split 4 ways, except Adam's int32 step counts (4 bytes each, two in the chain).
+  # Parameters, EMA and optimizer state: every leaf of this model has a dimension divisible by 4
+  # (min_sharded_size 0) and is split 4 ways, except Adam's int32 step counts (4 bytes each, two in the chain).
+  assert zero['bytes']['params'] * 4 == ref['params']
   assert zero['bytes']['ema_params'] * 4 == ref['ema_params']
   assert ref['opt_state'] <= zero['bytes']['opt_state'] * 4 <= ref['opt_state'] + 3 * 2 * 4
-  # data 2 x fsdp 2 x group 2: the update state split 8 ways where a dimension divides 8 (a few small leaves
-  # only 4 or 2 ways), the parameters 2 ways (fsdp) where divisible.
+  # data 2 x fsdp 2 x group 2: the update state (parameters included) split 8 ways where a dimension divides 8
+  # (a few small leaves only 4 or 2 ways).
   both = layouts['layouts']['fsdp+group+zero']
   assert ref['ema_params'] / 8 <= both['bytes']['ema_params'] <= ref['ema_params'] / 6
-  assert ref['params'] / 2 <= both['bytes']['params'] < ref['params']
+  assert both['bytes']['params'] == both['bytes']['ema_params']
 
 
 def test_checkpoint_saved_under_group_and_zero_layout_restores_data_parallel(layouts):

@@ -12,9 +12,9 @@ import sys
 import textwrap
 
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from groupdiff_jax import sharding
+from groupdiff_jax import sharding, step_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +32,20 @@ def test_mesh_shape_fills_the_minus_one_axis_and_rejects_bad_sizes():
     sharding.mesh_shape(8, -1, 1, 3)
 
 
+def test_auto_group_split_is_the_smallest_that_the_batch_needs():
+  official = step_plan.step_kinds(256, 4, 0.1, mixed_steps=False).values()  # 256 singles; 64 groups of 4
+  assert sharding.auto_group(official, 64) == 1  # whole groups on each of 64 devices
+  assert sharding.auto_group(official, 128) == 2  # v5p-256: 64 data shards, a group over 2 devices
+  assert sharding.auto_group(official, 256) == 4  # v5e-256
+  assert sharding.auto_group(official, 128, fsdp=2) == 2  # whole groups per data x fsdp shard: 64 of them
+  uc16 = step_plan.step_kinds(256, 16, 0.1, mixed_steps=False).values()  # 16 groups of 16
+  assert sharding.auto_group(uc16, 64) == 4 and sharding.auto_group(uc16, 256) == 16
+  # Two slices of 64: data spans both (dcn), so 128 data shards would need 128 groups: split over 2.
+  assert sharding.auto_group(official, 64, dcn=(2, 1, 1)) == 2
+  assert sharding.auto_group((), 128) == 1  # no step kinds given: no split
+  assert sharding.auto_group(official, 3) == 1  # nothing fits: check_groups_fit_mesh names the batch
+
+
 def test_param_rules_shard_large_kernels_on_their_largest_dimension():
   spec = lambda path, shape, min_size=0: sharding.param_spec(path, shape, 4, min_size=min_size)
   assert spec('params/blocks_0/attn/qkv/kernel', (1152, 3456)) == P(None, 'fsdp')
@@ -47,18 +61,30 @@ def test_param_rules_shard_large_kernels_on_their_largest_dimension():
   assert sharding.param_spec('params/a/kernel', (1152, 3456), 1) == P()
 
 
-def test_sharded_update_splits_only_ema_and_optimizer_state_over_data_and_group():
+def test_sharded_update_splits_params_ema_and_optimizer_state_over_data_and_group():
   zero = (('data', 8), ('group', 2))
   spec = lambda path, shape, fsdp=4: sharding.param_spec(path, shape, fsdp, min_size=0, update_axes=zero)
-  # Parameters keep their fsdp layout; the update's state adds data x group on the same dimension.
-  assert spec('params/blocks_0/attn/qkv/kernel', (1152, 3456)) == P(None, 'fsdp')
-  assert spec('opt_state/1/0/mu/blocks_0/attn/qkv/kernel', (1152, 3456)) == P(None, ('fsdp', 'data', 'group'))
-  assert spec('ema_params/blocks_0/attn/qkv/kernel', (1152, 3456)) == P(None, ('fsdp', 'data', 'group'))
-  # Biases (replicated parameters) are split too: only the update reads them. Nothing divisible: whole.
+  # The update's state (float32 params, EMA, Adam) adds data x group to the fsdp dimension.
+  for path in ('params/blocks_0/attn/qkv/kernel', 'opt_state/1/0/mu/blocks_0/attn/qkv/kernel',
+               'ema_params/blocks_0/attn/qkv/kernel'):
+    assert spec(path, (1152, 3456)) == P(None, ('fsdp', 'data', 'group'))
+  # Biases (replicated without ZeRO) are split too. Nothing divisible: whole. The step counter and key: whole.
   assert spec('opt_state/1/0/nu/blocks_0/attn/qkv/bias', (3456,)) == P(('data', 'group'))
-  assert spec('opt_state/1/0/nu/blocks_0/attn/qkv/bias', (3456,), fsdp=1) == P(('data', 'group'))
+  assert spec('params/blocks_0/attn/qkv/bias', (3456,), fsdp=1) == P(('data', 'group'))
   assert spec('ema_params/final_layer/linear/bias', (8,)) == P()
-  assert spec('opt_state/0/count', ()) == P()
+  assert spec('rng', (2,)) == spec('step', ()) == spec('opt_state/0/count', ()) == P()
+  # 96 takes fsdp (4) but not fsdp x data x group (64): data x group go to the other dimension.
+  assert spec('params/a/kernel', (96, 32)) == P('fsdp', ('data', 'group'))
+
+
+def test_the_model_reads_params_gathered_over_the_update_axes_only():
+  mesh = AbstractMesh((2, 4, 2), sharding.MESH_AXES)
+  compute = lambda spec: sharding.compute_sharding(NamedSharding(mesh, spec)).spec
+  assert compute(P(None, ('fsdp', 'data', 'group'))) == P(None, 'fsdp')
+  assert compute(P(('data', 'group'), 'fsdp')) == P(None, 'fsdp')
+  assert compute(P('fsdp', ('data', 'group'))) == P('fsdp', None)
+  assert compute(P(('data', 'group'))) == P()
+  assert compute(P()) == P()
 
 
 WORKER = textwrap.dedent('''
@@ -93,9 +119,9 @@ WORKER = textwrap.dedent('''
         losses.append(float(metrics['loss']))
       return state, losses
 
-    def sharded(data, fsdp):
-      config.mesh.data, config.mesh.fsdp = data, fsdp
-      config.mesh.min_sharded_size = 0 if fsdp > 1 else 2**14
+    def sharded(data, fsdp, zero=False):
+      config.mesh.data, config.mesh.fsdp, config.mesh.shard_update = data, fsdp, zero
+      config.mesh.min_sharded_size = 0 if fsdp > 1 or zero else 2**14
       mesh = sharding.make_mesh(config.mesh)
       state, shardings = ts.create_sharded_train_state(model, config, mesh, jax.random.PRNGKey(0))
       run = ts.make_jitted_train_step(config, mesh, shardings)
@@ -108,9 +134,11 @@ WORKER = textwrap.dedent('''
     out = {}
     ref_state, ref_losses = plain()
     ref_params = jax.tree.leaves(ref_state.params)
-    for data, fsdp in ((2, 4), (8, 1)):
-      mesh, state, losses = sharded(data, fsdp)
-      key = f'{data}x{fsdp}'
+    states = {}
+    for data, fsdp, zero in ((2, 4, False), (8, 1, False), (8, 1, True), (2, 4, True)):
+      mesh, state, losses = sharded(data, fsdp, zero)
+      key = f'{data}x{fsdp}' + ('z' if zero else '')
+      states[key] = state
       out[key + '_loss_err'] = float(np.max(np.abs(np.subtract(losses, ref_losses))))
       out[key + '_param_err'] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                                    for a, b in zip(jax.tree.leaves(state.params), ref_params))
@@ -145,6 +173,23 @@ WORKER = textwrap.dedent('''
                              for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(fsdp_params)))
     out['restored_spec'] = str(restored.params['blocks_0']['attn']['qkv']['kernel'].sharding.spec)
     out['restored_step'] = int(restored.step)
+    # The same checkpoint (saved without ZeRO) restores into a ZeRO state (params split over data), and a
+    # ZeRO one into the (2, 4) state without it.
+    zero = states['8x1z']
+    restored = checkpoint.restore_latest(manager, zero.replace(params=jax.tree.map(jnp.zeros_like, zero.params)))
+    out['zero_restore_err'] = max(float(np.max(np.abs(np.asarray(a) - b)))
+                                  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(fsdp_params)))
+    out['zero_restored_spec'] = str(restored.params['blocks_0']['attn']['qkv']['kernel'].sharding.spec)
+    manager = checkpoint.checkpoint_manager(sys.argv[1] + '_zero')
+    checkpoint.save(manager, states['2x4z'])
+    manager.wait_until_finished()
+    plain_target = states['2x4']
+    restored = checkpoint.restore_latest(manager, plain_target.replace(
+        params=jax.tree.map(jnp.zeros_like, plain_target.params)))
+    out['unzero_restore_err'] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+        jax.tree.leaves((restored.params, restored.opt_state)),
+        jax.tree.leaves((states['2x4z'].params, states['2x4z'].opt_state))))
+    out['unzero_restored_spec'] = str(restored.opt_state[1][0].mu['blocks_0']['attn']['qkv']['kernel'].sharding.spec)
     print('RESULT ' + json.dumps(out))
 ''')
 
@@ -163,8 +208,9 @@ def eight_devices(tmp_path_factory):
   return run_worker(WORKER, str(tmp_path_factory.mktemp('ckpt')))
 
 
-@pytest.mark.parametrize('mesh', ['2x4', '8x1'])
+@pytest.mark.parametrize('mesh', ['2x4', '8x1', '8x1z', '2x4z'])
 def test_sharded_step_equals_the_single_device_step(eight_devices, mesh):
+  """Data parallel, fsdp, and both with the sharded update (z: ZeRO-2, params gathered for the model)."""
   assert eight_devices[mesh + '_loss_err'] < 1e-5
   assert eight_devices[mesh + '_param_err'] < 1e-6
 
@@ -175,6 +221,20 @@ def test_params_ema_and_optimizer_state_are_really_sharded_over_fsdp(eight_devic
   assert r['2x4_qkv_shard_shape'] == [32, 96 // 4]
   assert r['2x4_bias_spec'] == str(P())
   assert r['8x1_qkv_spec'] == str(P())
+
+
+def test_the_sharded_update_splits_params_and_state_over_data(eight_devices):
+  r = eight_devices
+  assert r['8x1z_qkv_spec'] == r['8x1z_mu_spec'] == r['8x1z_ema_spec'] == str(P(None, 'data'))
+  assert r['8x1z_qkv_shard_shape'] == [32, 96 // 8]
+  assert r['2x4z_qkv_spec'] == r['2x4z_mu_spec'] == str(P(None, ('fsdp', 'data')))
+  assert r['2x4z_bias_spec'] == str(P('data'))  # replicated without ZeRO; split over data with it
+
+
+def test_checkpoints_restore_with_and_without_the_sharded_update(eight_devices):
+  r = eight_devices
+  assert r['zero_restore_err'] == 0.0 and r['zero_restored_spec'] == str(P(None, 'data'))
+  assert r['unzero_restore_err'] == 0.0 and r['unzero_restored_spec'] == str(P(None, 'fsdp'))
 
 
 def test_each_device_holds_whole_groups(eight_devices):

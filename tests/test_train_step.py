@@ -163,3 +163,31 @@ def test_jitted_step_on_a_mesh_matches_the_plain_step_and_lowers_the_loss():
     jit_state, metrics = run(jit_state, data, kinds['singles'])
     losses.append(float(metrics['loss']))
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_params_gathered_in_bfloat16_give_a_bfloat16_model_the_same_loss_and_gradients():
+  """The sharded update gathers the parameters in the compute dtype (train_step.gather_for_compute): exact,
+  because every parameter of the model is cast to that dtype before use; the gradient keeps the float32 sum
+  over a parameter's uses (here two sub-batches: singles and groups in one mixed step)."""
+  config = tiny_config()
+  config.model.update(dtype='bfloat16', depth=1)
+  model, state = make_state(config)
+  kind = step_plan.step_kinds(16, 4, 0.5, mixed_steps=True)['mixed']
+  batch = fake_batch(kind)
+  rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), state.params)
+  assert any(bool(jnp.any(r != p)) for r, p in zip(jax.tree.leaves(rounded), jax.tree.leaves(state.params)))
+  args = (jnp.asarray(batch[0]['images']), jnp.full((8,), 0.5), jnp.asarray(batch[0]['labels']),
+          jnp.zeros((8,), jnp.int32))
+  apply = jax.jit(lambda params: model.apply({'params': params}, *args))
+  np.testing.assert_array_equal(apply(state.params), apply(rounded))
+  mesh = sharding.make_mesh(None, jax.devices()[:1])
+  layout = ts.UpdateLayout(compute=jax.tree.map(lambda _: sharding.replicated(mesh), state.params),
+                           dtype=jnp.bfloat16)
+  common = dict(kind=kind, train_config=config.train, max_group_size=config.model.max_group_size,
+                null_class=config.model.num_classes, model_config=config.model)
+  plain = jax.jit(functools.partial(ts.loss_and_grads, **common))(state, batch)
+  with sharding.use_mesh(mesh):
+    gathered = jax.jit(functools.partial(ts.loss_and_grads, layout=layout, **common))(state, batch)
+  assert jax.tree.map(lambda g: g.dtype, gathered[1]) == jax.tree.map(lambda g: g.dtype, plain[1])
+  for a, b in zip(jax.tree.leaves(gathered), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)
