@@ -33,7 +33,9 @@ def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
 @pytest.mark.long
 @pytest.mark.parametrize('impl', ['splash', 'auto'])
 def test_compiles_for_v5e_with_mosaic_kernels_and_local_group_attention(impl):
-  report = compile_job.compile_report(tiny_config(impl), log=lambda _: None)
+  config = tiny_config(impl)
+  config.mesh.shard_update = False  # replicated parameters: any gather would move activations
+  report = compile_job.compile_report(config, log=lambda _: None)
   assert report['devices'] == 4 and report['mesh'] == {'data': 4, 'fsdp': 1, 'group': 1}
   assert report['device_kind'].startswith('TPU v5')
   steps = {k: v for k, v in report['programs'].items() if k.startswith('train_step/')}

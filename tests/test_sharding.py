@@ -205,7 +205,7 @@ def run_worker(code, *args, devices=8, timeout=300):
 
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory):
-  return run_worker(WORKER, str(tmp_path_factory.mktemp('ckpt')))
+  return run_worker(WORKER, str(tmp_path_factory.mktemp('ckpt')), timeout=900)  # 4 meshes, 3 restores
 
 
 @pytest.mark.parametrize('mesh', ['2x4', '8x1', '8x1z', '2x4z'])
