@@ -31,8 +31,8 @@ F4 = '--config.train.mode=groupdiff_f'
 ROWS = (
     ('sit_xl_l4_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, []),
     ('sit_xl_l4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER]),
-    ('sit_xl_l4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # refused: 64 groups, 256 chips
-    ('sit_xl_l4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # refused: 64 groups, 128 chips
+    ('sit_xl_l4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 4
+    ('sit_xl_l4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 2
     ('sit_xl_l4_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b256_v4_32', 'configs/sit_xl.py', 'v4:2x2x4', 1, [NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b1024_v5e256_fsdp4', 'configs/sit_xl.py', 'v5e:16x16', 1,
@@ -86,8 +86,8 @@ ROWS = (
     ('sit_xl_uc16_b1024_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
     ('sit_xl_f4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [F4, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_f4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [F4, NO_SAMPLER, SINGLES_ONLY]),
-    ('dit_xl_l4_b256_v5e256', 'configs/dit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # refused: 64 groups, 256 chips
-    ('dit_xl_l4_b256_v5p256', 'configs/dit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # refused: 64 groups, 128 chips
+    ('dit_xl_l4_b256_v5e256', 'configs/dit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 4
+    ('dit_xl_l4_b256_v5p256', 'configs/dit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 2
     ('sit_xl_f4_b1024_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [B1024, F4, NO_SAMPLER, SINGLES_ONLY]),
     ('dit_xl_l4_b1024_v5p64', 'configs/dit_xl.py', 'v5p:4x4x2', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_uc16_b1024_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),

@@ -37,12 +37,14 @@ def test_every_recommended_mesh_is_one_the_compiler_said_fits(key):
     assert match and all(r['fits'] for r in match), (key, [(r['mesh'], r['fits']) for r in same])
 
 
-def test_cannot_run_entries_follow_from_whole_groups_per_device():
-  # 64 groups of 4 at batch 256: a pod with more batch shards than groups cannot hold whole groups.
-  for (accelerator, batch), entry in pod_meshes.RECOMMENDED.items():
-    if isinstance(entry, str) and entry.startswith('cannot run'):
-      chips = {'v5e-256': 256, 'v5p-256': 128}[accelerator]
-      assert batch // 4 < chips
+def test_pods_without_an_entry_split_the_official_groups_over_devices():
+  # Batch 256 = 64 groups of 4 on v5e-256 (256 devices) and v5p-256 (128): no preset; mesh.group=0 (the
+  # default) splits each group over 4 and 2 devices so that 64 data shards hold whole groups.
+  from groupdiff_jax import sharding, step_plan  # pylint: disable=import-outside-toplevel
+  kinds = step_plan.step_kinds(256, 4, 0.1, mixed_steps=False).values()
+  for accelerator, devices, split in (('v5e-256', 256, 4), ('v5p-256', 128, 2)):
+    assert pod_meshes.mesh_flags(accelerator, 256) == []
+    assert sharding.auto_group(kinds, devices) == split
 
 
 def test_flags_and_errors():
@@ -50,6 +52,6 @@ def test_flags_and_errors():
   assert pod_meshes.mesh_flags('v4-32', 1024) == ['--config.mesh.data=-1', '--config.mesh.fsdp=4',
                                                    '--config.model.remat=full']
   assert pod_meshes.mesh_flags('v5p-8', 256) == []
-  with pytest.raises(pod_meshes.NoMesh, match='use batch 1024'):
-    pod_meshes.mesh_flags('v5p-256', 256)
+  with pytest.raises(pod_meshes.NoMesh, match='no mesh'):
+    pod_meshes.mesh_flags('v5p-256', 256, table={('v5p-256', 256): 'no mesh fits'})
   assert pod_meshes.main(['pod_meshes.py', 'v5e-64', 'x']) == 2
