@@ -254,8 +254,15 @@ def test_a_group_split_over_devices_and_a_sharded_update_compile_for_tpu():
   roofline estimate beside the compiler's."""
   config = tiny_config('splash', batch_size=8, topology='v5e:2x2')
   config.compile.step_kinds = 'groups'
+  config.compile.breakdown = True
   config.mesh.update(data=2, group=2, shard_update=True, min_sharded_size=0)
   report = compile_job.compile_report(config, log=lambda _: None, include_sampler=False)
+  # The breakdown's programs compiled beside the step: twice the batch reads more, the backward and the
+  # update add to the forward, and none of them decides whether the config fits.
+  parts = report['hbm_breakdown']['parts']
+  assert report['hbm_breakdown']['kind'] == 'groups'
+  assert all(parts[k]['bytes'] > 0 for k in ('forward activations', 'backward', 'update'))
+  assert {'forward/groups', 'forward_2x/groups', 'forward_backward/groups'} <= set(report['programs'])
   assert report['mesh'] == {'data': 2, 'fsdp': 1, 'group': 2} and report['shard_update'] is True
   step = report['programs']['train_step/groups']
   assert step['per_device_images'] == 2  # 2 groups of 4 over 4 devices: half a group each
