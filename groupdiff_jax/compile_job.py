@@ -336,8 +336,8 @@ def format_report(report):
   if 'hbm_breakdown' in report:
     parts = report['hbm_breakdown']['parts'].items()
     lines.append(f"HBM bytes accessed per device by part (train_step/{report['hbm_breakdown']['kind']}; "
-                 'step_breakdown.py): ' + ', '.join(f"{part} {p['bytes'] / 1e9:.2f} GB ({p['hbm_seconds'] * 1e3:.1f} ms)"
-                                                    for part, p in parts))
+                 'step_breakdown.py): ' + ', '.join(
+                     f"{part} {p['bytes'] / 1e9:.2f} GB ({p['hbm_seconds'] * 1e3:.1f} ms)" for part, p in parts))
   lines.append('MFU*, est s: compiler estimates (cost_analysis optimal_seconds + attention at peak); roof s, MFUr: '
                'roofline estimate (' + report.get('roofline_model', ROOFLINE_MODEL) + '); neither is a '
                'measurement. Attention without collectives (batch-sharded, fsdp=1): '
