@@ -167,7 +167,7 @@ WORKER = textwrap.dedent('''
       out['refused'] = True
 
     # The checkpoint saved on the (2, 4) mesh restores into the (8, 1) mesh's state.
-    target = state.replace(params=jax.tree.map(jnp.zeros_like, state.params))
+    target = states['8x1'].replace(params=jax.tree.map(jnp.zeros_like, states['8x1'].params))
     restored = checkpoint.restore_latest(manager, target)
     out['restore_err'] = max(float(np.max(np.abs(np.asarray(a) - b)))
                              for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(fsdp_params)))
