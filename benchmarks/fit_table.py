@@ -30,6 +30,9 @@ UC16 = ('--config.train.group_size=16', '--config.model.max_group_size=16')
 F4 = '--config.train.mode=groupdiff_f'
 ROWS = (
     ('sit_xl_l4_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, []),
+    # The same with today's defaults (mesh.shard_update on: ZeRO-2), 2026-12-06; the rows without `_zero`
+    # were compiled before it existed (replicated state: --config.mesh.shard_update=False).
+    ('sit_xl_l4_b256_v5p64_zero', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER]),
     ('sit_xl_l4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 4
     ('sit_xl_l4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 2
