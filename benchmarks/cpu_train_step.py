@@ -2,14 +2,17 @@
 
   JAX_PLATFORMS=cpu python benchmarks/cpu_train_step.py [--images=16 --group_sizes=1,4 --repeats=5]
       [--depth=12 --hidden_size=384 --num_heads=6 --patch_size=2 --input_size=32] [--attention_impl=auto]
-      [--profile_dir=/tmp/cpu_train_step_trace] [--no_profile]
+      [--profile_dir=/tmp/cpu_train_step_trace] [--no_profile] [--reference=/path/to/another/checkout]
 
 Times the repository's own `train_step.train_step` (jitted as `describe`
 does, state donated), SiT-S/2-sized by default (depth 12, width 384, 6
 heads, 256 tokens per image, no learned sigma, sample embedding of 4), fp32,
 AdamW with clipping, EMA and the non-finite guard, on `--images` images per
 step: singles (group size 1, labels kept) and unconditional groups of each
-other size in `--group_sizes`. In the same process, interleaved with the
+other size in `--group_sizes`. With `--reference=DIR` (a checkout of the
+repository, e.g. main's), the same steps built from DIR's code are timed in
+the same rounds, interleaved with this checkout's ("ref" rows): a change is
+compared side by side, in one process, under the same load. In the same process, interleaved with the
 steps (one step of each kind, then each matmul, per round), it times a fp32
 `jnp.dot` of each of the model's own dense shapes ([images*tokens, C] x
 [C, 3C], [C, C], [C, 4C] and [images*tokens, 4C] x [4C, C]); the peak of a
@@ -37,6 +40,7 @@ import collections
 import functools
 import glob
 import gzip
+import importlib
 import json
 import os
 import re
@@ -65,7 +69,32 @@ CLASSES = ('dense matmuls (qkv, proj, MLP, adaLN, patch, final)', 'attention mat
            'copies / transposes', 'optimizer + EMA + non-finite guard', 'loss, noise, other')
 
 
-def make_config(args):
+def import_reference(root):
+  """{'train_step', 'dit', 'default'}: those modules of the checkout at `root`, imported beside this one's.
+
+  This checkout's `groupdiff_jax` and `configs` modules are set aside while
+  DIR's are imported, then put back; DIR's stay alive through the returned
+  modules (which hold their own imports) under names prefixed 'reference.'.
+  """
+  ours = lambda name: name.split('.')[0] in ('groupdiff_jax', 'configs')
+  saved = {name: module for name, module in sys.modules.items() if ours(name)}
+  for name in saved:
+    del sys.modules[name]
+  sys.path.insert(0, os.path.abspath(root))
+  try:
+    modules = {key: importlib.import_module(name) for key, name in (
+        ('train_step', 'groupdiff_jax.train_step'), ('dit', 'groupdiff_jax.models.dit'), ('default', 'configs.default'))}
+  finally:
+    sys.path.remove(os.path.abspath(root))
+    for name in [name for name in sys.modules if ours(name)]:
+      sys.modules['reference.' + name] = sys.modules.pop(name)
+    sys.modules.update(saved)
+  if os.path.samefile(os.path.dirname(modules['dit'].__file__), os.path.dirname(model_from_config.__code__.co_filename)):
+    raise SystemExit(f'--reference={root} imported this checkout\'s code again')
+  return modules
+
+
+def make_config(args, default=default):
   config = default.get_config()
   config.model.variant = f'SiT-S/{args.patch_size}'
   config.model.depth, config.model.hidden_size, config.model.num_heads = args.depth, args.hidden_size, args.num_heads
@@ -82,7 +111,7 @@ def step_kind(images, group_size):
   return (step_plan.SubBatch(images, group_size, group_size == 1),)
 
 
-def make_step(config, kind):
+def make_step(config, kind, train_step_lib=train_step_lib):
   step = functools.partial(train_step_lib.train_step, kind=kind, train_config=config.train,
                            optim_config=config.optim, max_group_size=config.model.max_group_size,
                            null_class=config.model.num_classes, model_config=config.model)
@@ -201,46 +230,60 @@ def main():
   parser.add_argument('--attention_impl', default='auto')
   parser.add_argument('--profile_dir', default=os.path.join(tempfile.gettempdir(), 'cpu_train_step_trace'))
   parser.add_argument('--no_profile', action='store_true')
+  parser.add_argument('--reference', default='', help='another checkout of the repository, timed beside this one')
   args = parser.parse_args()
   args.group_sizes = [int(n) for n in args.group_sizes.split(',')]
   if args.images % max(args.group_sizes):
     parser.error(f'--images={args.images} must be a multiple of every group size {args.group_sizes}')
 
-  config = make_config(args)
-  model = model_from_config(config.model)
+  codes = {'': (train_step_lib, model_from_config, make_config(args))}  # label -> (train_step, model_from_config, config)
+  if args.reference:
+    ref = import_reference(args.reference)
+    codes['ref'] = (ref['train_step'], ref['dit'].model_from_config, make_config(args, ref['default']))
+  config = codes[''][2]
   arch = describe.arch_from_config(config.model)
   load = [os.getloadavg()]
   kinds = {n: step_kind(args.images, n) for n in args.group_sizes}
-  steps = {n: make_step(config, kind) for n, kind in kinds.items()}
-  states = {n: train_step_lib.create_train_state(model, config, jax.random.PRNGKey(0)) for n in kinds}
+  keys = [(n, code) for n in kinds for code in codes]  # interleaved: each step kind, this code then the reference
+  steps, states = {}, {}
+  for n, code in keys:
+    lib, build, code_config = codes[code]
+    steps[n, code] = make_step(code_config, kinds[n], lib)
+    states[n, code] = lib.create_train_state(build(code_config.model), code_config, jax.random.PRNGKey(0))
   batch = make_batch(config, args.images, 0)
   flops = {n: describe.step_flops(arch, kind)['model'] for n, kind in kinds.items()}
   shapes = matmul_shapes(args.images * arch.tokens, args.hidden_size)
   operands = [(jnp.asarray(np.random.default_rng(1).standard_normal((a, k), np.float32)),
                jnp.asarray(np.random.default_rng(2).standard_normal((k, b), np.float32))) for a, k, b in shapes]
   dot = jax.jit(jnp.dot)
-  compile_s = {}
-  for n in kinds:  # compile + one warm-up step each
-    compile_s[n], (states[n], _) = timed(steps[n], states[n], batch)
+  compile_s, first_loss = {}, {}
+  for key in keys:  # compile + one warm-up step each
+    compile_s[key], (states[key], metrics) = timed(steps[key], states[key], batch)
+    first_loss[key] = float(metrics['loss'])
   for a, b in operands:
     jax.block_until_ready(dot(a, b))
 
-  step_s = {n: [] for n in kinds}
+  step_s = {key: [] for key in keys}
   matmul_s = [[] for _ in shapes]
-  ratio = {n: [] for n in kinds}
+  ratio = {key: [] for key in keys}
   for _ in range(args.repeats):
     round_step = {}
-    for n in kinds:
-      round_step[n], (states[n], metrics) = timed(steps[n], states[n], batch, label=n)
-      step_s[n].append(round_step[n])
+    for key in keys:
+      round_step[key], (states[key], metrics) = timed(steps[key], states[key], batch, label=key)
+      step_s[key].append(round_step[key])
+      if not np.isfinite(float(metrics['loss'])):
+        raise RuntimeError(f'non-finite loss {metrics}: the timed step did not do the real work')
     for i, (a, b) in enumerate(operands):
       matmul_s[i].append(min(timed(dot, a, b, label=shapes[i])[0] for _ in range(3)))
     round_peak = max(2 * a * k * b / t[-1] for (a, k, b), t in zip(shapes, matmul_s))
-    for n in kinds:
-      ratio[n].append(flops[n] / round_step[n] / round_peak)
+    for n, code in keys:
+      ratio[n, code].append(flops[n] / round_step[n, code] / round_peak)
   load.append(os.getloadavg())
-  if not np.isfinite(float(metrics['loss'])):
-    raise RuntimeError(f'non-finite loss {metrics}: the timed step did not do the real work')
+
+  def name(key, short=False):
+    n, code = key
+    text = ('singles' if n == 1 else f'groups of {n}' if short else f'unconditional groups of {n}')
+    return text + (f' ({code}: {args.reference})' if code and not short else f' ({code})' if code else '')
 
   rates = [[2 * a * k * b / t for t in ts] for (a, k, b), ts in zip(shapes, matmul_s)]
   peak = max(max(r) for r in rates)
@@ -250,6 +293,9 @@ def main():
         f'{args.images} images/step, fp32, attention_impl={args.attention_impl}')
   print('load average (1/5/15 min) before / after the timed rounds: '
         + ' / '.join('(' + ', '.join(f'{x:.2f}' for x in l) + ')' for l in load))
+  if args.reference:
+    print('loss of the first step (same batch, init and key): '
+          + ', '.join(f'{name(key, True)} {first_loss[key]:.6f}' for key in keys))
   print('\nfp32 matmul of the model shapes (best of 3 per round; min / median over rounds):')
   for (a, k, b), r in zip(shapes, rates):
     print(f'  {a} x {k} x {b}: {max(r) / 1e9:.1f} / {np.median(r) / 1e9:.1f} GFLOP/s')
@@ -257,29 +303,33 @@ def main():
   print('\n| step | compile + 1st | step (min) | step (median) | img/s | GFLOP/step | GFLOP/s (min) '
         '| % of same-round peak (best / median) |')
   print('|---|---|---|---|---|---|---|---|')
-  for n in kinds:
-    name = 'singles' if n == 1 else f'unconditional groups of {n}'
-    best, median = min(step_s[n]), float(np.median(step_s[n]))
-    print(f'| {name} | {compile_s[n]:.1f} s | {best * 1e3:.0f} ms | {median * 1e3:.0f} ms | '
+  for key in keys:
+    n = key[0]
+    best, median = min(step_s[key]), float(np.median(step_s[key]))
+    print(f'| {name(key)} | {compile_s[key]:.1f} s | {best * 1e3:.0f} ms | {median * 1e3:.0f} ms | '
           f'{args.images / best:.2f} | {flops[n] / 1e9:.1f} | {flops[n] / best / 1e9:.1f} | '
-          f'{100 * max(ratio[n]):.0f}% / {100 * np.median(ratio[n]):.0f}% |')
+          f'{100 * max(ratio[key]):.0f}% / {100 * np.median(ratio[key]):.0f}% |')
+  if args.reference:
+    print('\nthis code / reference, step time of the same round (min / median over rounds): ' + '; '.join(
+        f'{name((n, ""), True)} '
+        + '{:.3f} / {:.3f}'.format(*(f(np.divide(step_s[n, ''], step_s[n, 'ref'])) for f in (np.min, np.median)))
+        for n in kinds))
 
   # Process CPU time (both cores' threads) is what the work costs whatever else the machine runs: a second,
   # load-robust ratio (it does not see a step that leaves a core idle, which the wall-clock ratio does).
   cpu_peak = max(2 * a * k * b / min(CPU_SECONDS[shape]) for shape in shapes for a, k, b in [shape])
   print(f'\nper CPU-second (process CPU time, both cores): matmul peak {cpu_peak / 1e9:.1f} GFLOP/cpu-s')
-  for n in kinds:
-    cpu = min(CPU_SECONDS[n])
-    print(f'  {"singles" if n == 1 else f"groups of {n}"}: {flops[n] / cpu / 1e9:.1f} GFLOP/cpu-s '
-          f'({cpu:.2f} cpu-s for {min(step_s[n]):.2f} s wall), {100 * flops[n] / cpu / cpu_peak:.0f}% of the peak')
+  for key in keys:
+    n, cpu = key[0], min(CPU_SECONDS[key])
+    print(f'  {name(key, True)}: {flops[n] / cpu / 1e9:.1f} GFLOP/cpu-s '
+          f'({cpu:.2f} cpu-s for {min(step_s[key]):.2f} s wall), {100 * flops[n] / cpu / cpu_peak:.0f}% of the peak')
 
   if args.no_profile:
     return
-  for n in kinds:
-    states[n], by_class, total, traced_s, top = breakdown(steps[n], states[n], batch, args.profile_dir)
-    name = 'singles' if n == 1 else f'groups of {n}'
-    print(f'\nbreakdown, {name}: traced step {traced_s * 1e3:.0f} ms, summed op time {total * 1e3:.0f} ms '
-          f'(untraced median {np.median(step_s[n]) * 1e3:.0f} ms)')
+  for key in keys:
+    states[key], by_class, total, traced_s, top = breakdown(steps[key], states[key], batch, args.profile_dir)
+    print(f'\nbreakdown, {name(key, True)}: traced step {traced_s * 1e3:.0f} ms, summed op time {total * 1e3:.0f} ms '
+          f'(untraced median {np.median(step_s[key]) * 1e3:.0f} ms)')
     print('| class | ms | % of op time |')
     print('|---|---|---|')
     for cls in CLASSES:
@@ -287,7 +337,6 @@ def main():
     print('top ops:')
     for (op, cls, op_name), secs in top:
       print(f'  {secs * 1e3:7.1f} ms  {op:28s} {cls.split(" (")[0]:24s} {op_name[-90:]}')
-
 
 if __name__ == '__main__':
   main()

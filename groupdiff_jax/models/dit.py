@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from groupdiff_jax import errors
 from groupdiff_jax.models import embeddings
+from groupdiff_jax.models.dense import dense_dot_general
 from groupdiff_jax.models.group_attention import GroupAttention, check_implementation
 
 # Official DiT sizes: name -> (depth, hidden_size, num_heads).
@@ -104,7 +105,7 @@ def _layer_norm():
 
 def _xavier_dense(features, name, dtype, zero=False):
   init = nn.initializers.zeros if zero else nn.initializers.xavier_uniform()
-  return nn.Dense(features, kernel_init=init, dtype=dtype, name=name)
+  return nn.Dense(features, kernel_init=init, dtype=dtype, dot_general=dense_dot_general, name=name)
 
 
 class PatchEmbed(nn.Module):

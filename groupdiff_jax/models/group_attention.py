@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from groupdiff_jax import errors
+from groupdiff_jax.models.dense import dense_dot_general
 
 # Attention kernels by config name (`model.attention_impl`):
 #   'xla'     jax.nn.dot_product_attention in plain XLA: materialises the
@@ -420,7 +421,8 @@ class GroupAttention(nn.Module):
     batch, length, width = x.shape
     head_dim = width // self.num_heads
     dense = lambda features, name: nn.Dense(
-        features, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name=name)
+        features, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, dot_general=dense_dot_general,
+        name=name)
     qkv = dense(3 * width, 'qkv')(x).reshape(batch, length, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, D] each
     if group_size > 1:  # S_cross (evaluation/s_cross.py) reads them; a no-op unless 'intermediates' is mutable
