@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from groupdiff_jax import errors
+from groupdiff_jax.models import chunked_attention as chunked
 from groupdiff_jax.models.dense import dense_dot_general
 
 # Attention kernels by config name (`model.attention_impl`):
@@ -150,88 +151,17 @@ def splash_attention(q, k, v, interpret=None, local=False):
 def chunked_attention(q, k, v, chunk_size=None, local=False):
   """Exact softmax attention without a [T, T] matrix. q: [B, Tq, H, D], k, v: [B, Tk, H, D] -> [B, Tq, H, D].
 
-  Each of the B*H heads, one after the other, attends its queries in blocks
-  of about `chunk_size` (default CHUNK_SIZE) against all its keys; the
-  backward recomputes a block's probabilities from the saved log-sum-exp
-  (flash attention's backward). Live at once: a few [chunk, T] blocks of
-  scores of one head. Sequences of fewer than `chunk_size` queries use XLA's
+  The kernels are in models/chunked_attention.py: the B*H heads one after
+  the other, each in blocks of about `chunk_size` (default CHUNK_SIZE)
+  queries, or, for a sequence of exactly one block, one example (all its
+  heads) at a time. Sequences of fewer than `chunk_size` queries use XLA's
   kernel. local: already inside a per-device map (no shard_over_batch).
   """
   chunk_size = chunk_size or CHUNK_SIZE
-  length = q.shape[1]
-  if length < chunk_size:
+  if q.shape[1] < chunk_size:
     return jax.nn.dot_product_attention(q, k, v, implementation='xla')
-  num_chunks = -(-length // chunk_size)
-  chunk = -(-length // num_chunks)  # equal blocks: less than num_chunks padded queries
-
-  def attend(q, k, v):
-    batch, _, heads, head_dim = q.shape
-    to_heads = lambda a: a.transpose(0, 2, 1, 3).reshape(batch * heads, a.shape[1], head_dim)
-    # Padded queries (zeros) attend harmlessly; their outputs are dropped and get no gradient.
-    q = jnp.pad(to_heads(q), ((0, 0), (0, num_chunks * chunk - length), (0, 0)))
-    out = _blockwise_attention(q, to_heads(k), to_heads(v), chunk)[:, :length]
-    return out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
-
+  attend = functools.partial(chunked.attention, chunk_size=chunk_size)
   return attend(q, k, v) if local else shard_over_batch(attend)(q, k, v)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blockwise_attention(q, k, v, chunk):
-  """q: [BH, n*chunk, D], k, v: [BH, T, D] -> [BH, n*chunk, D]."""
-  return _blockwise_forward(q, k, v, chunk)[0]
-
-
-def _blockwise_forward(q, k, v, chunk):
-  q = q * jnp.asarray(q.shape[-1]**-0.5, q.dtype)
-
-  def head(args):
-    q, k, v = args
-
-    def block(q):  # [chunk, D]
-      s = jnp.einsum('qd,kd->qk', q, k, preferred_element_type=jnp.float32)
-      m = jnp.max(s, axis=-1, keepdims=True)
-      p = jnp.exp(s - m)
-      l = jnp.sum(p, axis=-1, keepdims=True)
-      o = jnp.einsum('qk,kd->qd', p.astype(v.dtype), v, preferred_element_type=jnp.float32) / l
-      return o.astype(v.dtype), (m + jnp.log(l))[:, 0]
-
-    o, lse = jax.lax.map(block, q.reshape(-1, chunk, q.shape[-1]))
-    return o.reshape(q.shape), lse.reshape(-1)
-
-  out, lse = jax.lax.map(head, (q, k, v))
-  return out, (q, k, v, out, lse)
-
-
-def _blockwise_backward(chunk, residuals, d_out):
-  q, k, v, out, lse = residuals  # q already scaled by 1/sqrt(D)
-  f32 = jnp.float32
-
-  def head(args):
-    q, k, v, out, lse, d_out = args
-    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [T']
-
-    def block(carry, xs):
-      dk_t, dv_t = carry
-      q, lse, delta, d_out = xs
-      p = jnp.exp(jnp.einsum('qd,kd->qk', q, k, preferred_element_type=f32) - lse[:, None])
-      dp = jnp.einsum('qd,kd->qk', d_out, v, preferred_element_type=f32)
-      ds = (p * (dp - delta[:, None])).astype(q.dtype)
-      dq = jnp.einsum('qk,kd->qd', ds, k, preferred_element_type=f32)
-      # dk, dv accumulate transposed, [D, T]: XLA CPU runs 'qd,qk->dk' ~3x faster than 'qk,qd->kd'.
-      dk_t += jnp.einsum('qd,qk->dk', q, ds, preferred_element_type=f32)
-      dv_t += jnp.einsum('qd,qk->dk', d_out, p.astype(d_out.dtype), preferred_element_type=f32)
-      return (dk_t, dv_t), dq
-
-    blocks = lambda a: a.reshape(-1, chunk, *a.shape[1:])
-    zeros = jnp.zeros(k.shape[::-1], f32)
-    (dk_t, dv_t), dq = jax.lax.scan(block, (zeros, zeros), tuple(map(blocks, (q, lse, delta, d_out))))
-    return dq.reshape(q.shape), dk_t.T, dv_t.T
-
-  dq, dk, dv = jax.lax.map(head, (q, k, v, out, lse, d_out))
-  return (dq * q.shape[-1]**-0.5).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-_blockwise_attention.defvjp(_blockwise_forward, _blockwise_backward)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""models/dense.py: the dense layers' matmul computes nn.Dense's forward and the exact gradient."""
+"""Hand-written gradients of the backbone: the dense layers' matmul (models/dense.py) and the MLP's GELU
+(dit.gelu_tanh) compute the plain forward and its exact derivatives."""
 
 import flax.linen as nn
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from groupdiff_jax.models.dense import dense_dot_general, dense_product
+from groupdiff_jax.models.dit import gelu_tanh
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -65,3 +67,19 @@ def test_other_contractions_fall_back_to_lax_dot_general():
   numbers = (((2,), (1,)), ((0,), (0,)))  # batched
   np.testing.assert_array_equal(np.asarray(dense_dot_general(a, b, numbers)),
                                 np.asarray(jax.lax.dot_general(a, b, numbers)))
+
+
+def test_gelu_is_the_tanh_approximation_and_its_derivative():
+  x = jnp.linspace(-6.0, 6.0, 1201)
+  np.testing.assert_array_equal(np.asarray(gelu_tanh(x)), np.asarray(jax.nn.gelu(x, approximate=True)))
+  # Derivative of 0.5 x (1 + tanh(s (x + a x^3))), in float64 from its formula.
+  xs, s, a = np.asarray(x, np.float64), np.sqrt(2 / np.pi), 0.044715
+  t = np.tanh(s * (xs + a * xs**3))
+  exact = 0.5 * (1 + t) + 0.5 * xs * (1 - t**2) * s * (1 + 3 * a * xs**2)
+  grad = jax.vmap(jax.grad(gelu_tanh))(x)
+  # float32 rounding: a few ulps of each term; 1 - t^2 cancels (absolute error ~2 eps) and is multiplied by
+  # 0.5 |x| s (1 + 3 a x^2).
+  bound = 8 * EPS32 * (1 + np.abs(xs) * s * (1 + 3 * a * xs**2))
+  np.testing.assert_array_less(np.abs(np.asarray(grad, np.float64) - exact), bound)
+  autodiff = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=True)))(x)
+  np.testing.assert_array_less(np.abs(np.asarray(autodiff, np.float64) - exact), bound)  # the bound is JAX's too
