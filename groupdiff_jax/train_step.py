@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from groupdiff_jax import errors, sharding, transport
-from groupdiff_jax.models import official_names
+from groupdiff_jax.models import group_attention, official_names
 from groupdiff_jax.models.embeddings import draw_sample_ids
 
 
@@ -302,29 +302,40 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
   # With a sharded update every leaf below is this device's slice: the global norm (clipping, metrics) is a
   # sum of the slices' squares, one scalar all-reduce.
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = ema_update(state.ema_params, params, optim_config.ema_decay)
+  old = (state.params, state.opt_state, state.ema_params)
+
+  def update(parts):
+    """((new params, optimizer state, EMA), the AdamW updates) from the current ones."""
+    params, opt_state, ema_params = parts
+    updates, opt_state = state.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, opt_state, ema_update(ema_params, params, optim_config.ema_decay)), updates
+
   # Non-finite guard: a step whose loss or gradient norm is NaN/inf, or whose
   # new params, optimizer state or EMA would hold a NaN/inf, keeps params,
   # optimizer state and EMA as they were; the step count still advances (the
   # next step draws the next batch and key) and the step is counted in
   # `nonfinite` (train.py stops after too many in a row).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # The update check reads the AdamW updates (computed anyway): with a finite
-  # loss, gradients (their norm bounds every g**2) and previous state (restore
-  # checks it, and each step keeps it so), finite updates give finite new mu,
-  # nu, params and EMA (barring an overflow of a sum of finite floats); NaN in
-  # mu or nu, or in a decayed weight, makes the updates NaN. 'state' checks
-  # every new leaf instead (measured slower: docs/benchmarks.md).
-  if check_update == 'state':
-    finite = finite & all_finite((params, opt_state, ema_params))
-  elif check_update:
-    finite = finite & all_finite(updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                            opt_state=keep(opt_state, state.opt_state),
-                            ema_params=keep(ema_params, state.ema_params))
+  # The update check reads the AdamW updates: with a finite loss, gradients
+  # (their norm bounds every g**2) and previous state (restore checks it, and
+  # each step keeps it so), finite updates give finite new mu, nu, params and
+  # EMA (barring an overflow of a sum of finite floats); NaN in mu or nu, or
+  # in a decayed weight, makes the updates NaN. 'state' checks every new leaf
+  # instead (measured slower: docs/benchmarks.md).
+  if check_update == 'state' or group_attention.target_platform() != 'cpu':
+    new, updates = update(old)
+    if check_update:
+      finite = finite & all_finite(new if check_update == 'state' else updates)
+    params, opt_state, ema_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  else:
+    if check_update:  # the updates reduced to one flag here; the update itself is computed again in the branch
+      finite = finite & all_finite(update(old)[1])
+    # On CPU a branch rather than a select per leaf: XLA CPU then updates the state in place, one pass over
+    # each leaf, where `where(finite, new, old)` kept the old and new leaves and took 1.7x the CPU time
+    # (docs/benchmarks.md); the values are the same.
+    params, opt_state, ema_params = jax.lax.cond(finite, lambda parts: update(parts)[0], lambda parts: parts, old)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
   return new_state, {'loss': loss, 'grad_norm': grad_norm, 'nonfinite': 1 - finite.astype(jnp.int32)}
 
 
