@@ -23,6 +23,7 @@ import jax
 from experiments import fashion_table1, table1
 from experiments.fashion_settings import sampling_config, training_config
 from groupdiff_jax import sharding
+from groupdiff_jax.evaluation import fashion_classifier as fc
 from groupdiff_jax.models.dit import model_from_config
 from groupdiff_jax.sample import save_grid
 
@@ -33,6 +34,8 @@ def parse_args(argv=None):
   p.add_argument('--save_every', type=int, default=1000)
   p.add_argument('--score', action='store_true')
   p.add_argument('--json', default='docs/fashion_pilot.json')
+  p.add_argument('--evaluator_from', default='', help='--score with the evaluator of an earlier study folder '
+                 '(its meta.json and shared/; default: the study setup in <out>/..)')
   args, rest = p.parse_known_args(argv)
   study = fashion_table1.parse_args(rest + [f'--out={os.path.dirname(os.path.abspath(args.out))}'])
   return args, study
@@ -66,7 +69,15 @@ def score(args, study):
     log = json.load(f)
   base = fashion_table1.base_config(study)
   train_x, train_y, test_x, test_y = fashion_table1.load_data(study)
-  scorer, _, _ = fashion_table1.setup(study, train_x, train_y, test_x, test_y)
+  if args.evaluator_from:
+    with open(os.path.join(args.evaluator_from, 'meta.json')) as f:
+      recorded = json.load(f)['evaluator']
+    spec = fc.Spec(widths=tuple(recorded['widths']), features=recorded['features'])
+    params = fashion_table1.classifier(os.path.join(args.evaluator_from, 'shared'), 'evaluator', spec,
+                                       recorded['epochs'], train_x, train_y)
+    scorer = fc.Scorer(fc.make_featurizer(params, spec), test_x, test_y)
+  else:
+    scorer, _, _ = fashion_table1.setup(study, train_x, train_y, test_x, test_y)
   config = training_config(base, 'baseline', 0, {})
   model = model_from_config(config.model)
   results, caches = [], {}
@@ -83,12 +94,15 @@ def score(args, study):
                 'train_wall_seconds': checkpoint['wall_seconds']}
       results.append(result)
       print(result, flush=True)
-      grid = os.path.join(os.path.dirname(args.json), f"fashion_pilot_step{checkpoint['step']}_cfg{scale:g}.png")
-      save_grid(samples[:40], 4, grid)
-  report = {'evaluator_test_accuracy': scorer.test_accuracy, 'model': {k: config.model[k] for k in (
-      'variant', 'depth', 'hidden_size', 'num_heads')}, 'train': {'batch_size': config.train.batch_size,
-      'lr': config.optim.lr}, 'sample': {'sampler': config.sample.sampler, 'num_steps': config.sample.num_steps},
-      'results': results}
+      grids = os.path.splitext(args.json)[0]
+      os.makedirs(grids, exist_ok=True)
+      save_grid(samples[:40], 4, os.path.join(grids, f"step{checkpoint['step']}_cfg{scale:g}.png"))
+  report = {'evaluator_test_accuracy': scorer.test_accuracy, 'evaluator_from': args.evaluator_from or study.out,
+            'model': {k: config.model[k] for k in ('variant', 'depth', 'hidden_size', 'num_heads')},
+            'train': {'batch_size': config.train.batch_size, 'lr': config.optim.lr},
+            'sample': {'sampler': config.sample.sampler, 'num_steps': config.sample.num_steps,
+                       'num_samples': study.num_samples, 'interval': 'whole trajectory'},
+            'training_log': log['checkpoints'], 'results': results}
   with open(args.json, 'w') as f:
     json.dump(report, f, indent=1)
   return report

@@ -47,7 +47,9 @@ whatever runs have finished.
 """
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
@@ -98,9 +100,12 @@ def parse_args(argv=None):
   p.add_argument('--batch_size', type=int, default=None)
   p.add_argument('--sample_steps', type=int, default=None)
   p.add_argument('--data_dir', default='', help='Fashion-MNIST IDX folder (default: the Debian package\'s)')
-  p.add_argument('--classifier_epochs', type=int, default=5)
+  p.add_argument('--classifier_epochs', type=int, default=15)
   p.add_argument('--encoder_epochs', type=int, default=2)
   p.add_argument('--num_neighbors', type=int, default=32, help='K of the neighbour job')
+  p.add_argument('--neighbour_method', default='scann', choices=('scann', 'exact'),
+                 help='the neighbour job\'s --method (scann: calibrated to recall@K >= 0.96; exact: brute force)')
+  p.add_argument('--setup_only', action='store_true', help='the shared setup (classifiers, neighbours) only')
   p.add_argument('--report_only', action='store_true', help='write the report from finished runs; run nothing')
   args = p.parse_args(argv)
   args.runs = args.runs or os.path.join(args.out, 'runs')
@@ -117,6 +122,11 @@ def base_config(args):
         config[section][key] = value
     config.data.data_dir = args.data_dir
   return config
+
+
+def say(message):
+  """One line of the sweep's log, with the UTC time (the log is how its wall time is read)."""
+  print(f"{datetime.datetime.now(datetime.timezone.utc).strftime('%H:%M:%S')} {message}", flush=True)
 
 
 def digest(value):
@@ -144,65 +154,111 @@ def load_data(args):
   return train_x, train_y, test_x, test_y
 
 
-def classifier(shared, name, spec, epochs, train_x, train_y):
+@contextlib.contextmanager
+def exclusive(path):
+  """Holds an exclusive lock on <path>.lock: two invocations on one --out (a --setup_only started earlier and
+  the sweep) never build the same classifier or neighbour lists twice; the second waits and then loads."""
+  with open(path + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def classifier(shared, name, spec, epochs, train_x, train_y, monitor=None):
   path = os.path.join(shared, f'{name}_{digest([spec.__dict__, epochs, len(train_x)])}.msgpack')
-  if os.path.exists(path):
-    with open(path, 'rb') as f:
-      return flax.serialization.msgpack_restore(f.read())
-  params = fc.train_classifier(train_x, train_y, spec, epochs, log=lambda m: print(m, flush=True))
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(flax.serialization.to_bytes(jax.device_get(params)))
-  os.replace(tmp, path)
+  with exclusive(path):
+    if os.path.exists(path):
+      with open(path, 'rb') as f:
+        return flax.serialization.msgpack_restore(f.read())
+    tic = time.time()
+    params = fc.train_classifier(train_x, train_y, spec, epochs, log=say, monitor=monitor)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+      f.write(flax.serialization.to_bytes(jax.device_get(params)))
+    os.replace(tmp, path)
+    say(f'{name}: {epochs} epochs in {time.time() - tic:.0f} s -> {path}')
   return params
 
 
-def neighbour_lists(shared, name, embeddings, labels, k):
-  """Through the neighbour job (ScaNN): <shared>/neighbors_<name>; returns (dir, purity at PURITY_K)."""
-  tag = f'{name}_{digest([embeddings.shape, float(np.abs(embeddings).sum()), k])}'
+def neighbour_lists(shared, name, embeddings, labels, k, method):
+  """Through the neighbour job: <shared>/neighbors_<name>_<hash>; returns (dir, purity at PURITY_K, job meta)."""
+  tag = f'{name}_{digest([embeddings.shape, float(np.abs(embeddings).sum()), k, method])}'
   emb_dir, out_dir = os.path.join(shared, f'embeddings_{tag}'), os.path.join(shared, f'neighbors_{tag}')
-  if not os.path.exists(os.path.join(out_dir, 'neighbors.npy')):
-    os.makedirs(emb_dir, exist_ok=True)
-    np.save(os.path.join(emb_dir, 'embeddings.npy'), retrieval.l2_normalize(embeddings.astype(np.float32)))
-    write_json(os.path.join(emb_dir, 'meta.json'), {'encoder': name, 'D': int(embeddings.shape[1])})
-    neighbors_job.run(emb_dir, out_dir, k=k, method='scann', overwrite=True)
+  with exclusive(out_dir):
+    if not os.path.exists(os.path.join(out_dir, 'neighbors.npy')):
+      os.makedirs(emb_dir, exist_ok=True)
+      np.save(os.path.join(emb_dir, 'embeddings.npy'), retrieval.l2_normalize(embeddings.astype(np.float32)))
+      write_json(os.path.join(emb_dir, 'meta.json'), {'encoder': name, 'D': int(embeddings.shape[1])})
+      neighbors_job.run(emb_dir, out_dir, k=k, method=method, overwrite=True)
   neighbors = np.load(os.path.join(out_dir, 'neighbors.npy'))
   purity = {str(n): float((labels[neighbors[:, :n]] == labels[:, None]).mean()) for n in PURITY_K}
-  return out_dir, purity
+  job = read_json(os.path.join(out_dir, 'meta.json'), {})
+  return out_dir, purity, {'method': job.get('method'), 'recall': job.get('recall'),
+                           'recall_queries': job.get('recall_queries'), 'index': job.get('index')}
+
+
+class LazyScorer:
+  """The evaluator's Scorer, built (trained or loaded) when first used: the first run trains meanwhile."""
+
+  def __init__(self, build):
+    self._build, self._scorer = build, None
+
+  def __getattr__(self, name):
+    if self._scorer is None:
+      self._scorer = self._build()
+    return getattr(self._scorer, name)
 
 
 def setup(args, train_x, train_y, test_x, test_y):
+  """(LazyScorer, {'encoder': dir, 'pca': dir}, probe images per grouping kind); writes <out>/meta.json."""
   shared = os.path.join(args.out, 'shared')
   os.makedirs(shared, exist_ok=True)
+  meta_path = os.path.join(args.out, 'meta.json')
   tic = time.time()
-  evaluator = classifier(shared, 'evaluator', fc.EVALUATOR, args.classifier_epochs, train_x, train_y)
-  featurize = fc.make_featurizer(evaluator, fc.EVALUATOR)
-  scorer = fc.Scorer(featurize, test_x, test_y)
-  train_feats, _ = featurize(fc.uint8_to_model(fc.quantize(train_x)))
-  floor = scorer.reference.fid(fid.FIDStatistics.from_features(train_feats))
   encoder = classifier(shared, 'encoder', fc.ENCODER, args.encoder_epochs, train_x, train_y)
   encode = fc.make_featurizer(encoder, fc.ENCODER)
   enc_feats, _ = encode(train_x)
-  encoder_dir, encoder_purity = neighbour_lists(shared, 'encoder', enc_feats, train_y, args.num_neighbors)
-  pca_dir, pca_purity = neighbour_lists(shared, 'pixel_pca', pca_embeddings(train_x, 32, np.float32), train_y,
-                                        args.num_neighbors)
-  meta = {'evaluator_test_accuracy': scorer.test_accuracy, 'fd_test_vs_train': floor,
-          'evaluator': {'widths': list(fc.EVALUATOR.widths), 'features': fc.EVALUATOR.features,
-                        'epochs': args.classifier_epochs},
+  encoder_dir, encoder_purity, encoder_job = neighbour_lists(shared, 'encoder', enc_feats, train_y,
+                                                             args.num_neighbors, args.neighbour_method)
+  pca_dir, pca_purity, pca_job = neighbour_lists(shared, 'pixel_pca', pca_embeddings(train_x, 32, np.float32),
+                                                 train_y, args.num_neighbors, args.neighbour_method)
+  meta = {**read_json(meta_path, {}),
           'encoder': {'kind': 'a classifier of its own (other widths and seed, no weights shared with the '
                               'evaluator), L2-normalised penultimate features',
                       'widths': list(fc.ENCODER.widths), 'features': fc.ENCODER.features,
                       'epochs': args.encoder_epochs},
           'neighbour_purity': {'encoder': encoder_purity, 'pixel_pca': pca_purity},
+          'neighbour_job': {'encoder': encoder_job, 'pixel_pca': pca_job},
           'neighbour_dirs': {'encoder': encoder_dir, 'pca': pca_dir},
-          'train_images': len(train_x), 'test_images': len(test_x), 'setup_seconds': time.time() - tic,
+          'train_images': len(train_x), 'test_images': len(test_x),
           'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}'}
-  write_json(os.path.join(args.out, 'meta.json'), meta)
-  print(f"Evaluator test accuracy {meta['evaluator_test_accuracy']:.4f}, FD test vs train {floor:.3f}; neighbour "
-        f"purity encoder {encoder_purity}, pixel PCA {pca_purity}.", flush=True)
+  write_json(meta_path, meta)
+  say(f"Neighbour purity encoder {encoder_purity} (recall@{args.num_neighbors} {encoder_job['recall']}), pixel PCA "
+      f"{pca_purity} (recall {pca_job['recall']}); {args.neighbour_method}.")
+
+  def build_scorer():
+    start = time.time()
+    evaluator = classifier(shared, 'evaluator', fc.EVALUATOR, args.classifier_epochs, train_x, train_y,
+                           monitor=(test_x, test_y))
+    featurize = fc.make_featurizer(evaluator, fc.EVALUATOR)
+    scorer = fc.Scorer(featurize, test_x, test_y)
+    train_feats, _ = featurize(fc.uint8_to_model(fc.quantize(train_x)))
+    floor = scorer.reference.fid(fid.FIDStatistics.from_features(train_feats))
+    meta.update({'evaluator_test_accuracy': scorer.test_accuracy, 'fd_test_vs_train': floor,
+                 'evaluator': {'widths': list(fc.EVALUATOR.widths), 'features': fc.EVALUATOR.features,
+                               'epochs': args.classifier_epochs,
+                               'augmentation': 'random horizontal flips, 2-px shifts'},
+                 'setup_seconds': time.time() - start + setup_seconds})
+    write_json(meta_path, {**read_json(meta_path, {}), **meta})
+    say(f'Evaluator test accuracy {scorer.test_accuracy:.4f}, FD test vs train {floor:.3f}.')
+    return scorer
+
   groups = group_branch_probe.probe_groups(test_y, encode(test_x)[0], min(PROBE_GROUPS, len(test_x) // 8), 4)
   probe = {kind: test_x[rows] for kind, rows in groups.items()}
-  return scorer, {'encoder': encoder_dir, 'pca': pca_dir}, probe
+  setup_seconds = time.time() - tic
+  return LazyScorer(build_scorer), {'encoder': encoder_dir, 'pca': pca_dir}, probe
 
 
 # --- Runs ----------------------------------------------------------------------------------------------
@@ -275,8 +331,8 @@ def run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches)
     os.replace(params_path + '.tmp', params_path)
     partial.update(losses=losses, train_seconds=time.time() - tic, group_branch_curve=curve)
     write_json(partial_path, partial)
-    print(f'{name} seed {seed}: trained {train_config.train.num_steps} steps in {time.time() - tic:.0f} s, final loss '
-          f'{losses[-1]:.4f}.', flush=True)
+    say(f'{name} seed {seed}: trained {train_config.train.num_steps} steps in {time.time() - tic:.0f} s, final loss '
+        f'{losses[-1]:.4f}.')
   done = {(p['interval'], p['cfg_scale']) for p in partial['curve']}
   for interval, scale in points:
     if (interval, scale) in done:
@@ -285,9 +341,9 @@ def run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches)
                          args.probe_images if setting.group_size > 1 else 0, scorer)[0]
     partial['curve'].append(point)
     write_json(partial_path, partial)
-    print(f"{name} seed {seed} {interval} CFG {scale:g}: FD {point['fd']:.3f}, class acc "
-          f"{point['class_accuracy']:.3f}, precision {point['precision']:.3f}, recall {point['recall']:.3f} "
-          f"({point['sample_seconds']:.0f} s, {args.curve_samples} samples).", flush=True)
+    say(f"{name} seed {seed} {interval} CFG {scale:g}: FD {point['fd']:.3f}, class acc "
+        f"{point['class_accuracy']:.3f}, precision {point['precision']:.3f}, recall {point['recall']:.3f} "
+        f"({point['sample_seconds']:.0f} s, {args.curve_samples} samples).")
   chosen = min(partial['curve'], key=lambda p: p['fd'])
   best, samples, labels = sample_point(args, train_config, name, params, chosen['interval'], chosen['cfg_scale'],
                                        args.num_samples, caches, 0, scorer, seed_offset=1)
@@ -295,8 +351,8 @@ def run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches)
   np.savez_compressed(samples_path, images=samples[:args.saved_samples],
                       labels=labels[:args.saved_samples].astype(np.int32), cfg_scale=best['cfg_scale'],
                       interval=np.asarray(INTERVALS[best['interval']]))
-  print(f"{name} seed {seed}: best {best['interval']} CFG {best['cfg_scale']:g}, FD {best['fd']:.3f} "
-        f"({args.num_samples} samples), class acc {best['class_accuracy']:.3f}.", flush=True)
+  say(f"{name} seed {seed}: best {best['interval']} CFG {best['cfg_scale']:g}, FD {best['fd']:.3f} "
+      f"({args.num_samples} samples), class acc {best['class_accuracy']:.3f}.")
   record = {'setting': name, 'seed': seed, **partial,
             'best': {k: v for k, v in best.items() if k != 's_cross'}, 's_cross_at_best': chosen.get('s_cross'),
             'num_steps': train_config.train.num_steps, 'samples_npz': os.path.basename(samples_path),
@@ -318,6 +374,8 @@ def main(argv=None):
   base = base_config(args)
   train_x, train_y, test_x, test_y = load_data(args)
   scorer, neighbour_dirs, probe = setup(args, train_x, train_y, test_x, test_y)
+  if args.setup_only:
+    return {'evaluator_test_accuracy': scorer.test_accuracy, 'setup_seconds': time.time() - start}
   log_path = os.path.join(args.out, 'invocations.json')
   invocations = read_json(log_path, [])
   invocation = {'command': 'python -m experiments.fashion_table1 ' + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -337,7 +395,7 @@ def main(argv=None):
         write_json(log_path, invocations)
   invocation['wall_seconds'] = time.time() - start
   write_json(log_path, invocations)
-  print(f'Wall time {time.time() - start:.0f} s.', flush=True)
+  say(f'Wall time {time.time() - start:.0f} s.')
   return invocation
 
 

@@ -127,9 +127,13 @@ def test_calibration_picks_the_fastest_setting_that_reaches_the_target():
   leaves, depth, tried = calibrate(FakeSearcher(with_self, leaves=3, depth=200))
   assert (leaves, depth) == (3, 200)
   assert [t[:3] for t in tried[:5]] == [[2, 100, 0.5], [3, 100, 0.5], [5, 100, 0.5], [2, 200, 0.5], [3, 200, 1.0]]
-  # Never reached: the best recall, fastest.
+  # Only deeper than the always-tried depths (100, 200, 400): deeper ones until one reaches it, no further.
+  searcher = FakeSearcher(with_self, leaves=2, depth=1600)
+  leaves, depth, tried = calibrate(searcher)
+  assert (leaves, depth) == (2, 1600) and sorted({t[1] for t in tried}) == [100, 200, 400, 800, 1600]
+  # Never reached: every depth tried (a plateau of 3 leaves each), the best recall, fastest.
   leaves, depth, tried = calibrate(FakeSearcher(with_self, leaves=10**6, depth=0))
-  assert (leaves, depth) == (2, 100) and len(tried) == 9
+  assert (leaves, depth) == (2, 100) and len(tried) == 18 and tried[-1][1] == 3200
   # A tree smaller than the ladder's first rung searches all its leaves.
   leaves, depth, tried = calibrate(FakeSearcher(with_self, leaves=1, depth=0), num_leaves=2)
   assert (leaves, depth) == (2, 100) and tried[0][:3] == [2, 100, 1.0]

@@ -2,7 +2,7 @@
 
 Two networks of this one architecture are trained on the training split
 only, with different widths and seeds, and never share weights:
-- the *evaluator* (EVALUATOR: widths 32/64/128, seed 0) scores samples:
+- the *evaluator* (EVALUATOR: widths 32/64/192, seed 0) scores samples:
   FD in its FEATURES-d penultimate space against the test split, class
   accuracy vs the conditioning labels, ADM precision/recall (k-NN
   manifolds, evaluation/precision_recall.py);
@@ -39,7 +39,8 @@ class Spec:
   batch_size: int = 128
 
 
-EVALUATOR = Spec()
+# 5 epochs of widths 32/64/128 gave 0.9139 test accuracy (issue 31's goal: >= 0.92): wider last stage, more epochs.
+EVALUATOR = Spec(widths=(32, 64, 192))
 ENCODER = Spec(widths=(16, 32, 64), features=64, seed=1)
 
 
@@ -76,10 +77,12 @@ def _check_images(images, what):
     raise errors.UserError(f'{what} must be greyscale images [M, S, S, 1] in [-1, 1]; got shape {shape}.')
 
 
-def train_classifier(images, labels, spec=EVALUATOR, epochs=8, log=logging.info):
+def train_classifier(images, labels, spec=EVALUATOR, epochs=8, log=logging.info, monitor=None):
   """Params of Classifier(spec) trained by Adam on cross-entropy, with random horizontal flips and 2-px shifts.
 
   A pure function of the arguments (spec.seed fixes initialisation and batch order).
+  monitor: optional (images, labels) whose accuracy is logged after every
+  epoch (only logged: nothing is chosen by it).
   """
   _check_images(images, 'Classifier training images')
   net, adam = _net(spec), optax.scale_by_adam()
@@ -94,6 +97,7 @@ def train_classifier(images, labels, spec=EVALUATOR, epochs=8, log=logging.info)
     updates, opt_state = adam.update(grads, opt_state)
     return jax.tree.map(lambda p, u: p - lr * u, params, updates), opt_state, loss
 
+  predict = jax.jit(lambda p, x: jnp.argmax(net.apply({'params': p}, x)[1], -1))
   images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
   rng = np.random.default_rng(spec.seed)
   steps_per_epoch = len(images) // spec.batch_size
@@ -111,7 +115,13 @@ def train_classifier(images, labels, spec=EVALUATOR, epochs=8, log=logging.info)
       lr = spec.learning_rate * 0.5 * (1 + np.cos(np.pi * (epoch * steps_per_epoch + i) / total))
       params, opt_state, loss = step(params, opt_state, x, labels[index], np.float32(lr))
       losses.append(loss)
-    log(f'Classifier {spec.widths}: epoch {epoch + 1}/{epochs}, loss {float(np.mean(jax.device_get(losses))):.4f}')
+    accuracy = ''
+    if monitor is not None:
+      predicted = np.concatenate([np.asarray(predict(params, jnp.asarray(monitor[0][i:i + 1000], jnp.float32)))
+                                  for i in range(0, len(monitor[0]), 1000)])
+      accuracy = f', held-out accuracy {float((predicted == np.asarray(monitor[1])).mean()):.4f}'
+    log(f'Classifier {spec.widths}: epoch {epoch + 1}/{epochs}, loss {float(np.mean(jax.device_get(losses))):.4f}'
+        f'{accuracy}')
   return params
 
 
