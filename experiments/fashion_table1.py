@@ -99,12 +99,15 @@ def parse_args(argv=None):
   p.add_argument('--hidden_size', type=int, default=None)
   p.add_argument('--batch_size', type=int, default=None)
   p.add_argument('--sample_steps', type=int, default=None)
+  p.add_argument('--log_every', type=int, default=None, help='steps per logged loss (default: the config\'s)')
   p.add_argument('--data_dir', default='', help='Fashion-MNIST IDX folder (default: the Debian package\'s)')
   p.add_argument('--classifier_epochs', type=int, default=15)
   p.add_argument('--encoder_epochs', type=int, default=2)
   p.add_argument('--num_neighbors', type=int, default=32, help='K of the neighbour job')
   p.add_argument('--neighbour_method', default='scann', choices=('scann', 'exact'),
                  help='the neighbour job\'s --method (scann: calibrated to recall@K >= 0.96; exact: brute force)')
+  p.add_argument('--train_checkpoint_every', type=int, default=1000,
+                 help='steps between saved training states (a killed run resumes from the last; multiple of 100)')
   p.add_argument('--setup_only', action='store_true', help='the shared setup (classifiers, neighbours) only')
   p.add_argument('--report_only', action='store_true', help='write the report from finished runs; run nothing')
   args = p.parse_args(argv)
@@ -117,7 +120,7 @@ def base_config(args):
   with config.unlocked():
     for value, section, key in ((args.num_steps, 'train', 'num_steps'), (args.depth, 'model', 'depth'),
                                 (args.hidden_size, 'model', 'hidden_size'), (args.batch_size, 'train', 'batch_size'),
-                                (args.sample_steps, 'sample', 'num_steps')):
+                                (args.sample_steps, 'sample', 'num_steps'), (args.log_every, 'train', 'log_every')):
       if value is not None:
         config[section][key] = value
     config.data.data_dir = args.data_dir
@@ -315,6 +318,8 @@ def run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches)
     curve = []
     steps = train_config.train.num_steps
     every = max(1, steps // PROBE_CHECKPOINTS)
+    state_prefix = params_path[:-len('.msgpack')] + '_state_step'
+    trained_before = [0.0]
 
     def on_step(step, state):  # the learning curve of the unconditional group branch (UC = 4 rows)
       if train_config.train.group_size == 4 and (step % every == 0 or step == steps):
@@ -323,15 +328,50 @@ def run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches)
             model, state.ema_params, images, 4, train_config.model.num_classes, train_config.model.max_group_size,
             rng) for kind, images in probe.items()}})
 
-    state, losses = table1.train_run(train_config, model, mesh, caches.setdefault(('train', source), {}), on_step)
+    def saved_steps():
+      folder, stem = os.path.split(state_prefix)
+      names = os.listdir(folder) if os.path.isdir(folder) else []
+      return sorted(int(n[len(stem):-len('.json')]) for n in names if n.startswith(stem) and n.endswith('.json')
+                    and os.path.exists(os.path.join(folder, n[:-len('.json')] + '.msgpack')))
+
+    def save(state, losses):  # the training state (+ its log) every --train_checkpoint_every steps
+      step = int(jax.device_get(state.step))
+      os.makedirs(os.path.dirname(state_prefix), exist_ok=True)
+      with open(f'{state_prefix}{step}.msgpack.tmp', 'wb') as f:
+        f.write(flax.serialization.to_bytes(jax.device_get(state)))
+      os.replace(f'{state_prefix}{step}.msgpack.tmp', f'{state_prefix}{step}.msgpack')
+      write_json(f'{state_prefix}{step}.json', {'losses': losses, 'group_branch_curve': curve,
+                                                'train_seconds': trained_before[0] + time.time() - tic})
+      for old in saved_steps()[:-1]:
+        os.remove(f'{state_prefix}{old}.json')
+        os.remove(f'{state_prefix}{old}.msgpack')
+
+    def restore(template):
+      found = saved_steps()
+      if not found:
+        return None
+      with open(f'{state_prefix}{found[-1]}.msgpack', 'rb') as f:
+        state = flax.serialization.from_bytes(template, f.read())
+      log = read_json(f'{state_prefix}{found[-1]}.json', {})
+      curve.extend(log['group_branch_curve'])
+      trained_before[0] = log['train_seconds']
+      say(f'{name} seed {seed}: resuming training at step {found[-1]} of {steps}.')
+      return state, log['losses']
+
+    state, losses = table1.train_run(train_config, model, mesh, caches.setdefault(('train', source), {}), on_step,
+                                     restore=restore, save=save, save_every=args.train_checkpoint_every)
     params = jax.device_get(state.ema_params)
     os.makedirs(os.path.dirname(params_path), exist_ok=True)
     with open(params_path + '.tmp', 'wb') as f:
       f.write(flax.serialization.to_bytes(params))
     os.replace(params_path + '.tmp', params_path)
-    partial.update(losses=losses, train_seconds=time.time() - tic, group_branch_curve=curve)
+    train_seconds = trained_before[0] + time.time() - tic
+    partial.update(losses=losses, train_seconds=train_seconds, group_branch_curve=curve)
     write_json(partial_path, partial)
-    say(f'{name} seed {seed}: trained {train_config.train.num_steps} steps in {time.time() - tic:.0f} s, final loss '
+    for old in saved_steps():
+      os.remove(f'{state_prefix}{old}.json')
+      os.remove(f'{state_prefix}{old}.msgpack')
+    say(f'{name} seed {seed}: trained {train_config.train.num_steps} steps in {train_seconds:.0f} s, final loss '
         f'{losses[-1]:.4f}.')
   done = {(p['interval'], p['cfg_scale']) for p in partial['curve']}
   for interval, scale in points:

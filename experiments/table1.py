@@ -81,11 +81,16 @@ HELD_OUT_SEED = 1  # dataset seed of the held-out real images (classifier test, 
 
 
 # --- One run -------------------------------------------------------------------
-def train_run(config, model, mesh, cache, on_step=None):
+def train_run(config, model, mesh, cache, on_step=None, restore=None, save=None, save_every=0):
   """Train one run; `cache` holds the setting's jitted step (shared by its seeds).
 
   `on_step(steps_done, state)`, if given, is called after every step
   (experiments/toy_pilot.py evaluates the EMA model from it).
+  Resuming (experiments/fashion_table1.py): `restore(state)` -> (state, losses
+  so far) of an interrupted run, or None to start at step 0 (given the fresh
+  state as a template); `save(state, losses)` is called every `save_every`
+  steps (a multiple of train.log_every) before the last. Batches are a pure
+  function of (seed, step), so a resumed run equals an uninterrupted one.
   """
   state, shardings = train_step.create_sharded_train_state(model, config, mesh, jax.random.PRNGKey(config.seed))
   if 'run_step' not in cache:
@@ -98,8 +103,14 @@ def train_run(config, model, mesh, cache, on_step=None):
   kinds = step_plan.step_kinds(config.train.batch_size, config.train.group_size, config.train.group_ratio,
                                config.train.mode, config.train.mixed_steps)
   batches = train.make_batches(config)
-  losses, window = [], []
-  for step in range(config.train.num_steps):
+  losses, window, start = [], [], 0
+  restored = restore(state) if restore is not None else None
+  if restored is not None:
+    state = jax.tree.map(lambda fresh, saved: jax.device_put(saved, fresh.sharding), state, restored[0])
+    losses, start = list(restored[1]), int(jax.device_get(state.step))
+  if save is not None and save_every % config.train.log_every:
+    raise ValueError(f'save_every={save_every} must be a multiple of train.log_every={config.train.log_every}.')
+  for step in range(start, config.train.num_steps):
     name = step_plan.step_kind_name(config.seed, step, kinds, config.train.group_ratio)
     state, metrics = run_step(state, batches.batch(step, kinds[name]), kinds[name])
     window.append(metrics['loss'])
@@ -108,6 +119,8 @@ def train_run(config, model, mesh, cache, on_step=None):
     if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.num_steps:
       losses.append(float(np.mean(jax.device_get(window))))
       window = []
+    if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < config.train.num_steps:
+      save(state, losses)
   return state, losses
 
 
