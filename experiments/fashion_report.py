@@ -6,9 +6,14 @@ seed the FD at every point of the CFG curve, the best FD and its class
 accuracy, precision, recall and S_cross, the paired comparisons (95%
 t-interval over seeds and a verdict: experiments/table1_stats.py), the
 Pearson r of S_cross and FD over the grouped rows, and the invocations'
-wall time. Beside it --docs_dir gets table.md, the plots (FD vs CFG per row,
-FD vs group size, Table 2 bars, S_cross vs FD) and a copy of every finished
-run's samples npz.
+wall time. 'status' is 'partial' until every (row, seed) the sweep's
+arguments ask for has finished: 'missing_runs' lists the others and
+'in_progress' the curve points of runs still sampling (never used in a
+comparison). Beside it --docs_dir gets table.md (headed PARTIAL while
+partial), the plots (FD vs CFG per row, FD vs group size, Table 2 bars,
+S_cross vs FD, the group branch's learning curve), a sample grid per row
+(grids/<row>.png: its first finished seed, each row of 4 one class) and a
+copy of every finished run's samples npz.
 """
 
 import json
@@ -19,6 +24,7 @@ import numpy as np
 
 from experiments import plots, table1_stats
 from experiments.fashion_settings import COMPARISONS, SETTINGS
+from groupdiff_jax.sample import save_grid
 
 
 def _read(path, default):
@@ -77,10 +83,33 @@ def comparisons(rows):
   return found
 
 
+def expected_runs(args):
+  """'<row>_seed<k>' of every run the sweep's --settings / --seeds / --long_seeds ask for."""
+  seeds = [int(s) for s in args.seeds.split(',') if s]
+  long_seeds = {int(s) for s in args.long_seeds.split(',') if s}
+  names = [n for n in args.settings.split(',') if n in SETTINGS]
+  return [f'{n}_seed{k}' for k in seeds for n in names if SETTINGS[n].table != 4 or k in long_seeds]
+
+
+def in_progress(runs_dir):
+  """{'<row>_seed<k>': curve points scored so far} of the runs still sampling (partial.json)."""
+  found = {}
+  for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+    if name.endswith('.partial.json'):
+      partial = _read(os.path.join(runs_dir, name), {})
+      found[name[:-len('.partial.json')]] = {
+          'trained': partial.get('losses') is not None,
+          'curve': {f"{p['interval']}@{p['cfg_scale']:g}": {k: p.get(k) for k in ('fd', 'class_accuracy')}
+                    for p in partial.get('curve', [])}}
+  return found
+
+
 def build(args):
   meta = _read(os.path.join(args.out, 'meta.json'), {})
   invocations = _read(os.path.join(args.out, 'invocations.json'), [])
   runs = [r for r in load_runs(args.runs) if r and r.get('setting') in SETTINGS]
+  finished = {f"{r['setting']}_seed{r['seed']}" for r in runs}
+  missing = [n for n in expected_runs(args) if n not in finished]
   by_setting = {}
   for r in runs:
     by_setting.setdefault(r['setting'], []).append(r)
@@ -88,6 +117,9 @@ def build(args):
   grouped = [r for r in rows.values() if r['table'] == 1 and r['group_size'] > 1 and r['s_cross'] is not None]
   return {
       'what': 'GroupDiff-l on Fashion-MNIST (issue 31): experiments/fashion_table1.py; docs/results.md',
+      'status': 'partial' if missing else 'complete',
+      'missing_runs': missing,
+      'in_progress': in_progress(args.runs),
       'evaluator_test_accuracy': meta.get('evaluator_test_accuracy'),
       'fd_test_vs_train': meta.get('fd_test_vs_train'),
       'neighbour_purity': meta.get('neighbour_purity'),
@@ -110,7 +142,12 @@ def _fmt(value, sd=None, digits=2):
 
 
 def markdown(report):
-  lines = [f"Evaluator test accuracy {_fmt(report['evaluator_test_accuracy'], digits=4)}; FD test vs train "
+  lines = []
+  if report['status'] != 'complete':
+    lines += [f"**PARTIAL: {report['num_runs']} runs finished, {len(report['missing_runs'])} not yet "
+              f"({', '.join(report['missing_runs'][:6])}{' ...' if len(report['missing_runs']) > 6 else ''}). "
+              'Nothing below is a final result; rows with fewer than 3 seeds have no interval.**', '']
+  lines += [f"Evaluator test accuracy {_fmt(report['evaluator_test_accuracy'], digits=4)}; FD test vs train "
            f"{_fmt(report['fd_test_vs_train'], digits=3)}; runs finished: {report['num_runs']}.", '',
            '| row | seeds | best FD | best point (per seed) | class acc. | precision | recall | S_cross % |',
            '|---|---|---|---|---|---|---|---|']
@@ -119,6 +156,16 @@ def markdown(report):
                  f"{', '.join(r['best_point_per_seed'].values())} | "
                  f"{_fmt(r['class_accuracy'], r['class_accuracy_sd'], 3)} | "
                  f"{_fmt(r['precision'], None, 3)} | {_fmt(r['recall'], None, 3)} | {_fmt(r['s_cross'])} |")
+  learning = [(r['name'], seed, c) for r in report['settings'] for seed, curve in
+              r['group_branch_curve_per_seed'].items() for c in curve]
+  if learning:
+    lines += ['', 'Unconditional branch, velocity MSE with group attention on minus off (mean over the t grid; '
+              '< 0: the group helps), held-out groups:', '',
+              '| row | seed | step | similarity | same class | random |', '|---|---|---|---|---|---|']
+    for name, seed, c in learning:
+      gaps = [float(np.mean([v['on'] - v['off'] for v in c[kind].values()])) for kind in ('similarity', 'class',
+                                                                                        'random')]
+      lines.append(f"| {name} | {seed} | {c['step']} | " + ' | '.join(f'{g:+.4f}' for g in gaps) + ' |')
   lines += ['', '| comparison | mean difference [95% interval] | verdict |', '|---|---|---|']
   for c in report['comparisons']:
     interval = f"[{c['interval'][0]:+.2f}, {c['interval'][1]:+.2f}]" if c['interval'] else '(n < 2)'
@@ -166,6 +213,18 @@ def figures(report, docs_dir):
                'Fashion-MNIST: S_cross vs FD', lines=False)
 
 
+def grids(report, runs_dir, grid_dir):
+  """grids/<row>.png: the first finished seed's saved samples, one class per grid row of its group size."""
+  os.makedirs(grid_dir, exist_ok=True)
+  for row in report['settings']:
+    seed = min(row['seeds'])
+    path = os.path.join(runs_dir, f"{row['name']}_seed{seed}_samples.npz")
+    if os.path.exists(path):
+      per_row = row['group_size'] if row['group_size'] > 1 else 4
+      with np.load(path) as npz:
+        save_grid(npz['images'][:10 * per_row], per_row, os.path.join(grid_dir, f"{row['name']}.png"))
+
+
 def write(args):
   report = build(args)
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -178,6 +237,7 @@ def write(args):
   for name in sorted(os.listdir(args.runs)) if os.path.isdir(args.runs) else []:
     if name.endswith('_samples.npz'):
       shutil.copyfile(os.path.join(args.runs, name), os.path.join(args.docs_dir, 'samples', name))
+  grids(report, args.runs, os.path.join(args.docs_dir, 'grids'))
   print(markdown(report))
   print(f'Report: {os.path.abspath(args.json)}')
   return report

@@ -4,8 +4,9 @@ import json
 import os
 
 import numpy as np
+import pytest
 
-from experiments import fashion_settings, fashion_table1
+from experiments import fashion_settings, fashion_table1, table1
 from tests.test_fashion_mnist import write_split
 
 SMOKE = ['--depth=1', '--hidden_size=32', '--batch_size=16', '--num_steps=2', '--sample_steps=2',
@@ -49,6 +50,12 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
   assert json.loads(json_path.read_text())['num_runs'] == 3
   assert (docs / 'table.md').exists() and (docs / 'fd_vs_cfg.png').exists()
   assert len(os.listdir(docs / 'samples')) == 3
+  assert sorted(os.listdir(docs / 'grids')) == ['baseline.png', 'sim_uc4.png', 'sim_uc4_stage0.2.png']
+  assert report['status'] == 'complete' and report['missing_runs'] == [] and report['in_progress'] == {}
+  # Asked for a seed that has not run: partial, the missing runs named, and said so above the table.
+  report = fashion_table1.main(common + ['--report_only', '--seeds=0,1'])
+  assert report['status'] == 'partial' and report['missing_runs'] == ['baseline_seed1', 'sim_uc4_stage0.2_seed1']
+  assert (docs / 'table.md').read_text().startswith('**PARTIAL: 3 runs finished, 2 not yet')
 
 
 def test_settings_cover_the_issue_rows():
@@ -57,3 +64,42 @@ def test_settings_cover_the_issue_rows():
           'alt_uc4', 'sim_uc4_stage0.2', 'sim_uc4_stage0.4', 'sim_uc4_stage0.6', 'sim_uc4_no_first',
           'sim_uc4_no_last', 'baseline_long', 'sim_uc4_long'} <= names
   assert not fashion_settings.SETTINGS['alt_uc4'].mixed_steps and fashion_settings.SETTINGS['sim_uc4'].mixed_steps
+
+
+class Killed(Exception):
+  pass
+
+
+def test_killed_training_resumes_from_its_saved_state_to_the_same_params(tmp_path, monkeypatch):
+  data = tmp_path / 'idx'
+  data.mkdir()
+  write_split(data, 'train', 256)
+  write_split(data, 'test', 64, seed=1)
+  flags = {f: v for f, v in (a.split('=', 1) for a in SMOKE)}
+  flags.update({'--settings': 'baseline', '--cfg_scales': '1', '--num_steps': '4', '--log_every': '1',
+                '--train_checkpoint_every': '2'})
+  common = [f'--out={tmp_path / "out"}', f'--data_dir={data}'] + [f'{f}={v}' for f, v in flags.items()]
+  fashion_table1.main(common + [f'--runs={tmp_path / "whole"}'])
+  real = table1.train_run
+
+  def killed_after_first_save(*args, save=None, **kwargs):
+    def save_and_die(state, losses):
+      save(state, losses)
+      raise Killed()
+    return real(*args, save=save_and_die, **kwargs)
+
+  killed = tmp_path / 'killed'
+  with monkeypatch.context() as patch:
+    patch.setattr(table1, 'train_run', killed_after_first_save)
+    with pytest.raises(Killed):
+      fashion_table1.main(common + [f'--runs={killed}'])
+  assert sorted(p.name.split('_state_')[1] for p in (killed / 'params').iterdir()) == ['step2.json', 'step2.msgpack']
+  resumed = []
+  monkeypatch.setattr(fashion_table1, 'say', resumed.append)
+  fashion_table1.main(common + [f'--runs={killed}'])
+  assert any('resuming training at step 2 of 4' in line for line in resumed)
+  whole_params, = (tmp_path / 'whole' / 'params').iterdir()
+  killed_params, = (killed / 'params').iterdir()  # the saved state is removed once the run is trained
+  assert killed_params.name == whole_params.name and killed_params.read_bytes() == whole_params.read_bytes()
+  losses = [json.loads((d / 'baseline_seed0.json').read_text())['losses'] for d in (tmp_path / 'whole', killed)]
+  assert len(losses[0]) == 4 and losses[0] == losses[1]
