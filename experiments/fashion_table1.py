@@ -279,7 +279,7 @@ def sample_point(args, train_config, name, params, interval, scale, num_samples,
     with config.unlocked():
       config.seed = train_config.seed + 1000 * seed_offset
   tic = time.time()
-  cache = caches.setdefault(('sample', name, interval, scale, num_samples), {})
+  cache = caches.setdefault(('sample', name, interval, scale), {})  # the compiled shape is --chunk's
   model = cache.setdefault('model', model_from_config(config.model))
   samples, labels, trajectory, _ = table1.sample_run(config, model, params, cache, num_samples, args.chunk,
                                                      probe_images)

@@ -11,7 +11,7 @@ from tests.test_fashion_mnist import write_split
 
 SMOKE = ['--depth=1', '--hidden_size=32', '--batch_size=16', '--num_steps=2', '--sample_steps=2',
          '--curve_samples=16', '--num_samples=24', '--saved_samples=8', '--chunk=16', '--probe_images=8', '--cfg_scales=1,2',
-         '--classifier_epochs=1', '--encoder_epochs=1', '--num_neighbors=8', '--seeds=0',
+         '--classifier_epochs=1', '--encoder_epochs=1', '--num_neighbors=8', '--neighbour_method=exact', '--seeds=0',
          '--settings=baseline,sim_uc4_stage0.2']
 
 
