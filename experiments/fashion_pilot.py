@@ -81,28 +81,42 @@ def score(args, study):
   config = training_config(base, 'baseline', 0, {})
   model = model_from_config(config.model)
   results, caches = [], {}
+  if os.path.exists(args.json):  # a rerun scores only the (checkpoint, scale) pairs not yet in --json
+    with open(args.json) as f:
+      results = [r for r in json.load(f)['results'] if r.get('num_samples') == study.num_samples]
   for checkpoint in log['checkpoints']:
-    with open(checkpoint['path'], 'rb') as f:
-      params = flax.serialization.msgpack_restore(f.read())
+    params = None
     for scale in [float(s) for s in study.cfg_scales.split(',')]:
+      if any(r['step'] == checkpoint['step'] and r['cfg_scale'] == scale for r in results):
+        continue
+      if params is None:
+        with open(checkpoint['path'], 'rb') as f:
+          params = flax.serialization.msgpack_restore(f.read())
       sample_config = sampling_config(config, 'baseline', study.num_samples, scale, (0.0, 1.0))
-      tic = time.time()
+      tic, cpu = time.time(), time.process_time()
       samples, labels, _, _ = table1.sample_run(sample_config, model, params, caches.setdefault(scale, {}),
                                                 study.num_samples, study.chunk, 0)
       result = {'step': checkpoint['step'], 'cfg_scale': scale, **scorer.score(samples, labels),
-                'sample_seconds': time.time() - tic, 'train_cpu_seconds': checkpoint['cpu_seconds'],
+                'sample_seconds': time.time() - tic, 'sample_cpu_seconds': time.process_time() - cpu,
+                'train_cpu_seconds': checkpoint['cpu_seconds'],
                 'train_wall_seconds': checkpoint['wall_seconds']}
       results.append(result)
-      print(result, flush=True)
+      print({k: v for k, v in result.items() if k != 'train_wall_seconds'}, flush=True)
       grids = os.path.splitext(args.json)[0]
       os.makedirs(grids, exist_ok=True)
       save_grid(samples[:40], 4, os.path.join(grids, f"step{checkpoint['step']}_cfg{scale:g}.png"))
+      write_report(args, study, config, scorer, log, results)
+  return write_report(args, study, config, scorer, log, results)
+
+
+def write_report(args, study, config, scorer, log, results):
   report = {'evaluator_test_accuracy': scorer.test_accuracy, 'evaluator_from': args.evaluator_from or study.out,
             'model': {k: config.model[k] for k in ('variant', 'depth', 'hidden_size', 'num_heads')},
             'train': {'batch_size': config.train.batch_size, 'lr': config.optim.lr},
             'sample': {'sampler': config.sample.sampler, 'num_steps': config.sample.num_steps,
                        'num_samples': study.num_samples, 'interval': 'whole trajectory'},
-            'training_log': log['checkpoints'], 'results': results}
+            'training_log': log['checkpoints'],
+            'results': sorted(results, key=lambda r: (r['step'], r['cfg_scale']))}
   with open(args.json, 'w') as f:
     json.dump(report, f, indent=1)
   return report
