@@ -1,15 +1,21 @@
 """Pilot for the Fashion-MNIST study: how fast does the baseline learn on one core?
 
-  nice -n 10 python -m experiments.fashion_pilot --out=/work/fashion_sweep/pilot --num_steps=4000
-  python -m experiments.fashion_pilot --out=/work/fashion_sweep/pilot --score --json=docs/fashion_pilot.json
+  nice -n 10 taskset -c 0 python -m experiments.fashion_pilot --out=/work/fashion_sweep2/pilot \
+      --num_steps=6000 --save_every=1500
+  python -m experiments.fashion_pilot --out=/work/fashion_sweep2/pilot --score --json=docs/fashion_pilot.json \
+      --cfg_scales=1.5,3 --num_samples=1000 [--evaluator_from=/work/fashion_sweep]
 
 Training (the default) trains the baseline row of experiments/fashion_settings.py
 with configs/fashion_mnist.py (model flags as experiments/fashion_table1.py) and
 keeps the EMA params every --save_every steps in --out, with the wall and CPU
-seconds per step in <out>/pilot.json. `--score` samples every kept checkpoint
-at --cfg_scales (whole trajectory) and scores --num_samples samples with the
-study's evaluator (trained once in <out>/../shared by fashion_table1's setup):
-class accuracy, FD, precision, recall; written to --json with sample grids.
+seconds at each in <out>/pilot.json (the learning rate is constant, so the
+checkpoint at step n is an n-step run). `--score` samples every kept
+checkpoint at --cfg_scales (whole trajectory) and scores --num_samples
+samples with the study's evaluator (the setup in <out>/.., or an earlier
+study folder's with --evaluator_from): class accuracy, FD, precision, recall,
+sample CPU seconds; written to --json after each point, with sample grids
+in <json without .json>/ (4 per row, one class a row). A rerun scores only
+the pairs not yet in --json, so it can follow the training.
 """
 
 import argparse

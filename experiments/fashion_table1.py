@@ -1,15 +1,18 @@
 """GroupDiff-l on Fashion-MNIST: Tables 1 and 2 with the paper's protocol (issue 31; docs/results.md).
 
   XLA_FLAGS=--xla_cpu_multi_thread_eigen=false JAX_PLATFORMS=cpu \
-      nice -n 10 taskset -c 1 python -m experiments.fashion_table1 --out=/work/fashion_sweep
-  python -m experiments.fashion_table1 --out=/work/fashion_sweep --report_only
+      nice -n 10 taskset -c 1 python -m experiments.fashion_table1 --out=/work/fashion_sweep2
+  python -m experiments.fashion_table1 --out=/work/fashion_sweep2 --report_only
 
-Setup (once, kept in <out>/shared): the evaluator of record and the
-learned encoder (evaluation/fashion_classifier.py, two classifiers of their
-own trained on the training split), the evaluator's test accuracy and the
-test-vs-train FD (the floor), the encoder's and the pixels' PCA embeddings
-of the training split and their neighbour lists from the real retrieval job
-(data/neighbors_job.py, ScaNN), with each one's neighbour class purity.
+Setup (once, kept in <out>/shared): the learned encoder (a classifier of
+its own), the encoder's and the pixels' PCA embeddings of the training split
+and their neighbour lists from the real retrieval job (data/neighbors_job.py;
+ScaNN calibrated to recall@K >= 0.96, or --neighbour_method=exact) with each
+one's neighbour class purity; then, when the first samples are scored, the
+evaluator of record (evaluation/fashion_classifier.py, trained on the
+training split), its test accuracy and the test-vs-train FD (the floor).
+Each piece is built under a file lock, so `--setup_only` started earlier on
+the same --out and the sweep never build one twice.
 
 Runs (seeds outer, rows of experiments/fashion_settings.py inner): train
 configs/fashion_mnist.py (changed per row), then sample at every CFG scale
@@ -29,21 +32,26 @@ only (default seed 0); seeds are the outer loop, so seed 0 of every row
 comes first: its baseline run is the sizing check (class accuracy >= 85% at
 its best CFG).
 
-Budget (arithmetic from the toy study's measured 0.136 s per training step
-of this model size on one free core, docs/results.md; not measured on
-Fashion-MNIST in the session that wrote this): ~544 s of training and ~450 s
-of sampling per trained run (9 curve points of 1,000 samples, 12 Euler
-steps, both branches; 5,000 at the best point), ~450 s per Table 2 run:
-27 trained runs + 15 Table 2 runs + the long pair of one seed ~ 39,000 s
-~ 11 h on a free core, plus the setup (the two classifiers).
+Budget, in training-step equivalents of the baseline (batch 32; the pilot,
+experiments/fashion_pilot.py, measured ~0.14 CPU-s per step; docs/results.md):
+a run samples ~12,500 image-passes x 12 Euler steps (curve: CFG 1 one
+branch, 4 whole-trajectory scales two, 4 interval scales ~1.5; the best
+point 5,000 images) ~ 3,100 step equivalents. 27 trained runs + the long
+pair (2 x 4x) = 35 trainings of num_steps, and 44 sampled runs (27 + 15
+Table 2 + 2): at 4,000 steps ~ 280,000 step equivalents ~ 11 h of one free
+core, plus the setup (the evaluator: 15 epochs).
 
-Resume: trained EMA params are kept in <runs>/params; each sampled point is
+Resume: a run's training state is saved every --train_checkpoint_every
+steps (<runs>/params/<row>_seed<k>_<hash>_state_step<n>.msgpack + .json, the
+losses and the group branch's curve so far) and a killed training resumes
+from the last one, exactly (batches are a pure function of seed and step);
+trained EMA params are kept in <runs>/params; each sampled point is
 appended to <runs>/<row>_seed<k>.partial.json as it is scored; a finished
 run is <runs>/<row>_seed<k>.json. A rerun with the same arguments skips
 finished runs and points (other arguments: an error naming the file).
 `--report_only` writes --json (default docs/fashion_table1.json), the
-table docs/fashion_table1.md, plots and the samples into --docs_dir from
-whatever runs have finished.
+table <docs_dir>/table.md, plots, grids and the samples into --docs_dir
+from whatever runs have finished, marked partial until all have.
 """
 
 import argparse
