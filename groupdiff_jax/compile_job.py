@@ -163,7 +163,7 @@ def compile_report(config, include_sampler=True, keep_going=False):
 
   programs = [(f'train_step/{name}', functools.partial(step.lower, state, batch_of(kind), kind))
               for name, kind in kinds.items()]
-  breakdown = next(iter(kinds)) if cc.get('breakdown', False) else None
+  breakdown = next(iter(kinds)) if cc.breakdown else None
   if breakdown:  # the first step kind's forward, forward at 2x the batch, forward + backward (step_breakdown.py)
     programs += step_breakdown.programs(config, mesh, state, state_sharding, breakdown, kinds[breakdown], batch_of)
   if include_sampler:

@@ -329,10 +329,10 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
 def update_layout(config, state_sharding):
   """The UpdateLayout of a sharded update (mesh.shard_update with a TrainState of shardings), else None."""
   mesh_config = config.mesh
-  if not isinstance(state_sharding, TrainState) or mesh_config is None or not mesh_config.get('shard_update', False):
+  if not isinstance(state_sharding, TrainState) or mesh_config is None or not mesh_config.shard_update:
     return None
   return UpdateLayout(compute=jax.tree.map(sharding.compute_sharding, state_sharding.params),
-                      dtype=jnp.dtype(config.model.get('dtype', 'float32')))
+                      dtype=jnp.dtype(config.model.dtype))
 
 
 def make_jitted_train_step(config, mesh, state_sharding):
