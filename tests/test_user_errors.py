@@ -113,7 +113,7 @@ def test_cli_a_config_without_the_default_fields_names_them(tmp_path, capsys):
   path.write_text('import ml_collections\n\n\ndef get_config():\n  config = ml_collections.ConfigDict()\n'
                   '  config.seed = 0\n  config.colour = "red"\n  return config\n')
   result = cli_in_process.run_main(capsys, f'--config={path}', f'--workdir={tmp_path}')
-  assert_one_error(result, f'--config={path}', 'lacks compile.headroom, compile.num_slices', 'has colour',
+  assert_one_error(result, f'--config={path}', 'lacks compile.', 'compile.headroom', 'has colour',
                    'from configs import default')
 
 
