@@ -96,12 +96,13 @@ def time_guard(depth, repeats):
                                      'train.batch_size': 16, 'train.group_ratio': 0.0})
   state = train_step.create_train_state(model_from_config(config.model), config, jax.random.PRNGKey(0))
   (kind,) = step_plan.step_kinds(16, 4, 0.0).values()
-  data_config = config.data.copy_and_resolve_references()
-  data_config.batch_size, data_config.grouping = 16, 'random'
+  data_config = config.copy_and_resolve_references()
+  data_config.train.batch_size, data_config.data.grouping = 16, 'random'
   batch = DigitsBatches(data_config, seed=0).batch(0, kind)
   steps = {check: jax.jit(functools.partial(train_step.train_step, kind=kind, train_config=config.train,
                                             optim_config=config.optim, max_group_size=config.model.max_group_size,
-                                            null_class=config.model.num_classes, check_update=check))
+                                            null_class=config.model.num_classes, model_config=config.model,
+                                            check_update=check))
            for check in (False, True, 'state')}
   states = {check: jax.block_until_ready(steps[check](state, batch)[0]) for check in steps}  # compile
   times = {False: [], True: [], 'state': []}

@@ -33,6 +33,7 @@ def get_config():
   config.model.depth = 0  # 0: from the variant; >0 overrides it
   config.model.hidden_size = 0
   config.model.num_heads = 0
+  config.model.mlp_ratio = 4.0  # MLP width / hidden size
   config.model.input_size = 32  # latent side (256 px / 8)
   config.model.in_channels = 4
   config.model.num_classes = 1000
@@ -129,8 +130,27 @@ def get_config():
   config.optim.grad_clip = 3.0  # 0 disables clipping
   config.optim.ema_decay = 0.9999
 
+  # The batch source (train.make_batches): 'imagenet_latents' / 'latents' (a latent store, data/pipeline.py),
+  # or the in-memory 'digits' | 'toy_shapes' | 'fashion_mnist' (data/array_batches.py). Every source's fields
+  # are here; each source reads only its own.
   config.data = ml_collections.ConfigDict()
   config.data.name = 'imagenet_latents'
+  config.data.grouping = 'official_plan'  # 'official_plan' (similarity) | 'class' | 'random'; latents: 'tau_random'
+  # latents: latents.npy, labels.npy, meta.json (docs/method.md, Data formats; extract_latents_job)
+  config.data.latent_dir = ''
+  # neighbors.npy (+ scores.npy, meta.json for latents; neighbors_job); fashion_mnist: '' = the pixels' PCA
+  config.data.neighbors_dir = ''
+  config.data.tau = 0.7  # latents, grouping 'tau_random': cosine threshold (paper)
+  config.data.random_flip = False  # latents: the store's flipped copies (when it holds them)
+  config.data.prefetch = 2  # latents: steps assembled ahead
+  config.data.image_size = 32  # in-memory sources: image side in pixels (= model.input_size)
+  config.data.embedding_dims = 32  # in-memory sources: PCA dimensions of the similarity embedding
+  config.data.num_neighbors = 16  # in-memory sources: neighbours per image for the epoch plan
+  config.data.num_images = 20_000  # toy_shapes: images generated
+  config.data.dataset_seed = 0  # toy_shapes: the generated data's seed
+  config.data.textures = 'solid,stripes,dots'  # toy_shapes: comma-separated names of toy_shapes.TEXTURES
+  config.data.size_range = (0.35, 0.7)  # toy_shapes: uniform shape radius (half image widths)
+  config.data.data_dir = ''  # fashion_mnist: the IDX files; '' = the Debian package's /usr/share/datasets/fashion-mnist
 
   config.sample = ml_collections.ConfigDict()
   config.sample.sampler = 'heun'  # SiT: 'euler' | 'heun' | 'sde' | 'dopri5'; DiT: 'ddpm' | 'ddim'

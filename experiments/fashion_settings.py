@@ -126,6 +126,6 @@ def sampling_config(train_config, name, num_samples, cfg_scale, interval):
     config.sample.cfg_scale = cfg_scale
     config.sample.guidance_low, config.sample.guidance_high = interval
     if setting.remove_group_layers:
-      depth = config.model.get('depth') or dit.parse_variant(config.model.variant)['depth']
+      depth = config.model.depth or dit.parse_variant(config.model.variant)['depth']
       config.model.group_layers = removed_group_layers(depth, setting.remove_group_layers)
   return config

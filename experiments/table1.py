@@ -240,7 +240,7 @@ def run_sweep(args, base, settings, seeds, featurize, reference, evaluator_accur
                 'fd': float(scores['fd']),
                 'class_accuracy': scores['class_accuracy'], 's_cross': trajectory,
                 's_cross_renoised': renoised, 'evaluator_real_accuracy': evaluator_accuracy,
-                'group_layers': list(config.model.group_layers) if config.model.get('group_layers') else None,
+                'group_layers': list(config.model.group_layers) if config.model.group_layers else None,
                 'group_stage_fraction': config.sample.group_stage_fraction,
                 'final_loss': losses[-1] if losses else None, 'losses': losses, 'train_seconds': train_seconds,
                 'sample_seconds': sample_seconds, 'num_samples': len(samples),

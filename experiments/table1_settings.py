@@ -174,6 +174,6 @@ def setting_config(base, name, seed, num_samples):
     if setting.cfg_scale is not None:
       config.sample.cfg_scale = setting.cfg_scale
     if setting.remove_group_layers:
-      depth = config.model.get('depth') or dit.parse_variant(config.model.variant)['depth']
+      depth = config.model.depth or dit.parse_variant(config.model.variant)['depth']
       config.model.group_layers = removed_group_layers(depth, setting.remove_group_layers)
   return config

@@ -38,7 +38,6 @@ or truncated files, another tree or shape) is moved aside.
 
 import contextlib
 import json
-import logging
 import re
 import time
 
@@ -46,6 +45,7 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from groupdiff_jax import errors, storage, weights_io
 # Re-exported: checkpoint.shard_checksums, checkpoint.integrity_problem, ... as before the split.

@@ -41,6 +41,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from groupdiff_jax import describe as describe_lib
 from groupdiff_jax import errors, sample, sharding, step_breakdown, step_plan, storage
@@ -79,9 +80,9 @@ class DoesNotFit(errors.ConfigError):
     self.compile_seconds = compile_seconds
 
 
-def _compile(lowered, log, name, topology=''):
+def _compile(lowered, name, topology=''):
   """lowered.compile(); the TPU compiler's out-of-HBM refusal becomes DoesNotFit with its numbers."""
-  log(f'compiling {name} ...')
+  logging.info('compiling %s ...', name)
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -92,7 +93,7 @@ def _compile(lowered, log, name, topology=''):
     raise DoesNotFit(f'{name} does not fit {topology} per device (the TPU compiler: {message}); {ADVICE}.',
                      message, time.perf_counter() - start) from error
   seconds = time.perf_counter() - start
-  log(f'compiled {name} in {seconds:.1f} s')
+  logging.info('compiled %s in %.1f s', name, seconds)
   return compiled, seconds
 
 
@@ -112,7 +113,7 @@ def selected_kinds(kinds, names):
 
 
 # --- The job ------------------------------------------------------------------
-def compile_report(config, log=print, include_sampler=True, keep_going=False):
+def compile_report(config, include_sampler=True, keep_going=False):
   """Compiles the train steps (and the sampler) for config.compile's topology; returns the report dict.
 
   keep_going: a program the compiler refuses for lack of HBM is recorded
@@ -124,7 +125,7 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
   mesh = target_mesh(config, devices, cc.num_slices)
   train = config.train
   kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
-  kinds = selected_kinds(kinds, cc.get('step_kinds', ''))
+  kinds = selected_kinds(kinds, cc.step_kinds)
   for kind in kinds.values():
     try:
       sharding.check_groups_fit_mesh(kind, mesh)
@@ -144,14 +145,14 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
   precheck(config, estimate, budget, chip, mesh)
   report = {'topology': cc.topology, 'num_slices': cc.num_slices, 'devices': mesh.size, 'mesh': dict(mesh.shape),
             'device_kind': devices[0].device_kind, 'chip': dict(chip), 'headroom': cc.headroom,
-            'attention_impl': config.model.attention_impl, 'remat': config.model.get('remat', 'none'),
+            'attention_impl': config.model.attention_impl, 'remat': config.model.remat,
             'batch_size': train.batch_size,
             'attention_model': 'optimal_seconds + analytic attention FLOPs (fwd+bwd) at the chip bf16 peak '
                                '(Mosaic kernels are invisible to cost_analysis)',
             'describe_estimate_bytes_per_device': estimate['memory_bytes_per_device'],
             'collective_bytes': COLLECTIVE_BYTES_RULE, 'roofline_model': ROOFLINE_MODEL,
-            'shard_update': bool(config.mesh.get('shard_update', False)),
-            'group_collective': config.mesh.get('group_collective', 'all_gather'), 'programs': {}}
+            'shard_update': bool(config.mesh.shard_update),
+            'group_collective': config.mesh.group_collective, 'programs': {}}
   step = train_step_lib.make_jitted_train_step(config, mesh, state_sharding)
 
   def batch_of(kind):
@@ -162,14 +163,14 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
 
   programs = [(f'train_step/{name}', functools.partial(step.lower, state, batch_of(kind), kind))
               for name, kind in kinds.items()]
-  breakdown = next(iter(kinds)) if cc.get('breakdown', False) else None
+  breakdown = next(iter(kinds)) if cc.breakdown else None
   if breakdown:  # the first step kind's forward, forward at 2x the batch, forward + backward (step_breakdown.py)
     programs += step_breakdown.programs(config, mesh, state, state_sharding, breakdown, kinds[breakdown], batch_of)
   if include_sampler:
     sampler_lower, sampler_devices, sampler_images = _sampler_lowering(config, model, abstract, devices)
     programs.append(('sample', sampler_lower))
   start = time.perf_counter()
-  outcomes = compile_all(programs, log, cc.topology, cc.get('workers', 0))
+  outcomes = compile_all(programs, cc.topology, cc.workers)
   report['compile_wall_seconds'] = time.perf_counter() - start
   for name, kind in kinds.items():
     outcome = outcomes[f'train_step/{name}']
@@ -179,7 +180,7 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
       report['programs'][f'train_step/{name}'] = _refused(outcome)
       continue
     result = analyse(*outcome)
-    flops = describe_lib.step_flops(arch, kind, config.model.get('remat', 'none'))
+    flops = describe_lib.step_flops(arch, kind, config.model.remat)
     attention = sum(sub.num_images * 3 * describe_lib.forward_flops(arch, sub.group_size)['attention']
                     for sub in kind) / mesh.size
     # libtpu 0.0.42 can report a negative optimal_seconds (no estimate): then none is given.
@@ -225,7 +226,7 @@ def compile_report(config, log=print, include_sampler=True, keep_going=False):
   return report
 
 
-def compile_all(programs, log, topology, workers=0):
+def compile_all(programs, topology, workers=0):
   """Lowers each (name, lower_fn) in turn, then compiles them side by side; {name: (compiled, s) | DoesNotFit}.
 
   The TPU compiler releases the GIL, so `workers` threads (0: one per CPU
@@ -234,14 +235,14 @@ def compile_all(programs, log, topology, workers=0):
   """
   lowered = []
   for name, lower_fn in programs:
-    log(f'lowering {name} ...')
+    logging.info('lowering %s ...', name)
     lowered.append((name, lower_fn()))
   workers = workers or os.cpu_count() or 1
 
   def one(item):
     name, low = item
     try:
-      return name, _compile(low, log, name, topology)
+      return name, _compile(low, name, topology)
     except DoesNotFit as error:
       return name, error
 
@@ -366,7 +367,7 @@ def precheck(config, estimate, budget, chip, mesh):
   0.74-1.13x the compiler's peak, so a 2x margin refuses only configs that
   cannot fit; closer calls go to the compiler.
   """
-  ratio = config.compile.get('precheck_ratio', 2.0)
+  ratio = config.compile.precheck_ratio
   if not ratio:
     return
   memory = estimate['memory_bytes_per_device']
@@ -375,7 +376,7 @@ def precheck(config, estimate, budget, chip, mesh):
   activations = memory['activations (largest kind)']
   state = memory['total'] - activations
   name, kind = max(estimate['kinds'].items(), key=lambda item: item[1]['activation_bytes_per_device'])
-  cc, remat = config.compile, config.model.get('remat', 'none')
+  cc, remat = config.compile, config.model.remat
   advice = _advice(state, budget, dict(mesh.shape), mesh.size, remat)
   raise errors.ConfigError(
       f'{config.model.variant} at train.batch_size={config.train.batch_size} on {mesh.size} devices of '
@@ -408,14 +409,14 @@ def fit_advice(report):
           f'({_gib(budget)} with {report["headroom"]:.0%} headroom); ' + '; '.join(advice) + '.')
 
 
-def run(config, workdir, log=print):
+def run(config, workdir):
   """The job: compile, write DIR/compile_report.json, print the table; ConfigError if it does not fit."""
-  report = compile_report(config, log, include_sampler=config.compile.get('sampler', True), keep_going=True)
+  report = compile_report(config, include_sampler=config.compile.sampler, keep_going=True)
   path = storage.path(workdir) / 'compile_report.json'
   # Atomic: a cut-short write never looks like a report (fit_table skips reports).
   storage.write_atomically(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
-  log(format_report(report))
-  log(f'Report: {path}')
+  print(format_report(report))  # the job's final output
+  print(f'Report: {path}')
   if not report['fits']:
     raise errors.ConfigError('The config does not fit with the headroom: ' + fit_advice(report))
   return report

@@ -7,9 +7,12 @@ loader's chained tracebacks:
 - the file does not exist, or defines no `get_config` (the message names
   the path and lists the shipped configs);
 - an override names a field the config does not have (the message names
-  the nearest fields).
-An exception raised by the code inside a config file is that code's bug
-and keeps its traceback.
+  the nearest fields);
+- the config lacks fields of configs/default.py or has fields it does not
+  define (the library reads every field directly and nothing else: a
+  config starts from `default.get_config()` and changes values).
+An exception raised by the code inside a config file (a KeyError
+included) is that code's bug and keeps its traceback.
 
 The shipped configs build on each other (`from configs import default`),
 and a config file of one's own, anywhere, can start from them the same way
@@ -94,7 +97,36 @@ def load(argument):
   if not isinstance(config, ml_collections.ConfigDict):
     raise errors.ConfigError(f'--config={argument}: get_config() returned {type(config).__name__}, not an '
                              f'ml_collections.ConfigDict.')
+  check_fields(config, argument)
   return config
+
+
+def field_names(config):
+  """{'train.batch_size', ...}: the dotted names of a ConfigDict's fields."""
+  names = set()
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      names |= {f'{key}.{name}' for name in field_names(value)}
+    else:
+      names.add(key)
+  return names
+
+
+def check_fields(config, argument):
+  """ConfigError when `config` lacks fields of configs/default.py or has others (nothing without a checkout)."""
+  if not os.path.isfile(os.path.join(CONFIGS_DIR, 'default.py')):
+    return
+  make_shipped_configs_importable()
+  from configs import default  # pylint: disable=g-import-not-at-top
+  expected, found = field_names(default.get_config()), field_names(config)
+  missing, unknown = sorted(expected - found), sorted(found - expected)
+  problems = ([f'lacks {", ".join(missing[:8])}{" ..." if len(missing) > 8 else ""}'] if missing else []) + (
+      [f'has {", ".join(unknown[:8])}{" ..." if len(unknown) > 8 else ""}, which configs/default.py does not define '
+       '(nothing reads them)'] if unknown else [])
+  if problems:
+    raise errors.ConfigError(f'--config={argument}: the config ' + ' and '.join(problems) + '. Start from '
+                             '`from configs import default` (`config = default.get_config()`) and change values; '
+                             'a new field gets its default in configs/default.py.')
 
 
 def _listing(path):

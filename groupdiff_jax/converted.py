@@ -10,7 +10,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from groupdiff_jax import checkpoint, errors
-from groupdiff_jax.models import dit
 
 RECORD_FILE = 'converted.json'
 # The settings converted.json records that shapes alone cannot check (time_convention) or that a config
@@ -37,8 +36,7 @@ def check_model_config(path, model_config) -> None:
   if not record_path.is_file():
     return
   architecture = read_conversion_record(path).get('architecture', {})
-  configured = {name: model_config.get(name, dit.DiT.__dataclass_fields__[name].default)
-                for name in RECORDED_MODEL_FIELDS}
+  configured = {name: model_config[name] for name in RECORDED_MODEL_FIELDS}
   wrong = [f'model.{name}: the config has {configured[name]!r}, {record_path} says {architecture[name]!r} '
            f'(pass --config.model.{name}={architecture[name]})'
            for name in RECORDED_MODEL_FIELDS if name in architecture and configured[name] != architecture[name]]

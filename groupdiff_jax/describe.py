@@ -60,11 +60,11 @@ class Arch:
 
 def arch_from_config(model_config):
   arch = parse_variant(model_config.variant)
-  arch.update({k: model_config[k] for k in ('depth', 'hidden_size', 'num_heads') if model_config.get(k)})
+  arch.update({k: model_config[k] for k in ('depth', 'hidden_size', 'num_heads') if model_config[k]})
   return Arch(input_size=model_config.input_size, in_channels=model_config.in_channels,
               out_channels=model_config.in_channels * (2 if model_config.learn_sigma else 1),
-              mlp_ratio=model_config.get('mlp_ratio', 4.0),
-              group_layers=tuple(model_config.group_layers) if model_config.get('group_layers') else (0, None), **arch)
+              mlp_ratio=model_config.mlp_ratio,
+              group_layers=tuple(model_config.group_layers) if model_config.group_layers else (0, None), **arch)
 
 
 def forward_flops(arch, group_size=1):
@@ -99,7 +99,7 @@ def sampler_nfe(sample_config, model_config):
   from groupdiff_jax import diffusion as gd
   from groupdiff_jax import sample, samplers
   method = sample_config.sampler
-  if model_config.get('objective', 'sit') == 'dit':
+  if model_config.objective == 'dit':
     return gd.create_schedule(sample.timestep_respacing(sample_config)).num_timesteps
   if method == 'dopri5':
     return None
@@ -133,7 +133,7 @@ def grid_cost(config):
   kinds = step_plan.step_kinds(t.batch_size, t.group_size, t.group_ratio, t.mode, t.mixed_steps)
   train_flops = min(step_flops(arch, kind)['model'] for kind in kinds.values())
   grid = sampling_flops(config, config.sample.grid_groups * config.sample.images_per_group)
-  every = t.get('sample_every', 0)
+  every = t.sample_every
   ratio = grid / (every * train_flops) if grid is not None and every else None
   return {'grid_flops': grid, 'train_step_flops': train_flops, 'ratio': ratio}
 
@@ -176,7 +176,8 @@ def lower_train_step(config, model, kind):
   batch = tuple({'images': jax.ShapeDtypeStruct((sub.num_images, *shape), jnp.float32),
                  'labels': jax.ShapeDtypeStruct((sub.num_images,), jnp.int32)} for sub in kind)
   step = functools.partial(train_step_lib.train_step, kind=kind, train_config=config.train, optim_config=config.optim,
-                           max_group_size=config.model.max_group_size, null_class=config.model.num_classes)
+                           max_group_size=config.model.max_group_size, null_class=config.model.num_classes,
+                           model_config=config.model)
   return jax.jit(step).lower(abstract_state, batch)
 
 
@@ -299,10 +300,10 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
   mesh = mesh if mesh is not None else sharding.config_mesh(config)
   train = config.train
   kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
-  remat = config.model.get('remat', 'none')
+  remat = config.model.remat
 
   abstract = jax.eval_shape(lambda key: train_step_lib.create_train_state(model, config, key), jax.random.PRNGKey(0))
-  shardings = sharding.state_shardings_from_config(abstract, mesh, config.get('mesh'))
+  shardings = sharding.state_shardings_from_config(abstract, mesh, config.mesh)
   param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
   params_bytes = sharding.bytes_per_device(abstract.params, shardings.params)
   opt_bytes = sharding.bytes_per_device(abstract.opt_state, shardings.opt_state)
@@ -310,8 +311,8 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
 
   shards = sharding.num_batch_shards(mesh)
   processes = jax.process_count()
-  compute_bytes = 2 if config.model.get('dtype', 'float32') == 'bfloat16' else 4
-  impl = config.model.get('attention_impl', 'xla')
+  compute_bytes = 2 if config.model.dtype == 'bfloat16' else 4
+  impl = config.model.attention_impl
   platform = mesh.devices.flat[0].platform  # the target devices' kernels ('auto'), not the host's
   out = {
       'variant': config.model.variant,
@@ -343,10 +344,10 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
       'params': params_bytes, 'ema_params': ema_bytes, 'opt_state': opt_bytes, 'grads': ema_bytes,
       'activations (largest kind)': max(k['activation_bytes_per_device'] for k in out['kinds'].values()),
   }
-  if (config.get('mesh') or {}).get('shard_update', False):
+  if (config.mesh or {}).get('shard_update', False):
     # The sharded update's params are slices; the model reads a copy gathered in the compute dtype.
     compute = jax.tree.map(sharding.compute_sharding, shardings.params)
-    gathered = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.model.get('dtype', 'float32'))),
+    gathered = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.model.dtype)),
                             abstract.params)
     out['memory_bytes_per_device']['gathered params'] = sharding.bytes_per_device(gathered, compute)
   out['memory_bytes_per_device']['total'] = sum(out['memory_bytes_per_device'].values())

@@ -18,16 +18,23 @@ Where the cluster comes from, in order:
   4. otherwise one process: nothing to do.
 """
 
-import logging
+import logging as python_logging
 import os
 
 import jax
+from absl import logging
 
 from groupdiff_jax import errors
 
 ENV_ADDRESS = 'JAX_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
 ENV_PROCESS_ID = 'JAX_PROCESS_ID'
+
+
+# Library code logs INFO on process 0 only (warnings and errors on every process), once `initialize` knows
+# the rank; a line every process should log passes `extra=ALL_PROCESSES` (logging.info(..., extra=...)).
+ALL_PROCESSES = {'all_processes': True}
+_process_index = 0  # this process's rank as `initialize` found it
 
 
 ENV_AUTO = 'JAX_DISTRIBUTED_AUTO'  # '1': call jax.distributed.initialize() and let JAX find the cluster
@@ -94,8 +101,33 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, lo
     logging.info('Joining the %s cluster (auto-detected).', cluster)
     _join(cluster, local_device_ids=local_device_ids)
   logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+               jax.local_device_count(), jax.device_count(), extra=ALL_PROCESSES)
+  log_on_process_zero(jax.process_index())
   return jax.process_index(), jax.process_count()
+
+
+class _ProcessZeroOnly(python_logging.Filter):
+  """Lets warnings and errors through, and INFO/DEBUG lines marked ALL_PROCESSES."""
+
+  def filter(self, record):
+    return record.levelno >= python_logging.WARNING or getattr(record, 'all_processes', False)
+
+
+def log_on_process_zero(process_index):
+  """From now on absl's INFO lines (the library's) appear on process 0 only, unless marked ALL_PROCESSES."""
+  global _process_index
+  _process_index = process_index
+  absl_logger = logging.get_absl_logger()
+  for old in [f for f in absl_logger.filters if isinstance(f, _ProcessZeroOnly)]:
+    absl_logger.removeFilter(old)
+  if process_index != 0:
+    absl_logger.addFilter(_ProcessZeroOnly())
+
+
+def process_index():
+  """This process's rank as `initialize` found it (0 before, or without a cluster); unlike
+  jax.process_index() it starts no backend."""
+  return _process_index
 
 
 def is_main_process():

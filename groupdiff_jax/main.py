@@ -55,7 +55,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags
 from ml_collections import config_flags
 
-from groupdiff_jax import config_files, distributed, platforms, preemption, sample_job, train  # pylint: disable=wrong-import-position
+from groupdiff_jax import config_files, distributed, platforms, preemption, sample_job, storage, train  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module), e.g. configs/digits.py. '
@@ -108,7 +108,7 @@ def run(interrupts):
       sys.exit(errors.EXIT_PREEMPTED)
     if not sample_job.is_latent(config.model):
       params = state.ema_params if config.sample.use_ema else state.params
-      sample_job.sample_and_save(config, workdir, params, int(jax.device_get(state.step)))
+      report_samples(workdir, sample_job.sample_and_save(config, workdir, params, int(jax.device_get(state.step))))
   elif mode == 'describe':
     from groupdiff_jax import describe
     describe.run(config, xla_check=FLAGS.describe_xla_check)
@@ -117,9 +117,17 @@ def run(interrupts):
     compile_job.run(config, workdir)
   elif mode == 'eval':
     if distributed.is_main_process():
-      sample_job.evaluate_samples(config, workdir)
+      results, output = sample_job.evaluate_samples(config, workdir)
+      print(f'FID {results["fid"]}, IS {results["inception_score"]} -> {output}')
   else:
-    sample_job.sample_and_save(config, workdir)
+    report_samples(workdir, sample_job.sample_and_save(config, workdir))
+
+
+def report_samples(workdir, path):
+  """The sample job's final output: where its npz and grid are (None: chunks still to make, or not process 0)."""
+  if path is not None:
+    print(f'Samples for the evaluator: {path}')
+    print(f'Sample grid (each row one jointly generated group): {storage.path(workdir) / sample_job.GRID_FILE}')
 
 
 def cli(argv=None):

@@ -21,7 +21,6 @@ anywhere else (data setup, compilation, sampling), stops the process at
 once with one line and exit 130, never a KeyboardInterrupt.
 """
 
-import logging
 import os
 import select
 import signal
@@ -29,6 +28,7 @@ import sys
 import threading
 
 import jax
+from absl import logging
 
 from groupdiff_jax import errors
 

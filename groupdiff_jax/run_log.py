@@ -1,15 +1,14 @@
 """What a training run records about itself besides checkpoints and its monitor's grids and scores.
 
 The config (printed once as `key = value` lines, saved as <workdir>/config.json,
-TensorBoard hparams), the metric writer (log lines on every process,
-TensorBoard events on process 0), whether stderr is a terminal (the
-progress bar), and the device memory scalars (bytes in use and peak of this
+TensorBoard hparams), the metric writer (absl log lines, shown on process 0
+by default: distributed.py; TensorBoard events on process 0), and the
+device memory scalars (bytes in use and peak of this
 process's devices, the largest over them, where the backend reports them:
 GPU, TPU; the CPU backend reports nothing and nothing is logged).
 """
 
 import json
-import sys
 
 import jax
 from clu import metric_writers
@@ -56,11 +55,6 @@ def make_writer(workdir, is_main):
   summary = metric_writers.SummaryWriter(workdir) if is_main else None
   writers = [metric_writers.LoggingWriter()] + ([summary] if summary else [])
   return metric_writers.AsyncMultiWriter(writers), summary
-
-
-def is_terminal(stream=None):
-  stream = sys.stderr if stream is None else stream
-  return bool(getattr(stream, 'isatty', lambda: False)())
 
 
 # --- Device memory ----------------------------------------------------------------

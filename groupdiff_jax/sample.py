@@ -38,7 +38,7 @@ def timestep_respacing(sample_config):
   """DiT: the respacing of the sampling schedule, e.g. '250' (DiT's sample.py
   uses str(num_sampling_steps) for both DDPM and DDIM); an explicit
   `sample.timestep_respacing` (e.g. 'ddim50') wins."""
-  return sample_config.get('timestep_respacing') or str(sample_config.num_steps)
+  return sample_config.timestep_respacing or str(sample_config.num_steps)
 
 
 def check_sampler(objective, sampler):
@@ -56,7 +56,7 @@ def dit_schedule(sample_config):
   try:
     return gd.create_schedule(respacing)
   except ValueError as error:  # space_timesteps: too many steps, no integer stride, not a number
-    field = ('sample.timestep_respacing' if sample_config.get('timestep_respacing') else 'sample.num_steps')
+    field = ('sample.timestep_respacing' if sample_config.timestep_respacing else 'sample.num_steps')
     raise errors.ConfigError(f'{field}: DiT cannot respace its {gd.NUM_TIMESTEPS} steps as {respacing!r} ({error}); '
                              f"use e.g. sample.num_steps=250, or sample.timestep_respacing='ddim50'.") from None
 
@@ -106,7 +106,7 @@ def make_sampler(model, sample_config, model_config, mesh=None, mesh_config=None
   mesh.group_collective). The values do not depend on the mesh (the keys
   and shapes are those of the whole batch).
   """
-  objective = model_config.get('objective', 'sit')
+  objective = model_config.objective
   check_sampler(objective, sample_config.sampler)
   check_group_sizes(sample_config, model_config)
   guidance = samplers.guidance_from_config(sample_config)
@@ -130,16 +130,16 @@ def make_sampler(model, sample_config, model_config, mesh=None, mesh_config=None
       return samplers.sample_diffusion(denoise, noise, step_rng, schedule, method), schedule.num_timesteps
     if method == 'sde':
       predict = samplers.make_prediction_fn(model.apply, params, labels, guidance, **common)
-      last_step = sample_config.get('sde_last_step', 'Mean')
+      last_step = sample_config.sde_last_step
       last_step = None if last_step in (None, '', 'none', 'None') else last_step
       images = samplers.integrate_sde(
-          predict, noise, step_rng, num_steps, transport, sample_config.get('sde_diffusion_form', 'SBDM'),
-          sample_config.get('sde_diffusion_norm', 1.0), last_step, sample_config.get('sde_last_step_size', 0.04))
+          predict, noise, step_rng, num_steps, transport, sample_config.sde_diffusion_form,
+          sample_config.sde_diffusion_norm, last_step, sample_config.sde_last_step_size)
       return images, num_steps if last_step is not None else num_steps - 1
     velocity = samplers.make_velocity_fn(model.apply, params, labels, guidance, transport=transport, **common)
     if method == 'dopri5':
-      return samplers.integrate_adaptive(velocity, noise, step_rng, transport, sample_config.get('ode_atol', 1e-6),
-                                         sample_config.get('ode_rtol', 1e-3))
+      return samplers.integrate_adaptive(velocity, noise, step_rng, transport, sample_config.ode_atol,
+                                         sample_config.ode_rtol)
     t0, t1 = transport_lib.time_interval(transport, sampling=True)
     images = samplers.integrate_ode(velocity, noise, step_rng, num_steps, method, t0, t1)
     return images, samplers.number_of_function_evaluations(num_steps, method)

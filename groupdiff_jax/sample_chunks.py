@@ -7,11 +7,11 @@ missing, truncated, corrupt or stale ones before it generates anything.
 
 import dataclasses
 import json
-import logging
 import time
 import zipfile
 
 import numpy as np
+from absl import logging
 from etils import epath
 
 from groupdiff_jax import errors, storage

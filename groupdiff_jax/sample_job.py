@@ -53,17 +53,18 @@ import json
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
 from groupdiff_jax import checkpoint, converted, errors, sample, sample_chunks, sharding, storage
 from groupdiff_jax.sample import (NonfiniteSamplesError, chunk_sampler, host_local, is_latent, local_mesh,
                                   make_decoder)
-from groupdiff_jax.data.progress import Progress
 from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.encoders import vae_weights
 from groupdiff_jax.evaluation import s_cross
 from groupdiff_jax.models.dit import model_from_config
+from groupdiff_jax.progress import Progress
 
 SETTINGS_FILE = 'sample_settings.json'
 GRID_FILE = 'samples.png'
@@ -80,13 +81,13 @@ REFERENCE_BATCH_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul
 
 def check_config(config):
   """Every setting the job can check before loading a checkpoint; clear errors naming the field."""
-  sample.check_sampler(config.model.get('objective', 'sit'), config.sample.sampler)
+  sample.check_sampler(config.model.objective, config.sample.sampler)
   sample.check_group_sizes(config.sample, config.model)
-  if config.model.get('objective', 'sit') == 'dit':
+  if config.model.objective == 'dit':
     sample.dit_schedule(config.sample)
   sample_chunks.plan_from_config(config)
   if is_latent(config.model):
-    path = config.sample.get('vae_path')
+    path = config.sample.vae_path
     if not path:
       raise errors.ConfigError(
           f'model.in_channels={config.model.in_channels}: this model samples SD-VAE latents, which the sample job '
@@ -95,7 +96,7 @@ def check_config(config):
     if not storage.retry(epath.Path(path).exists, path):
       raise errors.MissingInputError(f'sample.vae_path={path} does not exist; get the file from {VAE_SOURCE} and '
                                      'pass its path as --config.sample.vae_path=PATH.')
-  if config.sample.get('s_cross', False):
+  if config.sample.s_cross:
     s_cross.s_cross_branch(config.sample)
     if not any(s_cross.group_attention_at(stage, config.sample.group_stage_fraction)
                for stage in config.sample.s_cross_stages):
@@ -141,10 +142,10 @@ def settings_record(config, plan, step, nfes, mesh):
       'group_stage_fraction': s.group_stage_fraction, 'fixed_sample_ids': s.fixed_sample_ids,
       'num_groups': plan.num_groups, 'num_images': plan.num_images, 'groups_per_chunk': plan.groups_per_chunk,
       'num_chunks': plan.num_chunks, 'class_of_group': 'g mod model.num_classes',
-      'dtype': m.get('dtype', 'float32'), 'seed': config.seed, 'chunk_key': 'fold_in(PRNGKey(seed + 1), chunk)',
+      'dtype': m.dtype, 'seed': config.seed, 'chunk_key': 'fold_in(PRNGKey(seed + 1), chunk)',
       'checkpoint_step': step, 'use_ema': s.use_ema,
-      'model': {'variant': m.variant, 'objective': m.get('objective', 'sit'), 'path': m.get('path', 'linear'),
-                'prediction': m.get('prediction', 'velocity'), 'learn_sigma': m.learn_sigma,
+      'model': {'variant': m.variant, 'objective': m.objective, 'path': m.path,
+                'prediction': m.prediction, 'learn_sigma': m.learn_sigma,
                 'max_group_size': m.max_group_size, 'in_channels': m.in_channels, 'input_size': m.input_size},
       'vae': ({'path': str(storage.path(s.vae_path)), 'dtype': 'float32',
                'scaling_factor': vae_lib.SD_VAE_CONFIG.scaling_factor} if latent else None),
@@ -152,14 +153,14 @@ def settings_record(config, plan, step, nfes, mesh):
       'devices_per_process_used': mesh.size, 'platform': jax.default_backend(),
       'sample_config': s.to_dict(),
   }
-  if m.get('objective', 'sit') == 'dit':
+  if m.objective == 'dit':
     record['timestep_respacing'] = sample.timestep_respacing(s)
   return json.loads(json.dumps(record))
 
 
 # --- The job -------------------------------------------------------------------------
 def sample_and_save(config, workdir, params=None, step=None, *, devices=None, process_index=None,
-                    process_count=None, max_chunks=None, vae_config=vae_lib.SD_VAE_CONFIG, log=print):
+                    process_count=None, max_chunks=None, vae_config=vae_lib.SD_VAE_CONFIG):
   """Generate (or finish generating) the config's samples; see the module docstring.
 
   Args:
@@ -172,7 +173,6 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
       jax's); tests run the parts of a multi-host job one after the other.
     max_chunks: stop after generating this many chunks (an interrupted run).
     vae_config: architecture of the VAE at sample.vae_path (tests: a tiny one).
-    log: print-like, for process 0's messages.
 
   Returns:
     The path of the assembled samples npz, or None when chunks are missing
@@ -182,7 +182,7 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   main_process = process_index == 0
-  say = log if main_process else (lambda *_: None)
+  say = logging.info if main_process else (lambda *_: None)  # absl: the progress of this job on process 0
   if params is None:
     converted.check_model_config(workdir, config.model)  # an imported checkpoint's learn_sigma, time convention
     params, step = checkpoint.load_params(workdir, config.sample.use_ema)
@@ -211,7 +211,7 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
     image_side *= vae_config.downsample_factor
     vae_params = vae_weights.load_vae_params(config.sample.vae_path, vae_config)
     decode = make_decoder(vae_params, vae_config, mesh, config.sample.decode_batch_size)
-  measure = config.sample.get('s_cross', False)
+  measure = config.sample.s_cross
   needs_s_cross = lambda chunk: measure and plan.groups(chunk)[0] < config.sample.s_cross_groups
 
   mine = plan.chunks_of_process(process_index, process_count)
@@ -224,8 +224,8 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
   say(f'{plan.num_images} images: {plan.num_groups} groups of {plan.images_per_group}, {plan.num_chunks} chunks '
       f'of {plan.groups_per_chunk} groups; process {process_index} of {process_count} makes {len(mine)} chunks '
       f'({len(mine) - len(todo)} already done) on {mesh.size} device(s).')
-  progress = Progress('sampling', sum(plan.num_chunk_images(c) for c in mine), unit='images', every_s=30.0,
-                      start_done=done_images)
+  progress = Progress('sampling', sum(plan.num_chunk_images(c) for c in mine), 'images', initial=done_images,
+                      show=main_process)
   seed_key = jax.random.PRNGKey(config.seed + 1)
   for count, chunk in enumerate(todo):
     if max_chunks is not None and count >= max_chunks:
@@ -251,8 +251,8 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
       arrays.update(s_cross_layers=layers, s_cross_mass=mass)
     sample_chunks.write_atomically(chunk_file(chunk), lambda f: np.savez(f, **arrays))
     done_images += len(x)
-    if main_process:
-      progress(done_images)
+    progress(done_images)
+  progress.close()
   _barrier('groupdiff_jax.sample_job.chunks')
   if not main_process:
     return None
@@ -282,23 +282,21 @@ def sample_and_save(config, workdir, params=None, step=None, *, devices=None, pr
     sample_chunks.write_json(epath.Path(samples_dir) / S_CROSS_FILE, report)
     say(f'S_cross ({report["branch"]} branch, {report["num_groups"]} groups): {report["mean_percent"]}% -> '
         f'{epath.Path(samples_dir) / S_CROSS_FILE}')
-  say(f'Samples for the evaluator: {path}')
-  say(f'Sample grid (each row one jointly generated group): {workdir_grid}')
   return path
 
 
 # --- --mode=eval -------------------------------------------------------------------
-def evaluate_samples(config, workdir, log=print):
+def evaluate_samples(config, workdir):
   """ADM evaluator on <workdir>/samples/samples_*.npz; writes samples_*.eval.json beside it.
 
   Returns (results dict, path of the JSON).
   """
   from groupdiff_jax.evaluation import evaluator, inception
   needed = []
-  if not config.eval.get('reference_batch'):
+  if not config.eval.reference_batch:
     needed.append('--config.eval.reference_batch=/path/VIRTUAL_imagenet256_labeled.npz (the ImageNet 256 '
                   f'reference batch of openai/guided-diffusion: {REFERENCE_BATCH_URL})')
-  if not config.eval.get('inception_graph'):
+  if not config.eval.inception_graph:
     needed.append(f'--config.eval.inception_graph=/path/classify_image_graph_def.pb ({inception.INCEPTION_URL})')
   if needed:
     raise errors.ConfigError('--mode=eval needs ' + ' and '.join(needed) + '.')
@@ -309,8 +307,7 @@ def evaluate_samples(config, workdir, log=print):
                                    'and workdir first.')
   if len(found) > 1:
     raise errors.DataError(f'Several sample batches in {samples_dir}: {found}; keep one (move the others away).')
-  results = evaluator.evaluate(config.eval.reference_batch, found[0], config.eval.inception_graph, log=log)
+  results = evaluator.evaluate(config.eval.reference_batch, found[0], config.eval.inception_graph)
   output = evaluator.default_output_path(found[0])
   sample_chunks.write_json(output, results)
-  log(f'FID {results["fid"]}, IS {results["inception_score"]} -> {output}')
   return results, output

@@ -93,7 +93,7 @@ class GuidanceConfig:
 def guidance_from_config(sample_config):
   return GuidanceConfig(
       cfg_scale=sample_config.cfg_scale, guidance_low=sample_config.guidance_low,
-      guidance_high=sample_config.guidance_high, guided_channels=sample_config.get('guided_channels') or None,
+      guidance_high=sample_config.guidance_high, guided_channels=sample_config.guided_channels or None,
       cond_group_size=sample_config.cond_group_size, uncond_group_size=sample_config.uncond_group_size,
       group_stage_fraction=sample_config.group_stage_fraction, fixed_sample_ids=sample_config.fixed_sample_ids)
 

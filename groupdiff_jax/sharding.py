@@ -120,8 +120,8 @@ def auto_group(kinds, num_devices, data=-1, fsdp=1, dcn=(1, 1, 1)):
 def make_mesh(mesh_config=None, devices=None, kinds=()):
   """A ('data', 'fsdp', 'group') mesh over `devices` (default: all devices).
 
-  mesh_config: the config's `mesh` section (fields data, fsdp, group and
-  optional dcn_data, dcn_fsdp: the across-slice/host part of each axis; with
+  mesh_config: the config's `mesh` section (fields data, fsdp, group,
+  dcn_data, dcn_fsdp: the across-slice/host part of each axis; with
   a DCN part, data and fsdp are the sizes inside one slice/host and the mesh
   is (data*dcn_data, fsdp*dcn_fsdp, group)). None: all devices on `data`
   (pure data parallelism), fsdp and group of 1. group=0 (the default) picks
@@ -129,20 +129,23 @@ def make_mesh(mesh_config=None, devices=None, kinds=()):
   (auto_group: 1, whole groups per device, wherever they fit).
   """
   devices = list(jax.devices() if devices is None else devices)
-  get = (lambda k, d: mesh_config.get(k, d)) if mesh_config is not None else (lambda k, d: d)
-  dcn = (get('dcn_data', 1), get('dcn_fsdp', 1), 1)
+  if mesh_config is None:
+    sizes, dcn = (-1, 1, 1), (1, 1, 1)
+  else:
+    sizes = (mesh_config.data, mesh_config.fsdp, mesh_config.group)
+    dcn = (mesh_config.dcn_data, mesh_config.dcn_fsdp, 1)
   num_slices = math.prod(dcn)
-  group = get('group', 1)
+  group = sizes[2]
   if group == 0:
-    group = auto_group(kinds, len(devices) // num_slices, get('data', -1), get('fsdp', 1), dcn)
+    group = auto_group(kinds, len(devices) // num_slices, sizes[0], sizes[1], dcn)
   if num_slices > 1:
     # Slices (TPU) or hosts (GPU): the DCN part is the outer dimension.
-    per_slice = mesh_shape(len(devices) // num_slices, get('data', -1), get('fsdp', 1), group)
+    per_slice = mesh_shape(len(devices) // num_slices, sizes[0], sizes[1], group)
     # TPU: the granule is a slice (ICI inside, DCN between); GPU: a host.
     grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices,
                                                 process_is_granule=devices[0].platform != 'tpu')
     return Mesh(grid, MESH_AXES)
-  shape = mesh_shape(len(devices), get('data', -1), get('fsdp', 1), group)
+  shape = mesh_shape(len(devices), sizes[0], sizes[1], group)
   grid = None
   if _has_chip_layout(devices):
     try:
@@ -159,12 +162,12 @@ def config_mesh(config, devices=None):
   """make_mesh for a whole config: its `mesh` section, and its step kinds for mesh.group=0 (auto)."""
   train = config.train
   kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
-  return make_mesh(config.get('mesh'), devices, kinds=kinds.values())
+  return make_mesh(config.mesh, devices, kinds=kinds.values())
 
 
 def model_axes(mesh_config=None):
   """What the mesh's axes do, for the model (group_attention.MeshAxes)."""
-  collective = mesh_config.get('group_collective', 'all_gather') if mesh_config is not None else 'all_gather'
+  collective = mesh_config.group_collective if mesh_config is not None else 'all_gather'
   if collective not in group_attention.GROUP_COLLECTIVES:
     raise errors.ConfigError(f'Unknown mesh.group_collective={collective!r}; choose one of '
                              f'{group_attention.GROUP_COLLECTIVES}.')
@@ -340,9 +343,10 @@ def state_shardings(abstract_state, mesh, rules=PARAM_RULES, min_size=MIN_SHARDE
 
 def state_shardings_from_config(abstract_state, mesh, mesh_config):
   """state_shardings with the config's `mesh.min_sharded_size` and `mesh.shard_update` (None: defaults)."""
-  get = (lambda k, d: mesh_config.get(k, d)) if mesh_config is not None else (lambda k, d: d)
-  return state_shardings(abstract_state, mesh, min_size=get('min_sharded_size', MIN_SHARDED_SIZE),
-                         shard_update=get('shard_update', False))
+  if mesh_config is None:
+    return state_shardings(abstract_state, mesh)
+  return state_shardings(abstract_state, mesh, min_size=mesh_config.min_sharded_size,
+                         shard_update=mesh_config.shard_update)
 
 
 def bytes_per_device(tree, shardings):

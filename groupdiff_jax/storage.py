@@ -15,11 +15,11 @@ file, a permission error or corrupt data is the caller's to report.
 """
 
 import io
-import logging
 import os
 import re
 import time
 
+from absl import logging
 from etils import epath
 
 from groupdiff_jax import errors

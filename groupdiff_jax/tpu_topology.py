@@ -68,9 +68,9 @@ def per_device(chip, devices):
 def target_mesh(config, devices, num_slices):
   """sharding.make_mesh over the abstract devices; ConfigError when the mesh does not match them."""
   m = config.mesh
-  dcn = m.get('dcn_data', 1) * m.get('dcn_fsdp', 1)
+  dcn = m.dcn_data * m.dcn_fsdp
   if dcn != num_slices:
-    raise errors.ConfigError(f'mesh.dcn_data={m.get("dcn_data", 1)} x mesh.dcn_fsdp={m.get("dcn_fsdp", 1)} = {dcn} '
+    raise errors.ConfigError(f'mesh.dcn_data={m.dcn_data} x mesh.dcn_fsdp={m.dcn_fsdp} = {dcn} '
                              f'but compile.num_slices={num_slices}: the dcn_* axes span the slices; make their '
                              'product the number of slices.')
   try:

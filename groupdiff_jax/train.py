@@ -1,19 +1,19 @@
 """The training loop: data, model, jitted group steps, metrics, checkpoints."""
 
 import inspect
-import logging
 import signal
 import time
 
 import jax
 import numpy as np
-from tqdm import tqdm
+from absl import logging
 
 from groupdiff_jax import checkpoint, converted, errors, preemption, run_log, sharding, step_plan, storage
 from groupdiff_jax import train_monitor
 from groupdiff_jax import validation
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.models.dit import model_from_config
+from groupdiff_jax.progress import Progress
 
 DATASETS = ('digits', 'toy_shapes', 'fashion_mnist')
 
@@ -24,12 +24,8 @@ def make_batches(config):
     from groupdiff_jax.data.digits import DigitsBatches
     from groupdiff_jax.data.fashion_mnist import FashionBatches
     from groupdiff_jax.data.toy_shapes import ToyShapesBatches
-    data_config = config.data.copy_and_resolve_references()
-    with data_config.unlocked():
-      data_config.batch_size = config.train.batch_size
-      data_config.group_size = config.train.group_size
     source = {'digits': DigitsBatches, 'toy_shapes': ToyShapesBatches, 'fashion_mnist': FashionBatches}[config.data.name]
-    return source(data_config, config.seed)
+    return source(config, config.seed)
   if config.data.name in ('latents', 'imagenet_latents'):
     from groupdiff_jax.data import pipeline
     # Single host: batches are placed on the devices ahead of time. Several
@@ -56,12 +52,12 @@ def check_data(config):
   if config.data.name not in ('latents', 'imagenet_latents'):
     return
   data = config.data
-  latent_dir, neighbors_dir = data.get('latent_dir', ''), data.get('neighbors_dir', '')
+  latent_dir, neighbors_dir = data.latent_dir, data.neighbors_dir
   for field, value in (('config.data.latent_dir', latent_dir), ('config.data.neighbors_dir', neighbors_dir)):
     storage.require_local(value, field, LOCAL_HELP)
   missing = [str(storage.path(latent_dir) / f) for f in ('latents.npy', 'labels.npy')
              if not (storage.path(latent_dir) / f).exists()]
-  if data.get('grouping', 'official_plan') in ('official_plan', 'tau_random'):
+  if data.grouping in ('official_plan', 'tau_random'):
     path = storage.path(neighbors_dir) / 'neighbors.npy'
     missing += [] if path.exists() else [str(path)]
   if missing:
@@ -138,7 +134,7 @@ def train_and_evaluate(config, workdir, write_samples=None):
   manager = checkpoint.checkpoint_manager(workdir, config.train.max_checkpoints)
   state = checkpoint.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
-  init_from = config.train.get('init_from')
+  init_from = config.train.init_from
   if start_step:
     logging.info('Resumed from step %d in %s%s.', start_step, manager.directory,
                  f' (train.init_from={init_from} is not used again)' if init_from else '')
@@ -153,14 +149,13 @@ def train_and_evaluate(config, workdir, write_samples=None):
   monitor.write_config(summary_writer, start_step)
   guard = NonfiniteGuard(config.train.max_nonfinite_steps)
   pending = []
-  progress = tqdm(range(start_step, config.train.num_steps), initial=start_step, total=config.train.num_steps,
-                  desc='train', disable=not (is_main and run_log.is_terminal()), unit='step')
+  progress = Progress('train', config.train.num_steps, 'steps', initial=start_step, show=is_main)
   last_log = time.time()
   # checkpoint.saving: an exception that ends the loop first finishes (or reports) the in-flight save.
   with checkpoint.saving(manager), preemption.PreemptionWatch(manager) as watch:
     if start_step == 0 and config.train.signal_at_step == 0:
       send_test_signal(config)
-    for step in progress:
+    for step in range(start_step, config.train.num_steps):
       monitor.before_step(step)
       name = step_plan.step_kind_name(config.seed, step, kinds, config.train.group_ratio)
       batch = host_batch(batches, step, kinds[name], mesh)
@@ -178,6 +173,7 @@ def train_and_evaluate(config, workdir, write_samples=None):
         writer.write_scalars(step + 1, summary)
         progress.set_postfix(loss=f'{summary["loss"]:.4f}')
         pending, last_log = [], time.time()
+      progress(step + 1)
       last_log += monitor.after_step(step + 1, state)  # grids and FID do not count as training time
       if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == config.train.num_steps:
         checkpoint.save(manager, state, config=config)

@@ -54,7 +54,7 @@ GRID_STREAM = 2  # the grids' fixed noise: PRNGKey(seed + GRID_STREAM) (the samp
 # --- Checks ------------------------------------------------------------------------
 def profile_range(config):
   """(start, stop) of train.profile_steps, or None; a ConfigError for anything but 0 <= start < stop."""
-  steps = tuple(config.train.get('profile_steps', ()) or ())
+  steps = tuple(config.train.profile_steps or ())
   if not steps:
     return None
   if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] < steps[1]:
@@ -66,10 +66,10 @@ def profile_range(config):
 def check_config(config):
   profile_range(config)
   for field in ('sample_every', 'eval_every'):
-    if config.train.get(field, 0) < 0:
+    if config.train[field] < 0:
       raise errors.ConfigError(f'train.{field}={config.train[field]} must be >= 0 (0 = off).')
-  if config.train.get('eval_every', 0) and config.eval.get('num_samples', 0) < 2:
-    raise errors.ConfigError(f'eval.num_samples={config.eval.get("num_samples")}: FID needs at least 2 samples.')
+  if config.train.eval_every and config.eval.num_samples < 2:
+    raise errors.ConfigError(f'eval.num_samples={config.eval.num_samples}: FID needs at least 2 samples.')
 
 
 def fid_name(num_samples):
@@ -88,7 +88,7 @@ def _with_sample(config, **fields):
 class TrainMonitor:
   """The periodic actions of a training run; see the module docstring.
 
-  write_samples: callable(config, out_dir, params, step, log=...) -> the
+  write_samples: callable(config, out_dir, params, step) -> the
   path of the samples npz on process 0 (None elsewhere), e.g.
   sample_job.sample_and_save; None: no FID during training.
   """
@@ -98,13 +98,13 @@ class TrainMonitor:
     self.config, self.workdir, self.writer, self.model, self.log = config, workdir, writer, model, log
     self.write_samples = write_samples
     self.is_main = jax.process_index() == 0
-    self.sample_every = config.train.get('sample_every', 0)
-    self.eval_every = config.train.get('eval_every', 0)
+    self.sample_every = config.train.sample_every
+    self.eval_every = config.train.eval_every
     self.profile = profile_range(config)
     self.profiling = False
     self._grid = None
     self._reference = None
-    if self.sample_every and sample.is_latent(config.model) and not config.sample.get('vae_path'):
+    if self.sample_every and sample.is_latent(config.model) and not config.sample.vae_path:
       log('Sample grids every %d steps need sample.vae_path (an SD-VAE to decode the latents): no grids.',
           self.sample_every)
       self.sample_every = 0
@@ -115,12 +115,12 @@ class TrainMonitor:
             self.sample_every, cost['grid_flops'], config.sample.grid_groups, 100 * cost['ratio'])
     self.use_toy_eval = is_toy(config)
     self._toy = None
-    if self.eval_every and not self.use_toy_eval and not (config.eval.get('reference_batch') and
-                                                        config.eval.get('inception_graph')):
+    if self.eval_every and not self.use_toy_eval and not (config.eval.reference_batch and
+                                                        config.eval.inception_graph):
       log('No FID during training: set eval.reference_batch and eval.inception_graph (train.eval_every=%d).',
           self.eval_every)
       self.eval_every = 0
-    if self.eval_every and sample.is_latent(config.model) and not config.sample.get('vae_path'):
+    if self.eval_every and sample.is_latent(config.model) and not config.sample.vae_path:
       log('No FID during training: this latent model needs sample.vae_path (an SD-VAE) to decode its samples.')
       self.eval_every = 0
     if self.eval_every and write_samples is None:
@@ -140,8 +140,7 @@ class TrainMonitor:
 
   def before_step(self, step):
     """Starts the profiler trace before step `profile_steps[0]`."""
-    if self.profile and step == self.profile[0] and jax.process_index() == self.config.train.get(
-        'profile_process', 0):
+    if self.profile and step == self.profile[0] and jax.process_index() == self.config.train.profile_process:
       jax.profiler.start_trace(os.path.join(self.workdir, PROFILE_DIR))
       self.profiling = True
 
@@ -208,7 +207,7 @@ class TrainMonitor:
     per_group = self.config.sample.images_per_group
     config = _with_sample(self.config, num_groups=-(-num // per_group), s_cross=False)
     out_dir = storage.path(self.workdir) / EVAL_DIR / f'step_{step}'
-    return self.write_samples(config, os.fspath(out_dir), params, step, log=lambda *_: None), out_dir
+    return self.write_samples(config, os.fspath(out_dir), params, step), out_dir
 
   def _remove_samples(self, path, out_dir):
     samples_dir = out_dir / sample_chunks.SAMPLES_DIR
@@ -264,7 +263,7 @@ class TrainMonitor:
 
 def is_toy(config):
   """Whether quality during training is scored by the toy evaluator (the toy shapes) rather than FID."""
-  return config.data.get('name') == 'toy_shapes'
+  return config.data.name == 'toy_shapes'
 
 
 def toy_scorer(config, workdir, log=logging.info):
@@ -281,11 +280,11 @@ def toy_scorer(config, workdir, log=logging.info):
   from groupdiff_jax.evaluation import toy_features
   data = config.data
   images, labels, attributes, _ = toy_shapes.load_toy_shapes(
-      data.get('num_images', 20000), data.get('dataset_seed', 0), data.image_size, data.get('embedding_dims', 32),
-      data.get('num_neighbors', 16), **toy_shapes.data_options(data))
-  trained_on = {'dataset_seed': data.get('dataset_seed', 0), 'image_size': data.image_size,
+      data.num_images, data.dataset_seed, data.image_size, data.embedding_dims, data.num_neighbors,
+      **toy_shapes.data_options(data))
+  trained_on = {'dataset_seed': data.dataset_seed, 'image_size': data.image_size,
                 **toy_shapes.data_options(data)}
   featurize, reference, _ = toy_features.load_or_train(
-      images, labels, attributes, config.eval.get('toy_feature_steps', toy_features.DEFAULT_TRAIN_STEPS),
+      images, labels, attributes, config.eval.toy_feature_steps,
       os.path.join(workdir, TOY_FEATURE_NET), trained_on, seed=0, log=log)
   return featurize, reference

@@ -104,7 +104,7 @@ def create_sharded_train_state(model, config, mesh, rng):
   """
   create = functools.partial(create_train_state, model, config)
   abstract = jax.eval_shape(create, rng)
-  shardings = sharding.state_shardings_from_config(abstract, mesh, config.get('mesh'))
+  shardings = sharding.state_shardings_from_config(abstract, mesh, config.mesh)
   state = jax.jit(create, out_shardings=shardings)(rng)
   return state, shardings
 
@@ -141,17 +141,16 @@ def _dit_losses(model_fn, images, time_rng, noise_rng, sub, timestep_jitter):
 
 
 def _sub_batch_loss(params, apply_fn, sub, images, labels, rng, train_config, max_group_size, null_class,
-                    model_config=None):
+                    model_config):
   """Per-image losses [num_images] of one sub-batch.
 
-  model_config: the config's `model` section (None: SiT defaults). Its
-  optional `objective` picks the loss: 'sit' (transport.py: the model's
-  `path`, `prediction`, `loss_weight`; default linear velocity MSE at
-  uniform t) or 'dit' (DDPM hybrid loss at integer t, _dit_losses). The
+  model_config: the config's `model` section. Its `objective` picks the
+  loss: 'sit' (transport.py: the model's `path`, `prediction`,
+  `loss_weight`; linear velocity MSE at uniform t by default.py) or 'dit'
+  (DDPM hybrid loss at integer t, _dit_losses). The
   step takes the plain mean over images either way, as the official code.
   """
-  model_config = model_config if model_config is not None else {}
-  objective = model_config.get('objective', 'sit')
+  objective = model_config.objective
   if objective not in OBJECTIVES:
     raise errors.ConfigError(f'Unknown model.objective={objective!r}; use one of {OBJECTIVES}.')
   time_rng, noise_rng, id_rng, drop_rng = jax.random.split(rng, 4)
@@ -267,7 +266,7 @@ def loss_and_grads(state, batch, kind, train_config, max_group_size, null_class,
   return loss, grads
 
 
-def train_step(state, batch, kind, train_config, optim_config, max_group_size, null_class, model_config=None,
+def train_step(state, batch, kind, train_config, optim_config, max_group_size, null_class, model_config,
                check_update=True, grad_sharding=None, layout=None):
   """One optimizer step on a batch of one kind.
 
@@ -280,8 +279,7 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
     train_config, optim_config: the config's `train` and `optim` sections.
     max_group_size: the model's sample-table size (0: no sample embedding).
     null_class: the label of the unconditional class.
-    model_config: the config's `model` section (objective, transport); None
-      means the SiT defaults.
+    model_config: the config's `model` section (objective, transport).
     check_update: also skip the step when the new params, optimizer state
       or EMA would hold a non-finite value: True checks the updates (see the
       comment below), 'state' every new leaf, False neither (benchmarks
@@ -341,11 +339,11 @@ def train_step(state, batch, kind, train_config, optim_config, max_group_size, n
 
 def update_layout(config, state_sharding):
   """The UpdateLayout of a sharded update (mesh.shard_update with a TrainState of shardings), else None."""
-  mesh_config = config.get('mesh')
-  if not isinstance(state_sharding, TrainState) or mesh_config is None or not mesh_config.get('shard_update', False):
+  mesh_config = config.mesh
+  if not isinstance(state_sharding, TrainState) or mesh_config is None or not mesh_config.shard_update:
     return None
   return UpdateLayout(compute=jax.tree.map(sharding.compute_sharding, state_sharding.params),
-                      dtype=jnp.dtype(config.model.get('dtype', 'float32')))
+                      dtype=jnp.dtype(config.model.dtype))
 
 
 def make_jitted_train_step(config, mesh, state_sharding):
@@ -360,7 +358,7 @@ def make_jitted_train_step(config, mesh, state_sharding):
   and the model reads the parameters gathered in the compute dtype
   (update_layout).
   """
-  mesh_config = config.get('mesh')
+  mesh_config = config.mesh
   step = functools.partial(train_step, train_config=config.train, optim_config=config.optim,
                            max_group_size=config.model.max_group_size, null_class=config.model.num_classes,
                            model_config=config.model,

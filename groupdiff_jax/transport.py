@@ -72,9 +72,9 @@ class Transport:
 
 
 def transport_from_config(model_config):
-  """Transport of a `model` config section (fields optional: SiT defaults)."""
-  return Transport(path=model_config.get('path', 'linear'), prediction=model_config.get('prediction', 'velocity'),
-                   loss_weight=model_config.get('loss_weight') or None)
+  """Transport of a `model` config section (path, prediction, loss_weight)."""
+  return Transport(path=model_config.path, prediction=model_config.prediction,
+                   loss_weight=model_config.loss_weight or None)
 
 
 def time_interval(transport, sde=False, last_step_size=0.0, sampling=False):

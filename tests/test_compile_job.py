@@ -9,10 +9,16 @@ import sys
 import pytest
 from jax.experimental import mesh_utils
 
-from configs import digits, sit_xl
+from configs import default, digits, sit_xl
 from groupdiff_jax import compile_job, compiled_stats, describe, errors, sharding, step_breakdown, tpu_topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mesh_config(**fields):
+  mesh = default.get_config().mesh
+  mesh.update(fields)
+  return mesh
 
 
 def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
@@ -35,7 +41,7 @@ def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
 def test_compiles_for_v5e_with_mosaic_kernels_and_local_group_attention(impl):
   config = tiny_config(impl)
   config.mesh.shard_update = False  # replicated parameters: any gather would move activations
-  report = compile_job.compile_report(config, log=lambda _: None)
+  report = compile_job.compile_report(config)
   assert report['devices'] == 4 and report['mesh'] == {'data': 4, 'fsdp': 1, 'group': 1}
   assert report['device_kind'].startswith('TPU v5')
   steps = {k: v for k, v in report['programs'].items() if k.startswith('train_step/')}
@@ -75,7 +81,7 @@ def test_xla_attention_has_no_mosaic_kernel_and_nothing_enters_a_persistent_cach
     jax.config.update(name, value)
   jax_cache.reset_cache()
   try:
-    report = compile_job.compile_report(tiny_config('xla'), log=lambda _: None, include_sampler=False)
+    report = compile_job.compile_report(tiny_config('xla'), include_sampler=False)
     # Executables of abstract TPU devices cannot be read back on this host: the job keeps them out of the cache
     # (without the guard: one jit_train_step entry per step kind; host programs such as PRNGKey may enter).
     entries = os.listdir(tmp_path / 'cache') if (tmp_path / 'cache').exists() else []
@@ -103,7 +109,7 @@ def test_a_4096_image_batch_does_not_fit_v5e_2x2_and_says_by_how_much(tmp_path):
   # Refused by the TPU compiler itself (temporaries over the chip's HBM) or by the headroom verdict: either
   # way one ConfigError with the per-device bytes, the HBM and what to change.
   with pytest.raises(errors.ConfigError, match=r'does not fit.*\d+\.\d+G.*HBM') as info:
-    compile_job.run(config, str(tmp_path), log=lambda _: None)
+    compile_job.run(config, str(tmp_path))
   assert 'remat' in str(info.value) and 'batch_size' in str(info.value)
   # The report is written all the same (the fit table's "does not fit" rows), the refused or oversized program marked.
   report = json.load(open(tmp_path / 'compile_report.json'))
@@ -126,7 +132,7 @@ def test_sit_xl_far_over_hbm_is_refused_from_describe_before_anything_is_compile
   config.compile.topology = 'v5e:2x2'
   config.train.batch_size = 4096
   with pytest.raises(errors.ConfigError) as info:
-    compile_job.run(config, str(tmp_path), log=lambda _: None)
+    compile_job.run(config, str(tmp_path))
   message = str(info.value)
   # 4096 images over 4 devices; a v5e device has 16 GiB, 14.40 GiB of it with the default 10% headroom.
   assert 'train.batch_size=4096 on 4 devices' in message and 'for 1024 images per device' in message
@@ -174,14 +180,14 @@ def test_mesh_and_batch_that_do_not_match_the_topology_are_refused_before_compil
   config = tiny_config()
   config.mesh.data = 8
   with pytest.raises(errors.ConfigError, match='4 devices'):
-    compile_job.compile_report(config, log=lambda _: None)
+    compile_job.compile_report(config)
   config = tiny_config(batch_size=36)  # groups of 4 (10% of 36 -> 1 group) cannot split over 4 devices
   with pytest.raises(errors.ConfigError, match='batch_size=36'):
-    compile_job.compile_report(config, log=lambda _: None)
+    compile_job.compile_report(config)
   config = tiny_config()
   config.mesh.dcn_data = 2
   with pytest.raises(errors.ConfigError, match='num_slices=1'):
-    compile_job.compile_report(config, log=lambda _: None)
+    compile_job.compile_report(config)
 
 
 @pytest.mark.long
@@ -189,7 +195,7 @@ def test_two_slices_compile_with_dcn_data():
   config = tiny_config(batch_size=64)
   config.compile.num_slices = 2
   config.mesh.dcn_data = 2
-  report = compile_job.compile_report(config, log=lambda _: None, include_sampler=False)
+  report = compile_job.compile_report(config, include_sampler=False)
   assert report['devices'] == 8 and report['mesh'] == {'data': 8, 'fsdp': 1, 'group': 1}
   assert all(p['mosaic_kernels'] > 0 for p in report['programs'].values())
 
@@ -240,12 +246,12 @@ def test_meshes_follow_the_chips_where_jax_can_lay_them_out_and_keep_the_listed_
 
   v5p = tpu_topology.abstract_devices('v5p:2x2x2')  # a 2x2x2 cuboid, one device per chip: jax's torus layout
   torus = [d.id for d in mesh_utils.create_device_mesh((4, 2), v5p).flat]
-  assert ids(sharding.make_mesh({'data': 4, 'fsdp': 2}, v5p)) == torus != [d.id for d in v5p]
+  assert ids(sharding.make_mesh(mesh_config(data=4, fsdp=2), v5p)) == torus != [d.id for d in v5p]
   # Listed (row-major) order where jax cannot lay them out: both TensorCores of a v4 chip listed as devices,
   # 3 of 4 chips (no cuboid), fsdp=4 on an 8x8 slice (4 is no product of the physical axes 8, 8).
   for devices, fsdp in [(tpu_topology.abstract_devices('v4:2x2x2'), 2), (tpu_topology.abstract_devices('v5e:2x2')[:3], 1),
                         (tpu_topology.abstract_devices('v5e:8x8'), 4)]:
-    assert ids(sharding.make_mesh({'data': -1, 'fsdp': fsdp}, devices)) == [d.id for d in devices]
+    assert ids(sharding.make_mesh(mesh_config(data=-1, fsdp=fsdp), devices)) == [d.id for d in devices]
 
 
 def test_a_group_split_over_devices_and_a_sharded_update_compile_for_tpu():
@@ -256,7 +262,7 @@ def test_a_group_split_over_devices_and_a_sharded_update_compile_for_tpu():
   config.compile.step_kinds = 'groups'
   config.compile.breakdown = True
   config.mesh.update(data=2, group=2, shard_update=True, min_sharded_size=0)
-  report = compile_job.compile_report(config, log=lambda _: None, include_sampler=False)
+  report = compile_job.compile_report(config, include_sampler=False)
   # The breakdown's programs compiled beside the step: twice the batch reads more, the backward and the
   # update add to the forward, and none of them decides whether the config fits.
   parts = report['hbm_breakdown']['parts']

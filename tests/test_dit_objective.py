@@ -127,7 +127,9 @@ def test_the_jitted_train_step_of_the_trainer_uses_the_configured_objective():
         params, state.apply_fn, kind[0], batch[0]['images'], batch[0]['labels'], step_rng, config.train,
         config.model.max_group_size, 10, model_config).mean())(state.params))
 
-  dit_loss, sit_loss = loss_with(config.model), loss_with(None)
+  sit_model = config.model.copy_and_resolve_references()
+  sit_model.objective = 'sit'
+  dit_loss, sit_loss = loss_with(config.model), loss_with(sit_model)
   mesh = sharding.make_mesh()
   run = ts.make_jitted_train_step(config, mesh, sharding.replicated(mesh))
   _, metrics = run(state, batch, kind)

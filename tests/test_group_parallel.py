@@ -49,8 +49,15 @@ def tolerance(reference_max, terms, depth=0):
 ATTENTION = '''
 import json
 import jax, jax.numpy as jnp, numpy as np
+from configs import default
 from groupdiff_jax import sharding
 from groupdiff_jax.models import dit, group_attention as ga
+
+
+def mesh_config(**fields):
+  config = default.get_config().mesh
+  config.update(fields)
+  return config
 
 out = {'attention': [], 'model': []}
 L, H, D = 16, 8, 8
@@ -66,7 +73,7 @@ def collectives(hlo):
 
 
 def attention_case(impl, split, n, collective):
-  config = {'data': -1, 'group': split, 'group_collective': collective}
+  config = mesh_config(data=-1, group=split, group_collective=collective)
   mesh = sharding.make_mesh(config)
   batch = 8 if n == 2 else 16  # n = 2: 4 groups over data=2, each over 2 of the group axis' 4 devices
   keys = jax.random.split(jax.random.PRNGKey(split * n), 4)
@@ -116,7 +123,7 @@ def model_case(split, n, group_layers=None, impl='xla'):
     return out, vjp(ct)[0]
 
   ref = jax.jit(fwd_bwd)(params, x)
-  config = {'data': -1, 'group': split}
+  config = mesh_config(data=-1, group=split)
   mesh = sharding.make_mesh(config)
   with sharding.use_mesh(mesh, config):
     run = jax.jit(fwd_bwd, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
@@ -205,6 +212,12 @@ batches = [tuple({'images': rng.standard_normal((s.num_images, 8, 8, 1)).astype(
            for name in plan]
 
 
+def mesh_config(**fields):
+  mesh = digits.get_config().mesh
+  mesh.update(fields)
+  return mesh
+
+
 def train(mesh_fields, devices=8):
   config.mesh.update(data=-1, fsdp=1, group=1, shard_update=False)
   config.mesh.update(mesh_fields)
@@ -257,7 +270,7 @@ out['restore_err'] = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in
 out['restored_spec'] = str(restored.opt_state[1][0].mu['blocks_0']['attn']['qkv']['kernel'].sharding.spec)
 
 # A mesh whose group axis does not divide the group size: one error naming both.
-mesh6 = sharding.make_mesh({'data': 2, 'group': 3}, devices=jax.devices()[:6])
+mesh6 = sharding.make_mesh(mesh_config(data=2, group=3), devices=jax.devices()[:6])
 try:
   sharding.check_groups_fit_mesh((step_plan.SubBatch(24, 4, False),), mesh6)
   out['refusal'] = None
@@ -275,7 +288,7 @@ for name, cond_size in (('l', 1), ('f', 4)):
               cfg_scale=2.0, groups_per_batch=4)
   key = jax.random.PRNGKey(3)
   plain, _ = sample.make_sampler(model, scfg, config.model)(params, labels, key)
-  fields = {'data': 2, 'group': 4}
+  fields = mesh_config(data=2, group=4)
   mesh = sharding.make_mesh(fields)
   split, _ = sample.make_sampler(model, scfg, config.model, mesh, fields)(params, labels, key)
   plain = np.asarray(plain)

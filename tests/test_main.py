@@ -16,9 +16,8 @@ def test_digits_data_and_group_batches():
   images, labels = load_digits(16)
   assert images.shape == (1797, 16, 16, 1) and images.min() >= -1 and images.max() <= 1
   config = digits.get_config()
-  data_config = config.data.copy_and_resolve_references()
-  data_config.batch_size = 64
-  batches = DigitsBatches(data_config, seed=0)
+  config.train.batch_size = 64
+  batches = DigitsBatches(config, seed=0)
   kinds = step_plan.step_kinds(64, 4, 0.25, mixed_steps=False)
   (group_batch,) = batches.batch(5, kinds['groups'])
   assert group_batch['images'].shape == (64, 16, 16, 1)
@@ -26,7 +25,7 @@ def test_digits_data_and_group_batches():
   same = (group_batch['labels'].reshape(16, 4) == group_batch['labels'].reshape(16, 4)[:, :1]).mean()
   assert same > 0.7
   # A pure function of (seed, step).
-  again = DigitsBatches(data_config, seed=0).batch(5, kinds['groups'])[0]
+  again = DigitsBatches(config, seed=0).batch(5, kinds['groups'])[0]
   np.testing.assert_array_equal(again['labels'], group_batch['labels'])
 
 
@@ -39,10 +38,11 @@ def test_main_trains_writes_metrics_checkpoints_and_the_grid(trained_digits_run)
   assert grid.size[1] < grid.size[0]  # 2 groups (rows) of 4 images
 
 
-def test_sample_mode_samples_the_latest_checkpoint_one_class_per_group(trained_digits_run, tmp_path, capsys):
+def test_sample_mode_samples_the_latest_checkpoint_one_class_per_group(trained_digits_run, tmp_path, capsys, caplog):
   workdir = trained_digits_run.copy(tmp_path / 'run')
   assert digits_run.run_in_process(workdir, *digits_run.TINY, '--mode=sample') == 0
-  assert 'checkpoint of step 4' in capsys.readouterr().out
+  assert 'checkpoint of step 4' in caplog.text  # logged
+  assert 'Sample grid (each row one jointly generated group)' in capsys.readouterr().out  # the final output
   (path,) = glob.glob(os.path.join(workdir, 'samples', 'samples_*.npz'))
   with np.load(path) as samples:
     assert samples['arr_0'].shape == (8, 16, 16, 3) and samples['arr_0'].dtype == np.uint8  # the ADM layout

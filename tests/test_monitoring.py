@@ -131,8 +131,8 @@ def test_fid_scalar_with_a_tiny_reference_and_a_standin_inception(tmp_path):
   # The same samples made by the sample job and scored by the ADM evaluator give the same FID.
   from groupdiff_jax.evaluation import evaluator
   config_8 = train_monitor._with_sample(config, num_groups=2)
-  path = sample_job.sample_and_save(config_8, str(tmp_path / 'again'), state.ema_params, 2, log=lambda *_: None)
-  expected = evaluator.evaluate(reference, path, graph, log=lambda *_: None)['fid']
+  path = sample_job.sample_and_save(config_8, str(tmp_path / 'again'), state.ema_params, 2)
+  expected = evaluator.evaluate(reference, path, graph)['fid']
   assert fids[2] == pytest.approx(expected, rel=1e-4)
 
 
@@ -162,7 +162,7 @@ def test_toy_fd_scalar_with_the_toy_evaluator(tmp_path):
   images = train.make_batches(config).images
   reference = fid.FIDStatistics.from_features(featurize(images)[0])
   path = sample_job.sample_and_save(train_monitor._with_sample(config, num_groups=2), str(tmp_path / 'again'),
-                                    state.ema_params, 2, log=lambda *_: None)
+                                    state.ema_params, 2)
   with np.load(path) as f:
     expected = toy_features.score_samples(featurize, f['arr_0'], f['labels'], reference)
   assert fd[2] == pytest.approx(expected['fd'], rel=1e-4)

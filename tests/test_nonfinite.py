@@ -16,12 +16,12 @@ from tests.test_resume import assert_trees_equal, tiny_config
 def jitted_step_and_batch(config):
   """The jitted train step of 16 digits in groups of 4 and its first batch."""
   (kind,) = step_plan.step_kinds(16, 4, 0.0).values()
-  data_config = config.data.copy_and_resolve_references()
-  data_config.batch_size, data_config.grouping = 16, 'random'
+  data_config = config.copy_and_resolve_references()
+  data_config.train.batch_size, data_config.data.grouping = 16, 'random'
   batch = DigitsBatches(data_config, seed=0).batch(0, kind)
   step = jax.jit(functools.partial(train_step.train_step, kind=kind, train_config=config.train,
                                    optim_config=config.optim, max_group_size=config.model.max_group_size,
-                                   null_class=config.model.num_classes))
+                                   null_class=config.model.num_classes, model_config=config.model))
   return step, batch
 
 

@@ -47,8 +47,9 @@ def test_adapted_model_at_t_is_minus_the_official_network_at_one_minus_t(learn_s
 
 
 def test_config_builds_the_adapter_only_where_it_is_exact():
-  config = ml_collections.ConfigDict(dict(variant='SiT-S/2', input_size=8, in_channels=4, num_classes=5,
-                                          learn_sigma=False, max_group_size=4, time_convention=OFFICIAL))
+  config = default.get_config().model
+  config.update(dict(variant='SiT-S/2', input_size=8, in_channels=4, num_classes=5, learn_sigma=False,
+                     max_group_size=4, time_convention=OFFICIAL))
   assert dit.model_from_config(config).time_convention == OFFICIAL
   assert dit.model_from_config(eval_gdiff_sit_xl.get_config().model).time_convention == OFFICIAL
   assert dit.model_from_config(default.get_config().model).time_convention == 'sit'
@@ -157,7 +158,8 @@ def test_groupdiff_sit_file_converts_with_the_official_convention(tmp_path):
 
 def test_a_config_that_disagrees_with_the_conversion_record_is_an_error(tmp_path):
   test_convert.convert_file(groupdiff_sit_file(tmp_path), tmp_path / 'sit')
-  matching = ml_collections.ConfigDict(dict(learn_sigma=False, max_group_size=4, time_convention=OFFICIAL))
+  matching = default.get_config().model
+  matching.update(dict(learn_sigma=False, max_group_size=4, time_convention=OFFICIAL))
   converted.check_model_config(tmp_path / 'sit', matching)
   converted.check_model_config(tmp_path, default.get_config().model)  # no converted.json: nothing to check
   with pytest.raises(ValueError) as info:

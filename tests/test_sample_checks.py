@@ -41,7 +41,7 @@ def depth2_workdir(tmp_path_factory):
   config = tiny_config()
   config.model.depth = 2
   save_checkpoint(workdir, random_params(config.model))
-  assert sample_job.sample_and_save(config, workdir, log=lambda *_: None)
+  assert sample_job.sample_and_save(config, workdir)
   return workdir
 
 
@@ -49,7 +49,7 @@ def test_a_depth_mismatch_is_one_error_naming_the_params_and_leaves_samples_unto
   before = snapshot(os.path.join(depth2_workdir, 'samples'))
   config = tiny_config()  # depth 1: the checkpoint's blocks_1 would be ignored by Flax
   with pytest.raises(errors.WeightsError) as raised:
-    sample_job.sample_and_save(config, depth2_workdir, log=lambda *_: None)
+    sample_job.sample_and_save(config, depth2_workdir)
   message = str(raised.value)
   assert 'blocks_1/attn/qkv/kernel' in message and 'model.depth' in message and 'params not in this model' in message
   assert snapshot(os.path.join(depth2_workdir, 'samples')) == before
@@ -73,7 +73,7 @@ def test_nan_weights_stop_the_job_naming_chunk_and_group_and_write_nothing(tmp_p
   params['final_layer']['linear']['kernel'][:] = np.nan
   workdir = str(tmp_path)
   with pytest.raises(errors.WeightsError, match=r'Chunk 0, group 0 .*NaN/inf'):
-    sample_job.sample_and_save(config, workdir, params, step=7, log=lambda *_: None)
+    sample_job.sample_and_save(config, workdir, params, step=7)
   samples = os.path.join(workdir, 'samples')
   assert not [f for f in os.listdir(samples) if f.startswith('chunk_') or f.startswith('samples_')]
   assert not os.path.exists(os.path.join(workdir, sample_job.GRID_FILE))

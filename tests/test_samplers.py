@@ -2,10 +2,10 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
 from groupdiff_jax import sample, samplers
 from groupdiff_jax.models import dit
 
@@ -92,15 +92,23 @@ def test_images_must_be_whole_groups_of_both_branches():
 
 
 def sample_config(**kw):
-  base = dict(sampler='euler', num_steps=4, num_groups=2, images_per_group=4, cond_group_size=1,
-              uncond_group_size=4, cfg_scale=2.0, guidance_low=0.0, guidance_high=1.0, guided_channels=0,
-              group_stage_fraction=1.0, fixed_sample_ids=True, use_ema=True)
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  config = default.get_config().sample
+  config.update(dict(sampler='euler', num_steps=4, num_groups=2, images_per_group=4, cond_group_size=1,
+                     uncond_group_size=4, cfg_scale=2.0, guidance_low=0.0, guidance_high=1.0, guided_channels=0,
+                     group_stage_fraction=1.0, fixed_sample_ids=True, use_ema=True))
+  config.update(kw)
+  return config
+
+
+def model_config(**kw):
+  config = default.get_config().model
+  config.update(dict(input_size=8, in_channels=1, num_classes=10, max_group_size=4))
+  config.update(kw)
+  return config
 
 
 def test_a_group_is_generated_jointly_and_groups_stay_apart():
-  model_config = ml_collections.ConfigDict(dict(input_size=8, in_channels=1, num_classes=10, max_group_size=4))
+  tiny_model = model_config()
   model = dit.DiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10,
                   learn_sigma=True, max_group_size=4)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1, jnp.int32),
@@ -122,7 +130,7 @@ def test_a_group_is_generated_jointly_and_groups_stay_apart():
   np.testing.assert_array_equal(base[4:], changed[4:])  # group 1 does not
   alone = samplers.GuidanceConfig(cfg_scale=2.0, cond_group_size=1, uncond_group_size=1, fixed_sample_ids=True)
   np.testing.assert_array_equal(final(noise, alone)[0], final(moved, alone)[0])  # baseline: independent
-  images = sample.generate(model, params, jax.random.PRNGKey(0), sample_config(), model_config)
+  images = sample.generate(model, params, jax.random.PRNGKey(0), sample_config(), tiny_model)
   assert images.shape == (8, 8, 8, 1) and np.isfinite(np.asarray(images)).all()
 
 
@@ -193,13 +201,12 @@ def test_guided_ddpm_at_scale_1_equals_the_unguided_sampler():
 
 def test_dit_sample_job_dispatches_by_objective():
   model, params = tiny_dit()
-  model_config = ml_collections.ConfigDict(dict(input_size=8, in_channels=1, num_classes=10, max_group_size=4,
-                                                learn_sigma=True, objective='dit'))
+  tiny_model = model_config(learn_sigma=True, objective='dit')
   images = sample.generate(model, params, jax.random.PRNGKey(0), sample_config(sampler='ddim', num_steps=5),
-                           model_config)
+                           tiny_model)
   assert images.shape == (8, 8, 8, 1) and np.isfinite(np.asarray(images)).all()
   with pytest.raises(ValueError, match='does not fit model.objective'):
-    sample.generate(model, params, jax.random.PRNGKey(0), sample_config(sampler='heun'), model_config)
+    sample.generate(model, params, jax.random.PRNGKey(0), sample_config(sampler='heun'), tiny_model)
   assert sample.timestep_respacing(sample_config(num_steps=250)) == '250'
 
 
@@ -250,11 +257,10 @@ def test_sde_last_step_and_diffusion_forms():
 
 def test_sit_sample_job_runs_the_sde_and_dopri5_samplers():
   model, params = tiny_dit()
-  model_config = ml_collections.ConfigDict(dict(input_size=8, in_channels=1, num_classes=10, max_group_size=4,
-                                                learn_sigma=True, objective='sit'))
+  tiny_model = model_config(learn_sigma=True, objective='sit')
   images, nfe = sample.generate_with_nfe(model, params, jax.random.PRNGKey(0), sample_config(sampler='sde', num_steps=6),
-                                         model_config)
+                                         tiny_model)
   assert images.shape == (8, 8, 8, 1) and np.isfinite(np.asarray(images)).all() and nfe == 6
   images, nfe = sample.generate_with_nfe(model, params, jax.random.PRNGKey(0), sample_config(sampler='dopri5'),
-                                         model_config)
+                                         tiny_model)
   assert images.shape == (8, 8, 8, 1) and np.isfinite(np.asarray(images)).all() and nfe >= 7

@@ -112,7 +112,8 @@ WORKER = textwrap.dedent('''
     def plain():
       state = jax.jit(lambda key: ts.create_train_state(model, config, key))(jax.random.PRNGKey(0))
       step = jax.jit(functools.partial(ts.train_step, kind=kinds['mixed'], train_config=config.train,
-                                       optim_config=config.optim, max_group_size=4, null_class=10))
+                                       optim_config=config.optim, max_group_size=4, null_class=10,
+                                       model_config=config.model))
       losses = []
       for batch in batches:
         state, metrics = step(state, batch)

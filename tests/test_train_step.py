@@ -88,13 +88,14 @@ def test_step_loss_is_mean_of_per_image_sit_losses():
   batch = fake_batch(kind)
   # Jitted (not eager) only to keep the test fast; the computation is the same.
   _, metrics = jax.jit(functools.partial(ts.train_step, kind=kind, train_config=config.train,
-                                         optim_config=config.optim, max_group_size=4, null_class=10))(state, batch)
+                                         optim_config=config.optim, max_group_size=4, null_class=10,
+                                         model_config=config.model))(state, batch)
   rng = jax.random.fold_in(state.rng, state.step)
 
   @jax.jit
   def recomputed(params, batch):
     return [ts._sub_batch_loss(params, state.apply_fn, sub, part['images'], part['labels'],
-                               jax.random.fold_in(rng, i), config.train, 4, 10)
+                               jax.random.fold_in(rng, i), config.train, 4, 10, config.model)
             for i, (sub, part) in enumerate(zip(kind, batch))]
 
   losses = recomputed(state.params, batch)
@@ -117,7 +118,7 @@ def test_unconditional_groups_use_the_null_class_and_singles_keep_labels():
     batch = fake_batch(kinds[name])
     with jax.disable_jit():
       ts._sub_batch_loss(state.params, spy_apply, kinds[name][0], batch[0]['images'], batch[0]['labels'],
-                         jax.random.PRNGKey(0), config.train, 4, 10)
+                         jax.random.PRNGKey(0), config.train, 4, 10, config.model)
   (y_single, n_single, ids_single), (y_group, n_group, ids_group) = seen
   assert n_single == 1 and n_group == 4
   np.testing.assert_array_equal(y_single, fake_batch(kinds['singles'])[0]['labels'])  # no label dropout
@@ -137,7 +138,7 @@ def test_plain_training_drops_labels_at_the_configured_rate():
   sub = step_plan.SubBatch(4000, 1, True)
   labels = np.zeros(4000, np.int32)
   ts._sub_batch_loss({}, spy_apply, sub, jnp.zeros((4000, 1, 1, 1)), labels, jax.random.PRNGKey(0),
-                     config.train, 0, 10)
+                     config.train, 0, 10, config.model)
   assert abs((seen[0] == 10).mean() - 0.1) < 0.02
 
 
@@ -151,7 +152,7 @@ def test_jitted_step_on_a_mesh_matches_the_plain_step_and_lowers_the_loss():
   batch = fake_batch(kinds['groups'])
   plain_state, plain_metrics = jax.jit(functools.partial(
       ts.train_step, kind=kinds['groups'], train_config=config.train, optim_config=config.optim,
-      max_group_size=4, null_class=10))(state, batch)
+      max_group_size=4, null_class=10, model_config=config.model))(state, batch)
   jit_state, jit_metrics = run(make_state(config)[1], batch, kinds['groups'])
   np.testing.assert_allclose(float(plain_metrics['loss']), float(jit_metrics['loss']), rtol=1e-6)
   assert int(jit_state.step) == 1

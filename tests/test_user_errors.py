@@ -101,6 +101,22 @@ def test_cli_a_key_error_inside_a_config_file_is_its_bug_with_a_traceback(tmp_pa
     cli_in_process.run_main(capsys, f'--config={path}', f'--workdir={tmp_path}')
 
 
+def test_cli_a_key_error_while_a_config_file_imports_keeps_its_traceback_even_with_overrides(tmp_path, capsys):
+  path = tmp_path / 'broken_import.py'
+  path.write_text('SIZES = {}\nDEPTH = SIZES["depth"]\n\n\ndef get_config():\n  return None\n')
+  with pytest.raises(KeyError, match='depth'):  # not the one-line error of an unknown --config.x
+    cli_in_process.run_main(capsys, f'--config={path}', f'--workdir={tmp_path}', '--config.model.depth=2')
+
+
+def test_cli_a_config_without_the_default_fields_names_them(tmp_path, capsys):
+  path = tmp_path / 'scratch.py'
+  path.write_text('import ml_collections\n\n\ndef get_config():\n  config = ml_collections.ConfigDict()\n'
+                  '  config.seed = 0\n  config.colour = "red"\n  return config\n')
+  result = cli_in_process.run_main(capsys, f'--config={path}', f'--workdir={tmp_path}')
+  assert_one_error(result, f'--config={path}', 'lacks compile.', 'compile.headroom', 'has colour',
+                   'from configs import default')
+
+
 def test_cli_a_misspelled_field_names_the_nearest_fields_unescaped(tmp_path, capsys):
   result = run_digits(capsys, tmp_path, '--config.train.num_stepz=10')
   line = assert_one_error(result, '--config.train.num_stepz=10', "no field 'num_stepz'", 'did you mean train.num_steps',

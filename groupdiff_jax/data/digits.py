@@ -10,9 +10,8 @@ L2-normalised), grouped with the official epoch plan.
 resumed run sees exactly the batches an uninterrupted one would.
 """
 
-import logging
-
 import numpy as np
+from absl import logging
 
 from groupdiff_jax.data.array_batches import ArrayBatches, neighbor_lists, pca_embeddings
 
@@ -30,13 +29,14 @@ def load_digits(image_size=16):
 
 
 def DigitsBatches(config, seed):  # pylint: disable=invalid-name  (a factory named like the class it returns)
-  """ArrayBatches over the digits of `config` (the data section plus batch_size)."""
-  images, labels = load_digits(config.image_size)
+  """ArrayBatches over the digits of a run's `config` (config.data; train.batch_size, train.group_size)."""
+  data = config.data
+  images, labels = load_digits(data.image_size)
   neighbors = None
-  if config.grouping == 'official_plan':
-    neighbors = neighbor_lists(pca_embeddings(images, config.embedding_dims), config.num_neighbors)
+  if data.grouping == 'official_plan':
+    neighbors = neighbor_lists(pca_embeddings(images, data.embedding_dims), data.num_neighbors)
     same_class = (labels[neighbors[:, :3]] == labels[:, None]).mean()
     logging.info('Digits: %d images; %.1f%% of the 3 nearest neighbours share the anchor\'s class.',
                  len(images), 100 * same_class)
-  return ArrayBatches(images, labels, config.grouping, config.batch_size, seed, neighbors,
-                      config.get('group_size'))
+  return ArrayBatches(images, labels, data.grouping, config.train.batch_size, seed, neighbors,
+                      config.train.group_size)

@@ -19,12 +19,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
-from groupdiff_jax import errors, weights_io
+from groupdiff_jax import distributed, errors, weights_io
 from groupdiff_jax.data import latent_store, shards, tfds_source
-from groupdiff_jax.data.progress import Progress
 from groupdiff_jax.encoders import clip, dinov2, vit
+from groupdiff_jax.progress import Progress
 
 CROP_SIZE = 256  # the ADM crop every encoder starts from
 ENCODERS = {'dinov2_l14': (dinov2, dinov2.DINOV2_L14), 'dinov2_b14': (dinov2, dinov2.DINOV2_B14),
@@ -61,9 +61,10 @@ def run(output_dir, encoder, params, config=None, dataset='imagenet2012', split=
   model = vit.ViT(config, dtype=jnp.dtype(compute_dtype))
   todo = job.todo()[:max_shards]
   todo_rows = sum(job.rows(s)[1] - job.rows(s)[0] for s in todo)
-  print(f'Embeddings ({encoder}): {dataset}/{split}, {num_rows:,} rows in {job.num_shards} shards; '
-        f'{len(job.done())} done, {len(todo)} to do on host {process_index} ({todo_rows:,} rows).', flush=True)
-  progress, done_rows = Progress('embeddings', todo_rows, 'images'), 0
+  logging.info('Embeddings (%s): %s/%s, %s rows in %d shards; %d done, %d to do on host %d (%s rows).', encoder,
+               dataset, split, f'{num_rows:,}', job.num_shards, len(job.done()), len(todo), process_index,
+               f'{todo_rows:,}', extra=distributed.ALL_PROCESSES)
+  progress, done_rows = Progress('embeddings', todo_rows, 'images', show=process_index == 0), 0
   for shard in todo:
     start, end = job.rows(shard)
     parts = []
@@ -79,6 +80,7 @@ def run(output_dir, encoder, params, config=None, dataset='imagenet2012', split=
     job.write(shard, embeddings=np.concatenate(parts))
     job.report(f'shard {shard} done; {done_rows:,}/{todo_rows:,} images this run')
   progress(done_rows, force=True)
+  progress.close()
   missing = job.num_shards - len(job.done())
   if missing:
     print(f'{missing} shard(s) still missing (other hosts, or --max_shards): run the same command again.')

@@ -27,13 +27,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 
-from groupdiff_jax import errors, weights_io
+from groupdiff_jax import distributed, errors, weights_io
 from groupdiff_jax.data import latent_store, shards, tfds_source
 from groupdiff_jax.encoders import vae as vae_lib
-from groupdiff_jax.data.progress import Progress
+from groupdiff_jax.progress import Progress
 
 IMAGE_SIZE = 256  # ImageNet 256: SD-VAE latents 32x32x4
 
@@ -98,10 +98,10 @@ def run(output_dir, vae_params, vae_config=None, vae_name='sd-vae-ft-ema', datas
 
   todo = job.todo()[:max_shards]
   todo_rows = sum(job.rows(s)[1] - job.rows(s)[0] for s in todo)
-  print(f'Latent extraction: {dataset}/{split}, {num_rows:,} rows in {job.num_shards} shards; '
-        f'{len(job.done())} done, {len(todo)} to do on host {process_index} ({todo_rows:,} rows), '
-        f'{num_devices} device(s), posterior={posterior}, flip={flip}.', flush=True)
-  progress = Progress('latents', todo_rows, 'images')
+  logging.info('Latent extraction: %s/%s, %s rows in %d shards; %d done, %d to do on host %d (%s rows), %d device(s), '
+               'posterior=%s, flip=%s.', dataset, split, f'{num_rows:,}', job.num_shards, len(job.done()), len(todo),
+               process_index, f'{todo_rows:,}', num_devices, posterior, flip, extra=distributed.ALL_PROCESSES)
+  progress = Progress('latents', todo_rows, 'images', show=process_index == 0)
   done_rows = 0
   base_key = jax.random.PRNGKey(seed)
   for shard in todo:
@@ -121,6 +121,7 @@ def run(output_dir, vae_params, vae_config=None, vae_name='sd-vae-ft-ema', datas
     job.write(shard, latents=np.concatenate(latents), labels=np.concatenate(labels).astype(np.int32))
     job.report(f'shard {shard} done; {done_rows:,}/{todo_rows:,} images this run')
   progress(done_rows, force=True)
+  progress.close()
 
   missing = job.num_shards - len(job.done())
   if missing:

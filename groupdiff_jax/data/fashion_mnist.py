@@ -15,10 +15,10 @@ from ScaNN over the pixels' PCA (data.embedding_dims).
 """
 
 import gzip
-import logging
 import os
 
 import numpy as np
+from absl import logging
 
 from groupdiff_jax import errors
 from groupdiff_jax.data.array_batches import ArrayBatches, neighbor_lists, pca_embeddings
@@ -107,16 +107,18 @@ def load_neighbors(neighbors_dir, num_images):
 
 
 def FashionBatches(config, seed):  # pylint: disable=invalid-name  (a factory named like the class it returns)
-  """ArrayBatches over the Fashion-MNIST training split (config: the data section plus batch_size)."""
-  images, labels = load_split(config.get('data_dir') or DEFAULT_DIR, 'train', config.image_size)
+  """ArrayBatches over the Fashion-MNIST training split of a run's `config` (config.data; train.batch_size,
+  train.group_size)."""
+  data = config.data
+  images, labels = load_split(data.data_dir or DEFAULT_DIR, 'train', data.image_size)
   neighbors = None
-  if config.grouping == 'official_plan':
-    if config.get('neighbors_dir'):
-      neighbors = load_neighbors(config.neighbors_dir, len(images))
+  if data.grouping == 'official_plan':
+    if data.neighbors_dir:
+      neighbors = load_neighbors(data.neighbors_dir, len(images))
     else:
-      neighbors = neighbor_lists(pca_embeddings(images, config.get('embedding_dims', 32), np.float32),
-                                 config.get('num_neighbors', 16))
+      neighbors = neighbor_lists(pca_embeddings(images, data.embedding_dims, np.float32), data.num_neighbors)
     purity = (labels[neighbors[:, :3]] == labels[:, None]).mean()
     logging.info('Fashion-MNIST: %d images; %.1f%% of the 3 nearest neighbours share the anchor\'s class.',
                  len(images), 100 * purity)
-  return ArrayBatches(images, labels, config.grouping, config.batch_size, seed, neighbors, config.get('group_size'))
+  return ArrayBatches(images, labels, data.grouping, config.train.batch_size, seed, neighbors,
+                      config.train.group_size)

@@ -27,11 +27,11 @@ top_k); it is also the recall reference.
 import time
 
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from groupdiff_jax import errors, storage
 from groupdiff_jax.data import latent_store, pipeline, retrieval
-from groupdiff_jax.data.progress import Progress
+from groupdiff_jax.progress import Progress
 
 EMBEDDINGS = 'embeddings.npy'
 NORM_TOLERANCE = 1e-2
@@ -85,8 +85,8 @@ def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_
     if len(store) != num_rows:
       raise JobInputError(f'{embeddings_dir}/{EMBEDDINGS} has {num_rows} rows but the latent store {latent_dir} has '
                           f'{len(store)}: the embeddings must follow the store\'s rows; re-run the embedding job.')
-  print(f'Neighbour job: {num_rows:,} embeddings of dimension {embeddings.shape[1]}, K={k}, method={method}.',
-        flush=True)
+  logging.info('Neighbour job: %s embeddings of dimension %d, K=%d, method=%s.', f'{num_rows:,}', embeddings.shape[1],
+               k, method)
   embeddings = np.asarray(embeddings, np.float32)
   params = {'kind': 'exact_jax'}
   if method == 'scann':
@@ -112,12 +112,12 @@ def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_
   start = time.time()
   exact = None
   if method == 'scann':
-    print(f'Exact neighbours of {len(sample)} sampled rows ({num_calibration} to calibrate, '
-          f'{len(sample) - num_calibration} to measure recall)...', flush=True)
+    logging.info('Exact neighbours of %d sampled rows (%d to calibrate, %d to measure recall)...', len(sample),
+                 num_calibration, len(sample) - num_calibration)
     exact, _ = retrieval.exact_neighbors(embeddings, k, sample)
   exact_s = time.time() - start
   calibration_rows, queries = sample[:num_calibration], sample[num_calibration:]
-  progress = Progress('search', num_rows)
+  progress = Progress('search', num_rows, show=True)  # a one-process job
   start = time.time()
   if method == 'scann':
     calibration = (calibration_rows, exact[:num_calibration]) if num_calibration else None
@@ -126,6 +126,7 @@ def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_
   else:
     neighbors, scores = retrieval.exact_neighbors(embeddings, k, progress=progress)
   search_s = time.time() - start
+  progress.close()
 
   # Recall@K against exact search on the queries not used to calibrate.
   recall = 1.0 if method == 'exact' else retrieval.recall_at_k(neighbors[queries], exact[num_calibration:])
@@ -143,9 +144,10 @@ def run(embeddings_dir, output_dir, k=100, method='scann', index='auto', recall_
           f'candidates re-ordered (calibration [leaves, depth, recall@{k}, seconds]: {params["calibration"]}, '
           f'target {target_recall})')
   if recall < MIN_RECALL:
-    print(f'WARNING: recall@{k} {recall:.4f} < {MIN_RECALL} (this run searched {params.get("num_leaves_to_search")} '
-          f'leaves and re-ordered {params.get("reorder")} candidates): rerun with --overwrite and --method=exact '
-          f'(brute force on the accelerators), or a larger --leaves_to_search.')
+    logging.warning('recall@%d %.4f < %s (this run searched %s leaves and re-ordered %s candidates): rerun with '
+                    '--overwrite and --method=exact (brute force on the accelerators), or a larger '
+                    '--leaves_to_search.', k, recall, MIN_RECALL, params.get('num_leaves_to_search'),
+                    params.get('reorder'))
   for n, fraction in coverage.items():
     print(f'  groups of {n}: {100 * fraction:.1f}% of anchors have >= {int(n) - 1} neighbours with score >= {tau}')
   return latent_store.read_meta(output_dir)

@@ -36,10 +36,10 @@ is copied to the devices while the current one trains.
 
 import collections
 import functools
-import logging
 import threading
 
 import numpy as np
+from absl import logging
 
 from groupdiff_jax import errors, step_plan
 from groupdiff_jax.data import grouping, latent_store
@@ -386,30 +386,30 @@ def from_config(config, process_index=0, process_count=1, sharding=None):
   """The pipeline of a run: config.data.{latent_dir, neighbors_dir, grouping, tau, random_flip, prefetch}."""
   data, train = config.data, config.train
   kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
-  if not data.get('latent_dir'):
+  if not data.latent_dir:
     raise errors.ConfigError('config.data.latent_dir is not set: point it at a latent store (configs/imagenet_latents.py; '
                      'written by python -m groupdiff_jax.data.extract_latents_job).')
-  store = latent_store.LatentStore(data.latent_dir, num_classes=config.model.get("num_classes"))
-  grouping_name = data.get('grouping', 'official_plan')
+  store = latent_store.LatentStore(data.latent_dir, num_classes=config.model.num_classes)
+  grouping_name = data.grouping
   neighbors = scores = None
   if grouping_name in ('official_plan', 'tau_random'):
-    if not data.get('neighbors_dir'):
+    if not data.neighbors_dir:
       raise errors.ConfigError(f"config.data.grouping={grouping_name!r} needs config.data.neighbors_dir (written by python -m "
                        f"groupdiff_jax.data.neighbors_job); 'class' and 'random' need none.")
     neighbors, scores, meta = latent_store.read_neighbors(data.neighbors_dir, len(store), train.group_size - 1)
     if grouping_name == 'official_plan':
       neighbors = np.asarray(neighbors)  # the epoch plan reads every row: load once
-    tau = data.get('tau', 0.7)
+    tau = data.tau
     logging.info('Neighbour lists %s: K=%d, recall %s; %.1f%% of anchors have >= %d neighbours with score >= %.2f.',
                  data.neighbors_dir, neighbors.shape[1], meta.get('recall'),
                  100 * tau_coverage(scores, tau, train.group_size), train.group_size - 1, tau)
-  random_flip = data.get('random_flip', False)
+  random_flip = data.random_flip
   if random_flip and not store.has_flips:
     logging.warning('data.random_flip is set but %s has no flipped copies; training without flips.', data.latent_dir)
     random_flip = False
   logging.info('Latent store %s: %d rows%s; grouping %s.', data.latent_dir, len(store),
                ' with flips' if store.has_flips else '', grouping_name)
   return GroupPipeline(store, kinds, seed=config.seed, group_ratio=train.group_ratio, grouping=grouping_name,
-                       neighbors=neighbors, scores=scores, tau=data.get('tau', 0.7),
+                       neighbors=neighbors, scores=scores, tau=data.tau,
                        random_flip=random_flip, process_index=process_index,
-                       process_count=process_count, prefetch=data.get('prefetch', 2), sharding=sharding)
+                       process_count=process_count, prefetch=data.prefetch, sharding=sharding)

@@ -5,12 +5,12 @@ Output follows the neighbour-list format of docs/method.md, Data formats: row i 
 the K nearest neighbours of i, best first, self excluded, with their scores.
 """
 
-import logging
 import math
 import os
 import time
 
 import numpy as np
+from absl import logging
 
 # Up to this many rows an exact (brute-force) ScaNN search is cheap.
 BRUTE_FORCE_MAX_ROWS = 20_000

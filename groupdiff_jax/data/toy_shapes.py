@@ -40,9 +40,9 @@ function of the seed (numpy only; no downloads).
 """
 
 import functools
-import logging
 
 import numpy as np
+from absl import logging
 
 from groupdiff_jax import errors
 from groupdiff_jax.data.array_batches import ArrayBatches, neighbor_lists, pca_embeddings
@@ -71,9 +71,9 @@ def check_options(textures, size_range):
 
 def data_options(data_config):
   """{'textures', 'size_range'} of a config's data section (data.textures: comma-separated names)."""
-  textures = data_config.get('textures', ','.join(TEXTURES))
+  textures = data_config.textures
   textures = tuple(t.strip() for t in textures.split(',') if t.strip()) if isinstance(textures, str) else textures
-  textures, size_range = check_options(textures, data_config.get('size_range', SIZE_RANGE))
+  textures, size_range = check_options(textures, data_config.size_range)
   return {'textures': textures, 'size_range': size_range}
 
 
@@ -187,9 +187,9 @@ def load_toy_shapes(count, seed, image_size, embedding_dims, num_neighbors, text
 
 
 def ToyShapesBatches(config, seed):  # pylint: disable=invalid-name  (a factory named like the class it returns)
-  """ArrayBatches over the toy shapes of `config` (the data section plus batch_size)."""
-  images, labels, _, neighbors = load_toy_shapes(
-      config.get('num_images', 20000), config.get('dataset_seed', 0), config.image_size,
-      config.get('embedding_dims', 32), config.get('num_neighbors', 16), **data_options(config))
-  return ArrayBatches(images, labels, config.grouping, config.batch_size, seed, neighbors,
-                      config.get('group_size'))
+  """ArrayBatches over the toy shapes of a run's `config` (config.data; train.batch_size, train.group_size)."""
+  data = config.data
+  images, labels, _, neighbors = load_toy_shapes(data.num_images, data.dataset_seed, data.image_size,
+                                                 data.embedding_dims, data.num_neighbors, **data_options(data))
+  return ArrayBatches(images, labels, data.grouping, config.train.batch_size, seed, neighbors,
+                      config.train.group_size)

@@ -24,17 +24,19 @@ memory. Results are printed and written as JSON beside the samples
 
 import argparse
 import json
+import logging as python_logging
 import sys
-import time
 import zipfile
 
 import numpy as np
+from absl import logging
 from etils import epath
 
 from groupdiff_jax import errors, storage
 from groupdiff_jax.evaluation import fid as fid_lib
 from groupdiff_jax.evaluation import inception as inception_lib
 from groupdiff_jax.evaluation import precision_recall as pr_lib
+from groupdiff_jax.progress import Progress
 
 IMAGES_KEY = 'arr_0'
 PROTOCOL_IMAGE_SIZE = 256
@@ -125,39 +127,21 @@ def open_images(path, key=IMAGES_KEY):
   return NpzImages(path, key, shape, dtype, reader)
 
 
-# ------------------------------------------------------------------ progress
-
-
-class Progress:
-  """callable(done, total) that logs at most every `every_s` seconds, and at the end."""
-
-  def __init__(self, label, log=print, every_s=10.0):
-    self.label, self.log, self.every_s = label, log, every_s
-    self.start = self.last = time.monotonic()
-
-  def __call__(self, done, total):
-    now = time.monotonic()
-    if done < total and now - self.last < self.every_s:
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    eta = (total - done) / rate if rate > 0 else float('inf')
-    self.log(f'  [{self.label}] {done}/{total} images, {rate:.1f} img/s, '
-             f'{now - self.start:.0f}s elapsed, ETA {eta:.0f}s')
-
-
 # ---------------------------------------------------------------- evaluation
 
 
-def _features(net, images, label, log):
-  log(f'Inception features of {label}: {len(images)} images {images.shape[1:3]} from {images.path}')
-  return net.features(images.batches(net.batch_size), total=len(images),
-                      progress=Progress(label, log))
+def _features(net, images, label):
+  logging.info('Inception features of %s: %d images %s from %s', label, len(images), images.shape[1:3], images.path)
+  progress = Progress(f'Inception features of {label}', len(images), 'images')
+  try:
+    return net.features(images.batches(net.batch_size), total=len(images), progress=progress)
+  finally:
+    progress.close()
 
 
 def evaluate(ref_path, sample_path, inception_graph, *, batch_size=inception_lib.FEATURE_BATCH_SIZE,
              is_split_size=inception_lib.IS_SPLIT_SIZE, pr_precision='adm_float16',
-             spec=inception_lib.GraphSpec(), log=print):
+             spec=inception_lib.GraphSpec()):
   """Runs the ADM protocol; returns a JSON-ready dict of metrics and settings.
 
   Args:
@@ -168,7 +152,6 @@ def evaluate(ref_path, sample_path, inception_graph, *, batch_size=inception_lib
     is_split_size: samples per Inception Score split (ADM: 5000).
     pr_precision: distance precision of precision/recall (precision_recall.py).
     spec: tensor names in the graph (stand-in graphs in tests).
-    log: callable(str) for progress.
   """
   # Cheap checks first: a wrong file should fail before TensorFlow loads.
   inception_lib.check_graph_path(inception_graph)
@@ -193,21 +176,21 @@ def evaluate(ref_path, sample_path, inception_graph, *, batch_size=inception_lib
     notes.append(f'{len(samples)} samples: FID-{PROTOCOL_NUM_SAMPLES // 1000}K needs '
                  f'{PROTOCOL_NUM_SAMPLES}; numbers from fewer samples are biased upwards')
   for note in notes:
-    log(f'Note: {note}.')
+    logging.warning('Note: %s.', note)
 
   with inception_lib.InceptionV3(inception_graph, batch_size=batch_size, spec=spec) as net:
     ref_pool = None
     if ref_images is not None:
-      ref_pool, ref_spatial = _features(net, ref_images, 'reference', log)
+      ref_pool, ref_spatial = _features(net, ref_images, 'reference')
     if ref_pool is not None and (ref_stats is None or not ref_stats.has_spatial):
-      log(f'Reference statistics: computed from {IMAGES_KEY}.')
+      logging.info(f'Reference statistics: computed from {IMAGES_KEY}.')
       ref_stats = fid_lib.FIDStatistics.from_features(ref_pool, ref_spatial)
       ref_source = 'computed'
     else:
-      log(f'Reference statistics: precomputed in {ref_path}.')
+      logging.info(f'Reference statistics: precomputed in {ref_path}.')
       ref_source = 'precomputed'
-    sample_pool, sample_spatial = _features(net, samples, 'samples', log)
-    log('Inception Score (softmax of pool features)...')
+    sample_pool, sample_spatial = _features(net, samples, 'samples')
+    logging.info('Inception Score (softmax of pool features)...')
     probs = net.softmax(sample_pool)
 
   for name, ref_mu, features in (('pool', ref_stats.mu, sample_pool),
@@ -218,23 +201,23 @@ def evaluate(ref_path, sample_path, inception_graph, *, batch_size=inception_lib
                              'with another network; use ADM\'s reference batch and graph together.')
   sample_stats = fid_lib.FIDStatistics.from_features(sample_pool, sample_spatial)
   results = {'inception_score': inception_lib.inception_score(probs, is_split_size)}
-  log('FID (sqrtm of a [D, D] matrix; a minute for D = 2048)...')
+  logging.info('FID (sqrtm of a [D, D] matrix; a minute for D = 2048)...')
   results['fid'] = sample_stats.fid(ref_stats)
   if ref_stats.has_spatial:
-    log('sFID...')
+    logging.info('sFID...')
     results['sfid'] = sample_stats.sfid(ref_stats)
   else:
     results['sfid'] = None
     notes.append(f'sFID skipped: {ref_path} has neither {fid_lib.SPATIAL_KEYS} nor {IMAGES_KEY!r}')
-    log(f'Note: {notes[-1]}.')
+    logging.warning('Note: %s.', notes[-1])
   if ref_pool is not None:
-    log(f'Precision/recall (k={pr_lib.NEIGHBORHOOD_SIZE}, {len(ref_pool)} x {len(sample_pool)})...')
+    logging.info(f'Precision/recall (k={pr_lib.NEIGHBORHOOD_SIZE}, {len(ref_pool)} x {len(sample_pool)})...')
     results['precision'], results['recall'] = pr_lib.precision_recall(
         ref_pool, sample_pool, precision=pr_precision)
   else:
     results['precision'] = results['recall'] = None
     notes.append(f'precision/recall skipped: {ref_path} has no {IMAGES_KEY!r} images')
-    log(f'Note: {notes[-1]}.')
+    logging.warning('Note: %s.', notes[-1])
 
   results.update(
       num_samples=len(samples),
@@ -269,19 +252,20 @@ def main(argv=None):
   parser.add_argument('--pr_precision', choices=pr_lib.PRECISIONS, default='adm_float16')
   args = parser.parse_args(argv)
 
-  log = lambda msg: print(msg, flush=True)
+  # Progress and notes on stderr: this argparse program is no absl app (a no-op where logging is set up).
+  python_logging.basicConfig(level=python_logging.INFO, format='%(message)s')
   try:
     results = evaluate(args.ref_batch, args.sample_batch, args.inception_graph,
-                       batch_size=args.batch_size, pr_precision=args.pr_precision, log=log)
+                       batch_size=args.batch_size, pr_precision=args.pr_precision)
   except errors.UserError as e:  # anything else is a bug: its traceback stays
     print(f'error: {e}', file=sys.stderr)
     return 2
   for key, label in (('inception_score', 'Inception Score'), ('fid', 'FID'), ('sfid', 'sFID'),
                      ('precision', 'Precision'), ('recall', 'Recall')):
-    log(f'{label}: {results[key]}')
+    print(f'{label}: {results[key]}')  # the program's output
   output = args.output_json or default_output_path(args.sample_batch)
   storage.write_text(output, json.dumps(results, indent=2))
-  log(f'Wrote {output}')
+  print(f'Wrote {output}')
   return 0
 
 

@@ -16,13 +16,13 @@ only, with different widths and seeds, and never share weights:
 """
 
 import dataclasses
-import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from groupdiff_jax import errors
 from groupdiff_jax.evaluation import fid, precision_recall

@@ -203,7 +203,7 @@ def make_trajectory_sampler(model, model_config, sample_config):
   probes nothing. Step k uses key fold_in(key, k).
   """
   s = sample_config
-  if model_config.get('objective', 'sit') != 'sit':
+  if model_config.objective != 'sit':
     raise errors.ConfigError(f"The trajectory probe runs the SiT ODE sampler; model.objective="
                              f"{model_config.objective!r} (use renoised_masses for DiT).")
   if s.sampler not in samplers.ODE_SAMPLERS:
@@ -285,7 +285,7 @@ def noised(x0, stage, rng, model_config):
   """
   noise = jax.random.normal(rng, x0.shape, jnp.float32)
   batch = x0.shape[0]
-  if model_config.get('objective', 'sit') == 'dit':
+  if model_config.objective == 'dit':
     t = jnp.full((batch,), round((1.0 - stage) * (gd.NUM_TIMESTEPS - 1)), jnp.int32)
     return gd.q_sample(x0, t, noise, gd.create_schedule('')), t
   transport = transport_lib.transport_from_config(model_config)

@@ -324,12 +324,11 @@ def check_time_convention(config):
   (Their paths at s = 1 - t are ours; a noise or score network would need
   no negation, VP paths differ, DiT uses integer DDPM steps.)
   """
-  convention = config.get('time_convention', 'sit')
+  convention = config.time_convention
   if convention not in TIME_CONVENTIONS:
     raise errors.ConfigError(f'Unknown model.time_convention={convention!r}; choose one of {TIME_CONVENTIONS}.')
   if convention == 'groupdiff_official':
-    found = dict(objective=config.get('objective', 'sit'), prediction=config.get('prediction', 'velocity'),
-                 path=config.get('path', 'linear'))
+    found = dict(objective=config.objective, prediction=config.prediction, path=config.path)
     if found['objective'] != 'sit' or found['prediction'] != 'velocity' or found['path'] not in ('linear', 'gvp'):
       raise errors.ConfigError(f'model.time_convention=groupdiff_official maps the official GroupDiff/REPA SiT '
                                f'(velocity on the linear or GVP path) onto ours; the config has {found}. Use '
@@ -340,16 +339,16 @@ def check_time_convention(config):
 def model_from_config(config):
   """Build a DiT from the `model` section of a config (ml_collections)."""
   arch = parse_variant(config.variant)
-  overrides = {k: config[k] for k in ('depth', 'hidden_size', 'num_heads') if config.get(k)}
+  overrides = {k: config[k] for k in ('depth', 'hidden_size', 'num_heads') if config[k]}
   arch.update(overrides)
   dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-  if config.get('dtype', 'float32') not in dtypes:
+  if config.dtype not in dtypes:
     raise errors.ConfigError(f'Unknown model.dtype={config.dtype!r}; choose one of {sorted(dtypes)}.')
-  dtype = dtypes[config.get('dtype', 'float32')]
-  check_implementation(config.get('attention_impl', 'xla'))  # here, not inside a jit
-  block_class(config.get('remat', 'none'))
-  group_layers = tuple(config.group_layers) if config.get('group_layers') else None
+  dtype = dtypes[config.dtype]
+  check_implementation(config.attention_impl)  # here, not inside a jit
+  block_class(config.remat)
+  group_layers = tuple(config.group_layers) if config.group_layers else None
   return DiT(input_size=config.input_size, in_channels=config.in_channels, num_classes=config.num_classes,
              learn_sigma=config.learn_sigma, max_group_size=config.max_group_size, group_layers=group_layers,
-             attention_impl=config.get('attention_impl', 'xla'), mlp_ratio=config.get('mlp_ratio', 4.0),
-             dtype=dtype, remat=config.get('remat', 'none'), time_convention=check_time_convention(config), **arch)
+             attention_impl=config.attention_impl, mlp_ratio=config.mlp_ratio,
+             dtype=dtype, remat=config.remat, time_convention=check_time_convention(config), **arch)
