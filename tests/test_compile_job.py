@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 from jax.experimental import mesh_utils
 
@@ -13,6 +14,16 @@ from configs import digits, sit_xl
 from groupdiff_jax import compile_job, compiled_stats, describe, errors, sharding, step_breakdown, tpu_topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def production_optimisation():
+  """The TPU programs compile as they would for a run (the suite's CPU programs compile at optimisation level 0:
+  conftest.py), so the compiler's memory and collectives are the ones a run gets."""
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', before)
 
 
 def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):
