@@ -10,7 +10,19 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Compile tests in parallel workers each load libtpu (no TPU is used); without this the second one is refused.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+# XLA compiles without LLVM's optimisation passes (backend optimisation level 0), here and in the tests'
+# subprocesses: the suite's time is mostly compiling tiny programs that then run once or a few times, and level 0
+# compiles them in about half the time. The HLO (fusion, layout, sharding) is the same; the machine code is not,
+# so results may differ from an optimised build in the last bits, as between any two CPUs: no test compares with
+# numbers from outside the run. TPU-topology compiles (tests/test_compile_job.py) keep the full optimisation.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The files that take the longest (worker-seconds, slowest first; README "Tests"). `--dist loadfile` hands out
+# whole files in collection order, so these start first and the workers end together on the short ones.
+SLOW_FILES = ('test_gcs_workdir.py', 'test_describe.py', 'test_fashion_table1_smoke.py', 'test_train_step.py',
+              'test_monitoring.py', 'test_table1_smoke.py', 'test_checkpoint_integrity.py', 'test_sharding.py',
+              'test_dit_objective.py', 'test_attention.py', 'test_samplers.py')
 
 
 def pytest_configure(config):
@@ -18,6 +30,14 @@ def pytest_configure(config):
                           'in their own step, `pytest -m slurm`')
   config.addinivalue_line('markers', 'long: minutes of compiling or several processes (TPU-topology compiles, '
                           'multi-host); .ci/run runs these in their own step, `pytest -n 2 -m long`')
+  if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist: keep the collection order (SLOW_FILES first)
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  """SLOW_FILES first, in their order; the other files and every file's tests keep pytest's order."""
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def shared_root(tmp_path_factory):

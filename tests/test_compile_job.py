@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 from jax.experimental import mesh_utils
 
@@ -19,6 +20,16 @@ def mesh_config(**fields):
   mesh = default.get_config().mesh
   mesh.update(fields)
   return mesh
+
+
+@pytest.fixture(autouse=True)
+def production_optimisation():
+  """The TPU programs compile as they would for a run (the suite's CPU programs compile at optimisation level 0:
+  conftest.py), so the compiler's memory and collectives are the ones a run gets."""
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', before)
 
 
 def tiny_config(attention_impl='splash', batch_size=32, topology='v5e:2x2'):

@@ -23,6 +23,9 @@ from tests.test_resume import TINY, assert_trees_equal, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, 'tests', 'storage_runner.py')
+# test_resume's tiny run with groups of the same class: storage is what is tested here, and this skips the
+# neighbour search each process would otherwise run (the neighbour plan's resume: tests/test_resume.py).
+GCS_TINY = {**TINY, 'data.grouping': 'class'}
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +47,7 @@ def gcs(tmp_path_factory):
 
 def command(workdir, num_steps, *extra, mode='train'):
   return [sys.executable, RUNNER, '--config=configs/digits.py', f'--workdir={workdir}', f'--mode={mode}',
-          f'--config.train.num_steps={num_steps}', *[f'--config.{key}={value}' for key, value in TINY.items()],
+          f'--config.train.num_steps={num_steps}', *[f'--config.{key}={value}' for key, value in GCS_TINY.items()],
           *extra]
 
 
@@ -81,7 +84,7 @@ def test_killed_run_resumes_bit_identically_and_samples_to_the_bucket(gcs, tmp_p
   manager = checkpoint.checkpoint_manager(workdir, create=False)
   assert manager.latest_step() == reached + 2
   resumed = jax.device_get(manager.restore(reached + 2, args=ocp.args.StandardRestore()))
-  train.train_and_evaluate(tiny_config(**{'train.num_steps': reached + 2}), str(tmp_path / 'whole'))
+  train.train_and_evaluate(tiny_config(**{**GCS_TINY, 'train.num_steps': reached + 2}), str(tmp_path / 'whole'))
   whole = checkpoint.checkpoint_manager(str(tmp_path / 'whole'))
   assert_trees_equal(jax.device_get(whole.restore(reached + 2, args=ocp.args.StandardRestore())), resumed)
   assert 'run/config.json' in gcs.objects('run/')
@@ -142,6 +145,7 @@ def test_an_outage_during_restore_or_save_exits_75_and_moves_no_checkpoint(gcs):
   assert committed_steps(gcs, 'outage') == [2, 4]
 
 
+@pytest.mark.long  # two processes joining a cluster: .ci/run's second step
 def test_two_processes_on_one_bucket_workdir_write_one_checkpoint(gcs):
   from tests.test_checkpoint_multihost import WORKER  # pylint: disable=g-import-not-at-top
   from tests.test_multihost import free_port  # pylint: disable=g-import-not-at-top
