@@ -2,7 +2,7 @@
 
 The processes join through `jax.distributed` on 127.0.0.1 (gloo CPU
 collectives); each feeds only its own rows (whole groups) of every batch.
-A couple of digits-demo steps (tiny model, params sharded over fsdp) must
+A couple of digits-demo steps (tiny model, params sharded over fsdp and data) must
 give the parameters a single process with 4 devices gets, and both
 processes must write the checkpoint together.
 """
@@ -40,7 +40,8 @@ WORKER = textwrap.dedent('''
     config.mesh.update(data=2, fsdp=2, min_sharded_size=0)
     state = train.train_and_evaluate(config, workdir)
     spec = state.params['blocks_0']['attn']['qkv']['kernel'].sharding.spec
-    assert spec == jax.sharding.PartitionSpec(None, 'fsdp'), spec
+    # The default sharded update (mesh.shard_update) splits the float32 params over fsdp and then data.
+    assert spec == jax.sharding.PartitionSpec(None, ('fsdp', 'data')), spec
     params = multihost_utils.process_allgather(state.params, tiled=True)
     if jax.process_index() == 0:
       flat = {'/'.join(str(k.key) for k in path): np.asarray(v)
