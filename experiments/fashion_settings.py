@@ -92,22 +92,11 @@ def training_config(base, name, seed, neighbour_dirs):
   setting = SETTINGS[name]
   if setting.trained_from:
     return training_config(base, setting.trained_from, seed, neighbour_dirs)
-  config = base.copy_and_resolve_references()
+  config = table1_settings.training_config(base, name, seed, SETTINGS)  # groups, label dropout, jitter
   with config.unlocked():
-    config.seed = seed
     config.train.num_steps = base.train.num_steps * setting.steps_factor
-    if setting.group_size == 1:  # plain SiT: label dropout is the CFG dropout
-      config.train.label_dropout = base.train.group_ratio
-      config.train.group_ratio = 0.0
-      config.train.group_size = 1
-      config.model.max_group_size = 0
-      config.data.grouping = 'random'  # unused: no group steps
-    else:
-      config.train.group_size = setting.group_size
-      config.model.max_group_size = setting.group_size
-      config.data.grouping = setting.grouping
+    if setting.group_size > 1:
       config.data.neighbors_dir = neighbour_dirs[setting.neighbours] if setting.grouping == 'official_plan' else ''
-      config.train.timestep_jitter = setting.timestep_jitter
       config.train.mixed_steps = setting.mixed_steps
   return config
 

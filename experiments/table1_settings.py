@@ -138,11 +138,13 @@ def removed_group_layers(depth, which):
   raise ValueError(f"remove_group_layers={which!r}; choose 'first' or 'last'.")
 
 
-def training_config(base, name, seed):
-  """The config a row's model is trained with (a sampling-only row: its source's)."""
-  setting = SETTINGS[name]
+def training_config(base, name, seed, settings=None):
+  """The config a row's model is trained with (a sampling-only row: its source's); `settings` defaults to
+  this table (experiments/fashion_settings.py passes its own and adds its fields)."""
+  settings = SETTINGS if settings is None else settings
+  setting = settings[name]
   if setting.trained_from:
-    return training_config(base, setting.trained_from, seed)
+    return training_config(base, setting.trained_from, seed, settings)
   config = base.copy_and_resolve_references()
   with config.unlocked():
     config.seed = seed
