@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -12,6 +10,7 @@ from jax.experimental import mesh_utils
 
 from configs import default, digits, sit_xl
 from groupdiff_jax import compile_job, compiled_stats, describe, errors, sharding, step_breakdown, tpu_topology
+from tests import cli_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,13 +210,11 @@ def test_two_slices_compile_with_dcn_data():
   assert all(p['mosaic_kernels'] > 0 for p in report['programs'].values())
 
 
-def test_main_compile_mode_bad_topology_exits_2(tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/digits.py', f'--workdir={tmp_path}',
-       '--mode=compile', '--config.compile.topology=v5e-8'], cwd=ROOT, capture_output=True, text=True,
-      env={**os.environ, 'PYTHONPATH': ROOT}, timeout=300)
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert 'compile.topology' in result.stderr and 'Traceback' not in result.stderr
+def test_main_compile_mode_bad_topology_exits_2(tmp_path, capsys):
+  code, _, stderr = cli_in_process.run_main(capsys, f'--config={ROOT}/configs/digits.py', f'--workdir={tmp_path}',
+                                            '--mode=compile', '--config.compile.topology=v5e-8')
+  assert code == 2, stderr[-2000:]
+  assert 'compile.topology' in stderr and 'Traceback' not in stderr
 
 
 def test_collective_bytes_sum_combined_tuples_and_take_the_moved_half_of_async_starts():

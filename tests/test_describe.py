@@ -1,8 +1,6 @@
 """--mode=describe: parameter count, analytic FLOPs (checked by hand and by XLA), batch, memory."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -10,6 +8,7 @@ import numpy as np
 from configs import default, digits
 from groupdiff_jax import describe, step_plan
 from groupdiff_jax.models.dit import model_from_config
+from tests import cli_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,24 +86,22 @@ def test_the_flop_check_extrapolated_from_one_and_two_blocks_equals_a_full_compi
   assert 0.9 < check['ratio'] < 1.1, check
 
 
-def test_main_describe_mode_prints_without_training(tmp_path):
-  cmd = [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/sit_xl.py', f'--workdir={tmp_path}',
-         '--mode=describe', '--describe_xla_check=false']
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'SiT-XL/2: 674,839,328 parameters' in proc.stdout and 'FLOPs per step' in proc.stdout
-  assert 'XLA cost analysis' not in proc.stdout
+def test_main_describe_mode_prints_without_training(tmp_path, capsys):
+  code, stdout, stderr = cli_in_process.run_main(capsys, f'--config={ROOT}/configs/sit_xl.py', f'--workdir={tmp_path}',
+                                                 '--mode=describe', '--describe_xla_check=false')
+  assert code == 0, stderr[-3000:]
+  assert 'SiT-XL/2: 674,839,328 parameters' in stdout and 'FLOPs per step' in stdout
+  assert 'XLA cost analysis' not in stdout
   assert not os.listdir(tmp_path)  # nothing trained or written
 
 
-def test_imagenet_configs_follow_the_recipe_and_fail_fast_without_latents(tmp_path):
+def test_imagenet_configs_follow_the_recipe_and_fail_fast_without_latents(tmp_path, capsys):
   from configs import sit_b, sit_s, sit_xl
   xl = sit_xl.get_config()
   assert (xl.model.variant, xl.model.dtype, xl.train.batch_size, xl.train.group_size) == ('SiT-XL/2', 'bfloat16', 256, 4)
   assert (xl.optim.lr, xl.optim.b2, xl.optim.grad_clip, xl.optim.ema_decay) == (1e-4, 0.95, 3.0, 0.9999)
   assert xl.data.name == 'latents' and xl.train.num_steps == 800 * 1_281_167 // 256
   assert sit_b.get_config().model.variant == 'SiT-B/2' and sit_s.get_config().model.variant == 'SiT-S/2'
-  cmd = [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/sit_xl.py', f'--workdir={tmp_path}',
-         f'--config.data.latent_dir={tmp_path}/none']
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0 and 'extract_latents_job' in proc.stderr and 'neighbors_job' in proc.stderr
+  code, _, stderr = cli_in_process.run_main(capsys, f'--config={ROOT}/configs/sit_xl.py', f'--workdir={tmp_path}',
+                                            f'--config.data.latent_dir={tmp_path}/none')
+  assert code == 2 and 'extract_latents_job' in stderr and 'neighbors_job' in stderr
