@@ -2,11 +2,13 @@
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from configs import digits
 from groupdiff_jax import sharding, step_plan
@@ -27,8 +29,10 @@ def tiny_config(**train):
 
 
 def make_state(config, seed=0):
+  """The model and a fresh TrainState, created by one jitted program (eagerly, every initialiser op compiles
+  on its own)."""
   model = dit.model_from_config(config.model)
-  return model, ts.create_train_state(model, config, jax.random.PRNGKey(seed))
+  return model, jax.jit(functools.partial(ts.create_train_state, model, config))(jax.random.PRNGKey(seed))
 
 
 def fake_batch(kind, seed=0, num_classes=10):
@@ -37,10 +41,28 @@ def fake_batch(kind, seed=0, num_classes=10):
                 'labels': rng.integers(0, num_classes, s.num_images).astype(np.int32)} for s in kind)
 
 
+MIXED = step_plan.step_kinds(16, 4, 0.25, mixed_steps=True)['mixed']  # 12 singles and one group of 4
+
+
+@pytest.fixture(scope='module')
+def mixed_step():
+  """(config, state, batch, its plain jitted step's (new state, metrics)): the one plain train step of the module."""
+  config = tiny_config(group_ratio=0.25)
+  config.model.depth = 1  # what these tests check holds for any depth; one block compiles in half the time
+  config.optim.lr = 3e-3
+  _, state = make_state(config)
+  batch = fake_batch(MIXED)
+  step = jax.jit(functools.partial(ts.train_step, kind=MIXED, train_config=config.train, optim_config=config.optim,
+                                   max_group_size=4, null_class=10, model_config=config.model))
+  return config, state, batch, step(state, batch)
+
+
 def test_weight_decay_mask_is_the_official_rule_by_name():
   config = tiny_config()
-  _, state = make_state(config)
-  mask = ts.decay_mask(state.params)
+  model = dit.model_from_config(config.model)
+  # The mask is a fact about the parameters' names and ranks: their shapes are enough.
+  shapes = jax.eval_shape(lambda key: ts.init_params(model, key, 8, 1), jax.random.PRNGKey(0))
+  mask = ts.decay_mask(shapes)
   flat = dict(jax.tree_util.tree_flatten_with_path(mask)[0])
   paths = {'/'.join(k.key for k in path): v for path, v in flat.items()}
   # Official utils/builders.py: decay only tensors of >= 2 dims whose PyTorch name holds none of ln, bias,
@@ -52,10 +74,14 @@ def test_weight_decay_mask_is_the_official_rule_by_name():
   assert not paths['x_embedder/proj/kernel'] and not paths['t_embedder/mlp_0/kernel']  # 'embed' in their names
   assert ts.decay_name(('blocks_1', 'mlp', 'fc2', 'kernel')) == 'blocks.1.mlp.fc2.weight'
   assert ts.decay_name(('head', 'kernel')) == 'head.kernel'  # outside the table: judged by its own path
-  # The optimizer really leaves non-decayed leaves alone under zero gradients.
+  # The optimizer really leaves non-decayed leaves alone under zero gradients: one leaf of each kind, at the
+  # model's paths (the optimizer's mask is computed from the paths of the tree it updates).
+  kept = [('y_embedder', 'embedding_table', 'embedding'), ('blocks_0', 'attn', 'qkv', 'bias'),
+          ('blocks_0', 'attn', 'qkv', 'kernel')]
+  flat_shapes = flax.traverse_util.flatten_dict(shapes)
+  params = flax.traverse_util.unflatten_dict({k: jnp.ones(flat_shapes[k].shape) for k in kept})
   tx = ts.make_optimizer(ml_collections.ConfigDict(dict(lr=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.5,
                                                         grad_clip=3.0)))
-  params = jax.tree.map(jnp.ones_like, state.params)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   new = optax.apply_updates(params, updates)
   assert float(new['y_embedder']['embedding_table']['embedding'][0, 0]) == 1.0
@@ -79,24 +105,16 @@ def test_ema_update_formula():
   np.testing.assert_allclose(float(new['a']), 0.9 * 1.0 + 0.1 * 3.0)
 
 
-def test_step_loss_is_mean_of_per_image_sit_losses():
+def test_step_loss_is_mean_of_per_image_sit_losses(mixed_step):
   """The step's loss equals an explicit recomputation from the same keys."""
-  config = tiny_config(group_ratio=0.25)
-  kinds = step_plan.step_kinds(16, 4, 0.25, mixed_steps=True)
-  kind = kinds['mixed']
-  model, state = make_state(config)
-  batch = fake_batch(kind)
-  # Jitted (not eager) only to keep the test fast; the computation is the same.
-  _, metrics = jax.jit(functools.partial(ts.train_step, kind=kind, train_config=config.train,
-                                         optim_config=config.optim, max_group_size=4, null_class=10,
-                                         model_config=config.model))(state, batch)
+  config, state, batch, (_, metrics) = mixed_step
   rng = jax.random.fold_in(state.rng, state.step)
 
-  @jax.jit
+  @jax.jit  # not eager only to keep the test fast; the computation is the same
   def recomputed(params, batch):
     return [ts._sub_batch_loss(params, state.apply_fn, sub, part['images'], part['labels'],
                                jax.random.fold_in(rng, i), config.train, 4, 10, config.model)
-            for i, (sub, part) in enumerate(zip(kind, batch))]
+            for i, (sub, part) in enumerate(zip(MIXED, batch))]
 
   losses = recomputed(state.params, batch)
   assert [l.shape for l in losses] == [(12,), (4,)]
@@ -105,26 +123,23 @@ def test_step_loss_is_mean_of_per_image_sit_losses():
 
 def test_unconditional_groups_use_the_null_class_and_singles_keep_labels():
   config = tiny_config()
-  model, state = make_state(config)
   seen = []
 
   def spy_apply(variables, x, t, y, ids, group_size=1, group_attention=True):
     seen.append((np.asarray(y), group_size, np.asarray(ids)))
     return jnp.zeros(x.shape[:-1] + (2,))
 
-  spy_state = state.replace(apply_fn=spy_apply)
   kinds = step_plan.step_kinds(16, 4, 0.1, mixed_steps=False)
   for name in ('singles', 'groups'):
     batch = fake_batch(kinds[name])
     with jax.disable_jit():
-      ts._sub_batch_loss(state.params, spy_apply, kinds[name][0], batch[0]['images'], batch[0]['labels'],
+      ts._sub_batch_loss({}, spy_apply, kinds[name][0], batch[0]['images'], batch[0]['labels'],
                          jax.random.PRNGKey(0), config.train, 4, 10, config.model)
   (y_single, n_single, ids_single), (y_group, n_group, ids_group) = seen
   assert n_single == 1 and n_group == 4
   np.testing.assert_array_equal(y_single, fake_batch(kinds['singles'])[0]['labels'])  # no label dropout
   assert (y_group == 10).all()
   assert all(sorted(row) == [0, 1, 2, 3] for row in ids_group.reshape(4, 4))
-  del spy_state
 
 
 def test_plain_training_drops_labels_at_the_configured_rate():
@@ -142,26 +157,22 @@ def test_plain_training_drops_labels_at_the_configured_rate():
   assert abs((seen[0] == 10).mean() - 0.1) < 0.02
 
 
-def test_jitted_step_on_a_mesh_matches_the_plain_step_and_lowers_the_loss():
-  config = tiny_config()
-  config.optim.lr = 3e-3
-  kinds = step_plan.step_kinds(16, 4, 0.25, mixed_steps=False)
-  model, state = make_state(config)
+def test_jitted_step_on_a_mesh_matches_the_plain_step_and_lowers_the_loss(mixed_step):
+  config, state, batch, (_, plain_metrics) = mixed_step
   mesh = sharding.make_mesh()
   run = ts.make_jitted_train_step(config, mesh, sharding.replicated(mesh))
-  batch = fake_batch(kinds['groups'])
-  plain_state, plain_metrics = jax.jit(functools.partial(
-      ts.train_step, kind=kinds['groups'], train_config=config.train, optim_config=config.optim,
-      max_group_size=4, null_class=10, model_config=config.model))(state, batch)
-  jit_state, jit_metrics = run(make_state(config)[1], batch, kinds['groups'])
+  # A copy (the step donates its state) placed as train.py's state is (create_sharded_train_state): with the
+  # state's sharding as the step's output has it, every step runs the one compiled program.
+  jit_state, jit_metrics = run(jax.device_put(state, sharding.replicated(mesh), may_alias=False), batch, MIXED)
   np.testing.assert_allclose(float(plain_metrics['loss']), float(jit_metrics['loss']), rtol=1e-6)
   assert int(jit_state.step) == 1
-  # Constant images: the velocity is learnable, so a few dozen steps must
+  # Constant images: the velocity is learnable, so a few dozen steps (the same compiled step) must
   # lower the loss (averaged over 5 steps to smooth the random times).
-  data = ({'images': np.full((16, 8, 8, 1), 0.5, np.float32), 'labels': np.zeros(16, np.int32)},)
+  data = tuple({'images': np.full((sub.num_images, 8, 8, 1), 0.5, np.float32),
+                'labels': np.zeros(sub.num_images, np.int32)} for sub in MIXED)
   losses = []
   for _ in range(40):
-    jit_state, metrics = run(jit_state, data, kinds['singles'])
+    jit_state, metrics = run(jit_state, data, MIXED)
     losses.append(float(metrics['loss']))
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
