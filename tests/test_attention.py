@@ -44,15 +44,32 @@ def model_inputs(batch=8):
 
 
 def random_params(model):
+  """Every leaf random (adaLN-Zero would otherwise hide bugs); shapes from jax.eval_shape, no initialiser run."""
   x, t, y, ids = model_inputs()
-  params = model.init(jax.random.PRNGKey(0), x, t, y, ids)['params']
-  leaves, tree = jax.tree.flatten(params)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, y, ids)['params']
+  leaves, tree = jax.tree.flatten(shapes)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
 
 
-def test_group_attention_with_splash_equals_xla_in_the_model():
-  params = random_params(dit.DiT(**TINY))
+@pytest.fixture(scope='module')
+def params():
+  """Random parameters of dit.DiT(**TINY), shared by the tests of the module."""
+  return jax.jit(lambda: random_params(dit.DiT(**TINY)))()
+
+
+def mean_square_loss(model):
+  x, t, y, ids = model_inputs()
+  return lambda p: jnp.mean(model.apply({'params': p}, x, t, y, ids, group_size=4)**2)
+
+
+@pytest.fixture(scope='module')
+def xla_loss_and_grads(params):
+  """The plain model's (loss, gradients): the reference of every remat policy."""
+  return jax.jit(jax.value_and_grad(mean_square_loss(dit.DiT(**TINY))))(params)
+
+
+def test_group_attention_with_splash_equals_xla_in_the_model(params):
   x, t, y, ids = model_inputs()
   ref = dit.DiT(**TINY).apply({'params': params}, x, t, y, ids, group_size=4)  # groups of 4*16 = 64 tokens
   out = dit.DiT(**TINY, attention_impl='splash').apply({'params': params}, x, t, y, ids, group_size=4)
@@ -60,19 +77,13 @@ def test_group_attention_with_splash_equals_xla_in_the_model():
 
 
 @pytest.mark.parametrize('remat', ['full', 'dots_saveable'])
-def test_remat_keeps_parameter_names_outputs_and_gradients(remat):
-  plain = dit.DiT(**TINY)
-  params = random_params(plain)
+def test_remat_keeps_parameter_names_outputs_and_gradients(remat, params, xla_loss_and_grads):
   x, t, y, ids = model_inputs()
   rematted = dit.DiT(**TINY, remat=remat)
-  init = rematted.init(jax.random.PRNGKey(0), x, t, y, ids)['params']
+  init = jax.eval_shape(rematted.init, jax.random.PRNGKey(0), x, t, y, ids)['params']
   assert jax.tree.structure(init) == jax.tree.structure(params)
-
-  def loss(model):
-    return lambda p: jnp.mean(model.apply({'params': p}, x, t, y, ids, group_size=4)**2)
-
-  ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss(plain)))(params)
-  out_loss, out_grads = jax.jit(jax.value_and_grad(loss(rematted)))(params)
+  ref_loss, ref_grads = xla_loss_and_grads
+  out_loss, out_grads = jax.jit(jax.value_and_grad(mean_square_loss(rematted)))(params)
   np.testing.assert_allclose(float(out_loss), float(ref_loss), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(out_grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()))
@@ -83,12 +94,11 @@ def test_unknown_remat_policy_is_refused():
     dit.block_class('some')
 
 
-def test_bf16_compute_keeps_float32_parameters_and_stays_close():
+def test_bf16_compute_keeps_float32_parameters_and_stays_close(params):
   x, t, y, ids = model_inputs()
   model16 = dit.DiT(**TINY, dtype=jnp.bfloat16)
-  params = model16.init(jax.random.PRNGKey(0), x, t, y, ids)['params']
-  assert {l.dtype for l in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-  params = random_params(dit.DiT(**TINY))
+  initialised = jax.eval_shape(model16.init, jax.random.PRNGKey(0), x, t, y, ids)['params']
+  assert {l.dtype for l in jax.tree.leaves(initialised)} == {jnp.dtype(jnp.float32)}
   ref = dit.DiT(**TINY).apply({'params': params}, x, t, y, ids, group_size=4)
   out = model16.apply({'params': params}, x, t, y, ids, group_size=4)
   assert out.dtype == jnp.float32

@@ -1,5 +1,7 @@
 """The DiT objective in the group train step and the DiT configs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,11 +114,11 @@ def test_sit_path_and_prediction_reach_the_loss_from_the_model_config():
 def test_the_jitted_train_step_of_the_trainer_uses_the_configured_objective():
   """make_jitted_train_step (what train.py runs) passes the model config down."""
   from groupdiff_jax import sharding
-  config = tiny_dit_config()
+  config = tiny_dit_config(depth=1)
   config.train.batch_size = 8
   kind = step_plan.step_kinds(8, 4, 0.25, mixed_steps=False)['groups']
   model = dit.model_from_config(config.model)
-  state = ts.create_train_state(model, config, jax.random.PRNGKey(0))
+  state = jax.jit(functools.partial(ts.create_train_state, model, config))(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   batch = ({'images': rng.standard_normal((8, 8, 8, 1)).astype(np.float32),
             'labels': rng.integers(0, 10, 8).astype(np.int32)},)

@@ -107,29 +107,28 @@ def model_config(**kw):
   return config
 
 
-def test_a_group_is_generated_jointly_and_groups_stay_apart():
+def test_a_group_is_generated_jointly_and_groups_stay_apart(tiny_dit):
   tiny_model = model_config()
-  model = dit.DiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-                  learn_sigma=True, max_group_size=4)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1, jnp.int32),
-                      jnp.zeros(1, jnp.int32))['params']
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+  model, params = tiny_dit
   labels = sample.group_labels(2, 4, 10)
   np.testing.assert_array_equal(labels, [0, 0, 0, 0, 1, 1, 1, 1])
   guidance = samplers.guidance_from_config(sample_config())
 
-  def final(noise, guidance):
+  def final(guidance):
+    """A jitted run noise -> image: compiled once per guidance, used for both noises."""
     fn = samplers.make_velocity_fn(model.apply, params, labels, guidance, null_class=10, max_group_size=4,
                                    data_channels=1)
-    return np.asarray(samplers.integrate_ode(fn, noise, jax.random.PRNGKey(2), 4, 'euler'))
+    run = jax.jit(lambda noise: samplers.integrate_ode(fn, noise, jax.random.PRNGKey(2), 4, 'euler'))
+    return lambda noise: np.asarray(run(noise))
 
   noise = jax.random.normal(jax.random.PRNGKey(3), (8, 8, 8, 1))
   moved = noise.at[1].add(1.0)  # change member 1 of group 0
-  base, changed = final(noise, guidance), final(moved, guidance)
+  grouped = final(guidance)
+  base, changed = grouped(noise), grouped(moved)
   assert np.abs(base[0] - changed[0]).max() > 1e-6  # member 0 sees member 1 (unconditional group of 4)
   np.testing.assert_array_equal(base[4:], changed[4:])  # group 1 does not
-  alone = samplers.GuidanceConfig(cfg_scale=2.0, cond_group_size=1, uncond_group_size=1, fixed_sample_ids=True)
-  np.testing.assert_array_equal(final(noise, alone)[0], final(moved, alone)[0])  # baseline: independent
+  alone = final(samplers.GuidanceConfig(cfg_scale=2.0, cond_group_size=1, uncond_group_size=1, fixed_sample_ids=True))
+  np.testing.assert_array_equal(alone(noise)[0], alone(moved)[0])  # baseline: independent
   images = sample.generate(model, params, jax.random.PRNGKey(0), sample_config(), tiny_model)
   assert images.shape == (8, 8, 8, 1) and np.isfinite(np.asarray(images)).all()
 
@@ -170,9 +169,11 @@ def test_dit_guidance_interval_and_stage_window_use_the_noise_level_t_over_1000(
   assert denoise_at(300, **stage)[0] == pytest.approx(1040.0 + s * (40.0 - 1040.0))
 
 
-def tiny_dit(max_group_size=4):
+@pytest.fixture(scope='module')
+def tiny_dit():
+  """(model, params): a tiny learned-sigma DiT with every leaf moved off its init, shared by the module."""
   model = dit.DiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-                  learn_sigma=True, max_group_size=max_group_size)
+                  learn_sigma=True, max_group_size=4)
   @jax.jit
   def init(key):
     params = model.init(key, jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1, jnp.int32),
@@ -181,10 +182,10 @@ def tiny_dit(max_group_size=4):
   return model, init(jax.random.PRNGKey(0))
 
 
-def test_guided_ddpm_at_scale_1_equals_the_unguided_sampler():
+def test_guided_ddpm_at_scale_1_equals_the_unguided_sampler(tiny_dit):
   method = 'ddpm'
   from groupdiff_jax import diffusion as gd
-  model, params = tiny_dit()
+  model, params = tiny_dit
   labels = jnp.array([1, 1, 1, 1, 2, 2, 2, 2], jnp.int32)
   schedule = gd.create_schedule('10')
   noise = jax.random.normal(jax.random.PRNGKey(3), (8, 8, 8, 1))
@@ -199,8 +200,8 @@ def test_guided_ddpm_at_scale_1_equals_the_unguided_sampler():
   np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), rtol=1e-5, atol=1e-5)
 
 
-def test_dit_sample_job_dispatches_by_objective():
-  model, params = tiny_dit()
+def test_dit_sample_job_dispatches_by_objective(tiny_dit):
+  model, params = tiny_dit
   tiny_model = model_config(learn_sigma=True, objective='dit')
   images = sample.generate(model, params, jax.random.PRNGKey(0), sample_config(sampler='ddim', num_steps=5),
                            tiny_model)
@@ -255,8 +256,8 @@ def test_sde_last_step_and_diffusion_forms():
     samplers.integrate_sde(gaussian_velocity, noise, jax.random.PRNGKey(0), 4, last_step='Heun')
 
 
-def test_sit_sample_job_runs_the_sde_and_dopri5_samplers():
-  model, params = tiny_dit()
+def test_sit_sample_job_runs_the_sde_and_dopri5_samplers(tiny_dit):
+  model, params = tiny_dit
   tiny_model = model_config(learn_sigma=True, objective='sit')
   images, nfe = sample.generate_with_nfe(model, params, jax.random.PRNGKey(0), sample_config(sampler='sde', num_steps=6),
                                          tiny_model)
