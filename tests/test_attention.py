@@ -44,18 +44,18 @@ def model_inputs(batch=8):
 
 
 def random_params(model):
-  """Every leaf random (adaLN-Zero would otherwise hide bugs); shapes from jax.eval_shape, no initialiser run."""
+  """Every leaf random (adaLN-Zero would otherwise hide bugs): shapes from jax.eval_shape, values from NumPy (no
+  initialiser or PRNG program to compile)."""
   x, t, y, ids = model_inputs()
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, y, ids)['params']
-  leaves, tree = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  rng = np.random.default_rng(1)
+  return jax.tree.map(lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape), jnp.float32), shapes)
 
 
 @pytest.fixture(scope='module')
 def params():
   """Random parameters of dit.DiT(**TINY), shared by the tests of the module."""
-  return jax.jit(lambda: random_params(dit.DiT(**TINY)))()
+  return random_params(dit.DiT(**TINY))
 
 
 def mean_square_loss(model):
@@ -71,8 +71,9 @@ def xla_loss_and_grads(params):
 
 def test_group_attention_with_splash_equals_xla_in_the_model(params):
   x, t, y, ids = model_inputs()
-  ref = dit.DiT(**TINY).apply({'params': params}, x, t, y, ids, group_size=4)  # groups of 4*16 = 64 tokens
-  out = dit.DiT(**TINY, attention_impl='splash').apply({'params': params}, x, t, y, ids, group_size=4)
+  apply = lambda model: jax.jit(lambda p: model.apply({'params': p}, x, t, y, ids, group_size=4))(params)
+  ref = apply(dit.DiT(**TINY))  # groups of 4*16 = 64 tokens
+  out = apply(dit.DiT(**TINY, attention_impl='splash'))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4 * float(jnp.abs(ref).max()))
 
 
