@@ -64,10 +64,18 @@ def test_dit_objective_needs_learned_sigma():
                                          0, 10, config.model))(jnp.zeros((4, 2, 2, 1)))
 
 
-def test_a_few_dit_steps_on_digits_lower_the_loss():
+@pytest.fixture(scope='module')
+def dit_state():
+  """(config, model, fresh TrainState) of a one-block DiT-objective model: one jitted initialisation shared by the
+  module's tests."""
   config = tiny_dit_config(depth=1)
   model = dit.model_from_config(config.model)
-  params = jax.jit(lambda key: ts.init_params(model, key, 8, 1))(jax.random.PRNGKey(0))
+  return config, model, jax.jit(functools.partial(ts.create_train_state, model, config))(jax.random.PRNGKey(0))
+
+
+def test_a_few_dit_steps_on_digits_lower_the_loss(dit_state):
+  config, model, state = dit_state
+  params = state.params
   images, labels = load_digits(8)
   images, labels = jnp.asarray(images[:32]), jnp.asarray(labels[:32])
   sub = step_plan.SubBatch(32, 1, True)
@@ -111,14 +119,13 @@ def test_sit_path_and_prediction_reach_the_loss_from_the_model_config():
   assert abs(float(losses.mean()) - 1.0) < 0.15
 
 
-def test_the_jitted_train_step_of_the_trainer_uses_the_configured_objective():
+def test_the_jitted_train_step_of_the_trainer_uses_the_configured_objective(dit_state):
   """make_jitted_train_step (what train.py runs) passes the model config down."""
   from groupdiff_jax import sharding
-  config = tiny_dit_config(depth=1)
+  config, _, state = dit_state
+  config = config.copy_and_resolve_references()
   config.train.batch_size = 8
   kind = step_plan.step_kinds(8, 4, 0.25, mixed_steps=False)['groups']
-  model = dit.model_from_config(config.model)
-  state = jax.jit(functools.partial(ts.create_train_state, model, config))(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   batch = ({'images': rng.standard_normal((8, 8, 8, 1)).astype(np.float32),
             'labels': rng.integers(0, 10, 8).astype(np.int32)},)
@@ -134,6 +141,6 @@ def test_the_jitted_train_step_of_the_trainer_uses_the_configured_objective():
   dit_loss, sit_loss = loss_with(config.model), loss_with(sit_model)
   mesh = sharding.make_mesh()
   run = ts.make_jitted_train_step(config, mesh, sharding.replicated(mesh))
-  _, metrics = run(state, batch, kind)
+  _, metrics = run(jax.tree.map(jnp.copy, state), batch, kind)  # a copy: the step donates its state
   np.testing.assert_allclose(float(metrics['loss']), dit_loss, rtol=1e-5)
   assert abs(dit_loss - sit_loss) > 1e-3

@@ -186,7 +186,8 @@ def test_params_gathered_in_bfloat16_give_a_bfloat16_model_the_same_loss_and_gra
   model, state = make_state(config)
   kind = step_plan.step_kinds(16, 4, 0.5, mixed_steps=True)['mixed']
   batch = fake_batch(kind)
-  rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), state.params)
+  rounded = jax.jit(lambda params: jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), params))(
+      state.params)
   assert any(bool(jnp.any(r != p)) for r, p in zip(jax.tree.leaves(rounded), jax.tree.leaves(state.params)))
   args = (jnp.asarray(batch[0]['images']), jnp.full((8,), 0.5), jnp.asarray(batch[0]['labels']),
           jnp.zeros((8,), jnp.int32))
