@@ -2,14 +2,13 @@
 
 Every check here is reachable from a config value, a flag or a file; each
 test asserts the class and that the message names the value or file. The
-CLI tests run `groupdiff_jax.main`'s command line in this process (one in a
-fresh process: configs from another working directory) and assert exit
-code 2 and exactly one `Error:` line, the whole output. Internal invariants (shapes the code
+CLI tests run `groupdiff_jax.main`'s command line in this process (one of
+them from another working directory, without the repository on sys.path) and
+assert exit code 2 and exactly one `Error:` line, the whole output. Internal invariants (shapes the code
 builds itself) keep the built-in exceptions: the last tests check that.
 """
 
 import os
-import subprocess
 import sys
 
 import jax
@@ -137,20 +136,26 @@ def test_cli_help_exits_0_and_points_to_the_default_config(capsys):
   assert 'configs/default.py lists every field' in ' '.join(stdout.split())  # the --config flag's help
 
 
-def test_cli_a_config_outside_the_repository_builds_on_a_shipped_one(tmp_path):
-  # A fresh process whose sys.path lacks the repository root (as for an installed package run from elsewhere):
-  # the user's config imports configs.digits, which imports configs.default.
-  packages = tmp_path / 'packages'
-  packages.mkdir()
-  (packages / 'groupdiff_jax').symlink_to(os.path.join(ROOT, 'groupdiff_jax'))
+def test_cli_a_config_outside_the_repository_builds_on_a_shipped_one(tmp_path, capsys, monkeypatch):
+  # Run from elsewhere with no path to the repository root on sys.path (as for an installed package) and no
+  # `configs` imported yet: the user's config imports configs.digits, which imports configs.default.
   (tmp_path / 'mine.py').write_text('from configs import digits\n\n\ndef get_config():\n'
                                     '  config = digits.get_config()\n  config.train.batch_size = 18\n'
                                     '  return config\n')
-  env = dict(os.environ, PYTHONPATH=str(packages), JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', 'groupdiff_jax.main', '--config=mine.py', '--workdir=run'],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == errors.EXIT_USER_ERROR, result.stderr[-3000:]
-  assert result.stderr.rstrip().splitlines()[-1].startswith('Error: train.batch_size=18'), result.stderr[-3000:]
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, 'path', [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(),
+                                                                                          'configs'))])
+  loaded = {name: module for name, module in sys.modules.items() if name == 'configs' or name.startswith('configs.')}
+  for name in loaded:
+    monkeypatch.delitem(sys.modules, name)
+  try:
+    with pytest.raises(ModuleNotFoundError):  # what the config alone would meet
+      __import__('configs')
+    result = cli_in_process.run_main(capsys, '--config=mine.py', '--workdir=run')
+  finally:  # the modules of this test's import go; the run's own come back (monkeypatch)
+    for name in [n for n in sys.modules if n == 'configs' or n.startswith('configs.')]:
+      del sys.modules[name]
+  assert_one_error(result, 'train.batch_size=18')
 
 
 # --- Config values --------------------------------------------------------------------------------------------
