@@ -38,9 +38,8 @@ def flip_bytes(path, count=3):
 
 def test_bit_rot_in_the_latest_checkpoint_falls_back_and_resumes_exactly(tmp_path, caplog):
   config = lambda: tiny_config(**{'train.num_steps': 4, 'train.checkpoint_every': 2})
-  whole = train.train_and_evaluate(config(), str(tmp_path / 'whole'))
   workdir = str(tmp_path / 'rotten')
-  train.train_and_evaluate(config(), workdir)
+  whole = jax.device_get(train.train_and_evaluate(config(), workdir))  # the run's state in memory, never reread
   latest = os.path.join(workdir, 'checkpoints', '4')
   flip_bytes(largest_file(latest))
   with caplog.at_level(logging.WARNING):
