@@ -9,13 +9,19 @@ import pytest
 from experiments import fashion_settings, fashion_table1, table1
 from tests.test_fashion_mnist import write_split
 
-SMOKE = ['--depth=1', '--hidden_size=32', '--batch_size=16', '--num_steps=2', '--sample_steps=2',
-         '--curve_samples=16', '--num_samples=24', '--saved_samples=8', '--chunk=16', '--probe_images=8', '--cfg_scales=1,2',
-         '--classifier_epochs=1', '--encoder_epochs=1', '--num_neighbors=8', '--neighbour_method=exact', '--seeds=0',
+# 4 steps, a loss per step and a training state saved at step 2: the baseline run of the sweep is also the
+# uninterrupted run that the killed training below must reproduce.
+SMOKE = ['--depth=1', '--hidden_size=32', '--batch_size=16', '--num_steps=4', '--log_every=1',
+         '--train_checkpoint_every=2', '--sample_steps=2', '--curve_samples=16', '--num_samples=24',
+         '--saved_samples=8', '--chunk=16', '--probe_images=8', '--cfg_scales=1,2', '--classifier_epochs=1',
+         '--encoder_epochs=1', '--num_neighbors=8', '--neighbour_method=exact', '--seeds=0',
          '--settings=baseline,sim_uc4_stage0.2']
 
 
-def test_sweep_runs_resumes_and_reports(tmp_path):
+@pytest.fixture(scope='module')
+def sweep(tmp_path_factory):
+  """The sweep of SMOKE run once: (data dir, out dir, its common arguments)."""
+  tmp_path = tmp_path_factory.mktemp('fashion_sweep')
   data = tmp_path / 'idx'
   data.mkdir()
   write_split(data, 'train', 256)
@@ -23,6 +29,12 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
   out, json_path, docs = tmp_path / 'out', tmp_path / 'report.json', tmp_path / 'docs'
   common = [f'--out={out}', f'--data_dir={data}', f'--json={json_path}', f'--docs_dir={docs}'] + SMOKE
   fashion_table1.main(common)
+  return data, out, common
+
+
+def test_sweep_runs_resumes_and_reports(sweep):
+  _, out, common = sweep
+  json_path, docs = out.parent / 'report.json', out.parent / 'docs'
   runs = out / 'runs'
   names = sorted(n for n in os.listdir(runs) if n.endswith('.json'))
   # sim_uc4 is trained for the Table 2 row that samples from it
@@ -38,7 +50,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert npz['labels'].shape == (8,)
   trained = json.loads((runs / 'sim_uc4_seed0.json').read_text())
   curve = trained['group_branch_curve']  # UC = 4: the group branch probed at 1/4 .. 4/4 of the steps
-  assert [c['step'] for c in curve] == [1, 2] and set(curve[0]) == {'step', 'similarity', 'class', 'random'}
+  assert [c['step'] for c in curve] == [1, 2, 3, 4] and set(curve[0]) == {'step', 'similarity', 'class', 'random'}
   assert set(curve[-1]['class']['0.5']) == {'on', 'off'}
   # A rerun with the same arguments finds everything done (no new runs).
   assert fashion_table1.main(common)['runs'] == []
@@ -70,16 +82,14 @@ class Killed(Exception):
   pass
 
 
-def test_killed_training_resumes_from_its_saved_state_to_the_same_params(tmp_path, monkeypatch):
-  data = tmp_path / 'idx'
-  data.mkdir()
-  write_split(data, 'train', 256)
-  write_split(data, 'test', 64, seed=1)
-  flags = {f: v for f, v in (a.split('=', 1) for a in SMOKE)}
-  flags.update({'--settings': 'baseline', '--cfg_scales': '1', '--num_steps': '4', '--log_every': '1',
-                '--train_checkpoint_every': '2'})
-  common = [f'--out={tmp_path / "out"}', f'--data_dir={data}'] + [f'{f}={v}' for f, v in flags.items()]
-  fashion_table1.main(common + [f'--runs={tmp_path / "whole"}'])
+def test_killed_training_resumes_from_its_saved_state_to_the_same_params(sweep, tmp_path, monkeypatch):
+  # The sweep's own --out (its encoder, neighbour lists and evaluator; the baseline's config has no neighbour
+  # dirs) and another --runs; the sweep's baseline run is the uninterrupted one.
+  _, out, common = sweep
+  flags = {f: v for f, v in (a.split('=', 1) for a in common)}
+  flags.update({'--settings': 'baseline', '--cfg_scales': '1'})
+  del flags['--json'], flags['--docs_dir']
+  common = [f'{f}={v}' for f, v in flags.items()]
   real = table1.train_run
 
   def killed_after_first_save(*args, save=None, **kwargs):
@@ -98,8 +108,8 @@ def test_killed_training_resumes_from_its_saved_state_to_the_same_params(tmp_pat
   monkeypatch.setattr(fashion_table1, 'say', resumed.append)
   fashion_table1.main(common + [f'--runs={killed}'])
   assert any('resuming training at step 2 of 4' in line for line in resumed)
-  whole_params, = (tmp_path / 'whole' / 'params').iterdir()
+  whole_params, = (out / 'runs' / 'params').glob('baseline_seed0_*')
   killed_params, = (killed / 'params').iterdir()  # the saved state is removed once the run is trained
   assert killed_params.name == whole_params.name and killed_params.read_bytes() == whole_params.read_bytes()
-  losses = [json.loads((d / 'baseline_seed0.json').read_text())['losses'] for d in (tmp_path / 'whole', killed)]
+  losses = [json.loads((d / 'baseline_seed0.json').read_text())['losses'] for d in (out / 'runs', killed)]
   assert len(losses[0]) == 4 and losses[0] == losses[1]
