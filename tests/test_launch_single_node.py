@@ -1,4 +1,10 @@
-"""launch/single_node_gpu.sh on CPU: the describe step, then training that resumes the shared trained run."""
+"""launch/single_node_gpu.sh: the describe step, then training that resumes the shared trained run; its log.
+
+The script runs as a user runs it, without JAX_PLATFORMS (JAX picks; on a
+host without a TPU, groupdiff_jax.platforms skips the TPU probe), so its
+output is also the check that a run's log, written to a file or a pipe, has
+no carriage returns nor TPU-probe noise.
+"""
 
 import os
 import subprocess
@@ -11,7 +17,8 @@ SCRIPT = os.path.join(digits_run.ROOT, 'launch', 'single_node_gpu.sh')
 
 
 def launch(*args, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=digits_run.ROOT,
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  env.update(TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=digits_run.ROOT,
              PYTHON=sys.executable)  # this interpreter, not whatever `python` is first on PATH
   return subprocess.run(['bash', SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
@@ -19,13 +26,18 @@ def launch(*args, tmp_path):
 def test_describe_then_train_resuming_the_latest_checkpoint(trained_digits_run, tmp_path):
   workdir = trained_digits_run.copy(tmp_path / 'run')
   os.remove(os.path.join(workdir, 'samples.png'))
-  steps = digits_run.TRAINED_STEPS + 2
+  steps = digits_run.TRAINED_STEPS + 4  # logged at 6 and 8 (log_every=2)
   result = launch('configs/digits.py', workdir, *digits_run.TINY, f'--config.train.num_steps={steps}',
                   tmp_path=tmp_path)
   assert result.returncode == 0, result.stderr[-4000:]
   assert result.stdout.lower().index('parameters') < result.stdout.index('samples.png')  # describe came first
   assert f'Resumed from step {digits_run.TRAINED_STEPS}' in result.stderr
   assert saved(workdir)[0] == steps and os.path.exists(os.path.join(workdir, 'samples.png'))
+  text = result.stdout + result.stderr  # of both processes
+  assert '\r' not in text
+  assert 'libtpu' not in text and "backend 'tpu'" not in text
+  assert text.count('steps_per_sec=') == 2  # one per logged step
+  assert 'train.batch_size = 16' in text and '[Hyperparameters]' not in text
 
 
 def test_missing_argument_and_help(tmp_path):
