@@ -15,7 +15,7 @@ import pytest
 
 from configs import digits
 from groupdiff_jax import checkpoint, errors, train
-from tests import cli_in_process
+from tests import cli_in_process, digits_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'model.depth': 1, 'model.hidden_size': 32, 'model.num_heads': 2, 'train.batch_size': 16,
@@ -44,14 +44,24 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_half_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-  whole = train.train_and_evaluate(tiny_config(**{'train.num_steps': 6}), str(tmp_path / 'whole'))
-  train.train_and_evaluate(tiny_config(**{'train.num_steps': 3}), str(tmp_path / 'halves'))
-  resumed = train.train_and_evaluate(tiny_config(**{'train.num_steps': 6}), str(tmp_path / 'halves'))
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """TINY trained 6 steps without a stop, saved at steps 3 and 6: (final state as numpy, workdir)."""
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  state = train.train_and_evaluate(tiny_config(**{'train.num_steps': 6, 'train.checkpoint_every': 3}), workdir)
+  return jax.device_get(state), workdir
+
+
+def test_half_run_then_resume_is_bit_identical_to_an_uninterrupted_run(trained_digits_run, uninterrupted, tmp_path):
+  # The first half is the shared run (TINY trained 4 steps by the command line); this process resumes a copy.
+  assert sorted(digits_run.TINY) == sorted(f'--config.{key}={value}' for key, value in TINY.items())
+  whole, whole_dir = uninterrupted
+  halves = trained_digits_run.copy(tmp_path / 'halves')
+  resumed = train.train_and_evaluate(tiny_config(**{'train.num_steps': 6}), halves)
   assert int(resumed.step) == 6
   for field in checkpoint.SAVED_FIELDS:  # params, EMA, optimizer state, step, base key
     assert_trees_equal(getattr(whole, field), getattr(resumed, field))
-  assert_trees_equal(saved(str(tmp_path / 'whole'))[1], saved(str(tmp_path / 'halves'))[1])
+  assert_trees_equal(saved(whole_dir)[1], saved(halves)[1])
 
 
 def main_flags(workdir, num_steps, *flags):
@@ -59,7 +69,8 @@ def main_flags(workdir, num_steps, *flags):
           *[f'--config.{key}={value}' for key, value in TINY.items()], *flags]
 
 
-def test_sigterm_saves_the_reached_step_exits_75_and_the_checkpoint_is_exact(tmp_path, capsys, caplog):
+def test_sigterm_saves_the_reached_step_exits_75_and_the_checkpoint_is_exact(uninterrupted, tmp_path, capsys,
+                                                                            caplog):
   # groupdiff_jax.main in this process (tests/cli_in_process.py; pytest runs tests in the main thread, where the
   # SIGTERM handler goes); train.signal_at_step: the run sends itself SIGTERM after step 3, as a scheduler would.
   workdir = str(tmp_path / 'preempted')
@@ -70,8 +81,8 @@ def test_sigterm_saves_the_reached_step_exits_75_and_the_checkpoint_is_exact(tmp
   assert 'Preempted after step 3' in caplog.text
   reached, preempted = saved(workdir)
   assert reached == 3  # between the periodic checkpoints (every 2)
-  train.train_and_evaluate(tiny_config(**{'train.num_steps': 3}), str(tmp_path / 'whole'))
-  assert_trees_equal(saved(str(tmp_path / 'whole'))[1], preempted)
+  manager = checkpoint.checkpoint_manager(uninterrupted[1], create=False)
+  assert_trees_equal(jax.device_get(manager.restore(3, args=ocp.args.StandardRestore())), preempted)
 
 
 def test_ctrl_c_after_the_first_step_saves_it_exits_130_and_the_rerun_resumes(tmp_path, caplog):
