@@ -1,5 +1,8 @@
 """Exact resume with the latent-store pipeline (prefetching, random flips, group streams)."""
 
+import logging
+import shutil
+
 import numpy as np
 
 from configs import imagenet_latents
@@ -22,14 +25,18 @@ def latents_config(latent_dir, num_steps):
   return config
 
 
-def test_latent_store_run_resumes_bit_identically(tmp_path):
+def test_latent_store_run_resumes_bit_identically(tmp_path, caplog):
   rng = np.random.default_rng(0)
   latents = rng.standard_normal((M, 2, 32, 32, 4)).astype(np.float16)  # [M, (plain, flipped), H, W, C]
   latent_store.write_latent_store(tmp_path / 'latents', latents, np.arange(M) % 6, {'vae': 'test'})
   store = str(tmp_path / 'latents')
-  whole = train.train_and_evaluate(latents_config(store, 4), str(tmp_path / 'whole'))
-  train.train_and_evaluate(latents_config(store, 2), str(tmp_path / 'halves'))
-  resumed = train.train_and_evaluate(latents_config(store, 4), str(tmp_path / 'halves'))
-  assert int(resumed.step) == 4
+  whole = train.train_and_evaluate(latents_config(store, 4), str(tmp_path / 'whole'))  # saved at steps 2 and 4
+  # The run stopped after step 2: a copy of its workdir without the checkpoint of step 4.
+  shutil.copytree(tmp_path / 'whole', tmp_path / 'half')
+  shutil.rmtree(tmp_path / 'half' / 'checkpoints' / '4')
+  assert checkpoint.checkpoint_manager(str(tmp_path / 'half')).latest_step() == 2
+  caplog.set_level(logging.INFO)
+  resumed = train.train_and_evaluate(latents_config(store, 4), str(tmp_path / 'half'))
+  assert 'Resumed from step 2' in caplog.text and int(resumed.step) == 4
   for field in checkpoint.SAVED_FIELDS:
     assert_trees_equal(getattr(whole, field), getattr(resumed, field))
