@@ -131,13 +131,15 @@ def test_table1_smoke_table2_row_reuses_the_trained_model_and_reports_trajectory
   with pytest.raises(errors.UserError, match='--feature_steps=2'):
     table1.run_sweep(rescored, table1.base_config(rescored), list(rows), [0], None, None, None, done.append)
 
-  # A second invocation over another setting in the same folder (as two sweeps on two cores would): the report
-  # keeps every setting with runs, and the invocation log keeps both calls.
-  second = table1.main([a if not a.startswith('--settings') else '--settings=baseline' for a in argv])
-  assert [row['name'] for row in second['settings']] == ['baseline', 'sim_uc4', 'sim_uc4_stage0.4']
+  # A second invocation over another setting in the same folder (as two sweeps on two cores would; a sampling-only
+  # row: it samples the first invocation's trained model): the report keeps every setting with runs, and the
+  # invocation log keeps both calls.
+  second = table1.main([a if not a.startswith('--settings') else '--settings=sim_uc4_cfg1' for a in argv])
+  assert [row['name'] for row in second['settings']] == ['sim_uc4', 'sim_uc4_stage0.4', 'sim_uc4_cfg1']
+  assert len(os.listdir(os.path.join(runs, 'params'))) == 1  # nothing trained again
   with open(os.path.join(out, 'invocations.json')) as f:
     invocations = json.load(f)
-  assert [i['runs'] for i in invocations] == [['sim_uc4_seed0', 'sim_uc4_stage0.4_seed0'], ['baseline_seed0']]
+  assert [i['runs'] for i in invocations] == [['sim_uc4_seed0', 'sim_uc4_stage0.4_seed0'], ['sim_uc4_cfg1_seed0']]
   # The report alone, from the runs on disk: nothing trained or sampled, no invocation logged.
   os.remove(report_path)
   again = table1.main(argv + ['--report_only'])
