@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The files that take the longest (worker-seconds, slowest first; README "Tests"). `--dist loadfile` hands out
 # whole files in collection order, so these start first and the workers end together on the short ones.
-SLOW_FILES = ('test_gcs_workdir.py', 'test_describe.py', 'test_fashion_table1_smoke.py', 'test_train_step.py',
-              'test_monitoring.py', 'test_table1_smoke.py', 'test_checkpoint_integrity.py', 'test_sharding.py',
-              'test_dit_objective.py', 'test_attention.py', 'test_samplers.py')
+SLOW_FILES = ('test_fashion_table1_smoke.py', 'test_sharding.py', 'test_gcs_workdir.py', 'test_train_step.py',
+              'test_describe.py', 'test_launch_single_node.py', 'test_attention.py', 'test_checkpoint_integrity.py',
+              'test_monitoring.py', 'test_table1_smoke.py', 'test_samplers.py', 'test_resume.py')
 
 
 def pytest_configure(config):
@@ -53,18 +53,20 @@ def shared_compilation_cache(tmp_path_factory):
   Many tests run `python -m groupdiff_jax.main` several times on one config
   (train, resume, sample); each process would recompile the same steps. A
   cached executable is the same compiled program, so results do not change.
+  Every program is cached (minimum compile time 0): in-process runs build new
+  jitted functions each time, and their sub-second compiles add up.
   """
   directory = str(shared_root(tmp_path_factory) / 'xla_cache')
   os.makedirs(directory, exist_ok=True)
   import jax
   from jax.experimental.compilation_cache import compilation_cache as jax_cache
-  names = {'jax_compilation_cache_dir': directory, 'jax_persistent_cache_min_compile_time_secs': 1.0}
+  names = {'jax_compilation_cache_dir': directory, 'jax_persistent_cache_min_compile_time_secs': 0}
   previous = {name: getattr(jax.config, name) for name in names}
   for name, value in names.items():
     jax.config.update(name, value)
   jax_cache.reset_cache()
   os.environ['JAX_COMPILATION_CACHE_DIR'] = directory
-  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '1'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   yield directory
   for name, value in previous.items():
     jax.config.update(name, value)

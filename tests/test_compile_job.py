@@ -262,6 +262,7 @@ def test_meshes_follow_the_chips_where_jax_can_lay_them_out_and_keep_the_listed_
     assert ids(sharding.make_mesh(mesh_config(data=-1, fsdp=fsdp), devices)) == [d.id for d in devices]
 
 
+@pytest.mark.long  # a TPU-topology compile, as the others above: .ci/run's second step
 def test_a_group_split_over_devices_and_a_sharded_update_compile_for_tpu():
   """Groups of 4 over 2 devices each (mesh.group=2) with splash, ZeRO: the groups step gathers keys/values
   over the group axis, and the state per device shrinks by the data x group size; the report gives a

@@ -1,15 +1,12 @@
 """A gs:// workdir end to end, against a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py).
 
-Main suite (`-m 'not long'`): `groupdiff_jax.main` in this process trains a tiny run into the bucket, resumes it
-bit-identically to an uninterrupted local run, writes its samples (npz and grids) there, and falls back to the
-previous checkpoint when bytes of the newest are flipped; nothing lands on the local disk under `gs:`.
-
-.ci/run's second step (`-m long`), fresh processes each: training is killed with SIGKILL after its first
-checkpoint object exists and resumes bit-identically, then `--mode=sample` writes to the bucket and bit rot falls
-back; an outage during a restore or a save exits 75 and moves nothing; two processes write one checkpoint.
+Fresh processes each: training is killed with SIGKILL after its first checkpoint object exists and resumes
+bit-identically, then `--mode=sample` writes to the bucket and bit rot falls back to the previous checkpoint;
+an outage during a restore or a save exits 75 and moves nothing; two processes write one checkpoint; nothing
+lands on the local disk under `gs:`. Like the Slurm tests, these start a service of their own (the emulator
+and its TLS proxy) and several processes: all are `long`, .ci/run's second step (`pytest -m long`).
 """
 
-import logging
 import os
 import signal
 import subprocess
@@ -22,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from groupdiff_jax import checkpoint, errors, storage, train
-from tests import cli_in_process, gcs_emulator
+from tests import gcs_emulator
 from tests.test_resume import TINY, assert_trees_equal, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,39 +178,3 @@ def test_two_processes_on_one_bucket_workdir_write_one_checkpoint(gcs):
     assert {name.split('/')[4] for name in objects if '/ocdbt.process_' in name and f'/{step}/' in name} == {
         'ocdbt.process_0', 'ocdbt.process_1'}
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))
-
-
-def test_in_process_a_bucket_workdir_resumes_bit_identically_samples_to_it_and_falls_back_from_bit_rot(
-    gcs, tmp_path, capsys, caplog):
-  """The main suite's end-to-end check of a gs:// workdir: `groupdiff_jax.main` run in this process
-  (tests/cli_in_process.py), so no process start-ups; the fresh-process flows above are `long`."""
-  workdir = f'gs://{gcs.bucket}/inproc'
-  flags = lambda steps: [f'--config={ROOT}/configs/digits.py', f'--workdir={workdir}', f'--config.train.num_steps={steps}',
-                         *[f'--config.{key}={value}' for key, value in GCS_TINY.items()]]
-  # Two steps by the library (no final samples), then two more by the command line: resumed, then sampled.
-  train.train_and_evaluate(tiny_config(**{**GCS_TINY, 'train.num_steps': 2}), workdir)
-  assert committed_steps(gcs, 'inproc') == [2] and 'inproc/config.json' in gcs.objects('inproc/')
-
-  caplog.set_level(logging.INFO)
-  code, _, stderr = cli_in_process.run_main(capsys, *flags(4))
-  assert code == 0, stderr[-3000:]
-  assert 'Resumed from step 2' in caplog.text
-  assert committed_steps(gcs, 'inproc') == [2, 4]
-  manager = checkpoint.checkpoint_manager(workdir, create=False)
-  resumed = jax.device_get(manager.restore(4, args=ocp.args.StandardRestore()))
-  train.train_and_evaluate(tiny_config(**{**GCS_TINY, 'train.num_steps': 4}), str(tmp_path / 'whole'))
-  whole = checkpoint.checkpoint_manager(str(tmp_path / 'whole'))
-  assert_trees_equal(jax.device_get(whole.restore(4, args=ocp.args.StandardRestore())), resumed)
-
-  # The command's final samples (sample_job.sample_and_save, as --mode=sample) went to the bucket.
-  objects = gcs.objects('inproc/')
-  npz = [name for name in objects if name.startswith('inproc/samples/samples_') and name.endswith('.npz')]
-  assert len(npz) == 1 and 'inproc/samples.png' in objects and 'inproc/samples/samples.png' in objects, sorted(objects)
-  samples = storage.load_npz(f'gs://{gcs.bucket}/{npz[0]}')
-  config = tiny_config(**GCS_TINY)
-  assert samples['arr_0'].dtype == np.uint8
-  assert samples['arr_0'].shape[0] == config.sample.num_groups * config.sample.images_per_group
-  assert gcs.read('inproc/samples.png')[:8] == b'\x89PNG\r\n\x1a\n'
-
-  flip_newest_and_check_the_previous_is_loaded(gcs, workdir, 'inproc')
-  assert not os.path.exists(os.path.join(ROOT, 'gs:')) and not os.path.exists('gs:')
