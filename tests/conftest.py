@@ -29,7 +29,7 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'slurm: on a real one-node Slurm (tests/slurm_cluster.py); .ci/run runs these '
                           'in their own step, `pytest -m slurm`')
   config.addinivalue_line('markers', 'long: minutes of compiling or several processes (TPU-topology compiles, '
-                          'multi-host); .ci/run runs these in their own step, `pytest -n 2 -m long`')
+                          'multi-host, the GCS emulator); .ci/run runs these in their own step, `pytest -n 2 -m long`')
   if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist: keep the collection order (SLOW_FILES first)
     config.option.loadscopereorder = False
 
