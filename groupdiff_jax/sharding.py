@@ -30,6 +30,7 @@ this module.
 """
 
 import contextlib
+import itertools
 import math
 import re
 
@@ -275,7 +276,9 @@ def param_spec(path, shape, fsdp_size, rules=PARAM_RULES, min_size=MIN_SHARDED_S
   matching UPDATE_STATE are split as well (ZeRO), whatever their rule (only
   the update reads them; the model reads parameters gathered once a step),
   on the largest dimension that their product (times fsdp on a dimension
-  already over fsdp) divides.
+  already over fsdp) divides; where no dimension takes all of them, over the
+  largest subset that one takes (e.g. data=64 alone where data x group = 256
+  divides neither 1152 nor 3456).
   """
   for pattern, rule in rules:
     if re.search(pattern, path):
@@ -294,13 +297,15 @@ def param_spec(path, shape, fsdp_size, rules=PARAM_RULES, min_size=MIN_SHARDED_S
       if shape[dim] % fsdp_size == 0:
         spec[dim] = FSDP_AXIS
         break
-  extra = tuple(a for a, size in update_axes if size > 1)
+  extra = tuple((a, size) for a, size in update_axes if size > 1)
   if extra and re.search(UPDATE_STATE, path):
-    extra_size = math.prod(size for _, size in update_axes)
-    for dim in order:
-      split = extra_size * (fsdp_size if spec[dim] else 1)
-      if shape[dim] % split == 0:
-        axes = ((spec[dim],) if spec[dim] else ()) + extra
+    subsets = sorted((c for r in range(len(extra), 0, -1) for c in itertools.combinations(extra, r)),
+                     key=lambda c: -math.prod(size for _, size in c))  # stable: data before group on a tie
+    for subset in subsets:
+      split = math.prod(size for _, size in subset)
+      dim = next((d for d in order if shape[d] % (split * (fsdp_size if spec[d] else 1)) == 0), None)
+      if dim is not None:
+        axes = ((spec[dim],) if spec[dim] else ()) + tuple(a for a, _ in subset)
         spec[dim] = axes[0] if len(axes) == 1 else axes
         break
   return P(*spec) if any(spec) else P()

@@ -71,7 +71,15 @@ def test_sharded_update_splits_params_ema_and_optimizer_state_over_data_and_grou
   # Biases (replicated without ZeRO) are split too. Nothing divisible: whole. The step counter and key: whole.
   assert spec('opt_state/1/0/nu/blocks_0/attn/qkv/bias', (3456,)) == P(('data', 'group'))
   assert spec('params/blocks_0/attn/qkv/bias', (3456,), fsdp=1) == P(('data', 'group'))
-  assert spec('ema_params/final_layer/linear/bias', (8,)) == P()
+  assert spec('ema_params/final_layer/linear/bias', (7,)) == P()
+  # data x group (16) does not divide 8, data (8) alone does: split over data only.
+  assert spec('ema_params/final_layer/linear/bias', (8,)) == P('data')
+  # v5e-256's official mesh (data 64, group 4): 256 divides neither dimension of SiT-XL/2's qkv or attention
+  # projection; data alone (64) takes the larger dimension (the later one on a tie).
+  v5e = lambda shape: sharding.param_spec('params/blocks_0/attn/qkv/kernel', shape, 1, min_size=0,
+                                          update_axes=(('data', 64), ('group', 4)))
+  assert v5e((1152, 3456)) == P(None, 'data') and v5e((1152, 1152)) == P(None, 'data')
+  assert v5e((1152, 4608)) == P(None, ('data', 'group'))  # 4608 = 18 x 256: both
   assert spec('rng', (2,)) == spec('step', ()) == spec('opt_state/0/count', ()) == P()
   # 96 takes fsdp (4) but not fsdp x data x group (64): data x group go to the other dimension.
   assert spec('params/a/kernel', (96, 32)) == P('fsdp', ('data', 'group'))
