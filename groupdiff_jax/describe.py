@@ -344,7 +344,7 @@ def describe(config, mesh=None, cost_analysis=True, max_check_images=None):
       'params': params_bytes, 'ema_params': ema_bytes, 'opt_state': opt_bytes, 'grads': ema_bytes,
       'activations (largest kind)': max(k['activation_bytes_per_device'] for k in out['kinds'].values()),
   }
-  if (config.mesh or {}).get('shard_update', False):
+  if config.mesh is not None and config.mesh.shard_update:
     # The sharded update's params are slices; the model reads a copy gathered in the compute dtype.
     compute = jax.tree.map(sharding.compute_sharding, shardings.params)
     gathered = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.model.dtype)),
