@@ -18,6 +18,7 @@ import textwrap
 import pytest
 
 from groupdiff_jax import checkpoint
+from tests import cpu_devices
 from tests.test_multihost import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ WORKER = textwrap.dedent('''
 @pytest.mark.parametrize('spoil', ['checksum', 'nan'])
 def test_a_shard_only_one_host_holds_makes_every_host_fall_back(tmp_path, spoil):
   address = f'127.0.0.1:{free_port()}'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(2), JAX_PLATFORMS='cpu',
              TF_CPP_MIN_LOG_LEVEL='3')
   procs = [subprocess.Popen([sys.executable, '-c', WORKER, str(tmp_path), address, str(i), spoil], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

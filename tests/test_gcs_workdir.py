@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from groupdiff_jax import checkpoint, errors, storage, train
-from tests import gcs_emulator
+from tests import cpu_devices, gcs_emulator
 from tests.test_resume import TINY, assert_trees_equal, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +162,7 @@ def test_two_processes_on_one_bucket_workdir_write_one_checkpoint(gcs):
   from tests.test_checkpoint_multihost import WORKER  # pylint: disable=g-import-not-at-top
   from tests.test_multihost import free_port  # pylint: disable=g-import-not-at-top
   address = f'127.0.0.1:{free_port()}'
-  environment = env(gcs, XLA_FLAGS='--xla_force_host_platform_device_count=2', TF_CPP_MIN_LOG_LEVEL='3')
+  environment = env(gcs, XLA_FLAGS=cpu_devices.xla_flags(2), TF_CPP_MIN_LOG_LEVEL='3')
   procs = [subprocess.Popen([sys.executable, '-c', WORKER, f'gs://{gcs.bucket}/multi', address, str(i), 'none'],
                             cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]

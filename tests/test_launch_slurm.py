@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from groupdiff_jax import checkpoint
-from tests import slurm_cluster
+from tests import cpu_devices, slurm_cluster
 from tests.test_resume import assert_trees_equal
 
 pytestmark = pytest.mark.slurm
@@ -75,7 +75,7 @@ def job_id_of(proc):
 
 def single_process(tmp_path, workdir, overrides):
   """The same run in one process with 2 CPU devices."""
-  env = dict(job_env_plain(tmp_path), XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(job_env_plain(tmp_path), XLA_FLAGS=cpu_devices.xla_flags(2))
   result = subprocess.run([sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/digits.py',
                            f'--workdir={workdir}', *TINY, *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)

@@ -16,6 +16,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests import cpu_devices
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent('''
@@ -58,7 +60,7 @@ def free_port():
 
 
 def launch(devices, *args):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(devices), JAX_PLATFORMS='cpu',
              TF_CPP_MIN_LOG_LEVEL='3')
   return subprocess.Popen([sys.executable, '-c', WORKER, *map(str, args)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -27,6 +27,7 @@ from groupdiff_jax.encoders import vae as vae_lib
 from groupdiff_jax.encoders import vae_weights
 from groupdiff_jax.evaluation import evaluator
 from groupdiff_jax.models.dit import model_from_config
+from tests import cpu_devices
 from tests.test_vae import TINY as TINY_VAE
 from tests.test_vae import random_state_dict
 
@@ -194,7 +195,7 @@ WORKER = textwrap.dedent('''
 
 
 def test_devices_split_chunks_by_whole_groups_and_give_the_one_device_output(uninterrupted, tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(4), JAX_PLATFORMS='cpu',
              TF_CPP_MIN_LOG_LEVEL='3')
   proc = subprocess.run([sys.executable, '-c', WORKER, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)

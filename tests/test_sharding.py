@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from groupdiff_jax import sharding, step_plan
+from tests import cpu_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,7 +207,7 @@ WORKER = textwrap.dedent('''
 def run_worker(code, *args, devices=8, timeout=300):
   # Its programs (and orbax's many small slice programs) run in this process only: caching them would only
   # write files, so the shared cache keeps just the compiles of 1 s or more here.
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(devices), JAX_PLATFORMS='cpu',
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1')
   proc = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
