@@ -45,6 +45,7 @@ def cluster(tmp_path_factory):
 
 def job_env(cluster, tmp_path):
   return dict(cluster.env, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT,
+              PYTHON=sys.executable,  # this interpreter, not whatever `python` is first on PATH
               JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla_cache'))
 
 
