@@ -33,6 +33,11 @@ ROWS = (
     # The same with today's defaults (mesh.shard_update on: ZeRO-2), 2026-12-06; the rows without `_zero`
     # were compiled before it existed (replicated state: --config.mesh.shard_update=False).
     ('sit_xl_l4_b256_v5p64_zero', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    # Fourth session: v6e-64 with today's defaults (the `sit_xl_l4_b256_v6e64` row predates ZeRO), and the groups
+    # step of v5e-256 (each group split over 4 devices) with heads exchanged by all-to-all instead of K/V gathered.
+    ('sit_xl_l4_b256_v6e64_zero', 'configs/sit_xl.py', 'v6e:8x8', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b256_v5e256_a2a', 'configs/sit_xl.py', 'v5e:16x16', 1,
+     [NO_SAMPLER, GROUPS_ONLY, '--config.mesh.group_collective=all_to_all']),
     ('sit_xl_l4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER]),
     ('sit_xl_l4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 4
     ('sit_xl_l4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 2
