@@ -71,8 +71,7 @@ WORKER = textwrap.dedent('''
 @pytest.mark.parametrize('spoil', ['checksum', 'nan'])
 def test_a_shard_only_one_host_holds_makes_every_host_fall_back(tmp_path, spoil):
   address = f'127.0.0.1:{free_port()}'
-  env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(2), JAX_PLATFORMS='cpu',
-             TF_CPP_MIN_LOG_LEVEL='3')
+  env = cpu_devices.env(2, TF_CPP_MIN_LOG_LEVEL='3')
   procs = [subprocess.Popen([sys.executable, '-c', WORKER, str(tmp_path), address, str(i), spoil], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   results = []

@@ -60,8 +60,7 @@ def free_port():
 
 
 def launch(devices, *args):
-  env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(devices), JAX_PLATFORMS='cpu',
-             TF_CPP_MIN_LOG_LEVEL='3')
+  env = cpu_devices.env(devices, TF_CPP_MIN_LOG_LEVEL='3')
   return subprocess.Popen([sys.executable, '-c', WORKER, *map(str, args)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

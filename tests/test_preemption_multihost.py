@@ -50,8 +50,7 @@ def test_ctrl_c_to_one_host_stops_every_host_at_the_same_saved_step(tmp_path):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     address = f'127.0.0.1:{s.getsockname()[1]}'
-  env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(2), JAX_PLATFORMS='cpu',
-             TF_CPP_MIN_LOG_LEVEL='3')
+  env = cpu_devices.env(2, TF_CPP_MIN_LOG_LEVEL='3')
   workdir = str(tmp_path / 'run')
   hosts = [subprocess.Popen([sys.executable, '-c', WORKER, workdir, address, str(i)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -195,8 +195,7 @@ WORKER = textwrap.dedent('''
 
 
 def test_devices_split_chunks_by_whole_groups_and_give_the_one_device_output(uninterrupted, tmp_path):
-  env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(4), JAX_PLATFORMS='cpu',
-             TF_CPP_MIN_LOG_LEVEL='3')
+  env = cpu_devices.env(4, TF_CPP_MIN_LOG_LEVEL='3')
   proc = subprocess.run([sys.executable, '-c', WORKER, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]

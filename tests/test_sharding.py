@@ -207,8 +207,7 @@ WORKER = textwrap.dedent('''
 def run_worker(code, *args, devices=8, timeout=300):
   # Its programs (and orbax's many small slice programs) run in this process only: caching them would only
   # write files, so the shared cache keeps just the compiles of 1 s or more here.
-  env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(devices), JAX_PLATFORMS='cpu',
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1')
+  env = cpu_devices.env(devices, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1')
   proc = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-4000:]
