@@ -21,6 +21,10 @@ CONFIG=$1; WORKDIR=$2; shift 2
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 PYTHON=${PYTHON:-python}
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  echo "Error: PYTHON=$PYTHON is not a command here: activate the virtualenv that has groupdiff_jax, or set PYTHON to its interpreter (e.g. PYTHON=.venv/bin/python)." >&2
+  exit 2
+fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 "$PYTHON" -m groupdiff_jax.main --config="$CONFIG" --workdir="$WORKDIR" --mode=describe --describe_xla_check=false "$@"
 exec "$PYTHON" -m groupdiff_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"

@@ -16,10 +16,10 @@ from tests.test_resume import saved
 SCRIPT = os.path.join(digits_run.ROOT, 'launch', 'single_node_gpu.sh')
 
 
-def launch(*args, tmp_path):
+def launch(*args, tmp_path, python=sys.executable):
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
   env.update(TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=digits_run.ROOT,
-             PYTHON=sys.executable)  # this interpreter, not whatever `python` is first on PATH
+             PYTHON=python)  # this interpreter, not whatever `python` is first on PATH
   return subprocess.run(['bash', SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -48,3 +48,13 @@ def test_missing_argument_and_help(tmp_path):
   assert result.returncode == 2 and 'missing argument CONFIG and WORKDIR' in result.stderr
   result = launch('--help', tmp_path=tmp_path)
   assert result.returncode == 0 and 'Rerunning the same command resumes' in result.stdout
+
+
+def test_an_interpreter_that_is_not_there_is_one_error_naming_it(tmp_path):
+  missing = str(tmp_path / 'no_such_python')
+  result = launch('configs/digits.py', str(tmp_path / 'run'), tmp_path=tmp_path, python=missing)
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.strip().splitlines() == [
+      f'Error: PYTHON={missing} is not a command here: activate the virtualenv that has groupdiff_jax, or set '
+      'PYTHON to its interpreter (e.g. PYTHON=.venv/bin/python).']
+  assert not (tmp_path / 'run').exists()

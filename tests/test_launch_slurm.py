@@ -49,12 +49,12 @@ def job_env(cluster, tmp_path):
               JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla_cache'))
 
 
-def sbatch(cluster, tmp_path, workdir, overrides, wait=True):
-  """Submits the launcher; returns (Popen of `sbatch --wait --parsable`, output file)."""
+def sbatch(cluster, tmp_path, workdir, overrides, wait=True, **env):
+  """Submits the launcher (job_env plus `env`); returns (Popen of `sbatch --wait --parsable`, output file)."""
   output = tmp_path / 'job.out'
   argv = ['sbatch', '--wait', '--parsable', '--open-mode=append', f'--output={output}', *CPU_TASKS, SCRIPT,
           'configs/digits.py', str(workdir), *TINY, *overrides]
-  proc = subprocess.Popen(argv, cwd=ROOT, env=job_env(cluster, tmp_path), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(argv, cwd=ROOT, env={**job_env(cluster, tmp_path), **env}, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   return proc, output
 
@@ -176,3 +176,15 @@ def test_a_task_that_dies_at_start_fails_the_job_with_its_rank(cluster, tmp_path
   assert 'task 1: Killed' in log, log[-4000:]
   assert cluster.job(job)['JobState'] == 'FAILED'
   assert not os.path.exists(tmp_path / 'slurm' / 'samples.png')
+
+
+def test_an_interpreter_that_is_not_there_fails_the_job_with_one_error_naming_it(cluster, tmp_path):
+  missing = str(tmp_path / 'no_such_python')
+  proc, output = sbatch(cluster, tmp_path, tmp_path / 'slurm', [], PYTHON=missing)
+  job = job_id_of(proc)
+  log = finish(proc, output, timeout=300)
+  assert proc.returncode != 0 and cluster.job(job)['JobState'] == 'FAILED'
+  assert log.strip().splitlines() == [
+      f'Error: PYTHON={missing} is not a command here: activate the virtualenv that has groupdiff_jax, or set '
+      'PYTHON to its interpreter (e.g. PYTHON=.venv/bin/python).']
+  assert not (tmp_path / 'slurm').exists()
