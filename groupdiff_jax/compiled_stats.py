@@ -13,9 +13,11 @@ MOSAIC_TARGET = 'custom_call_target="tpu_custom_call"'
 _SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
 _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'f32': 4,
           's64': 8, 'u64': 8, 'f64': 8}
+_CHAIN = re.compile(r'chain_id="(\d+)"')
 
 
-COLLECTIVE_BYTES_RULE = 'per device, summed over tuple results (the larger half of an async -start)'
+COLLECTIVE_BYTES_RULE = ('per device, summed over tuple results (the larger half of an async -start); one '
+                         'collective per chain_id (the TPU splits an async collective over several fusions)')
 
 
 def collectives(hlo_text):
@@ -26,13 +28,25 @@ def collectives(hlo_text):
   async `-start` returns (operands, results) in one tuple: the larger half
   is counted (the result of a gather, the operand of a scatter), i.e. the
   bytes moved per device.
+
+  The TPU compiler's async collective fusion splits one collective into a
+  chain of fusions (an AsyncCollectiveStart, continuations that overlap it
+  with compute, an AsyncCollectiveDone), each holding a copy of the
+  collective instruction tagged with the chain's `chain_id`: a chain is one
+  collective, counted once.
   """
   out = {op: {'count': 0, 'bytes': 0} for op in COLLECTIVES}
   pattern = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
+  chains = set()
   for line in hlo_text.splitlines():
     match = pattern.search(line)
     if not match:
       continue
+    chain = _CHAIN.search(line)
+    if chain:
+      if (match.group(2), chain.group(1)) in chains:
+        continue
+      chains.add((match.group(2), chain.group(1)))
     sizes = [_BYTES[t] * math.prod(int(d) for d in dims.split(',') if d) for t, dims in _SHAPE.findall(match.group(1))]
     if match.group(3) and len(sizes) > 1:
       half = len(sizes) // 2

@@ -229,6 +229,19 @@ def test_collective_bytes_sum_combined_tuples_and_take_the_moved_half_of_async_s
   assert found['reduce-scatter'] == {'count': 0, 'bytes': 0}
 
 
+def test_a_chained_async_collective_counts_once():
+  # The TPU's async collective fusion: one all-gather as a start, a continuation and a done fusion, each
+  # holding a copy of the instruction with the chain's id (text as libtpu 0.0.42 writes it, shortened).
+  piece = ('  %all-gather.{n} = bf16[256,18,1152]{{2,1,0}} all-gather(%param_0.{n}), channel_id=19, '
+           'dimensions={{0}}, frontend_attributes={{chain_id="{chain}"}}, metadata={{op_name="convert"}}')
+  hlo = '\n'.join([piece.format(n=1, chain=1), piece.format(n=2, chain=1), piece.format(n=3, chain=1),
+                   piece.format(n=4, chain=2),
+                   '  %ar = bf16[8]{0} all-reduce(bf16[8]{0} %g), frontend_attributes={chain_id="1"}'])
+  found = compiled_stats.collectives(hlo)
+  assert found['all-gather'] == {'count': 2, 'bytes': 2 * 256 * 18 * 1152 * 2}
+  assert found['all-reduce'] == {'count': 1, 'bytes': 8 * 2}  # keyed by kind too
+
+
 def test_step_kinds_selects_the_programs_and_names_the_ones_a_config_runs():
   kinds = {'singles': 'S', 'groups': 'G'}
   assert compile_job.selected_kinds(kinds, '') == kinds
