@@ -31,7 +31,7 @@ TOPOLOGIES = {'v4-32': 'v4:2x2x4', 'v5e-64': 'v5e:8x8', 'v5e-256': 'v5e:16x16', 
 # Compiled before mesh.group and mesh.shard_update existed (whole groups per device, replicated state);
 # today's defaults (mesh.group=0: a group split over devices where the batch needs it; shard_update on)
 # apply beside these flags. No entry (v5e-256 and v5p-256 at batch 256, which need a group split over 4
-# and 2 devices): the config's defaults (docs/scaling.md: compiled, they fit with 4.9 and 2.9 GiB per device).
+# and 2 devices): the config's defaults (docs/scaling.md: compiled, they fit with 2.3 and 2.9 GiB per device).
 RECOMMENDED = {
     ('v4-32', 256): (1, 'none'),  # 14.3 of 16 GiB per TensorCore
     ('v4-32', 1024): (4, 'full'),  # 5.1 of 16 GiB; data only with dots_saveable: refused (15.95G > 15.25G)

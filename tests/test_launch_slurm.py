@@ -49,7 +49,7 @@ def job_env(cluster, tmp_path):
               JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla_cache'))
 
 
-def sbatch(cluster, tmp_path, workdir, overrides, wait=True, **env):
+def sbatch(cluster, tmp_path, workdir, overrides, **env):
   """Submits the launcher (job_env plus `env`); returns (Popen of `sbatch --wait --parsable`, output file)."""
   output = tmp_path / 'job.out'
   argv = ['sbatch', '--wait', '--parsable', '--open-mode=append', f'--output={output}', *CPU_TASKS, SCRIPT,
