@@ -17,44 +17,157 @@ _CHAIN = re.compile(r'chain_id="(\d+)"')
 
 
 COLLECTIVE_BYTES_RULE = ('per device, summed over tuple results (the larger half of an async -start); one '
-                         'collective per chain_id (the TPU splits an async collective over several fusions)')
+                         'collective per chain_id (the TPU splits an async collective over several fusions); '
+                         'times the trip count of the while loops it runs in (windowed einsums)')
+
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.-]+) \(.*\{$')
+_WHILE = re.compile(r'\swhile\(.*?condition=%?([\w.-]+), body=%?([\w.-]+)')
+_TRIP = re.compile(r'known_trip_count[^0-9]*(\d+)')
+_CALLEE = re.compile(r'(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.-]+)'
+                     r'|branch_computations=\{([^}]*)\}')
+
+
+def _computations(hlo_text):
+  """{name: [lines]} of the HLO module's computations, and the ENTRY's name."""
+  comps, entry, name = {}, None, None
+  for line in hlo_text.splitlines():
+    if name is None or not line[:1].isspace():
+      match = _COMPUTATION.match(line.rstrip())
+      if match:
+        name = match.group(1)
+        comps[name] = []
+        entry = name if line.startswith('ENTRY') else entry
+        continue
+    if name is not None and line.rstrip() == '}':  # (an instruction's text may span lines)
+      name = None
+    elif name is not None:
+      comps[name].append(line)
+  return comps, entry
+
+
+def _definitions(lines):
+  """{instruction name: its line} of one computation."""
+  return {m.group(1): line for line in lines for m in [re.match(r'\s*(?:ROOT )?%([\w.-]+) = ', line)] if m}
+
+
+def _operands(line):
+  """The %names an instruction's line takes as operands (the first parenthesised list after its opcode)."""
+  match = re.search(r' [a-z][\w-]*\(([^()]*%[^()]*)\)', line.split(' = ', 1)[-1])
+  return re.findall(r'%([\w.-]+)', match.group(1)) if match else []
+
+
+def _constant(defs, name):
+  """The integer value of instruction `name` (a constant, or copies of one), else None."""
+  line = defs.get(name, '')
+  while ' copy(' in line:
+    line = defs.get((_operands(line) or [''])[0], '')
+  match = re.search(r' constant\((-?\d+)\)', line)
+  return int(match.group(1)) if match else None
+
+
+def _trip_count(while_line, caller, comps):
+  """Iterations of a while loop: XLA's known_trip_count, else from its counter: `i < bound` in the
+  condition, `i + step` in the body's result, i's start in the loop's initial tuple (the form of XLA's
+  windowed einsum loops); 1 where it cannot be read."""
+  known = _TRIP.search(while_line)
+  if known:
+    return int(known.group(1))
+  loop = _WHILE.search(while_line)
+  cond, body = _definitions(comps.get(loop.group(1), [])), _definitions(comps.get(loop.group(2), []))
+  roots = [line for line in cond.values() if 'ROOT' in line and ' compare(' in line and 'direction=LT' in line]
+  if not roots:
+    return 1
+  counter, bound = (_operands(roots[0]) + [None, None])[:2]
+  index = re.search(r'get-tuple-element\(.*index=(\d+)', cond.get(counter, ''))
+  bound = _constant(cond, bound)
+  caller_defs = _definitions(comps.get(caller, []))
+  body_root = _operands(next((line for line in body.values() if 'ROOT' in line and ' tuple(' in line), ''))
+  init = caller_defs.get((_operands(while_line) or [''])[0], '')
+  init = _operands(init) if ' tuple(' in init else []
+  k = int(index.group(1)) if index else -1
+  if bound is None or not 0 <= k < min(len(body_root), len(init)):
+    return 1
+  increment = body.get(body_root[k], '')
+  steps = [v for v in (_constant(body, name) for name in _operands(increment)) if v] if ' add(' in increment else []
+  start = _constant(caller_defs, init[k])
+  if len(steps) != 1 or start is None or steps[0] <= 0:
+    return 1
+  return max(0, -(-(bound - start) // steps[0]))
+
+
+def _runs_per_step(comps, entry):
+  """{computation: times it runs per execution of the program}: 1 for the ENTRY, callers' counts summed
+  (a while body's times its trip count); a computation no call reaches counts 1."""
+  calls = {name: [] for name in comps}  # callee -> [(caller, factor)]
+  for caller, lines in comps.items():
+    for line in lines:
+      loop = _WHILE.search(line)
+      trips = _trip_count(line, caller, comps) if loop else 1
+      for match in _CALLEE.finditer(line):
+        for callee in (match.group(1),) if match.group(1) else re.findall(r'%?([\w.-]+)', match.group(2)):
+          if callee in calls:
+            calls[callee].append((caller, trips if loop and callee == loop.group(2) else 1))
+  runs = {}
+
+  def count(name, seen=()):
+    if name not in runs:
+      if name == entry or not calls[name] or name in seen:
+        runs[name] = 1
+      else:
+        runs[name] = sum(count(caller, seen + (name,)) * factor for caller, factor in calls[name])
+    return runs[name]
+
+  for name in comps:
+    count(name)
+  return runs
 
 
 def collectives(hlo_text):
-  """{op: {'count', 'bytes'}} of the collectives in optimized HLO text.
+  """{op: {'count', 'bytes'}} of the collectives in optimized HLO text, as executed once per step.
 
   Bytes: the arrays of the instruction's result type, summed (XLA combines
   many gradient all-reduces into one instruction with a tuple result). An
-  async `-start` returns (operands, results) in one tuple: the larger half
-  is counted (the result of a gather, the operand of a scatter), i.e. the
-  bytes moved per device.
+  async `-start` returns (operands, results[, u32 context scalars]) in one
+  tuple: the larger half of the arrays is counted (the result of a gather,
+  the operand of a scatter), i.e. the bytes moved per device.
 
   The TPU compiler's async collective fusion splits one collective into a
   chain of fusions (an AsyncCollectiveStart, continuations that overlap it
   with compute, an AsyncCollectiveDone), each holding a copy of the
   collective instruction tagged with the chain's `chain_id`: a chain is one
-  collective, counted once.
+  collective, counted once. A windowed einsum (a weight gradient's
+  reduce-scatter overlapped with its matmul) is a while loop whose body
+  passes slices round a ring by collective-permutes: an instruction in a
+  loop counts once per iteration.
   """
   out = {op: {'count': 0, 'bytes': 0} for op in COLLECTIVES}
   pattern = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
+  comps, entry = _computations(hlo_text)
+  if not comps:  # bare instructions (no module text)
+    comps, entry = {'': hlo_text.splitlines()}, ''
+  runs = _runs_per_step(comps, entry)
   chains = set()
-  for line in hlo_text.splitlines():
-    match = pattern.search(line)
-    if not match:
-      continue
-    chain = _CHAIN.search(line)
-    if chain:
-      if (match.group(2), chain.group(1)) in chains:
+  for name, lines in comps.items():
+    for line in lines:
+      match = pattern.search(line)
+      if not match:
         continue
-      chains.add((match.group(2), chain.group(1)))
-    sizes = [_BYTES[t] * math.prod(int(d) for d in dims.split(',') if d) for t, dims in _SHAPE.findall(match.group(1))]
-    if match.group(3) and len(sizes) > 1:
-      half = len(sizes) // 2
-      moved = max(sum(sizes[:half]), sum(sizes[half:]))
-    else:
-      moved = sum(sizes)
-    out[match.group(2)]['count'] += 1
-    out[match.group(2)]['bytes'] += moved
+      chain = _CHAIN.search(line)
+      if chain:
+        if (match.group(2), chain.group(1)) in chains:
+          continue
+        chains.add((match.group(2), chain.group(1)))
+      shapes = _SHAPE.findall(match.group(1))
+      if match.group(3):  # an async start's u32[] / s32[] context scalars are not data
+        shapes = [(t, dims) for t, dims in shapes if dims or t not in ('u32', 's32')] or shapes
+      sizes = [_BYTES[t] * math.prod(int(d) for d in dims.split(',') if d) for t, dims in shapes]
+      if match.group(3) and len(sizes) > 1:
+        half = len(sizes) // 2
+        moved = max(sum(sizes[:half]), sum(sizes[half:]))
+      else:
+        moved = sum(sizes)
+      out[match.group(2)]['count'] += runs[name]
+      out[match.group(2)]['bytes'] += moved * runs[name]
   return out
 
 

@@ -242,6 +242,45 @@ def test_a_chained_async_collective_counts_once():
   assert found['all-reduce'] == {'count': 1, 'bytes': 8 * 2}  # keyed by kind too
 
 
+def test_a_collective_in_a_while_loop_counts_once_per_iteration():
+  # A windowed einsum as libtpu 0.0.42 writes it (shortened): counter from copy(0) by 2 while < 16 = 8 trips.
+  hlo = '\n'.join([
+      'HloModule m',
+      '',
+      '%cond (p: (bf16[4], u32[])) -> pred[] {',
+      '  %p = (bf16[4]{0}, u32[]{:T(128)}) parameter(0)',
+      '  %i = u32[]{:T(128)} get-tuple-element(%p), index=1',
+      '  %bound = u32[]{:T(128)} constant(16)',
+      '  ROOT %lt = pred[]{:T(512)} compare(%i, %bound), direction=LT',
+      '}',
+      '',
+      '%body (q: (bf16[4], u32[])) -> (bf16[4], u32[]) {',
+      '  %q = (bf16[4]{0}, u32[]{:T(128)}) parameter(0)',
+      '  %x = bf16[4]{0} get-tuple-element(%q), index=0',
+      '  %cp = (bf16[4]{0}, bf16[4]{0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%x), channel_id=1',
+      '  %j = u32[]{:T(128)} get-tuple-element(%q), index=1',
+      '  %two = u32[]{:T(128)} constant(2)',
+      '  %next = u32[]{:T(128)} add(%j, %two)',
+      '  ROOT %t = (bf16[4]{0}, u32[]{:T(128)}) tuple(%x, %next)',
+      '}',
+      '',
+      'ENTRY %main (a: bf16[4]) -> bf16[4] {',
+      '  %a = bf16[4]{0} parameter(0)',
+      '  %zero = u32[]{:T(128)} constant(0)',
+      '  %start = u32[]{:T(128)} copy(%zero)',
+      '  %init = (bf16[4]{0}, u32[]{:T(128)}) tuple(%a, %start)',
+      '  %w = (bf16[4]{0}, u32[]{:T(128)}) while(%init), condition=%cond, body=%body',
+      '  %ag = bf16[8]{0} all-gather(%a), dimensions={0}',
+      '  ROOT %r = bf16[4]{0} get-tuple-element(%w), index=0',
+      '}',
+  ])
+  found = compiled_stats.collectives(hlo)
+  assert found['collective-permute'] == {'count': 8, 'bytes': 8 * 4 * 2}
+  assert found['all-gather'] == {'count': 1, 'bytes': 8 * 2}
+  known = hlo.replace('body=%body', 'body=%body, backend_config={"known_trip_count":{"n":"3"}}')
+  assert compiled_stats.collectives(known)['collective-permute']['count'] == 3
+
+
 def test_step_kinds_selects_the_programs_and_names_the_ones_a_config_runs():
   kinds = {'singles': 'S', 'groups': 'G'}
   assert compile_job.selected_kinds(kinds, '') == kinds
