@@ -2,6 +2,7 @@
 estimate, the collectives of its optimized HLO (count, bytes) and its Mosaic kernels (compile_job.py reports them).
 """
 
+import functools
 import math
 import re
 
@@ -65,22 +66,22 @@ def _constant(defs, name):
   return int(match.group(1)) if match else None
 
 
-def _trip_count(while_line, caller, comps):
+def _trip_count(while_line, caller, defs):
   """Iterations of a while loop: XLA's known_trip_count, else from its counter: `i < bound` in the
   condition, `i + step` in the body's result, i's start in the loop's initial tuple (the form of XLA's
-  windowed einsum loops); 1 where it cannot be read."""
+  windowed einsum loops); 1 where it cannot be read. defs: computation name -> its _definitions."""
   known = _TRIP.search(while_line)
   if known:
     return int(known.group(1))
   loop = _WHILE.search(while_line)
-  cond, body = _definitions(comps.get(loop.group(1), [])), _definitions(comps.get(loop.group(2), []))
+  cond, body = defs(loop.group(1)), defs(loop.group(2))
   roots = [line for line in cond.values() if 'ROOT' in line and ' compare(' in line and 'direction=LT' in line]
   if not roots:
     return 1
   counter, bound = (_operands(roots[0]) + [None, None])[:2]
   index = re.search(r'get-tuple-element\(.*index=(\d+)', cond.get(counter, ''))
   bound = _constant(cond, bound)
-  caller_defs = _definitions(comps.get(caller, []))
+  caller_defs = defs(caller)
   body_root = _operands(next((line for line in body.values() if 'ROOT' in line and ' tuple(' in line), ''))
   init = caller_defs.get((_operands(while_line) or [''])[0], '')
   init = _operands(init) if ' tuple(' in init else []
@@ -99,10 +100,11 @@ def _runs_per_step(comps, entry):
   """{computation: times it runs per execution of the program}: 1 for the ENTRY, callers' counts summed
   (a while body's times its trip count); a computation no call reaches counts 1."""
   calls = {name: [] for name in comps}  # callee -> [(caller, factor)]
+  defs = functools.lru_cache(maxsize=None)(lambda name: _definitions(comps.get(name, [])))
   for caller, lines in comps.items():
     for line in lines:
       loop = _WHILE.search(line)
-      trips = _trip_count(line, caller, comps) if loop else 1
+      trips = _trip_count(line, caller, defs) if loop else 1
       for match in _CALLEE.finditer(line):
         for callee in (match.group(1),) if match.group(1) else re.findall(r'%?([\w.-]+)', match.group(2)):
           if callee in calls:
