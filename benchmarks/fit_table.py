@@ -42,6 +42,11 @@ ROWS = (
     # Fifth session: the same comparison where a group is split over 2 devices (v5p-256).
     ('sit_xl_l4_b256_v5p256_a2a', 'configs/sit_xl.py', 'v5p:4x4x8', 1,
      [NO_SAMPLER, GROUPS_ONLY, '--config.mesh.group_collective=all_to_all']),
+    # Fifth session: with the sharded update (default) does v5e-64 still need fsdp (configs/pod_meshes.py)?
+    ('sit_xl_l4_b256_v5e64_zero', 'configs/sit_xl.py', 'v5e:8x8', 1, [NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b256_v5e64_fsdp4_zero', 'configs/sit_xl.py', 'v5e:8x8', 1,
+     ['--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b1024_v5e64_zero', 'configs/sit_xl.py', 'v5e:8x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER]),
     ('sit_xl_l4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 4
     ('sit_xl_l4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 2
