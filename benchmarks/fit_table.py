@@ -29,6 +29,8 @@ GROUPS_ONLY = '--config.compile.step_kinds=groups'
 B1024 = '--config.train.batch_size=1024'
 UC16 = ('--config.train.group_size=16', '--config.model.max_group_size=16')
 F4 = '--config.train.mode=groupdiff_f'
+# Rows that split a group were compiled with K/V all-gathers, the default until the fifth session.
+AG = '--config.mesh.group_collective=all_gather'
 ROWS = (
     ('sit_xl_l4_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, []),
     # The same with today's defaults (mesh.shard_update on: ZeRO-2), 2026-12-06; the rows without `_zero`
@@ -48,8 +50,8 @@ ROWS = (
      ['--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b1024_v5e64_zero', 'configs/sit_xl.py', 'v5e:8x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER]),
-    ('sit_xl_l4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 4
-    ('sit_xl_l4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 2
+    ('sit_xl_l4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [AG, NO_SAMPLER]),  # mesh.group=0: groups over 4
+    ('sit_xl_l4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [AG, NO_SAMPLER]),  # mesh.group=0: groups over 2
     ('sit_xl_l4_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b256_v4_32', 'configs/sit_xl.py', 'v4:2x2x4', 1, [NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b1024_v5e256_fsdp4', 'configs/sit_xl.py', 'v5e:16x16', 1,
@@ -64,7 +66,7 @@ ROWS = (
     ('sit_xl_f4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1,
      [F4, '--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_uc16_b256_v4_32', 'configs/sit_xl.py', 'v4:2x2x4', 1,
-     [*UC16, NO_SAMPLER, GROUPS_ONLY]),
+     [AG, *UC16, NO_SAMPLER, GROUPS_ONLY]),
     ('sit_xl_l4_b1024_v5e64_fsdp8', 'configs/sit_xl.py', 'v5e:8x8', 1,
      [B1024, '--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b1024_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
@@ -78,7 +80,7 @@ ROWS = (
      [B1024, '--config.mesh.fsdp=4', '--config.model.remat=full', NO_SAMPLER, SINGLES_ONLY]),
     # The other variants on the pods (2026-12-02 session): GroupDiff-f-4, DiT-XL/2 and UC16 beyond v5e-64.
     ('sit_xl_uc16_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1,
-     [*UC16, '--config.mesh.fsdp=4',
+     [AG, *UC16, '--config.mesh.fsdp=4',
       NO_SAMPLER, GROUPS_ONLY]),
     ('sit_xl_f4_b1024_v5e64_fsdp8', 'configs/sit_xl.py', 'v5e:8x8', 1,
      [B1024, F4, '--config.mesh.fsdp=8', NO_SAMPLER, SINGLES_ONLY]),
@@ -95,16 +97,16 @@ ROWS = (
     # The rest of the cross product (2026-12-02, second session). First the rows refused before compiling
     # (their groups cannot be split over the devices), then the compiled ones, with the recommended mesh of
     # configs/pod_meshes.py for their pod and batch.
-    ('sit_xl_uc16_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [*UC16, NO_SAMPLER, GROUPS_ONLY]),
-    ('sit_xl_uc16_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [*UC16, NO_SAMPLER, GROUPS_ONLY]),
-    ('sit_xl_uc16_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [*UC16, NO_SAMPLER, GROUPS_ONLY]),
-    ('sit_xl_uc16_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [*UC16, NO_SAMPLER, GROUPS_ONLY]),
-    ('sit_xl_uc16_b1024_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
-    ('sit_xl_uc16_b1024_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
-    ('sit_xl_f4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [F4, NO_SAMPLER, SINGLES_ONLY]),
-    ('sit_xl_f4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [F4, NO_SAMPLER, SINGLES_ONLY]),
-    ('dit_xl_l4_b256_v5e256', 'configs/dit_xl.py', 'v5e:16x16', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 4
-    ('dit_xl_l4_b256_v5p256', 'configs/dit_xl.py', 'v5p:4x4x8', 1, [NO_SAMPLER]),  # mesh.group=0: groups over 2
+    ('sit_xl_uc16_b256_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [AG, *UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b256_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [AG, *UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [AG, *UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [AG, *UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b1024_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [AG, B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_uc16_b1024_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [AG, B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),
+    ('sit_xl_f4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [AG, F4, NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_f4_b256_v5p256', 'configs/sit_xl.py', 'v5p:4x4x8', 1, [AG, F4, NO_SAMPLER, SINGLES_ONLY]),
+    ('dit_xl_l4_b256_v5e256', 'configs/dit_xl.py', 'v5e:16x16', 1, [AG, NO_SAMPLER]),  # mesh.group=0: groups over 4
+    ('dit_xl_l4_b256_v5p256', 'configs/dit_xl.py', 'v5p:4x4x8', 1, [AG, NO_SAMPLER]),  # mesh.group=0: groups over 2
     ('sit_xl_f4_b1024_v5p64', 'configs/sit_xl.py', 'v5p:4x4x2', 1, [B1024, F4, NO_SAMPLER, SINGLES_ONLY]),
     ('dit_xl_l4_b1024_v5p64', 'configs/dit_xl.py', 'v5p:4x4x2', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_uc16_b1024_v6e64', 'configs/sit_xl.py', 'v6e:8x8', 1, [B1024, *UC16, NO_SAMPLER, GROUPS_ONLY]),

@@ -57,11 +57,14 @@ def get_config():
   config.mesh.dcn_fsdp = 1
   config.mesh.min_sharded_size = 2**14  # smaller parameter leaves stay replicated
   # Group parallelism: the members of one group split over `group` devices (a divisor of the group size,
-  # or groups whole per device); their group attention gathers keys/values over that axis ('all_gather')
-  # or exchanges heads for members ('all_to_all', Ulysses; needs heads divisible by it). 0: the smallest
-  # split the batch needs (1 wherever whole groups fit the data x fsdp shards; sharding.auto_group).
+  # or groups whole per device); their group attention exchanges heads for members ('all_to_all',
+  # Ulysses; where the group spans the whole axis and the heads divide by it, else keys/values are
+  # gathered) or gathers keys/values over that axis ('all_gather'). all_to_all compiled cheaper for the
+  # official groups step on v5e-256 (roofline -4%) and v5p-256 (libtpu estimate -1.5%, peak -0.1 GiB;
+  # docs/scaling.md). 0: the smallest split the batch needs (1 wherever whole groups fit the data x fsdp
+  # shards; sharding.auto_group).
   config.mesh.group = 0
-  config.mesh.group_collective = 'all_gather'
+  config.mesh.group_collective = 'all_to_all'
   # ZeRO-2: float32 parameters, EMA and optimizer state split over the data (and group) axes, gradients
   # reduced into each device's slice, parameters all-gathered once per step in the compute dtype
   # (sharding.py, train_step.gather_for_compute). On by default: it lowers the compiled step's peak memory

@@ -168,7 +168,7 @@ def config_mesh(config, devices=None):
 
 def model_axes(mesh_config=None):
   """What the mesh's axes do, for the model (group_attention.MeshAxes)."""
-  collective = mesh_config.group_collective if mesh_config is not None else 'all_gather'
+  collective = mesh_config.group_collective if mesh_config is not None else 'all_to_all'
   if collective not in group_attention.GROUP_COLLECTIVES:
     raise errors.ConfigError(f'Unknown mesh.group_collective={collective!r}; choose one of '
                              f'{group_attention.GROUP_COLLECTIVES}.')

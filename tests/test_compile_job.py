@@ -316,9 +316,9 @@ def test_meshes_follow_the_chips_where_jax_can_lay_them_out_and_keep_the_listed_
 
 @pytest.mark.long  # a TPU-topology compile, as the others above: .ci/run's second step
 def test_a_group_split_over_devices_and_a_sharded_update_compile_for_tpu():
-  """Groups of 4 over 2 devices each (mesh.group=2) with splash, ZeRO: the groups step gathers keys/values
-  over the group axis, and the state per device shrinks by the data x group size; the report gives a
-  roofline estimate beside the compiler's."""
+  """Groups of 4 over 2 devices each (mesh.group=2) with splash, ZeRO: the groups step exchanges heads for
+  members over the group axis (all_to_all, the default), and the state per device shrinks by the data x
+  group size; the report gives a roofline estimate beside the compiler's."""
   config = tiny_config('splash', batch_size=8, topology='v5e:2x2')
   config.compile.step_kinds = 'groups'
   config.compile.breakdown = True
@@ -333,11 +333,11 @@ def test_a_group_split_over_devices_and_a_sharded_update_compile_for_tpu():
   assert report['mesh'] == {'data': 2, 'fsdp': 1, 'group': 2} and report['shard_update'] is True
   step = report['programs']['train_step/groups']
   assert step['per_device_images'] == 2  # 2 groups of 4 over 4 devices: half a group each
-  # Keys/values (and the new parameters) are all-gathered; libtpu lowers the reverse (reduce-scatters) its own
-  # way (collective-permutes / all-reduces on this libtpu), so only the gathers are asserted.
-  assert step['collectives']['all-gather']['count'] > 0
+  # q, k, v and the output cross the group axis by all-to-all; the parameters of the sharded update are
+  # all-gathered (libtpu lowers the gradients' reduction its own way, so that is not asserted).
+  assert step['collectives']['all-to-all']['count'] > 0 and step['collectives']['all-gather']['count'] > 0
   assert step['mosaic_kernels'] >= 2 * 3
-  assert report['batch_local_attention'] is None  # gathers are expected here
+  assert report['batch_local_attention'] is None  # collectives around attention are expected here
   est = report['describe_estimate_bytes_per_device']
   # Params, EMA and Adam state split 4 ways (data 2 x group 2); the model reads a bfloat16 copy of the params
   # gathered once a step (a temporary). The argument follows describe's count.

@@ -111,7 +111,7 @@ ids = np.tile(np.arange(16), 1).astype(np.int32) % 16
 ct = rng.standard_normal((16, 8, 8, 3)).astype(np.float32)
 
 
-def model_case(split, n, group_layers=None, impl='xla'):
+def model_case(split, n, group_layers=None, impl='xla', collective='all_to_all'):
   model = dit.DiT(**TINY, group_layers=group_layers, attention_impl=impl)
   params = model.init(jax.random.PRNGKey(0), x, t, y, ids % n)['params']
   leaves, tree = jax.tree.flatten(params)
@@ -123,7 +123,7 @@ def model_case(split, n, group_layers=None, impl='xla'):
     return out, vjp(ct)[0]
 
   ref = jax.jit(fwd_bwd)(params, x)
-  config = mesh_config(data=-1, group=split)
+  config = mesh_config(data=-1, group=split, group_collective=collective)
   mesh = sharding.make_mesh(config)
   with sharding.use_mesh(mesh, config):
     run = jax.jit(fwd_bwd, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
@@ -131,7 +131,7 @@ def model_case(split, n, group_layers=None, impl='xla'):
   got = run(jax.device_put(params, sharding.replicated(mesh)), jax.device_put(x, sharding.batch_sharding(mesh)))
   hlo = run.as_text()
   pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
-  return {'split': split, 'n': n, 'group_layers': group_layers, 'tokens': n * 16,
+  return {'split': split, 'n': n, 'group_layers': group_layers, 'collective': collective, 'tokens': n * 16,
           'out_err': float(jnp.max(jnp.abs(pairs[0][0] - pairs[0][1]))),
           'out_max': float(jnp.max(jnp.abs(pairs[0][1]))),
           'grad_err': [float(jnp.max(jnp.abs(a - b))) for a, b in pairs[1:]],
@@ -139,9 +139,12 @@ def model_case(split, n, group_layers=None, impl='xla'):
           'collectives': collectives(hlo)}
 
 
-for split, n in ((2, 4), (4, 8), (8, 16)):
+for split, n in ((2, 4), (4, 8), (8, 16)):  # the default collective (all_to_all)
   out['model'].append(model_case(split, n))
-out['model'].append(model_case(8, 16, group_layers=(0, 1)))
+for collective in ('all_gather', 'all_to_all'):
+  if collective == 'all_gather':
+    out['model'].append(model_case(8, 16, collective=collective))
+  out['model'].append(model_case(8, 16, group_layers=(0, 1), collective=collective))
 print('RESULT ' + json.dumps(out))
 '''
 
@@ -182,11 +185,13 @@ def test_split_model_forward_and_gradients_equal_the_unsplit_model(split_attenti
 
 
 def test_blocks_without_group_attention_move_no_activations(split_attention):
-  every, first_only = [c for c in split_attention['model'] if c['split'] == 8]
-  assert first_only['group_layers'] == [0, 1]
-  # K and V of each group-attention block are gathered once (and reduce-scattered back in the backward).
-  assert every['collectives']['all-gather'] == 2 * first_only['collectives']['all-gather'] > 0
-  assert every['collectives']['reduce-scatter'] == 2 * first_only['collectives']['reduce-scatter'] > 0
+  for collective, moved in (('all_gather', ('all-gather', 'reduce-scatter')), ('all_to_all', ('all-to-all',))):
+    every, first_only = [c for c in split_attention['model'] if c['split'] == 8 and c['collective'] == collective]
+    assert first_only['group_layers'] == [0, 1]
+    # all_gather: K and V of each group-attention block gathered once (reduce-scattered back in the backward);
+    # all_to_all: q, k, v and the output exchanged, forward and backward.
+    for op in moved:
+      assert every['collectives'][op] == 2 * first_only['collectives'][op] > 0, (collective, op)
 
 
 TRAIN = '''

@@ -12,7 +12,8 @@ groups (attention stays on the device) or N/k members of one group, the
 group split over k devices of the mesh's group axis (`MeshAxes.group`): then
 each device's queries attend the whole group's keys and values, gathered
 over that axis inside `jax.shard_map` (the gradient's reverse is a
-reduce-scatter), or, with `collective='all_to_all'`, heads are exchanged for
+reduce-scatter), or, with `collective='all_to_all'` (the default of
+MeshAxes and of the configs' mesh.group_collective), heads are exchanged for
 members (Ulysses) so each device attends the whole group with H/k heads.
 Which mesh axes do what is told to the model by the caller that builds the
 mesh (`use_mesh_axes`, a context): the model knows no axis names.
@@ -173,12 +174,12 @@ class MeshAxes:
     which the members of one group may be split (None: groups are never
     split). collective: how a split group attends, 'all_gather' (keys and
     values gathered over the group axis) or 'all_to_all' (Ulysses: heads
-    exchanged for members; needs the heads divisible by the devices a group
-    spans, else all_gather is used).
+    exchanged for members; needs the group to span the whole axis and the
+    heads divisible by it, else keys and values are gathered).
   """
   batch: Optional[Tuple[str, ...]] = None
   group: Optional[str] = None
-  collective: str = 'all_gather'
+  collective: str = 'all_to_all'
 
 
 GROUP_COLLECTIVES = ('all_gather', 'all_to_all')
