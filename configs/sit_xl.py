@@ -19,9 +19,8 @@ Variants from the command line: `--config.train.mode=groupdiff_f`,
 `--mode=describe`.
 
 Mesh per TPU pod (compiled for each, docs/scaling.md; the default mesh is
-all devices on `data`): v5e-64 `--config.mesh.fsdp=4` (batch 256) or
-`fsdp=8` (batch 1024; 16 GiB chips cannot hold the replicated 10 GB of
-float32 state plus activations); v5p-64, v6e-64, v4-32 (batch 256) and
+all devices on `data`): v5e-64 `--config.mesh.fsdp=4` (batch 256; batch 1024:
+the default, with the sharded update, mesh.shard_update); v5p-64, v6e-64, v4-32 (batch 256) and
 v5p-256 (batch 1024) the default; v4-32 at batch 1024
 `--config.mesh.fsdp=4 --config.model.remat=full`; v5e-256 `--config.train.batch_size=1024
 --config.mesh.fsdp=4`. Batch 256 on more than 64 devices (v5e-256, v5p-256)
