@@ -50,6 +50,8 @@ ROWS = (
      ['--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b1024_v5e64_zero', 'configs/sit_xl.py', 'v5e:8x8', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b1024_v5e256_zero', 'configs/sit_xl.py', 'v5e:16x16', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
+    ('sit_xl_l4_b1024_v5e256_fsdp4_zero', 'configs/sit_xl.py', 'v5e:16x16', 1,
+     [B1024, '--config.mesh.fsdp=4', NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b1024_v4_32_zero', 'configs/sit_xl.py', 'v4:2x2x4', 1, [B1024, NO_SAMPLER, SINGLES_ONLY]),
     ('sit_xl_l4_b256_v5e64_fsdp4', 'configs/sit_xl.py', 'v5e:8x8', 1, ['--config.mesh.fsdp=4', NO_SAMPLER]),
     ('sit_xl_l4_b256_v5e256', 'configs/sit_xl.py', 'v5e:16x16', 1, [AG, NO_SAMPLER]),  # mesh.group=0: groups over 4
