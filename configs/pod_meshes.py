@@ -34,14 +34,20 @@ TOPOLOGIES = {'v4-32': 'v4:2x2x4', 'v5e-64': 'v5e:8x8', 'v5e-256': 'v5e:16x16', 
 # and 2 devices): the config's defaults (docs/scaling.md: compiled, they fit with 2.3 and 2.9 GiB per device).
 RECOMMENDED = {
     ('v4-32', 256): (1, 'none'),  # 14.3 of 16 GiB per TensorCore
-    ('v4-32', 1024): (4, 'full'),  # 5.1 of 16 GiB; data only with dots_saveable: refused (15.95G > 15.25G)
+    # Data only, no remat, with the sharded update (the default): 13.98 of 16 GiB per TensorCore (0.4 GiB under
+    # the 10% headroom), 184.9 GB accessed, roofline 0.338 s (49%); fsdp=4 + remat=full (5.1 GiB, replicated
+    # update) accesses 228.2 GB and recomputes the forward. Without ZeRO, data only with dots_saveable was
+    # refused (15.95G > 15.25G).
+    ('v4-32', 1024): (1, 'none'),
     # Re-compiled with the sharded update (fifth session): fsdp=4 2.7 GiB, roofline 0.086 s; data only 3.4 GiB,
     # 0.085 s (rows _v5e64_fsdp4_zero / _v5e64_zero): equal within 1%; fsdp=4 kept (it also fits without ZeRO).
     ('v5e-64', 256): (4, 'none'),  # 5.1 of 16 GiB
     # Data only with the sharded update (the default): 7.95 GiB, roofline 0.164 s (35%), 114.5 GB accessed; the
     # replicated fsdp=8 mesh (7.8 GiB) accesses 123.9 GB, 0.151 s at HBM bandwidth before its collectives.
     ('v5e-64', 1024): (1, 'none'),
-    ('v5e-256', 1024): (4, 'none'),  # 5.1 of 16 GiB
+    # With the sharded update: 2.7 GiB, roofline 0.086 s (17%); data only 5.35 GiB, 0.116 s (12%: data=256 divides
+    # no 1152-wide dimension, so those leaves' update stays replicated).
+    ('v5e-256', 1024): (4, 'none'),  # 5.1 of 16 GiB (replicated update)
     ('v5p-64', 256): (1, 'none'),  # 14.6 of 95 GiB
     ('v5p-64', 1024): (1, 'none'),  # 21.0 of 95 GiB
     ('v5p-256', 1024): (1, 'none'),  # 14.5 of 95 GiB

@@ -19,11 +19,11 @@ Variants from the command line: `--config.train.mode=groupdiff_f`,
 `--mode=describe`.
 
 Mesh per TPU pod (compiled for each, docs/scaling.md; the default mesh is
-all devices on `data`): v5e-64 `--config.mesh.fsdp=4` (batch 256; batch 1024:
-the default, with the sharded update, mesh.shard_update); v5p-64, v6e-64, v4-32 (batch 256) and
-v5p-256 (batch 1024) the default; v4-32 at batch 1024
-`--config.mesh.fsdp=4 --config.model.remat=full`; v5e-256 `--config.train.batch_size=1024
---config.mesh.fsdp=4`. Batch 256 on more than 64 devices (v5e-256, v5p-256)
+all devices on `data`, with the sharded update, mesh.shard_update): v5e-64
+`--config.mesh.fsdp=4` at batch 256; v5e-256 `--config.train.batch_size=1024
+--config.mesh.fsdp=4`; every other pod and batch of the table the default
+(v5p-64, v6e-64, v4-32, v5p-256; v5e-64 and v4-32 at batch 1024 since the
+sharded update). Batch 256 on more than 64 devices (v5e-256, v5p-256)
 splits each group of 4 over 4 or 2 devices (mesh.group=0, the default). The same table as code:
 configs/pod_meshes.py (launch/tpu_pod.sh applies it). `--mode=compile
 --config.compile.topology=v5e:8x8` checks a choice in minutes.

@@ -49,8 +49,9 @@ def test_pods_without_an_entry_split_the_official_groups_over_devices():
 
 def test_flags_and_errors():
   assert pod_meshes.mesh_flags('v5e-64', '1024') == ['--config.mesh.data=-1', '--config.mesh.fsdp=1']
-  assert pod_meshes.mesh_flags('v4-32', 1024) == ['--config.mesh.data=-1', '--config.mesh.fsdp=4',
-                                                   '--config.model.remat=full']
+  assert pod_meshes.mesh_flags('v4-32', 1024) == ['--config.mesh.data=-1', '--config.mesh.fsdp=1']
+  assert pod_meshes.mesh_flags('v4-32', 1024, table={('v4-32', 1024): (4, 'full')}) == [
+      '--config.mesh.data=-1', '--config.mesh.fsdp=4', '--config.model.remat=full']
   assert pod_meshes.mesh_flags('v5p-8', 256) == []
   with pytest.raises(pod_meshes.NoMesh, match='no mesh'):
     pod_meshes.mesh_flags('v5p-256', 256, table={('v5p-256', 256): 'no mesh fits'})
