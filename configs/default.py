@@ -83,6 +83,9 @@ def get_config():
   config.compile.sampler = True  # also compile the sample job's sampling call (False: train steps only)
   config.compile.step_kinds = ''  # train step kinds to compile, e.g. 'singles' or 'singles,groups'; '' = all
   config.compile.workers = 0  # programs compiled side by side (0: one per CPU core); 1 saves host memory
+  # Also write each program's optimized HLO to DIR/hlo/<program>.txt (benchmarks/collective_table.py lists
+  # its collectives op by op: which jax op each comes from, how often it runs, how many bytes).
+  config.compile.save_hlo = False
   # Also compile the first step kind's forward, forward at 2x the batch and forward + backward, and split
   # the step's HBM bytes into forward weights / activations, backward and update (step_breakdown.py).
   config.compile.breakdown = False

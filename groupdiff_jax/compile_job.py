@@ -113,11 +113,12 @@ def selected_kinds(kinds, names):
 
 
 # --- The job ------------------------------------------------------------------
-def compile_report(config, include_sampler=True, keep_going=False):
+def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None):
   """Compiles the train steps (and the sampler) for config.compile's topology; returns the report dict.
 
   keep_going: a program the compiler refuses for lack of HBM is recorded
   (`compiler_refused`, fits False) and the next one compiled; else DoesNotFit.
+  hlo_sink: None, or called with (program name, optimized HLO text) for each compiled program.
   """
   cc = config.compile
   devices = abstract_devices(cc.topology, cc.num_slices)
@@ -172,6 +173,9 @@ def compile_report(config, include_sampler=True, keep_going=False):
   start = time.perf_counter()
   outcomes = compile_all(programs, cc.topology, cc.workers)
   report['compile_wall_seconds'] = time.perf_counter() - start
+  for name, outcome in outcomes.items():
+    if hlo_sink is not None and not isinstance(outcome, DoesNotFit):
+      hlo_sink(name, outcome[0].as_text())
   for name, kind in kinds.items():
     outcome = outcomes[f'train_step/{name}']
     if isinstance(outcome, DoesNotFit):
@@ -411,7 +415,12 @@ def fit_advice(report):
 
 def run(config, workdir):
   """The job: compile, write DIR/compile_report.json, print the table; ConfigError if it does not fit."""
-  report = compile_report(config, include_sampler=config.compile.sampler, keep_going=True)
+  def save_hlo(name, text):
+    storage.write_atomically(storage.path(workdir) / 'hlo' / (name.replace('/', '_') + '.txt'),
+                             lambda f: f.write(text.encode()))
+
+  report = compile_report(config, include_sampler=config.compile.sampler, keep_going=True,
+                          hlo_sink=save_hlo if config.compile.save_hlo else None)
   path = storage.path(workdir) / 'compile_report.json'
   # Atomic: a cut-short write never looks like a report (fit_table skips reports).
   storage.write_atomically(path, lambda f: f.write(json.dumps(report, indent=1).encode()))

@@ -124,8 +124,9 @@ def _runs_per_step(comps, entry):
   return runs
 
 
-def collectives(hlo_text):
-  """{op: {'count', 'bytes'}} of the collectives in optimized HLO text, as executed once per step.
+def collective_instructions(hlo_text):
+  """Each collective of optimized HLO text as executed: dicts of op, result (its array types, as text),
+  bytes (moved per device, once), runs (times per step), op_name (the jax source op) and replica_groups.
 
   Bytes: the arrays of the instruction's result type, summed (XLA combines
   many gradient all-reduces into one instruction with a tuple result). An
@@ -137,18 +138,18 @@ def collectives(hlo_text):
   chain of fusions (an AsyncCollectiveStart, continuations that overlap it
   with compute, an AsyncCollectiveDone), each holding a copy of the
   collective instruction tagged with the chain's `chain_id`: a chain is one
-  collective, counted once. A windowed einsum (a weight gradient's
+  collective, listed once. A windowed einsum (a weight gradient's
   reduce-scatter overlapped with its matmul) is a while loop whose body
   passes slices round a ring by collective-permutes: an instruction in a
-  loop counts once per iteration.
+  loop runs once per iteration.
   """
-  out = {op: {'count': 0, 'bytes': 0} for op in COLLECTIVES}
   pattern = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
   comps, entry = _computations(hlo_text)
   if not comps:  # bare instructions (no module text)
     comps, entry = {'': hlo_text.splitlines()}, ''
   runs = _runs_per_step(comps, entry)
   chains = set()
+  found = []
   for name, lines in comps.items():
     for line in lines:
       match = pattern.search(line)
@@ -165,11 +166,25 @@ def collectives(hlo_text):
       sizes = [_BYTES[t] * math.prod(int(d) for d in dims.split(',') if d) for t, dims in shapes]
       if match.group(3) and len(sizes) > 1:
         half = len(sizes) // 2
-        moved = max(sum(sizes[:half]), sum(sizes[half:]))
+        moved_half = shapes[half:] if sum(sizes[half:]) >= sum(sizes[:half]) else shapes[:half]
+        moved, shapes = max(sum(sizes[:half]), sum(sizes[half:])), moved_half
       else:
         moved = sum(sizes)
-      out[match.group(2)]['count'] += runs[name]
-      out[match.group(2)]['bytes'] += moved * runs[name]
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      groups = re.search(r'replica_groups=(\S+?\]?\s?\{[^}]*\}|\{[^ ]*)', line)
+      found.append({'op': match.group(2), 'result': ' '.join(f'{t}[{d}]' for t, d in shapes), 'bytes': moved,
+                    'runs': runs[name], 'op_name': op_name.group(1) if op_name else '',
+                    'replica_groups': groups.group(1) if groups else ''})
+  return found
+
+
+def collectives(hlo_text):
+  """{op: {'count', 'bytes'}} of the collectives in optimized HLO text, as executed once per step
+  (collective_instructions: what counts as one, and its bytes)."""
+  out = {op: {'count': 0, 'bytes': 0} for op in COLLECTIVES}
+  for c in collective_instructions(hlo_text):
+    out[c['op']]['count'] += c['runs']
+    out[c['op']]['bytes'] += c['bytes'] * c['runs']
   return out
 
 

@@ -323,7 +323,8 @@ def test_a_group_split_over_devices_and_a_sharded_update_compile_for_tpu():
   config.compile.step_kinds = 'groups'
   config.compile.breakdown = True
   config.mesh.update(data=2, group=2, shard_update=True, min_sharded_size=0)
-  report = compile_job.compile_report(config, include_sampler=False)
+  hlo = {}
+  report = compile_job.compile_report(config, include_sampler=False, hlo_sink=hlo.__setitem__)
   # The breakdown's programs compiled beside the step: twice the batch reads more, the backward and the
   # update add to the forward, and none of them decides whether the config fits.
   parts = report['hbm_breakdown']['parts']
@@ -336,6 +337,9 @@ def test_a_group_split_over_devices_and_a_sharded_update_compile_for_tpu():
   # q, k, v and the output cross the group axis by all-to-all; the parameters of the sharded update are
   # all-gathered (libtpu lowers the gradients' reduction its own way, so that is not asserted).
   assert step['collectives']['all-to-all']['count'] > 0 and step['collectives']['all-gather']['count'] > 0
+  # The HLO handed to hlo_sink (--config.compile.save_hlo) is the program the report counted.
+  assert set(hlo) == set(report['programs'])
+  assert compiled_stats.collectives(hlo['train_step/groups']) == step['collectives']
   assert step['mosaic_kernels'] >= 2 * 3
   assert report['batch_local_attention'] is None  # collectives around attention are expected here
   est = report['describe_estimate_bytes_per_device']
