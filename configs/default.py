@@ -72,9 +72,12 @@ def get_config():
   config.mesh.shard_update = True
 
   # --mode=compile (compile_job.py): the pod's programs compiled for an
-  # abstract TPU topology (needs libtpu: pip install -e '.[tpu]').
+  # abstract TPU topology (needs libtpu: pip install -e '.[tpu]') or for GPUs
+  # without one (gpu_topology.py).
   config.compile = ml_collections.ConfigDict()
-  config.compile.topology = 'v5p:2x2x2'  # get_topology_desc names: v4:2x2x4, v5e:8x8, v5p:4x4x4, v6e:8x8
+  # TPU (get_topology_desc names: v4:2x2x4, v5e:8x8, v5p:4x4x4, v6e:8x8) or GPU (h100:8, h100:4x8 = 4 hosts of 8,
+  # h200:8; needs pip install -e '.[gpu-compile]')
+  config.compile.topology = 'v5p:2x2x2'
   config.compile.num_slices = 1  # > 1: multi-slice; mesh.dcn_data * mesh.dcn_fsdp must equal it
   config.compile.headroom = 0.1  # fits when the peak bytes per device <= (1 - headroom) * HBM
   # refused before compiling when describe's estimate per device exceeds precheck_ratio x (1 - headroom) x HBM;

@@ -1,7 +1,12 @@
-"""`--mode=compile`: the pod's programs compiled for an abstract TPU topology from any host.
+"""`--mode=compile`: the pod's programs compiled for an abstract TPU topology (or GPUs) from any host.
 
   python -m groupdiff_jax.main --config=configs/sit_xl.py --workdir=DIR --mode=compile \
       --config.compile.topology=v5p:2x2x2
+
+`--config.compile.topology=h100:8` (or h100:4x8, h200:8) compiles the same programs with XLA's GPU compiler
+for compile-only CUDA devices instead (gpu_topology.py; `pip install -e '.[gpu-compile]'`): memory, fit and
+collectives as below, cuDNN attention for `attention_impl=auto` in bf16, but no step-time estimate (no cost
+analysis without a device).
 
 Builds abstract TPU devices (`jax.experimental.topologies.get_topology_desc`,
 libtpu: `pip install -e '.[tpu]'`), the config's (data, fsdp) mesh over them
@@ -44,7 +49,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from groupdiff_jax import describe as describe_lib
-from groupdiff_jax import errors, sample, sharding, step_breakdown, step_plan, storage
+from groupdiff_jax import errors, gpu_topology, sample, sharding, step_breakdown, step_plan, storage
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.compiled_stats import COLLECTIVE_BYTES_RULE, analyse
 from groupdiff_jax.models.dit import model_from_config
@@ -80,12 +85,12 @@ class DoesNotFit(errors.ConfigError):
     self.compile_seconds = compile_seconds
 
 
-def _compile(lowered, name, topology=''):
+def _compile(lowered, name, topology='', compiler_options=None):
   """lowered.compile(); the TPU compiler's out-of-HBM refusal becomes DoesNotFit with its numbers."""
   logging.info('compiling %s ...', name)
   start = time.perf_counter()
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
@@ -112,6 +117,27 @@ def selected_kinds(kinds, names):
   return {name: kind for name, kind in kinds.items() if not wanted or name in wanted}
 
 
+def target_devices(compile_config):
+  """(devices, per-device chip figures, compiler options) of compile.topology: compile-only GPUs
+  (gpu_topology.py: h100:8) or abstract TPUs (tpu_topology.py: v5p:4x4x8)."""
+  cc = compile_config
+  gpu = gpu_topology.parse(cc.topology)
+  if gpu is None:
+    try:
+      chip_of(cc.topology)
+    except errors.ConfigError as error:
+      raise errors.ConfigError(f'{error} For GPUs: {gpu_topology.GPU_TOPOLOGY_FORM}.') from None
+    devices = abstract_devices(cc.topology, cc.num_slices)
+    return devices, per_device(CHIPS[chip_of(cc.topology)], devices), None
+  if cc.num_slices != 1:
+    raise errors.ConfigError(f'compile.num_slices={cc.num_slices} is for TPU slices; a GPU topology names its '
+                             f'hosts instead ({gpu_topology.GPU_TOPOLOGY_FORM}): set compile.num_slices=1.')
+  if cc.breakdown:
+    raise errors.ConfigError(f'compile.breakdown=True splits the bytes accessed of the cost analysis, which a '
+                             f'compile for GPUs without one ({cc.topology}) does not give: leave it False.')
+  return gpu_topology.abstract_devices(cc.topology), gpu_topology.per_device(gpu[0]), gpu_topology.COMPILER_OPTIONS
+
+
 # --- The job ------------------------------------------------------------------
 def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None):
   """Compiles the train steps (and the sampler) for config.compile's topology; returns the report dict.
@@ -121,8 +147,7 @@ def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None
   hlo_sink: None, or called with (program name, optimized HLO text) for each compiled program.
   """
   cc = config.compile
-  devices = abstract_devices(cc.topology, cc.num_slices)
-  chip = per_device(CHIPS[chip_of(cc.topology)], devices)
+  devices, chip, compiler_options = target_devices(cc)
   mesh = target_mesh(config, devices, cc.num_slices)
   train = config.train
   kinds = step_plan.step_kinds(train.batch_size, train.group_size, train.group_ratio, train.mode, train.mixed_steps)
@@ -171,7 +196,7 @@ def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None
     sampler_lower, sampler_devices, sampler_images = _sampler_lowering(config, model, abstract, devices)
     programs.append(('sample', sampler_lower))
   start = time.perf_counter()
-  outcomes = compile_all(programs, cc.topology, cc.workers)
+  outcomes = compile_all(programs, cc.topology, cc.workers, compiler_options)
   report['compile_wall_seconds'] = time.perf_counter() - start
   for name, outcome in outcomes.items():
     if hlo_sink is not None and not isinstance(outcome, DoesNotFit):
@@ -190,10 +215,12 @@ def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None
     # libtpu 0.0.42 can report a negative optimal_seconds (no estimate): then none is given.
     optimal = result['compiler_optimal_seconds']
     seconds_estimate = optimal + attention / chip['bf16_flops'] if optimal > 0 else None
-    roof, roof_parts = roofline(result, chip, attention)
+    # A compile for GPUs without one gives no cost analysis (no FLOPs, no bytes): no roofline then.
+    costed = result['compiler_flops_per_device'] > 0 or result['compiler_bytes_accessed_per_device'] > 0
+    roof, roof_parts = roofline(result, chip, attention) if costed else (None, None)
     result.update({
         'roofline_seconds (estimate)': roof, 'roofline_parts_seconds': roof_parts,
-        'mfu (roofline estimate)': (flops['model'] / mesh.size) / (roof * chip['bf16_flops']),
+        'mfu (roofline estimate)': (flops['model'] / mesh.size) / (roof * chip['bf16_flops']) if roof else None,
         'kind': [list(map(str, (s.num_images, s.group_size, s.conditional))) for s in kind],
         'analytic_model_flops_per_device': flops['model'] / mesh.size,
         'analytic_attention_flops_per_device': attention,
@@ -230,7 +257,7 @@ def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None
   return report
 
 
-def compile_all(programs, topology, workers=0):
+def compile_all(programs, topology, workers=0, compiler_options=None):
   """Lowers each (name, lower_fn) in turn, then compiles them side by side; {name: (compiled, s) | DoesNotFit}.
 
   The TPU compiler releases the GIL, so `workers` threads (0: one per CPU
@@ -246,7 +273,7 @@ def compile_all(programs, topology, workers=0):
   def one(item):
     name, low = item
     try:
-      return name, _compile(low, name, topology)
+      return name, _compile(low, name, topology, compiler_options)
     except DoesNotFit as error:
       return name, error
 
@@ -343,9 +370,15 @@ def format_report(report):
     lines.append(f"HBM bytes accessed per device by part (train_step/{report['hbm_breakdown']['kind']}; "
                  'step_breakdown.py): ' + ', '.join(
                      f"{part} {p['bytes'] / 1e9:.2f} GB ({p['hbm_seconds'] * 1e3:.1f} ms)" for part, p in parts))
-  lines.append('MFU*, est s: compiler estimates (cost_analysis optimal_seconds + attention at peak); roof s, MFUr: '
-               'roofline estimate (' + report.get('roofline_model', ROOFLINE_MODEL) + '); neither is a '
-               'measurement. Attention without collectives (batch-sharded, fsdp=1): '
+  if gpu_topology.parse(report['topology']):
+    estimates = ('no step-time estimate: compiled for GPUs without one, XLA gives no cost analysis (no FLOPs, '
+                 'no bytes accessed; anaTF is the analytic count). GEMMs compiled to cuBLAS '
+                 '(gpu_topology.COMPILER_OPTIONS).')
+  else:
+    estimates = ('MFU*, est s: compiler estimates (cost_analysis optimal_seconds + attention at peak); roof s, MFUr: '
+                 'roofline estimate (' + report.get('roofline_model', ROOFLINE_MODEL) + '); neither is a '
+                 'measurement.')
+  lines.append(estimates + ' Attention without collectives (batch-sharded, fsdp=1): '
                f"{report['batch_local_attention']}. Fits: {report['fits']}. Lowered and compiled in "
                f"{report.get('compile_wall_seconds', 0):.0f} s (programs side by side, compile.workers).")
   return '\n'.join(lines)

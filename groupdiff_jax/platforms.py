@@ -13,19 +13,25 @@ import glob
 import os
 
 TPU_DEVICE_PATTERNS = ('/dev/accel*', '/dev/vfio/[0-9]*')
+GPU_DEVICE_PATTERNS = ('/dev/nvidiactl', '/dev/nvidia[0-9]*', '/dev/dxg')
 NON_TPU_PLATFORMS = 'cuda,cpu'
 
 
-def host_has_tpu(patterns=TPU_DEVICE_PATTERNS):
+def any_device_file(patterns):
   return any(glob.glob(pattern) for pattern in patterns)
 
 
-def skip_tpu_probe_without_tpu(environ=None, patterns=TPU_DEVICE_PATTERNS):
-  """Before any backend starts: JAX_PLATFORMS='cuda,cpu' unless it is set or a TPU is here. Returns the value
-  set, or None."""
-  environ = os.environ if environ is None else environ
-  if environ.get('JAX_PLATFORMS') is not None or host_has_tpu(patterns):
+def default_platforms(environ, patterns=TPU_DEVICE_PATTERNS, gpu_patterns=GPU_DEVICE_PATTERNS):
+  """None (JAX_PLATFORMS is set, or a TPU is here: JAX decides), 'cuda,cpu' (NVIDIA device files) or 'cpu'."""
+  if environ.get('JAX_PLATFORMS') is not None or any_device_file(patterns):
     return None
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_platforms', NON_TPU_PLATFORMS)
-  return NON_TPU_PLATFORMS
+  return NON_TPU_PLATFORMS if any_device_file(gpu_patterns) else 'cpu'
+
+
+def skip_tpu_probe_without_tpu(environ=None, patterns=TPU_DEVICE_PATTERNS, gpu_patterns=GPU_DEVICE_PATTERNS):
+  """Before any backend starts: JAX's platforms from default_platforms. Returns the value set, or None."""
+  platforms = default_platforms(os.environ if environ is None else environ, patterns, gpu_patterns)
+  if platforms is not None:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_platforms', platforms)
+  return platforms

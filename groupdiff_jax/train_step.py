@@ -228,7 +228,11 @@ def gather_for_compute(params, layout):
   def one(param, compute_sharding):
     @jax.custom_vjp
     def gather(p):
-      return jax.lax.with_sharding_constraint(p.astype(layout.dtype), compute_sharding).astype(p.dtype)
+      # The barrier pins the cast before the gather: XLA's GPU compiler otherwise moved it after, gathering
+      # float32 (h100:8, SiT-XL/2 depth 2: 210 vs 107 MB of all-gathers; on v5p both gathered bf16, and the
+      # barrier lowered libtpu's bytes accessed by 0.8%).
+      low = jax.lax.optimization_barrier(p.astype(layout.dtype))
+      return jax.lax.with_sharding_constraint(low, compute_sharding).astype(p.dtype)
 
     gather.defvjp(lambda p: (gather(p), None), lambda _, cotangent: (cotangent,))
     return gather(param)

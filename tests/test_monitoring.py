@@ -222,6 +222,10 @@ def test_tpu_probe_is_skipped_only_without_a_tpu_and_without_jax_platforms(tmp_p
   (tmp_path / 'accel0').write_text('')
   assert platforms.skip_tpu_probe_without_tpu({'JAX_PLATFORMS': 'cpu'}, (str(tmp_path / 'none*'),)) is None
   assert platforms.skip_tpu_probe_without_tpu({}, (str(tmp_path / 'accel*'),)) is None  # a TPU host
+  (tmp_path / 'nvidiactl').write_text('')
+  none, gpu = (str(tmp_path / 'none*'),), (str(tmp_path / 'nvidiactl'),)
+  assert platforms.default_platforms({}, none, gpu) == 'cuda,cpu'  # a GPU host
+  assert platforms.default_platforms({}, none, none) == 'cpu'  # neither: no CUDA plugin start is tried
 
 
 def test_latent_models_without_a_vae_get_no_grids_and_no_fid_with_one_note_each(tmp_path):
