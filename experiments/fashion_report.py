@@ -146,7 +146,8 @@ def markdown(report):
   if report['status'] != 'complete':
     lines += [f"**PARTIAL: {report['num_runs']} runs finished, {len(report['missing_runs'])} not yet "
               f"({', '.join(report['missing_runs'][:6])}{' ...' if len(report['missing_runs']) > 6 else ''}). "
-              'Nothing below is a final result; rows with fewer than 3 seeds have no interval.**', '']
+              'Nothing below is a final result: a comparison pairs the seeds both rows have so far (n), with no '
+              'interval below 2, and its verdict may change when the other seeds finish.**', '']
   lines += [f"Evaluator test accuracy {_fmt(report['evaluator_test_accuracy'], digits=4)}; FD test vs train "
            f"{_fmt(report['fd_test_vs_train'], digits=3)}; runs finished: {report['num_runs']}.", '',
            '| row | seeds | best FD | best point (per seed) | class acc. | precision | recall | S_cross % |',
@@ -166,10 +167,10 @@ def markdown(report):
       gaps = [float(np.mean([v['on'] - v['off'] for v in c[kind].values()])) for kind in ('similarity', 'class',
                                                                                         'random')]
       lines.append(f"| {name} | {seed} | {c['step']} | " + ' | '.join(f'{g:+.4f}' for g in gaps) + ' |')
-  lines += ['', '| comparison | mean difference [95% interval] | verdict |', '|---|---|---|']
+  lines += ['', '| comparison | seeds paired | mean difference [95% interval] | verdict |', '|---|---|---|---|']
   for c in report['comparisons']:
-    interval = f"[{c['interval'][0]:+.2f}, {c['interval'][1]:+.2f}]" if c['interval'] else '(n < 2)'
-    lines.append(f"| {c['name']} | {c['mean']:+.2f} {interval} | {c['verdict']} |")
+    interval = f"[{c['interval'][0]:+.2f}, {c['interval'][1]:+.2f}]" if c['interval'] else '(no interval: n < 2)'
+    lines.append(f"| {c['name']} | {c['n']} | {c['mean']:+.2f} {interval} | {c['verdict']} |")
   return '\n'.join(lines) + '\n'
 
 

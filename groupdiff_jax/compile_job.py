@@ -198,9 +198,10 @@ def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None
   start = time.perf_counter()
   outcomes = compile_all(programs, cc.topology, cc.workers, compiler_options)
   report['compile_wall_seconds'] = time.perf_counter() - start
-  for name, outcome in outcomes.items():
-    if hlo_sink is not None and not isinstance(outcome, DoesNotFit):
-      hlo_sink(name, outcome[0].as_text())
+  texts = {name: outcome[0].as_text() for name, outcome in outcomes.items() if not isinstance(outcome, DoesNotFit)}
+  for name, text in texts.items():
+    if hlo_sink is not None:
+      hlo_sink(name, text)
   for name, kind in kinds.items():
     outcome = outcomes[f'train_step/{name}']
     if isinstance(outcome, DoesNotFit):
@@ -208,7 +209,7 @@ def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None
         raise outcome
       report['programs'][f'train_step/{name}'] = _refused(outcome)
       continue
-    result = analyse(*outcome)
+    result = analyse(*outcome, text=texts[f'train_step/{name}'])
     flops = describe_lib.step_flops(arch, kind, config.model.remat)
     attention = sum(sub.num_images * 3 * describe_lib.forward_flops(arch, sub.group_size)['attention']
                     for sub in kind) / mesh.size
@@ -235,7 +236,8 @@ def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None
   for name, _ in programs:
     if name.startswith('forward'):
       outcome = outcomes[name]
-      report['programs'][name] = _refused(outcome) if isinstance(outcome, DoesNotFit) else analyse(*outcome)
+      refused = isinstance(outcome, DoesNotFit)
+      report['programs'][name] = _refused(outcome) if refused else analyse(*outcome, text=texts[name])
       if 'compiler_refused' not in report['programs'][name]:
         _verdict(report['programs'][name], chip, budget)
   if breakdown and all('compiler_refused' not in p for p in report['programs'].values()):
@@ -247,7 +249,7 @@ def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None
         raise outcome
       report['programs']['sample'] = _refused(outcome)
     else:
-      result = analyse(*outcome)
+      result = analyse(*outcome, text=texts['sample'])
       result.update({'devices': sampler_devices, 'images_per_call': sampler_images})
       _verdict(result, chip, budget)
       report['programs']['sample'] = result

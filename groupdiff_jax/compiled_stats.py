@@ -192,15 +192,15 @@ def _first(value):
   return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def analyse(compiled, compile_seconds):
-  """memory, cost, collectives and Mosaic kernels of a jax Compiled."""
+def analyse(compiled, compile_seconds, text=None):
+  """memory, cost, collectives and Mosaic kernels of a jax Compiled (text: its as_text(), when already read)."""
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
             for k in ('argument', 'output', 'temp', 'alias', 'generated_code')}
   # Live at the peak: inputs, outputs not aliased to (donated) inputs, temporaries, code.
   memory['peak'] = memory['argument'] + memory['output'] - memory['alias'] + memory['temp'] + memory['generated_code']
   cost = _first(compiled.cost_analysis()) or {}
-  text = compiled.as_text()
+  text = compiled.as_text() if text is None else text
   return {'memory_bytes_per_device': memory,
           'compiler_flops_per_device': float(cost.get('flops', 0.0)),
           'compiler_optimal_seconds': float(cost.get('optimal_seconds', 0.0)),

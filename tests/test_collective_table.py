@@ -1,11 +1,8 @@
 """benchmarks/collective_table.py: a program's collectives op by op, from hand-made HLO text (no compiling)."""
 
-import importlib.util
-import os
-
 from groupdiff_jax import compiled_stats
+from tests import benchmark_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HLO = '\n'.join([
     'HloModule m',
     '',
@@ -21,11 +18,7 @@ HLO = '\n'.join([
 
 
 def collective_table():
-  spec = importlib.util.spec_from_file_location('collective_table',
-                                                os.path.join(ROOT, 'benchmarks', 'collective_table.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_module.load('collective_table')
 
 
 def test_one_line_per_collective_and_totals_equal_to_the_report_count():

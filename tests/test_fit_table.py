@@ -1,18 +1,15 @@
 """benchmarks/fit_table.py's table from hand-made compile reports (no compiling)."""
 
-import importlib.util
 import json
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import benchmark_module
+
 GIB = 2**30
 
 
 def fit_table():
-  spec = importlib.util.spec_from_file_location('fit_table', os.path.join(ROOT, 'benchmarks', 'fit_table.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_module.load('fit_table')
 
 
 def report(kind, peak_gib):

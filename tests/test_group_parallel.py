@@ -50,7 +50,7 @@ ATTENTION = '''
 import json
 import jax, jax.numpy as jnp, numpy as np
 from configs import default
-from groupdiff_jax import sharding
+from groupdiff_jax import compiled_stats, sharding
 from groupdiff_jax.models import dit, group_attention as ga
 
 
@@ -67,9 +67,9 @@ CASES = ((2, 4, 'all_gather'), (4, 8, 'all_gather'), (8, 16, 'all_gather'), (8, 
          (4, 2, 'all_gather'))
 
 
-def collectives(hlo):
-  return {c: hlo.count(' ' + c + '(') + hlo.count(' ' + c + '-start(')
-          for c in ('all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')}
+def collectives(hlo):  # {op: count} by the reports' rule
+  counted = compiled_stats.collectives(hlo)
+  return {c: counted[c]['count'] for c in ('all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')}
 
 
 def attention_case(impl, split, n, collective):
