@@ -15,8 +15,9 @@ from groupdiff_jax import errors
 
 # Per GPU, from NVIDIA's data sheets (nvidia.com/en-us/data-center/h100, /h200; SXM parts): HBM bytes
 # (80 GB, 141 GB), dense BF16 tensor-core peak (989 TFLOP/s: the sheets' 1,979 is with 2:4 sparsity), HBM
-# bandwidth (3.35, 4.8 TB/s) and one-way NVLink bandwidth (900 GB/s total per GPU, half each way). The `sm`
-# fields describe the streaming multiprocessors to XLA (both chips: 132 SMs of compute capability 9.0, 1.98 GHz
+# bandwidth (3.35, 4.8 TB/s) and one-way NVLink bandwidth (900 GB/s total per GPU, half each way; in the TPU
+# table's `ici_bandwidth` slot; no roofline uses it, as a GPU compile has no cost analysis). HOPPER_SM
+# describes the streaming multiprocessors to XLA (both chips: 132 SMs of compute capability 9.0, 1.98 GHz
 # boost, 50 MiB L2, 228 KiB shared memory per SM); XLA reads them to choose kernel tilings.
 GPUS = {
     'h100': {'hbm_bytes': 80 * 10**9, 'bf16_flops': 989e12, 'hbm_bandwidth': 3.35e12, 'ici_bandwidth': 450e9,
