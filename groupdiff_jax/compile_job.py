@@ -50,10 +50,11 @@ from absl import logging
 
 from groupdiff_jax import describe as describe_lib
 from groupdiff_jax import errors, gpu_topology, sample, sharding, step_breakdown, step_plan, storage
+from groupdiff_jax.compile_target import target_devices
 from groupdiff_jax import train_step as train_step_lib
 from groupdiff_jax.compiled_stats import COLLECTIVE_BYTES_RULE, analyse
 from groupdiff_jax.models.dit import model_from_config
-from groupdiff_jax.tpu_topology import CHIPS, abstract_devices, chip_of, per_device, target_mesh, with_shardings
+from groupdiff_jax.tpu_topology import target_mesh, with_shardings
 
 ROOFLINE_MODEL = ('max(compiler FLOPs / bf16 peak, compiler bytes accessed / HBM bandwidth) + collective bytes '
                   '(an all-reduce twice: a reduce-scatter and an all-gather) / one-way ICI bandwidth (collectives '
@@ -115,27 +116,6 @@ def selected_kinds(kinds, names):
     raise errors.ConfigError(f'compile.step_kinds={names!r} names {unknown}, which this config does not run; its '
                              f'step kinds are {list(kinds)} (or leave compile.step_kinds empty for all).')
   return {name: kind for name, kind in kinds.items() if not wanted or name in wanted}
-
-
-def target_devices(compile_config):
-  """(devices, per-device chip figures, compiler options) of compile.topology: compile-only GPUs
-  (gpu_topology.py: h100:8) or abstract TPUs (tpu_topology.py: v5p:4x4x8)."""
-  cc = compile_config
-  gpu = gpu_topology.parse(cc.topology)
-  if gpu is None:
-    try:
-      chip_of(cc.topology)
-    except errors.ConfigError as error:
-      raise errors.ConfigError(f'{error} For GPUs: {gpu_topology.GPU_TOPOLOGY_FORM}.') from None
-    devices = abstract_devices(cc.topology, cc.num_slices)
-    return devices, per_device(CHIPS[chip_of(cc.topology)], devices), None
-  if cc.num_slices != 1:
-    raise errors.ConfigError(f'compile.num_slices={cc.num_slices} is for TPU slices; a GPU topology names its '
-                             f'hosts instead ({gpu_topology.GPU_TOPOLOGY_FORM}): set compile.num_slices=1.')
-  if cc.breakdown:
-    raise errors.ConfigError(f'compile.breakdown=True splits the bytes accessed of the cost analysis, which a '
-                             f'compile for GPUs without one ({cc.topology}) does not give: leave it False.')
-  return gpu_topology.abstract_devices(cc.topology), gpu_topology.per_device(gpu[0]), gpu_topology.COMPILER_OPTIONS
 
 
 # --- The job ------------------------------------------------------------------

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from configs import digits
-from groupdiff_jax import compile_job, describe, errors, gpu_topology
+from groupdiff_jax import compile_job, compile_target, describe, errors, gpu_topology
 from tests import cli_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def test_bad_names_list_the_accepted_forms(topology, forms):
   config = digits.get_config()
   config.compile.topology = topology
   with pytest.raises(errors.ConfigError) as error:
-    compile_job.target_devices(config.compile)
+    compile_target.target_devices(config.compile)
   assert all(f'e.g. {form}' in str(error.value) for form in forms), error.value
 
 
@@ -60,7 +60,7 @@ def test_tpu_only_compile_fields_are_refused_for_gpus(fields, named):
   config = digits.get_config()
   config.compile.update(topology='h100:8', **fields)
   with pytest.raises(errors.ConfigError, match=re.escape(named)):
-    compile_job.target_devices(config.compile)
+    compile_target.target_devices(config.compile)
 
 
 @pytest.fixture
