@@ -83,8 +83,13 @@ def abstract_devices(topology):
     raise errors.ConfigError(f'--mode=compile for {topology} needs the CUDA plugin and cuDNN (the GPU compiler), '
                              f'which are not installed: run {PIP_GPU_COMPILE}.') from error
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  description = topologies.get_topology_desc(gpu, 'cuda', target_config=target_config(gpu),
-                                             topology=f'1x{hosts}x{per_host}')
+  try:
+    description = topologies.get_topology_desc(gpu, 'cuda', target_config=target_config(gpu),
+                                               topology=f'1x{hosts}x{per_host}')
+  except Exception as error:  # pylint: disable=broad-except
+    raise errors.ConfigError(f'the CUDA plugin refused compile.topology={topology!r} '
+                             f'({str(error).splitlines()[0][:200]}); the plugin must match jaxlib: run '
+                             f'{PIP_GPU_COMPILE} again.') from error
   return list(description.devices)
 
 

@@ -44,6 +44,22 @@ def test_a_gpu_compile_without_the_plugin_names_the_install(monkeypatch, tmp_pat
   assert code == 2 and 'gpu-compile' in stderr and 'Traceback' not in stderr, stderr[-2000:]
 
 
+def test_a_plugin_that_refuses_the_topology_is_one_message(monkeypatch):
+  import types  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  for name in ('jax_cuda12_plugin', 'nvidia', 'nvidia.cudnn'):  # installed, as far as the import goes
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+  monkeypatch.setattr(sys.modules['nvidia'], 'cudnn', sys.modules['nvidia.cudnn'], raising=False)
+
+  def refuse(*args, **kwargs):
+    raise RuntimeError('INTERNAL: plugin version mismatch\nmore')
+
+  monkeypatch.setattr(topologies, 'get_topology_desc', refuse)
+  with pytest.raises(errors.ConfigError, match=r"refused compile.topology='h100:8' \(INTERNAL: plugin version "
+                                               r"mismatch\).*gpu-compile"):
+    gpu_topology.abstract_devices('h100:8')
+
+
 @pytest.mark.parametrize('topology, forms', [('h100:8x', ('v5e:2x2', 'h100:8')), ('v5p-8', ('v5e:2x2', 'h100:8')),
                                              ('h100:0', ('h100:8',))])
 def test_bad_names_list_the_accepted_forms(topology, forms):
