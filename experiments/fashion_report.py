@@ -157,6 +157,14 @@ def markdown(report):
                  f"{', '.join(r['best_point_per_seed'].values())} | "
                  f"{_fmt(r['class_accuracy'], r['class_accuracy_sd'], 3)} | "
                  f"{_fmt(r['precision'], None, 3)} | {_fmt(r['recall'], None, 3)} | {_fmt(r['s_cross'])} |")
+  lines += ['', 'Per seed (each at its best point, re-sampled with 5,000 images; a point is where guidance acts, '
+            '`official` = only in t in [0.25, 0.75], `all` = the whole trajectory, @ its CFG scale):', '',
+            '| row | seed | best point | FD | class acc. | precision | recall |', '|---|---|---|---|---|---|---|']
+  for r in report['settings']:
+    for seed, fd in r['best_fd_per_seed'].items():
+      lines.append(f"| {r['name']} | {seed} | {r['best_point_per_seed'][seed]} | {_fmt(fd)} | "
+                   f"{_fmt(r['class_accuracy_per_seed'][seed], digits=3)} | "
+                   f"{_fmt(r['precision_per_seed'][seed], digits=3)} | {_fmt(r['recall_per_seed'][seed], digits=3)} |")
   learning = [(r['name'], seed, c) for r in report['settings'] for seed, curve in
               r['group_branch_curve_per_seed'].items() for c in curve]
   if learning:
