@@ -175,6 +175,21 @@ def markdown(report):
       gaps = [float(np.mean([v['on'] - v['off'] for v in c[kind].values()])) for kind in ('similarity', 'class',
                                                                                         'random')]
       lines.append(f"| {name} | {seed} | {c['step']} | " + ' | '.join(f'{g:+.4f}' for g in gaps) + ' |')
+  grouped = [r for r in report['settings'] if r['s_cross_per_stage_at_best']]
+  if grouped:
+    stages = sorted({k for r in grouped for k in r['s_cross_per_stage_at_best']}, key=float)
+    layers = sorted({k for r in grouped for k in r['s_cross_per_layer_at_best']}, key=int)
+    lines += ['', 'S_cross (%) on the sampling trajectory at each row\'s best point (mean over seeds; "-": the '
+              'unconditional branch ran ungrouped there), per stage (t from, 0 = noise) and per block:', '',
+              '| row | ' + ' | '.join(f't {k}' for k in stages) + ' | ' + ' | '.join(f'block {k}' for k in layers) + ' |',
+              '|---|' + '---|' * (len(stages) + len(layers))]
+    for r in grouped:
+      cells = [r['s_cross_per_stage_at_best'].get(k) for k in stages] + [r['s_cross_per_layer_at_best'].get(k)
+                                                                         for k in layers]
+      lines.append(f"| {r['name']} | " + ' | '.join(_fmt(c) for c in cells) + ' |')
+    c = report['correlation_s_cross_fd']
+    lines += ['', f"Pearson r of S_cross and best FD over the {c['n']} grouped Table 1 rows: "
+              f"{_fmt(c.get('r'))} (p = {_fmt(c.get('p'), digits=3)})."]
   lines += ['', '| comparison | seeds paired | mean difference [95% interval] | verdict |', '|---|---|---|---|']
   for c in report['comparisons']:
     interval = f"[{c['interval'][0]:+.2f}, {c['interval'][1]:+.2f}]" if c['interval'] else '(no interval: n < 2)'
