@@ -50,8 +50,8 @@ from absl import logging
 
 from groupdiff_jax import describe as describe_lib
 from groupdiff_jax import errors, gpu_topology, sample, sharding, step_breakdown, step_plan, storage
-from groupdiff_jax.compile_target import target_devices
 from groupdiff_jax import train_step as train_step_lib
+from groupdiff_jax.compile_target import target_devices
 from groupdiff_jax.compiled_stats import COLLECTIVE_BYTES_RULE, analyse
 from groupdiff_jax.models.dit import model_from_config
 from groupdiff_jax.tpu_topology import target_mesh, with_shardings
