@@ -12,11 +12,11 @@ def target_devices(compile_config):
   gpu = gpu_topology.parse(cc.topology)
   if gpu is None:
     try:
-      chip_of(cc.topology)
+      chip = chip_of(cc.topology)
     except errors.ConfigError as error:
       raise errors.ConfigError(f'{error} For GPUs: {gpu_topology.GPU_TOPOLOGY_FORM}.') from None
     devices = abstract_devices(cc.topology, cc.num_slices)
-    return devices, per_device(CHIPS[chip_of(cc.topology)], devices), None
+    return devices, per_device(CHIPS[chip], devices), None
   if cc.num_slices != 1:
     raise errors.ConfigError(f'compile.num_slices={cc.num_slices} is for TPU slices; a GPU topology names its '
                              f'hosts instead ({gpu_topology.GPU_TOPOLOGY_FORM}): set compile.num_slices=1.')

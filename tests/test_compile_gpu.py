@@ -7,12 +7,12 @@ import os
 import re
 import sys
 
-import jax
 import pytest
 
 from configs import digits
 from groupdiff_jax import compile_job, compile_target, describe, errors, gpu_topology
 from tests import cli_in_process
+from tests.test_compile_job import production_optimisation  # noqa: F401  (the programs compile as for a run)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_PLUGIN = all(importlib.util.find_spec(m) is not None for m in ('jax_cuda12_plugin', 'nvidia.cudnn'))
@@ -77,14 +77,6 @@ def test_tpu_only_compile_fields_are_refused_for_gpus(fields, named):
   config.compile.update(topology='h100:8', **fields)
   with pytest.raises(errors.ConfigError, match=re.escape(named)):
     compile_target.target_devices(config.compile)
-
-
-@pytest.fixture
-def production_optimisation():
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', False)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
 
 
 @pytest.mark.skipif(not HAVE_PLUGIN, reason="needs the CUDA plugin and cuDNN: pip install -e '.[gpu-compile]'")
