@@ -5,8 +5,9 @@ GroupDiff-l with unconditional groups of UC images, grouped by the learned
 encoder's neighbours ('sim'), the pixels' PCA neighbours ('pca'), at random
 or by class; sigma_tv 100; the alternating composition ('alt') against the
 default mixed step. Table 2 (sampling-only): the trained sim_uc4 model with
-group attention only in the first 0.2/0.4/0.6 of the trajectory, or without
-it in the first / last third of the blocks. Long pair (table 4): the
+group attention only in the first 0.2/0.4/0.6 of the trajectory, at no step
+(the reference: does group attention help at all?), or without it in the
+first / last third of the blocks. Long pair (table 4): the
 baseline and sim_uc4 trained LONG_FACTOR times longer.
 """
 
@@ -52,6 +53,9 @@ SETTINGS = {
                                 trained_from='sim_uc4', group_stage_fraction=0.4),
     'sim_uc4_stage0.6': Setting('sim_uc4, group attention in 0-0.6', 4, 'official_plan', table=2,
                                 trained_from='sim_uc4', group_stage_fraction=0.6),
+    # Not one of the paper's rows: the reference the others need to say whether group attention helps at all.
+    'sim_uc4_stage0': Setting('sim_uc4, no group attention at any sampling step', 4, 'official_plan', table=2,
+                              trained_from='sim_uc4', group_stage_fraction=0.0),
     'sim_uc4_no_first': Setting('sim_uc4, none in the first third of the blocks', 4, 'official_plan', table=2,
                                 trained_from='sim_uc4', remove_group_layers='first'),
     'sim_uc4_no_last': Setting('sim_uc4, none in the last third of the blocks', 4, 'official_plan', table=2,
@@ -74,6 +78,10 @@ COMPARISONS = (
     ('group attention in 0-0.4 vs all', 'sim_uc4_stage0.4', 'sim_uc4', 'lower'),
     ('group attention in 0-0.2 vs all', 'sim_uc4_stage0.2', 'sim_uc4', 'lower'),
     ('group attention in 0-0.6 vs all', 'sim_uc4_stage0.6', 'sim_uc4', 'lower'),
+    # The paper's direction: group attention helps, so sampling the same model without it is worse.
+    ('no group attention at sampling vs all (UC=4)', 'sim_uc4_stage0', 'sim_uc4', 'higher'),
+    ('group attention in 0-0.2 vs none', 'sim_uc4_stage0.2', 'sim_uc4_stage0', 'lower'),
+    ('group attention in 0-0.2 vs baseline', 'sim_uc4_stage0.2', 'baseline', 'lower'),
     ('no group attention in first vs last blocks', 'sim_uc4_no_first', 'sim_uc4_no_last', 'higher'),
     (f'UC=4 vs baseline at {LONG_FACTOR}x steps', 'sim_uc4_long', 'baseline_long', 'lower'),
 )

@@ -37,8 +37,8 @@ experiments/fashion_pilot.py, measured ~0.14 CPU-s per step; docs/results.md):
 a run samples ~12,500 image-passes x 12 Euler steps (curve: CFG 1 one
 branch, 4 whole-trajectory scales two, 4 interval scales ~1.5; the best
 point 5,000 images) ~ 3,100 step equivalents. 27 trained runs + the long
-pair (2 x 4x) = 35 trainings of num_steps, and 44 sampled runs (27 + 15
-Table 2 + 2): at 4,000 steps ~ 280,000 step equivalents ~ 11 h of one free
+pair (2 x 4x) = 35 trainings of num_steps, and 47 sampled runs (27 + 18
+Table 2 + 2): at 4,000 steps ~ 286,000 step equivalents ~ 11.1 h of one free
 core, plus the setup (the evaluator: 15 epochs).
 
 Resume: a run's training state is saved every --train_checkpoint_every
