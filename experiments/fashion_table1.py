@@ -49,6 +49,11 @@ trained EMA params are kept in <runs>/params; each sampled point is
 appended to <runs>/<row>_seed<k>.partial.json as it is scored; a finished
 run is <runs>/<row>_seed<k>.json. A rerun with the same arguments skips
 finished runs and points (other arguments: an error naming the file).
+Processes started side by side on one --out share the work: each run is
+claimed by a lock (<runs>/<row>_seed<k>.lock) and a process skips the runs
+another holds (it says so; run it again later to pick up any it skipped);
+a sampling-only row waits for its model's training in another process and
+loads it; <out>/invocations.json keeps every process's entry.
 `--report_only` writes --json (default docs/fashion_table1.json), the
 table <docs_dir>/table.md, plots, grids and the samples into --docs_dir
 from whatever runs have finished, marked partial until all have.
@@ -66,6 +71,7 @@ import platform
 import shlex
 import sys
 import time
+import uuid
 
 import flax.serialization
 import jax
@@ -175,6 +181,30 @@ def exclusive(path):
       yield
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def claim(path):
+  """Yields True while this process holds <path>.lock, False (at once, without waiting) where another does:
+  processes started side by side on one --out split the runs between them instead of running one twice."""
+  with open(path + '.lock', 'w') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def record_invocation(log_path, invocation):
+  """Writes this invocation's entry into <out>/invocations.json, re-read under its lock, so that processes
+  running side by side each keep their own entry (a list read once at start would drop the others')."""
+  with exclusive(log_path):
+    others = [e for e in read_json(log_path, []) if e.get('id') != invocation['id']]
+    write_json(log_path, sorted(others + [invocation], key=lambda e: e['started_utc']))
 
 
 def classifier(shared, name, spec, epochs, train_x, train_y, monitor=None):
@@ -296,6 +326,78 @@ def sample_point(args, train_config, name, params, interval, scale, num_samples,
   return point, samples, labels
 
 
+def train_or_load(args, train_config, name, seed, model, params_path, partial, partial_path, probe, mesh, caches):
+  """The EMA params at params_path, trained first where they are not there yet (resuming a killed training).
+
+  A training writes its losses, the group branch's learning curve and its time into `partial` (the run that
+  trained it).
+  """
+  if os.path.exists(params_path):
+    with open(params_path, 'rb') as f:
+      return flax.serialization.msgpack_restore(f.read())
+  source = SETTINGS[name].trained_from or name
+  tic = time.time()
+  curve = []
+  steps = train_config.train.num_steps
+  every = max(1, steps // PROBE_CHECKPOINTS)
+  state_prefix = params_path[:-len('.msgpack')] + '_state_step'
+  trained_before = [0.0]
+
+  def on_step(step, state):  # the learning curve of the unconditional group branch (UC = 4 rows)
+    if train_config.train.group_size == 4 and (step % every == 0 or step == steps):
+      rng = jax.random.PRNGKey(seed)
+      curve.append({'step': step, **{kind: group_branch_probe.velocity_errors(
+          model, state.ema_params, images, 4, train_config.model.num_classes, train_config.model.max_group_size,
+          rng) for kind, images in probe.items()}})
+
+  def saved_steps():
+    folder, stem = os.path.split(state_prefix)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(n[len(stem):-len('.json')]) for n in names if n.startswith(stem) and n.endswith('.json')
+                  and os.path.exists(os.path.join(folder, n[:-len('.json')] + '.msgpack')))
+
+  def save(state, losses):  # the training state (+ its log) every --train_checkpoint_every steps
+    step = int(jax.device_get(state.step))
+    os.makedirs(os.path.dirname(state_prefix), exist_ok=True)
+    with open(f'{state_prefix}{step}.msgpack.tmp', 'wb') as f:
+      f.write(flax.serialization.to_bytes(jax.device_get(state)))
+    os.replace(f'{state_prefix}{step}.msgpack.tmp', f'{state_prefix}{step}.msgpack')
+    write_json(f'{state_prefix}{step}.json', {'losses': losses, 'group_branch_curve': curve,
+                                              'train_seconds': trained_before[0] + time.time() - tic})
+    for old in saved_steps()[:-1]:
+      os.remove(f'{state_prefix}{old}.json')
+      os.remove(f'{state_prefix}{old}.msgpack')
+
+  def restore(template):
+    found = saved_steps()
+    if not found:
+      return None
+    with open(f'{state_prefix}{found[-1]}.msgpack', 'rb') as f:
+      state = flax.serialization.from_bytes(template, f.read())
+    log = read_json(f'{state_prefix}{found[-1]}.json', {})
+    curve.extend(log['group_branch_curve'])
+    trained_before[0] = log['train_seconds']
+    say(f'{name} seed {seed}: resuming training at step {found[-1]} of {steps}.')
+    return state, log['losses']
+
+  state, losses = table1.train_run(train_config, model, mesh, caches.setdefault(('train', source), {}), on_step,
+                                   restore=restore, save=save, save_every=args.train_checkpoint_every)
+  params = jax.device_get(state.ema_params)
+  os.makedirs(os.path.dirname(params_path), exist_ok=True)
+  with open(params_path + '.tmp', 'wb') as f:
+    f.write(flax.serialization.to_bytes(params))
+  os.replace(params_path + '.tmp', params_path)
+  train_seconds = trained_before[0] + time.time() - tic
+  partial.update(losses=losses, train_seconds=train_seconds, group_branch_curve=curve)
+  write_json(partial_path, partial)
+  for old in saved_steps():
+    os.remove(f'{state_prefix}{old}.json')
+    os.remove(f'{state_prefix}{old}.msgpack')
+  say(f'{name} seed {seed}: trained {train_config.train.num_steps} steps in {train_seconds:.0f} s, final loss '
+      f'{losses[-1]:.4f}.')
+  return params
+
+
 def run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches):
   setting = SETTINGS[name]
   train_config = training_config(base, name, seed, neighbour_dirs)
@@ -318,69 +420,10 @@ def run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches)
   source = setting.trained_from or name
   params_path = os.path.join(args.runs, 'params', f'{source}_seed{seed}_{digest(train_config.to_dict())}.msgpack')
   model = model_from_config(train_config.model)
-  if os.path.exists(params_path):
-    with open(params_path, 'rb') as f:
-      params = flax.serialization.msgpack_restore(f.read())
-  else:
-    tic = time.time()
-    curve = []
-    steps = train_config.train.num_steps
-    every = max(1, steps // PROBE_CHECKPOINTS)
-    state_prefix = params_path[:-len('.msgpack')] + '_state_step'
-    trained_before = [0.0]
-
-    def on_step(step, state):  # the learning curve of the unconditional group branch (UC = 4 rows)
-      if train_config.train.group_size == 4 and (step % every == 0 or step == steps):
-        rng = jax.random.PRNGKey(seed)
-        curve.append({'step': step, **{kind: group_branch_probe.velocity_errors(
-            model, state.ema_params, images, 4, train_config.model.num_classes, train_config.model.max_group_size,
-            rng) for kind, images in probe.items()}})
-
-    def saved_steps():
-      folder, stem = os.path.split(state_prefix)
-      names = os.listdir(folder) if os.path.isdir(folder) else []
-      return sorted(int(n[len(stem):-len('.json')]) for n in names if n.startswith(stem) and n.endswith('.json')
-                    and os.path.exists(os.path.join(folder, n[:-len('.json')] + '.msgpack')))
-
-    def save(state, losses):  # the training state (+ its log) every --train_checkpoint_every steps
-      step = int(jax.device_get(state.step))
-      os.makedirs(os.path.dirname(state_prefix), exist_ok=True)
-      with open(f'{state_prefix}{step}.msgpack.tmp', 'wb') as f:
-        f.write(flax.serialization.to_bytes(jax.device_get(state)))
-      os.replace(f'{state_prefix}{step}.msgpack.tmp', f'{state_prefix}{step}.msgpack')
-      write_json(f'{state_prefix}{step}.json', {'losses': losses, 'group_branch_curve': curve,
-                                                'train_seconds': trained_before[0] + time.time() - tic})
-      for old in saved_steps()[:-1]:
-        os.remove(f'{state_prefix}{old}.json')
-        os.remove(f'{state_prefix}{old}.msgpack')
-
-    def restore(template):
-      found = saved_steps()
-      if not found:
-        return None
-      with open(f'{state_prefix}{found[-1]}.msgpack', 'rb') as f:
-        state = flax.serialization.from_bytes(template, f.read())
-      log = read_json(f'{state_prefix}{found[-1]}.json', {})
-      curve.extend(log['group_branch_curve'])
-      trained_before[0] = log['train_seconds']
-      say(f'{name} seed {seed}: resuming training at step {found[-1]} of {steps}.')
-      return state, log['losses']
-
-    state, losses = table1.train_run(train_config, model, mesh, caches.setdefault(('train', source), {}), on_step,
-                                     restore=restore, save=save, save_every=args.train_checkpoint_every)
-    params = jax.device_get(state.ema_params)
-    os.makedirs(os.path.dirname(params_path), exist_ok=True)
-    with open(params_path + '.tmp', 'wb') as f:
-      f.write(flax.serialization.to_bytes(params))
-    os.replace(params_path + '.tmp', params_path)
-    train_seconds = trained_before[0] + time.time() - tic
-    partial.update(losses=losses, train_seconds=train_seconds, group_branch_curve=curve)
-    write_json(partial_path, partial)
-    for old in saved_steps():
-      os.remove(f'{state_prefix}{old}.json')
-      os.remove(f'{state_prefix}{old}.msgpack')
-    say(f'{name} seed {seed}: trained {train_config.train.num_steps} steps in {train_seconds:.0f} s, final loss '
-        f'{losses[-1]:.4f}.')
+  # a sampling-only row of this seed in another process waits for the training, then loads
+  with exclusive(os.path.join(args.runs, f'{source}_seed{seed}_training')):
+    params = train_or_load(args, train_config, name, seed, model, params_path, partial, partial_path, probe, mesh,
+                           caches)
   done = {(p['interval'], p['cfg_scale']) for p in partial['curve']}
   for interval, scale in points:
     if (interval, scale) in done:
@@ -425,25 +468,30 @@ def main(argv=None):
   if args.setup_only:
     return {'evaluator_test_accuracy': scorer.test_accuracy, 'setup_seconds': time.time() - start}
   log_path = os.path.join(args.out, 'invocations.json')
-  invocations = read_json(log_path, [])
-  invocation = {'command': 'python -m experiments.fashion_table1 ' + shlex.join(sys.argv[1:] if argv is None else argv),
+  invocation = {'id': uuid.uuid4().hex,
+                'command': 'python -m experiments.fashion_table1 ' + shlex.join(sys.argv[1:] if argv is None else argv),
                 'started_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                'wall_seconds': 0.0, 'runs': []}
-  invocations.append(invocation)
+                'wall_seconds': 0.0, 'runs': [], 'skipped_busy': []}
+  record_invocation(log_path, invocation)
   mesh, caches = sharding.make_mesh(), {}
   long_seeds = {int(s) for s in args.long_seeds.split(',') if s}
   for seed in seeds:
     for name in settings:
       if SETTINGS[name].table == 4 and seed not in long_seeds:
         continue
-      record = run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches)
-      if record is not None:
-        invocation['runs'].append(f'{name}_seed{seed}')
-        invocation['wall_seconds'] = time.time() - start
-        write_json(log_path, invocations)
-  invocation['wall_seconds'] = time.time() - start
-  write_json(log_path, invocations)
-  say(f'Wall time {time.time() - start:.0f} s.')
+      run = f'{name}_seed{seed}'
+      with claim(os.path.join(args.runs, run)) as ours:
+        if not ours:
+          say(f'{name} seed {seed}: another process on {args.out} is running it; skipped here.')
+          invocation['skipped_busy'].append(run)
+          continue
+        if run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches) is not None:
+          invocation['runs'].append(run)
+      invocation['wall_seconds'] = time.time() - start
+      record_invocation(log_path, invocation)
+  say(f'Wall time {time.time() - start:.0f} s.' + (
+      f" Skipped, another process had them: {', '.join(invocation['skipped_busy'])}; run again once it has "
+      'finished.' if invocation['skipped_busy'] else ''))
   return invocation
 
 

@@ -54,6 +54,13 @@ def test_sweep_runs_resumes_and_reports(sweep):
   assert set(curve[-1]['class']['0.5']) == {'on', 'off'}
   # A rerun with the same arguments finds everything done (no new runs).
   assert fashion_table1.main(common)['runs'] == []
+  # A run another process holds is skipped, and said so, instead of run twice.
+  with fashion_table1.claim(str(runs / 'baseline_seed0')) as ours:
+    assert ours
+    rerun = fashion_table1.main(common)
+  assert rerun['skipped_busy'] == ['baseline_seed0'] and rerun['runs'] == []
+  logged = json.loads((out / 'invocations.json').read_text())
+  assert [e['runs'] for e in logged] == [['baseline_seed0', 'sim_uc4_seed0', 'sim_uc4_stage0.2_seed0'], [], []]
   report = fashion_table1.main(common + ['--report_only'])
   assert report['num_runs'] == 3 and 0 <= report['evaluator_test_accuracy'] <= 1
   assert set(report['neighbour_purity']) == {'encoder', 'pixel_pca'}
@@ -113,3 +120,23 @@ def test_killed_training_resumes_from_its_saved_state_to_the_same_params(sweep, 
   assert killed_params.name == whole_params.name and killed_params.read_bytes() == whole_params.read_bytes()
   losses = [json.loads((d / 'baseline_seed0.json').read_text())['losses'] for d in (out / 'runs', killed)]
   assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_claim_is_held_by_one_holder(tmp_path):
+  path = str(tmp_path / 'run')
+  with fashion_table1.claim(path) as first:
+    with fashion_table1.claim(path) as second:  # another open file: what another process would see
+      assert first and not second
+  with fashion_table1.claim(path) as again:
+    assert again
+
+
+def test_invocation_log_keeps_every_process_entry(tmp_path):
+  log = str(tmp_path / 'invocations.json')
+  first = {'id': 'a', 'started_utc': '2026-12-07T01:00:00+00:00', 'runs': []}
+  second = {'id': 'b', 'started_utc': '2026-12-07T01:00:05+00:00', 'runs': []}
+  fashion_table1.record_invocation(log, first)
+  fashion_table1.record_invocation(log, second)  # a process started beside the first
+  first['runs'].append('baseline_seed0')
+  fashion_table1.record_invocation(log, first)  # the first process never re-read the file itself
+  assert json.loads(open(log).read()) == [first, second]
