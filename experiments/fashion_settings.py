@@ -82,6 +82,7 @@ COMPARISONS = (
     ('no group attention at sampling vs all (UC=4)', 'sim_uc4_stage0', 'sim_uc4', 'higher'),
     ('group attention in 0-0.2 vs none', 'sim_uc4_stage0.2', 'sim_uc4_stage0', 'lower'),
     ('group attention in 0-0.2 vs baseline', 'sim_uc4_stage0.2', 'baseline', 'lower'),
+    ('UC=4 model with no group attention at sampling vs baseline', 'sim_uc4_stage0', 'baseline', 'lower'),
     ('no group attention in first vs last blocks', 'sim_uc4_no_first', 'sim_uc4_no_last', 'higher'),
     (f'UC=4 vs baseline at {LONG_FACTOR}x steps', 'sim_uc4_long', 'baseline_long', 'lower'),
 )
