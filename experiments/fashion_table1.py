@@ -60,9 +60,7 @@ from whatever runs have finished, marked partial until all have.
 """
 
 import argparse
-import contextlib
 import datetime
-import fcntl
 import hashlib
 import json
 import logging
@@ -80,6 +78,7 @@ import numpy as np
 from configs import fashion_mnist as fashion_config
 from experiments import fashion_report, table1
 from experiments.fashion_settings import DEFAULT_SETTINGS, SETTINGS, check_settings, sampling_config, training_config
+from experiments.sweep_files import claim, exclusive, merge_invocation
 from groupdiff_jax import errors, sharding
 from groupdiff_jax.data import fashion_mnist, neighbors_job, retrieval
 from groupdiff_jax.data.array_batches import pca_embeddings
@@ -171,40 +170,10 @@ def load_data(args):
   return train_x, train_y, test_x, test_y
 
 
-@contextlib.contextmanager
-def exclusive(path):
-  """Holds an exclusive lock on <path>.lock: two invocations on one --out (a --setup_only started earlier and
-  the sweep) never build the same classifier or neighbour lists twice; the second waits and then loads."""
-  with open(path + '.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def claim(path):
-  """Yields True while this process holds <path>.lock, False (at once, without waiting) where another does:
-  processes started side by side on one --out split the runs between them instead of running one twice."""
-  with open(path + '.lock', 'w') as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      yield False
-      return
-    try:
-      yield True
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def record_invocation(log_path, invocation):
-  """Writes this invocation's entry into <out>/invocations.json, re-read under its lock, so that processes
-  running side by side each keep their own entry (a list read once at start would drop the others')."""
+  """Writes this invocation's entry into <out>/invocations.json, re-read under its lock."""
   with exclusive(log_path):
-    others = [e for e in read_json(log_path, []) if e.get('id') != invocation['id']]
-    write_json(log_path, sorted(others + [invocation], key=lambda e: e['started_utc']))
+    write_json(log_path, merge_invocation(read_json(log_path, []), invocation))
 
 
 def classifier(shared, name, spec, epochs, train_x, train_y, monitor=None):
@@ -481,12 +450,14 @@ def main(argv=None):
         continue
       run = f'{name}_seed{seed}'
       with claim(os.path.join(args.runs, run)) as ours:
-        if not ours:
-          say(f'{name} seed {seed}: another process on {args.out} is running it; skipped here.')
-          invocation['skipped_busy'].append(run)
-          continue
-        if run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches) is not None:
-          invocation['runs'].append(run)
+        record = run_one(args, base, name, seed, neighbour_dirs, scorer, probe, mesh, caches) if ours else None
+      if not ours:
+        say(f'{name} seed {seed}: another process on {args.out} is running it; skipped here.')
+        invocation['skipped_busy'].append(run)
+      elif record is not None:
+        invocation['runs'].append(run)
+      else:
+        continue  # finished by an earlier invocation: nothing new to log
       invocation['wall_seconds'] = time.time() - start
       record_invocation(log_path, invocation)
   say(f'Wall time {time.time() - start:.0f} s.' + (

@@ -51,7 +51,6 @@ figures from the finished runs without training or sampling anything.
 
 import argparse
 import datetime
-import fcntl
 import hashlib
 import json
 import logging
@@ -60,6 +59,7 @@ import platform
 import shlex
 import sys
 import time
+import uuid
 
 import flax.serialization
 import jax
@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import toy_table1
-from experiments import plots, table1_report
+from experiments import plots, sweep_files, table1_report
 from experiments.table1_settings import (DEFAULT_SETTINGS, SETTINGS, check_settings, setting_config,
                                          training_config)
 from groupdiff_jax import errors, samplers, sharding, step_plan, train, train_step
@@ -376,18 +376,14 @@ def main(argv=None):
                 'started_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}',
                 'seeds': seeds, 'settings': settings, 'setup_seconds': setup_seconds, 'wall_seconds': 0.0,
-                'runs': []}
-  invocation_key = (invocation['started_utc'], os.getpid())
+                'runs': [], 'id': uuid.uuid4().hex, 'pid': os.getpid()}
 
   def report():
     # Under a lock and re-read: another invocation over other seeds or settings may share the folder. The
     # report holds every setting with runs, not only this invocation's.
     invocation['wall_seconds'] = time.time() - start
-    with open(invocations_path + '.lock', 'w') as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
-      invocations = [i for i in read_json(invocations_path, [])
-                     if (i['started_utc'], i.get('pid')) != invocation_key] + [{**invocation, 'pid': os.getpid()}]
-      invocations.sort(key=lambda i: i['started_utc'])
+    with sweep_files.exclusive(invocations_path):
+      invocations = sweep_files.merge_invocation(read_json(invocations_path, []), invocation)
       table1_report.write_json(invocations_path, invocations)
       result = build_report(args, invocations)
     return result

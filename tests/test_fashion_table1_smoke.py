@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import fashion_settings, fashion_table1, table1
+from experiments import fashion_settings, fashion_table1, sweep_files, table1
 from tests.test_fashion_mnist import write_split
 
 # 4 steps, a loss per step and a training state saved at step 2: the baseline run of the sweep is also the
@@ -55,7 +55,7 @@ def test_sweep_runs_resumes_and_reports(sweep):
   # A rerun with the same arguments finds everything done (no new runs).
   assert fashion_table1.main(common)['runs'] == []
   # A run another process holds is skipped, and said so, instead of run twice.
-  with fashion_table1.claim(str(runs / 'baseline_seed0')) as ours:
+  with sweep_files.claim(str(runs / 'baseline_seed0')) as ours:
     assert ours
     rerun = fashion_table1.main(common)
   assert rerun['skipped_busy'] == ['baseline_seed0'] and rerun['runs'] == []
@@ -124,10 +124,10 @@ def test_killed_training_resumes_from_its_saved_state_to_the_same_params(sweep, 
 
 def test_claim_is_held_by_one_holder(tmp_path):
   path = str(tmp_path / 'run')
-  with fashion_table1.claim(path) as first:
-    with fashion_table1.claim(path) as second:  # another open file: what another process would see
+  with sweep_files.claim(path) as first:
+    with sweep_files.claim(path) as second:  # another open file: what another process would see
       assert first and not second
-  with fashion_table1.claim(path) as again:
+  with sweep_files.claim(path) as again:
     assert again
 
 
