@@ -179,8 +179,8 @@ def compile_report(config, include_sampler=True, keep_going=False, hlo_sink=None
   outcomes = compile_all(programs, cc.topology, cc.workers, compiler_options)
   report['compile_wall_seconds'] = time.perf_counter() - start
   texts = {name: outcome[0].as_text() for name, outcome in outcomes.items() if not isinstance(outcome, DoesNotFit)}
-  for name, text in texts.items():
-    if hlo_sink is not None:
+  if hlo_sink is not None:
+    for name, text in texts.items():
       hlo_sink(name, text)
   for name, kind in kinds.items():
     outcome = outcomes[f'train_step/{name}']
